@@ -1,0 +1,42 @@
+# One toolchain, the same locally and in CI (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-all lint format bench clean
+
+# torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
+# CUDA packages; constraints.txt keeps every other package at the versions tested here.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,ray]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Tests, without the slow ones (the README's test command; CI runs it).
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+## Every test, slow ones included.
+test-all: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check attn_search tests benchmarks
+	$(VENV)/bin/ruff format --check attn_search tests benchmarks
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format attn_search tests benchmarks
+	$(VENV)/bin/ruff check --fix attn_search tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/sparse_vs_dense.py
+	$(PY) benchmarks/task_discrimination.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

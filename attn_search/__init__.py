@@ -1,0 +1,36 @@
+"""attn_search: find accuracy-versus-compute optimal attention configurations by really training a
+small attention model per trial."""
+
+from attn_search.attention import BACKENDS, choose_backend, sparse_attention
+from attn_search.config import AttentionConfig, load_config
+from attn_search.cost import model_flops
+from attn_search.model import AttentionModel, SparseSelfAttention, build_model
+from attn_search.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
+from attn_search.tasks import TASKS, Task, make_task
+from attn_search.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "PATTERNS",
+    "PRESETS",
+    "TASKS",
+    "AttentionConfig",
+    "AttentionModel",
+    "Budget",
+    "SparseSelfAttention",
+    "StopTrial",
+    "Task",
+    "TrialResult",
+    "block_layout",
+    "build_model",
+    "choose_backend",
+    "evaluate",
+    "load_config",
+    "make_task",
+    "model_flops",
+    "pattern_density",
+    "pattern_mask",
+    "sparse_attention",
+]

@@ -1,0 +1,320 @@
+"""Sparse attention backends that compute the same function.
+
+* ``reference``: dense ``scaled_dot_product_attention`` with the pattern's boolean mask (or
+  ``is_causal`` for dense causal). The ground truth every other backend is tested against.
+* ``blocked``: block-sparse. Queries and keys are cut into tiles; for each query tile only the key
+  tiles the pattern touches are gathered and computed (see :class:`~attn_search.patterns.BlockLayout`).
+  Plain differentiable torch ops, so it trains with autograd on CPU and GPU. Memory and time are
+  ``O(L * keys_per_query)`` instead of ``O(L^2)``.
+* ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the same mask rule.
+  Compiled; trains on CUDA. On CPU it runs forward only (PyTorch has no CPU backward for it).
+* ``auto``: ``flex`` on CUDA (unless attention dropout is needed in training, which FlexAttention
+  cannot apply), otherwise ``blocked`` when the layout skips enough tiles to pay for its gathers,
+  else ``reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attn_search.patterns import BlockLayout, block_layout, pattern_mask, pattern_rule, resolve_params
+
+BACKENDS = ("auto", "reference", "blocked", "flex")
+
+DEFAULT_TILE = 64
+"""Tile size of the blocked backend. 64 balances per-tile overhead against work wasted in partial
+tiles on CPU (see ``benchmarks/sparse_vs_dense.py --tile``)."""
+
+# Below this fraction of tiles computed the blocked backend beats masked dense SDPA on CPU; above it
+# the gathers cost more than the skipped tiles save (measured with benchmarks/sparse_vs_dense.py).
+_BLOCKED_MAX_TILE_DENSITY = 0.6
+
+
+def _key(pattern: str, seq_len: int, causal: bool, params: dict[str, int]) -> tuple[Any, ...]:
+    return (pattern, seq_len, causal, tuple(sorted(params.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(key: tuple[Any, ...], tile: int) -> BlockLayout:
+    pattern, seq_len, causal, items = key
+    return block_layout(pattern, seq_len, block=tile, causal=causal, **dict(items))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_mask(key: tuple[Any, ...], device: str) -> torch.Tensor:
+    pattern, seq_len, causal, items = key
+    return pattern_mask(pattern, seq_len, causal=causal, device=device, **dict(items))
+
+
+def layout_for(
+    pattern: str, seq_len: int, *, causal: bool = False, tile: int = DEFAULT_TILE, **params: Any
+) -> BlockLayout:
+    """The (cached) tile layout the blocked backend uses."""
+    p = resolve_params(pattern, **params)
+    return _cached_layout(_key(pattern, seq_len, causal, p), min(tile, _pow2_at_least(seq_len)))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...], dropout_p: float
+) -> torch.Tensor:
+    pattern, seq_len, causal, _ = key
+    if pattern == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    mask = _cached_mask(key, str(q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# Score buffers are processed in chunks of at most this many bytes. Small enough to stay in cache
+# between the GEMM, softmax and second GEMM, and far below glibc's 32 MiB mmap ceiling, above which
+# every fresh buffer is a new mapping that page-faults on first touch (measured: a 39 MB gather
+# took 18 ms, a 24 MB one 0.7 ms).
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(layout: BlockLayout, bh: int, elem: int) -> list[tuple[int, int, int, int, int]]:
+    """(bucket index, head start, head stop, tile start, tile stop) work items for the layout."""
+    items = []
+    for i, bucket in enumerate(layout.buckets):
+        nb = len(bucket.q_blocks)
+        per_tile = layout.block * bucket.width * layout.block * elem  # bytes of one tile's scores
+        per_head = per_tile * nb
+        if per_head <= _CHUNK_BYTES:
+            step = max(1, _CHUNK_BYTES // per_head)
+            items += [(i, h, min(h + step, bh), 0, nb) for h in range(0, bh, step)]
+        else:
+            step = max(1, _CHUNK_BYTES // per_tile)
+            items += [(i, h, h + 1, t, min(t + step, nb)) for h in range(bh) for t in range(0, nb, step)]
+    return items
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Block-sparse attention over a :class:`BlockLayout`, with a hand-written backward.
+
+    Why not plain autograd: on CPU the generic graph spent more time than the GEMMs themselves in
+    softmax-backward, reshape copies of strided gradients, zero fills, bias adds and gradient
+    accumulation across buckets (profiled with ``benchmarks/sparse_vs_dense.py``). Here one node
+    covers the whole layout in cache-sized chunks: scores are biased and soft-maxed in place,
+    outputs are written straight into their tiles, and the backward uses FlashAttention's identity
+    ``dS = P * (dP - rowsum(dO * O))`` (Dao et al. 2022, arXiv:2205.14135) in place, scattering
+    key/value gradients into one buffer with ``index_add_``. Forward and gradients are checked
+    against the reference backend in tests.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        qt: torch.Tensor,  # (BH, n, T, D), already scaled by 1/sqrt(D)
+        kt: torch.Tensor,  # (BH, n, T, D)
+        vt: torch.Tensor,  # (BH, n, T, D)
+        layout: BlockLayout,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        BH, n, T, D = qt.shape
+        out = torch.empty_like(qt)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        meta: list[tuple[int, int, slice | None]] = []
+        tensors: list[torch.Tensor | None] = []
+        dev = qt.device
+        for b, h0, h1, t0, t1 in _chunks(layout, BH, qt.element_size()):
+            bucket = layout.buckets[b]
+            nt = t1 - t0
+            if bucket.q_start is not None:
+                q_sel: slice | torch.Tensor = slice(bucket.q_start + t0, bucket.q_start + t1)
+                qi = qt[h0:h1, q_sel]  # (hb, nt, T, D), a view
+            else:
+                q_sel = bucket.q_blocks[t0:t1].to(dev)
+                qi = qt[h0:h1].index_select(1, q_sel)
+            flat = bucket.kv_blocks[t0:t1].to(dev).flatten()  # (nt * W,)
+            kg = kt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)  # (hb, nt, W*T, D)
+            vg = vt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)
+            s = torch.matmul(qi, kg.transpose(-1, -2))  # (hb, nt, T, W*T)
+            if bucket.bias is not None:
+                s.add_(bucket.bias[t0:t1].to(device=dev, dtype=s.dtype))
+            p = torch.softmax(s, dim=-1)
+            del s
+            keep = None
+            if dropout_p > 0:
+                keep = torch.empty_like(p).bernoulli_(1.0 - dropout_p).to(torch.bool)
+                o = torch.matmul(p.masked_fill(~keep, 0.0), vg).mul_(1.0 / (1.0 - dropout_p))
+            else:
+                o = torch.matmul(p, vg)  # (hb, nt, T, D)
+            if isinstance(q_sel, slice):
+                out[h0:h1, q_sel] = o
+            else:
+                out[h0:h1].index_copy_(1, q_sel, o)
+            if needs_grad:  # inference keeps no score-sized buffers alive
+                meta.append((h0, h1, q_sel if isinstance(q_sel, slice) else None))
+                tensors += [None if isinstance(q_sel, slice) else q_sel, qi, kg, vg, p, flat, keep]
+        ctx.meta = meta
+        ctx.dropout_p = dropout_p
+        ctx.save_for_backward(out, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        out, *tensors = ctx.saved_tensors
+        dout = dout.contiguous()
+        BH, n, T, D = dout.shape
+        delta = (dout * out).sum(dim=-1, keepdim=True)  # (BH, n, T, 1) = rowsum(dP * P)
+        dq = torch.empty_like(dout)
+        dk = torch.zeros_like(dout)
+        dv = torch.zeros_like(dout)
+        for c, (h0, h1, sl) in enumerate(ctx.meta):
+            q_ids, qi, kg, vg, p, flat, keep = tensors[7 * c : 7 * c + 7]
+            q_sel = sl if sl is not None else q_ids
+            if isinstance(q_sel, slice):
+                do, dl = dout[h0:h1, q_sel], delta[h0:h1, q_sel]
+            else:
+                do, dl = dout[h0:h1].index_select(1, q_sel), delta[h0:h1].index_select(1, q_sel)
+            dp = torch.matmul(do, vg.transpose(-1, -2))  # (hb, nt, T, W*T)
+            if keep is not None:
+                scale = 1.0 / (1.0 - ctx.dropout_p)
+                dp.masked_fill_(~keep, 0.0).mul_(scale)
+                dv_g = torch.matmul(p.masked_fill(~keep, 0.0).transpose(-1, -2), do).mul_(scale)
+            else:
+                dv_g = torch.matmul(p.transpose(-1, -2), do)  # (hb, nt, W*T, D)
+            ds = dp.sub_(dl).mul_(p)  # in place: dS = P * (dP - delta)
+            dq_i = torch.matmul(ds, kg)  # (hb, nt, T, D)
+            dk_g = torch.matmul(ds.transpose(-1, -2), qi)  # (hb, nt, W*T, D)
+            if isinstance(q_sel, slice):
+                dq[h0:h1, q_sel] = dq_i
+            else:
+                dq[h0:h1].index_copy_(1, q_sel, dq_i)
+            dk[h0:h1].index_add_(1, flat, dk_g.view(h1 - h0, -1, T, D))
+            dv[h0:h1].index_add_(1, flat, dv_g.view(h1 - h0, -1, T, D))
+        return dq, dk, dv, None, None
+
+
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, dropout_p: float) -> torch.Tensor:
+    B, H, L, D = q.shape
+    bs, n = layout.block, layout.n_blocks
+    pad = n * bs - L
+    q = q * (1.0 / math.sqrt(D))  # scale the small operand, not the scores
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    qt, kt, vt = (t.reshape(B * H, n, bs, D).contiguous() for t in (q, k, v))  # (BH, n, bs, D)
+    o = _BlockSparseAttention.apply(qt, kt, vt, layout, dropout_p)
+    o = o.view(B, H, n * bs, D)
+    return o[:, :, :L] if pad else o
+
+
+FLEX_COMPILE = True
+"""Compile FlexAttention (its fused kernel). ``False`` runs PyTorch's eager reference of the same
+BlockMask semantics: slow and O(L^2) memory, used by the CPU test matrix to avoid a compile per
+case."""
+
+_FLEX_COMPILED: Any = None
+
+
+def _flex_fn() -> Any:
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not FLEX_COMPILE:
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pattern, seq_len, causal, items = key
+    rule = pattern_rule(pattern, seq_len, causal=causal, **dict(items))
+    return create_block_mask(
+        lambda b, h, q_idx, kv_idx: rule(q_idx, kv_idx), None, None, seq_len, seq_len, device=device
+    )
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "backend='flex' cannot train on CPU: PyTorch has no CPU backward for FlexAttention; "
+            "use backend='blocked' (or 'auto') for training on CPU"
+        )
+    block_mask = _cached_block_mask(key, str(q.device))
+    return _flex_fn()(q, k, v, block_mask=block_mask)
+
+
+def choose_backend(
+    pattern: str,
+    seq_len: int,
+    *,
+    device: torch.device | str,
+    training: bool,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    **params: Any,
+) -> str:
+    """The backend ``auto`` resolves to for these arguments (see module docstring)."""
+    dev = torch.device(device).type
+    if dev == "cuda" and not (training and dropout_p > 0):
+        return "flex"
+    if pattern == "dense":
+        return "reference"
+    layout = layout_for(pattern, seq_len, causal=causal, **params)
+    return "blocked" if layout.tile_density <= _BLOCKED_MAX_TILE_DENSITY else "reference"
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: str,
+    causal: bool = False,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    tile: int | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v`` restricted to ``pattern``.
+
+    Args:
+        q, k, v: ``(B, H, L, D)`` tensors on the same device and dtype.
+        pattern: one of :data:`~attn_search.patterns.PATTERNS`.
+        causal: also drop keys after the query.
+        backend: ``auto``, ``reference``, ``blocked`` or ``flex`` (see module docstring).
+        dropout_p: dropout on the attention probabilities (``flex`` does not support it).
+        tile: tile size of the ``blocked`` backend (default :data:`DEFAULT_TILE`, capped at the
+            sequence length rounded up to a power of two).
+        **params: the pattern's parameters (``window``, ``dilation``, ``stride``, ``block_size``,
+            ``n_global``, ``n_random``, ``seed``); extra keywords are ignored.
+
+    Returns:
+        ``(B, H, L, D)`` attention output. Any ``L`` works; the last tile is padded internally.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must share one (B, H, L, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    L = q.shape[2]
+    p = resolve_params(pattern, **params)
+    key = _key(pattern, L, causal, p)
+    if backend == "auto":
+        backend = choose_backend(
+            pattern, L, device=q.device, training=torch.is_grad_enabled(), dropout_p=dropout_p, causal=causal, **p
+        )
+    if backend == "reference":
+        return _reference(q, k, v, key, dropout_p)
+    if backend == "blocked":
+        if tile is not None and tile < 1:
+            raise ValueError(f"tile={tile} is invalid: it must be >= 1")
+        return _blocked(q, k, v, _cached_layout(key, tile or min(DEFAULT_TILE, _pow2_at_least(L))), dropout_p)
+    if dropout_p > 0:
+        warnings.warn("backend='flex' ignores attention dropout", stacklevel=2)
+    return _flex(q, k, v, key)

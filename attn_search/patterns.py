@@ -1,0 +1,324 @@
+"""Attention sparsity patterns, each defined once.
+
+A pattern is a *mask rule* ``rule(q_idx, kv_idx) -> bool tensor`` written with broadcasting torch
+ops only. The same rule serves three purposes:
+
+* evaluated on index grids it gives the dense boolean mask (:func:`pattern_mask`), which the
+  ``reference`` backend uses and from which the exact density is counted;
+* reduced over tiles it gives the block layout (:class:`BlockLayout`) that the ``blocked``
+  backend computes with (only non-empty tiles are touched);
+* passed unchanged as FlexAttention's ``mask_mod`` it builds the ``BlockMask`` of the ``flex``
+  backend.
+
+Conventions: ``mask[i, j] == True`` means query ``i`` may attend key ``j``. ``causal=True`` adds
+``j <= i`` to every rule. Every pattern keeps the diagonal, so no query row is ever empty.
+Densities below are fractions of the ``L x L`` grid (for causal patterns, of the full grid too, so
+dense causal has density ``(L + 1) / (2 L)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+PATTERNS = ("dense", "window", "dilated", "strided", "bigbird", "longformer")
+"""Names of the built-in patterns, in the order documentation and tests list them."""
+
+# Which keyword parameters each pattern reads. Names are shared with AttentionConfig fields.
+PATTERN_PARAMS: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "window": ("window",),
+    "dilated": ("window", "dilation"),
+    "strided": ("stride",),
+    "bigbird": ("block_size", "n_global", "n_random", "seed"),
+    "longformer": ("window", "n_global"),
+}
+
+PATTERN_DEFAULTS: dict[str, int] = {
+    "window": 32,
+    "dilation": 2,
+    "stride": 16,
+    "block_size": 16,
+    "n_global": 1,
+    "n_random": 1,
+    "seed": 0,
+}
+
+
+def _dense_rule() -> Rule:
+    """All pairs. Density 1 (bidirectional)."""
+    return lambda q, kv: (q >= 0) & (kv >= 0)
+
+
+def _window_rule(window: int) -> Rule:
+    """Sliding window: ``|i - j| < window``.
+
+    Each query sees ``2 window - 1`` keys bidirectionally and ``window`` keys causally (itself and
+    the ``window - 1`` before it). Density ~ ``(2w - 1) / L`` (bidirectional), ``w / L`` (causal),
+    less at the sequence edges.
+    """
+    return lambda q, kv: (q - kv).abs() < window
+
+
+def _dilated_rule(window: int, dilation: int) -> Rule:
+    """Dilated sliding window (Longformer's dilation): keys ``j = i + m * dilation``, ``|m| < window``.
+
+    The same number of keys as ``window`` (so the same FLOPs) spread over a span ``dilation`` times
+    wider. Density ~ ``(2w - 1) / L`` bidirectional, ``w / L`` causal, less at the edges.
+    """
+    return lambda q, kv: ((q - kv).abs() < window * dilation) & ((q - kv) % dilation == 0)
+
+
+def _strided_rule(stride: int) -> Rule:
+    """Sparse Transformer strided attention (Child et al. 2019, arXiv:1904.10509), both heads' sets
+    merged: a local band ``|i - j| < stride`` plus every ``stride``-th key ``(i - j) % stride == 0``.
+
+    Density ~ ``(2 s - 1) / L + 1 / s`` bidirectional, ``s / L + 1 / (2 s)`` causal; minimal for
+    ``s ~ sqrt(L)``.
+    """
+    return lambda q, kv: ((q - kv).abs() < stride) | ((q - kv) % stride == 0)
+
+
+def bigbird_block_table(n_blocks: int, *, n_global: int, n_random: int, seed: int, causal: bool) -> torch.Tensor:
+    """The (n_blocks, n_blocks) boolean block table of BigBird (Zaheer et al. 2020, arXiv:2007.14062).
+
+    Query block ``a`` attends key block ``b`` when ``|a - b| <= 1`` (the 3-block sliding window),
+    when ``a`` or ``b`` is one of the first ``n_global`` blocks (global blocks), or when ``b`` is one
+    of ``n_random`` key blocks drawn for ``a`` with a ``torch.Generator`` seeded by ``seed`` from the
+    blocks not already attended (and, if causal, not in the future). The draw depends only on
+    ``(n_blocks, n_global, n_random, seed, causal)``, so every backend sees the same blocks.
+    """
+    idx = torch.arange(n_blocks)
+    table = ((idx[:, None] - idx[None, :]).abs() <= 1) | (idx[:, None] < n_global) | (idx[None, :] < n_global)
+    if causal:
+        table &= idx[None, :] <= idx[:, None]
+    gen = torch.Generator().manual_seed(seed)
+    for a in range(n_blocks):
+        allowed = ~table[a]
+        if causal:
+            allowed &= idx <= a
+        cand = allowed.nonzero().flatten()
+        if n_random > 0 and len(cand) > 0:
+            pick = cand[torch.randperm(len(cand), generator=gen)[:n_random]]
+            table[a, pick] = True
+    return table
+
+
+def _bigbird_rule(block_size: int, table: torch.Tensor) -> Rule:
+    """BigBird block-sparse: ``table[i // block_size, j // block_size]`` (see
+    :func:`bigbird_block_table`). Density ~ ``(3 + 2 g + r) b / L`` bidirectional with ``g`` global
+    and ``r`` random blocks of size ``b``."""
+    return lambda q, kv: table.to(q.device)[q // block_size, kv // block_size]
+
+
+def _longformer_rule(window: int, n_global: int) -> Rule:
+    """Longformer (Beltagy et al. 2020, arXiv:2004.05150): sliding window ``|i - j| < window`` plus
+    the first ``n_global`` tokens, which attend every key and are attended by every query.
+
+    Density ~ ``(2w - 1) / L + 2 g / L`` bidirectional, ``w / L + g / L`` causal (a global query
+    sees only the past when causal).
+    """
+    return lambda q, kv: ((q - kv).abs() < window) | (q < n_global) | (kv < n_global)
+
+
+def _check_positive(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {minimum}")
+    return value
+
+
+def resolve_params(pattern: str, **params: Any) -> dict[str, int]:
+    """Validate ``pattern`` and return the parameters it reads, filling defaults.
+
+    Parameters a pattern does not read are ignored, so a whole config's worth of keywords can be
+    passed. Raises ``ValueError`` naming the offending parameter and what to use instead.
+    """
+    if pattern not in PATTERN_PARAMS:
+        raise ValueError(f"pattern={pattern!r} is unknown: use one of {', '.join(PATTERNS)}")
+    out: dict[str, int] = {}
+    for name in PATTERN_PARAMS[pattern]:
+        value = params.get(name)
+        if value is None:
+            value = PATTERN_DEFAULTS[name]
+        minimum = 0 if name in ("n_global", "n_random", "seed") else 1
+        out[name] = _check_positive(name, value, minimum=minimum)
+    return out
+
+
+def pattern_rule(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> Rule:
+    """The mask rule of ``pattern`` for sequences of length ``seq_len`` (see module docstring)."""
+    p = resolve_params(pattern, **params)
+    rule: Rule
+    if pattern == "dense":
+        rule = _dense_rule()
+    elif pattern == "window":
+        rule = _window_rule(p["window"])
+    elif pattern == "dilated":
+        rule = _dilated_rule(p["window"], p["dilation"])
+    elif pattern == "strided":
+        rule = _strided_rule(p["stride"])
+    elif pattern == "bigbird":
+        n_blocks = math.ceil(seq_len / p["block_size"])
+        table = bigbird_block_table(
+            n_blocks, n_global=p["n_global"], n_random=p["n_random"], seed=p["seed"], causal=causal
+        )
+        rule = _bigbird_rule(p["block_size"], table)
+    else:
+        rule = _longformer_rule(p["window"], p["n_global"])
+    if not causal:
+        return rule
+    base = rule
+    return lambda q, kv: base(q, kv) & (kv <= q)
+
+
+def _rows(rule: Rule, start: int, stop: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    q = torch.arange(start, stop, device=device)[:, None]
+    kv = torch.arange(seq_len, device=device)[None, :]
+    return rule(q, kv)
+
+
+def pattern_mask(
+    pattern: str, seq_len: int, *, causal: bool = False, device: torch.device | str = "cpu", **params: Any
+) -> torch.Tensor:
+    """Boolean mask ``(seq_len, seq_len)``; ``True`` where query ``i`` may attend key ``j``.
+
+    Example:
+        >>> pattern_mask("window", 4, causal=True, window=2).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} is invalid: it must be >= 1")
+    return _rows(pattern_rule(pattern, seq_len, causal=causal, **params), 0, seq_len, seq_len, device)
+
+
+def pattern_density(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> float:
+    """Exact fraction of ``True`` entries of :func:`pattern_mask`, counted in row chunks so memory
+    stays ``O(seq_len)`` per chunk even for long sequences."""
+    rule = pattern_rule(pattern, seq_len, causal=causal, **params)
+    chunk = max(1, (1 << 22) // seq_len)
+    kept = sum(int(_rows(rule, s, min(s + chunk, seq_len), seq_len).sum()) for s in range(0, seq_len, chunk))
+    return kept / (seq_len * seq_len)
+
+
+def pattern_entries(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> int:
+    """Number of (query, key) pairs the pattern keeps: ``density * seq_len**2`` as an integer."""
+    return round(pattern_density(pattern, seq_len, causal=causal, **params) * seq_len * seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileBucket:
+    """Query tiles that share one padded key width (see :class:`BlockLayout`)."""
+
+    q_blocks: torch.Tensor  # (n, ) int64 query tile ids
+    kv_blocks: torch.Tensor  # (n, width) int64 key tile ids, padded by repeating a valid id
+    bias: torch.Tensor | None  # (n, block, width * block) float32: 0 kept, -inf dropped; None if all kept
+    q_start: int | None  # when q_blocks is the contiguous range [q_start, q_start + n): slice, no gather
+
+    @property
+    def width(self) -> int:
+        return int(self.kv_blocks.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """Tile layout of a pattern for a tile size ``block``.
+
+    Queries and keys are cut into ``n_blocks = ceil(L / block)`` tiles (the last one padded). For
+    each query tile we list the key tiles holding at least one kept entry. Query tiles are grouped
+    into buckets of similar list length, each padded to its own width, so a few dense rows (the
+    global tokens of Longformer and BigBird) do not force every row to full width. Inside a bucket
+    the ``bias`` is ``0`` where kept and ``-inf`` elsewhere (padding slots, padded keys, dropped
+    entries of partial tiles), or ``None`` when every tile in the bucket is full. Padded *query*
+    rows get a zero bias row so they never produce NaNs (their outputs are discarded).
+    """
+
+    seq_len: int
+    block: int
+    n_blocks: int
+    buckets: tuple[TileBucket, ...]
+    inverse_order: torch.Tensor | None  # undoes the bucket order of query tiles; None if identity
+    kept_entries: int  # (query, key) pairs the pattern keeps
+    computed_entries: int  # pairs the blocked backend computes (real query rows x bucket width)
+
+    @property
+    def tile_density(self) -> float:
+        """Fraction of the ``n_blocks x n_blocks`` tile grid that is computed (padding included)."""
+        return sum(len(b.q_blocks) * b.width for b in self.buckets) / self.n_blocks**2
+
+
+def _bucket_tiles(counts: list[int]) -> list[list[int]]:
+    """Group tile ids so that inside a group no count is below half of the largest one: padding
+    wastes at most 2x on the (few) tiles that are merged upwards, and the number of groups stays
+    logarithmic in the spread of counts."""
+    order = sorted(range(len(counts)), key=lambda a: (-counts[a], a))
+    groups: list[list[int]] = []
+    for a in order:
+        if groups and 2 * counts[a] >= counts[groups[-1][0]]:
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    return [sorted(g) for g in groups]
+
+
+def block_layout(pattern: str, seq_len: int, *, block: int = 64, causal: bool = False, **params: Any) -> BlockLayout:
+    """Compute the tile layout of ``pattern`` (see :class:`BlockLayout`)."""
+    if block < 1:
+        raise ValueError(f"block={block} is invalid: it must be >= 1")
+    rule = pattern_rule(pattern, seq_len, causal=causal, **params)
+    n_blocks = math.ceil(seq_len / block)
+    padded = n_blocks * block
+    lists: list[torch.Tensor] = []
+    tiles_of: list[torch.Tensor] = []
+    kept_entries = 0
+    for a in range(n_blocks):
+        rows = _rows(rule, a * block, min((a + 1) * block, seq_len), seq_len)  # (<=block, L)
+        kept_entries += int(rows.sum())
+        tile = torch.zeros(block, padded, dtype=torch.bool)
+        tile[: rows.shape[0], :seq_len] = rows
+        tiles = tile.view(block, n_blocks, block)  # (block, n_blocks, block)
+        lists.append(tiles.any(dim=2).any(dim=0).nonzero().flatten())
+        tiles_of.append(tiles)
+    buckets: list[TileBucket] = []
+    computed = 0
+    for group in _bucket_tiles([len(x) for x in lists]):
+        width = max(len(lists[a]) for a in group)
+        kv_blocks = torch.empty(len(group), width, dtype=torch.long)
+        bias = torch.full((len(group), block, width * block), float("-inf"))
+        all_kept = True
+        for i, a in enumerate(group):
+            ids = lists[a]
+            n = len(ids)
+            kv_blocks[i, :n] = ids
+            kv_blocks[i, n:] = ids[0]  # padding slots point at a real tile; their bias is -inf
+            kept = tiles_of[a][:, ids, :].reshape(block, n * block)  # (block, n*block)
+            bias[i, :, : n * block].masked_fill_(kept, 0.0)
+            real_rows = min(block, seq_len - a * block)
+            computed += real_rows * width * block
+            all_kept = all_kept and n == width and bool(kept[:real_rows].all())
+            bias[i, real_rows:, :] = 0.0  # padded query rows: keep finite, outputs are discarded
+        contiguous = group == list(range(group[0], group[0] + len(group)))
+        buckets.append(
+            TileBucket(
+                q_blocks=torch.tensor(group, dtype=torch.long),
+                kv_blocks=kv_blocks,
+                bias=None if all_kept else bias,
+                q_start=group[0] if contiguous else None,
+            )
+        )
+    order = torch.cat([b.q_blocks for b in buckets])
+    identity = bool((order == torch.arange(n_blocks)).all())
+    return BlockLayout(
+        seq_len=seq_len,
+        block=block,
+        n_blocks=n_blocks,
+        buckets=tuple(buckets),
+        inverse_order=None if identity else torch.argsort(order),
+        kept_entries=kept_entries,
+        computed_entries=computed,
+    )

@@ -1,0 +1,133 @@
+"""Contract test: every pattern x backend computes the reference function, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_search import PATTERNS, choose_backend, sparse_attention
+from attn_search.attention import layout_for
+
+from .test_patterns import CASES
+
+TOL = 1e-4  # float32 relative error bound from the contract
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def qkv(L: int, *, grad: bool, B: int = 2, H: int = 3, D: int = 16) -> list[torch.Tensor]:
+    return [torch.randn(B, H, L, D, requires_grad=grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("L", [64, 77])  # 77: not a multiple of the tile
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_blocked_matches_reference_forward_and_gradients(pattern: str, causal: bool, L: int) -> None:
+    q, k, v = qkv(L, grad=True)
+    grad_out = torch.randn(2, 3, L, 16)
+    results = {}
+    for backend in ("reference", "blocked"):
+        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend=backend, tile=16, **CASES[pattern])
+        assert out.shape == q.shape
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results[backend] = (out, grads)
+    ref_out, ref_grads = results["reference"]
+    out, grads = results["blocked"]
+    assert rel_err(out, ref_out) < TOL
+    for g, rg, name in zip(grads, ref_grads, "qkv", strict=True):
+        assert rel_err(g, rg) < TOL, f"d{name}"
+
+
+@pytest.mark.parametrize("L", [64, 77])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_flex_matches_reference_forward(pattern: str, causal: bool, L: int, eager_flex: None) -> None:
+    q, k, v = qkv(L, grad=False)
+    with torch.no_grad():
+        ref = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend="reference", **CASES[pattern])
+        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend="flex", **CASES[pattern])
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.slow
+def test_compiled_flex_matches_reference_on_cpu() -> None:
+    q, k, v = qkv(77, grad=False)
+    with torch.no_grad():
+        ref = sparse_attention(q, k, v, pattern="longformer", causal=True, backend="reference", window=6, n_global=3)
+        out = sparse_attention(q, k, v, pattern="longformer", causal=True, backend="flex", window=6, n_global=3)
+    assert rel_err(out, ref) < TOL
+
+
+def test_flex_refuses_cpu_training_with_advice() -> None:
+    q, k, v = qkv(32, grad=True)
+    with pytest.raises(RuntimeError, match=r"no CPU backward.*blocked"):
+        sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_auto_matches_reference(pattern: str) -> None:
+    q, k, v = qkv(200, grad=True)
+    ref = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
+    out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="auto", **CASES[pattern])
+    assert rel_err(out, ref) < TOL
+
+
+def test_auto_picks_blocked_for_sparse_training_on_cpu_and_reference_for_dense() -> None:
+    assert choose_backend("window", 4096, device="cpu", training=True, causal=True, window=256) == "blocked"
+    assert choose_backend("dense", 4096, device="cpu", training=True, causal=True) == "reference"
+    # nearly dense: gathers would cost more than the skipped tiles save
+    assert choose_backend("window", 128, device="cpu", training=True, window=120) == "reference"
+    assert choose_backend("window", 4096, device="cuda", training=True, window=256) == "flex"
+    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "blocked"
+
+
+def test_blocked_dropout_gradients_are_exact() -> None:
+    """With the dropout mask fixed by the RNG seed, the hand-written backward must match
+    finite differences (float64)."""
+    q, k, v = (torch.randn(1, 2, 24, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(123)
+        return sparse_attention(
+            q, k, v, pattern="window", window=5, causal=True, backend="blocked", tile=8, dropout_p=0.3
+        )
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_blocked_dropout_drops_and_rescales() -> None:
+    q, k, v = qkv(128, grad=False, B=4, H=4)
+    v = torch.ones_like(v)
+    out = sparse_attention(q, k, v, pattern="window", window=32, backend="blocked", dropout_p=0.5)
+    # rows of P sum to 1, so with v = 1 the output is the kept mass / (1 - p): mean 1, not constant
+    assert out.mean().item() == pytest.approx(1.0, abs=0.05)
+    assert out.std().item() > 0.05
+
+
+def test_layout_is_cached_per_shape() -> None:
+    a = layout_for("window", 512, causal=True, window=64)
+    b = layout_for("window", 512, causal=True, window=64)
+    assert a is b
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"backend": "fast"}, "backend='fast' is unknown"),
+        ({"pattern": "diagonal"}, "pattern='diagonal' is unknown"),
+        ({"tile": 0, "backend": "blocked"}, "tile=0 is invalid"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs: dict, match: str) -> None:
+    q, k, v = qkv(16, grad=False)
+    args = {"pattern": "window", "window": 4} | kwargs
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, k, v, **args)
+
+
+def test_shape_mismatch_is_refused() -> None:
+    q, k, v = qkv(16, grad=False)
+    with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
+        sparse_attention(q, k[:, :, :8], v, pattern="dense")

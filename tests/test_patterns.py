@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn_search import PATTERNS, block_layout, pattern_density, pattern_mask
+from attn_search.patterns import bigbird_block_table
+
+CASES = {
+    "dense": {},
+    "window": {"window": 5},
+    "dilated": {"window": 3, "dilation": 3},
+    "strided": {"stride": 6},
+    "bigbird": {"block_size": 8, "n_global": 1, "n_random": 2, "seed": 3},
+    "longformer": {"window": 4, "n_global": 2},
+}
+
+
+def brute_force_mask(pattern: str, L: int, causal: bool, p: dict) -> torch.Tensor:
+    """Each rule written again, independently, as plain loops over (i, j)."""
+    m = torch.zeros(L, L, dtype=torch.bool)
+    table = None
+    if pattern == "bigbird":
+        table = bigbird_block_table(
+            math.ceil(L / p["block_size"]),
+            n_global=p["n_global"],
+            n_random=p["n_random"],
+            seed=p["seed"],
+            causal=causal,
+        )
+    for i in range(L):
+        for j in range(L):
+            d = i - j
+            if pattern == "dense":
+                ok = True
+            elif pattern == "window":
+                ok = abs(d) < p["window"]
+            elif pattern == "dilated":
+                ok = d % p["dilation"] == 0 and abs(d) // p["dilation"] < p["window"]
+            elif pattern == "strided":
+                ok = abs(d) < p["stride"] or d % p["stride"] == 0
+            elif pattern == "bigbird":
+                ok = bool(table[i // p["block_size"], j // p["block_size"]])
+            else:
+                ok = abs(d) < p["window"] or i < p["n_global"] or j < p["n_global"]
+            m[i, j] = ok and (j <= i or not causal)
+    return m
+
+
+def test_cases_cover_every_pattern() -> None:
+    assert set(CASES) == set(PATTERNS)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_mask_matches_brute_force(pattern: str, causal: bool) -> None:
+    L = 37
+    mask = pattern_mask(pattern, L, causal=causal, **CASES[pattern])
+    assert mask.dtype == torch.bool and mask.shape == (L, L)
+    assert torch.equal(mask, brute_force_mask(pattern, L, causal, CASES[pattern]))
+    assert mask.diagonal().all(), "every query must keep itself"
+    if causal:
+        assert not mask.triu(1).any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_density_is_exact_fraction(pattern: str, causal: bool) -> None:
+    L = 50
+    mask = pattern_mask(pattern, L, causal=causal, **CASES[pattern])
+    assert pattern_density(pattern, L, causal=causal, **CASES[pattern]) == int(mask.sum()) / (L * L)
+
+
+def test_density_formulas_in_docstrings() -> None:
+    L = 4096
+    # window: (2w - 1)/L bidirectional, w/L causal, minus edge effects
+    w = 256
+    edge = w * (w - 1) / L**2
+    assert pattern_density("window", L, window=w) == pytest.approx((2 * w - 1) / L - edge, rel=1e-9)
+    assert pattern_density("window", L, causal=True, window=w) == pytest.approx(w / L - edge / 2, rel=1e-9)
+    # dense causal keeps the lower triangle
+    assert pattern_density("dense", L, causal=True) == pytest.approx((L + 1) / (2 * L))
+    # strided ~ (2s - 1)/L + 1/s
+    s = 64
+    assert pattern_density("strided", L, stride=s) == pytest.approx((2 * s - 1) / L + 1 / s, rel=0.05)
+    # longformer ~ (2w - 1)/L + 2g/L
+    assert pattern_density("longformer", L, window=w, n_global=16) == pytest.approx((2 * w - 1 + 32) / L, rel=0.1)
+
+
+def test_docstring_example() -> None:
+    assert pattern_mask("window", 4, causal=True, window=2).int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 1],
+    ]
+
+
+def test_bigbird_random_blocks_follow_seed() -> None:
+    a = pattern_mask("bigbird", 128, block_size=8, n_random=2, seed=1)
+    b = pattern_mask("bigbird", 128, block_size=8, n_random=2, seed=1)
+    c = pattern_mask("bigbird", 128, block_size=8, n_random=2, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    table = bigbird_block_table(16, n_global=1, n_random=2, seed=1, causal=False)
+    base = bigbird_block_table(16, n_global=1, n_random=0, seed=1, causal=False)
+    assert ((table & ~base).sum(dim=1)[1:] == 2).all(), "each non-global query block gets n_random extra blocks"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("L,block", [(64, 16), (70, 16), (33, 8)])
+def test_block_layout_covers_exactly_the_mask(pattern: str, causal: bool, L: int, block: int) -> None:
+    mask = pattern_mask(pattern, L, causal=causal, **CASES[pattern])
+    layout = block_layout(pattern, L, block=block, causal=causal, **CASES[pattern])
+    n = layout.n_blocks
+    rebuilt = torch.zeros(n * block, n * block, dtype=torch.bool)
+    seen_rows = []
+    for bucket in layout.buckets:
+        for i, a in enumerate(bucket.q_blocks.tolist()):
+            seen_rows.append(a)
+            keep = (
+                torch.ones(block, bucket.width * block, dtype=torch.bool)
+                if bucket.bias is None
+                else bucket.bias[i] == 0
+            )
+            for slot, b in enumerate(bucket.kv_blocks[i].tolist()):
+                tile = keep[:, slot * block : (slot + 1) * block]
+                rebuilt[a * block : (a + 1) * block, b * block : (b + 1) * block] |= tile
+    assert sorted(seen_rows) == list(range(n))
+    assert torch.equal(rebuilt[:L, :L], mask)
+    assert layout.kept_entries == int(mask.sum())
+    assert layout.computed_entries >= layout.kept_entries
+
+
+def test_window_layout_skips_tiles() -> None:
+    layout = block_layout("window", 4096, block=64, causal=True, window=256)
+    assert layout.tile_density < 0.1
+    assert layout.computed_entries / layout.kept_entries < 1.3
+
+
+def test_global_rows_do_not_widen_every_tile() -> None:
+    layout = block_layout("longformer", 2048, block=64, window=128, n_global=8)
+    widths = sorted(b.width for b in layout.buckets)
+    assert widths[-1] == 32 and widths[0] <= 6, widths
+
+
+@pytest.mark.parametrize(
+    "pattern,params,match",
+    [
+        ("nope", {}, "pattern='nope' is unknown"),
+        ("window", {"window": 0}, "window=0 is invalid"),
+        ("strided", {"stride": -2}, "stride=-2 is invalid"),
+        ("bigbird", {"block_size": 2.5}, "block_size=2.5 is invalid"),
+    ],
+)
+def test_bad_parameters_are_named(pattern: str, params: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        pattern_mask(pattern, 16, **params)
