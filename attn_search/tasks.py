@@ -61,9 +61,10 @@ def _row_hashes(x: np.ndarray) -> list[bytes]:
 class GeneratedTask:
     """Base class: subclasses implement :meth:`generate`; this class makes the splits.
 
-    The eval split is drawn from a generator seeded with ``(seed, 1)``, the train split from
-    ``(seed, 0)``; train rows that also occur in eval are dropped and redrawn, so the splits are
-    disjoint by construction, not by luck.
+    The eval split is a prefix of one pool of :data:`EVAL_POOL` examples drawn from a generator
+    seeded with ``(seed, 1)``; the train split is drawn from ``(seed, 0)``, and train rows that
+    occur anywhere in the eval pool are dropped and redrawn, so the splits are disjoint by
+    construction, not by luck.
     """
 
     seq_len: int = 256
@@ -91,23 +92,34 @@ class GeneratedTask:
         return _DATA_CACHE[key]
 
     def _make(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 1 if split == "eval" else 0])
         if split == "eval":
-            return self.generate(rng, n)
-        eval_x, _ = self._cached("eval", _EVAL_REF_SIZE)
+            if n > EVAL_POOL:
+                raise ValueError(f"at most {EVAL_POOL} eval examples can be drawn, {n} were asked for")
+            x, y = self._cached("eval-pool", EVAL_POOL)
+            return x[:n], y[:n]
+        if split == "eval-pool":
+            return self.generate(np.random.default_rng([self.seed, 1]), n)
+        rng = np.random.default_rng([self.seed, 0])
+        eval_x, _ = self._cached("eval-pool", EVAL_POOL)
         seen = set(_row_hashes(eval_x))
-        xs, ys, have = [], [], 0
+        xs, ys, have, draws = [], [], 0, 0
         while have < n:
-            x, y = self.generate(rng, n - have)
+            x, y = self.generate(rng, max(n - have, 64))
+            draws += len(x)
             fresh = np.array([h not in seen for h in _row_hashes(x)], dtype=bool)
-            xs.append(x[fresh])
-            ys.append(y[fresh])
-            have += int(fresh.sum())
+            xs.append(x[fresh][: n - have])
+            ys.append(y[fresh][: n - have])
+            have += len(xs[-1])
+            if draws > 20 * n + 10_000 and have < n:
+                raise ValueError(
+                    f"task {self.name!r} {self} has too few distinct sequences to draw {n} training examples "
+                    "disjoint from the eval set: raise seq_len or the task's vocabulary"
+                )
         return np.concatenate(xs), np.concatenate(ys)
 
 
-# Eval sets are at most this large (the trainer asks for fewer); train rows are checked against it.
-_EVAL_REF_SIZE = 2048
+EVAL_POOL = 4096
+"""Every eval set is a prefix of one pool of this many examples; train rows are checked against all of it."""
 _DATA_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -145,10 +157,24 @@ class MQAR(GeneratedTask):
     def __post_init__(self) -> None:
         if self.n_pairs > self.n_keys:
             raise ValueError(f"n_pairs={self.n_pairs} exceeds n_keys={self.n_keys}: keys must be unique per sequence")
-        if 3 * self.n_pairs > self.seq_len:
+        if 4 * self.n_pairs > self.seq_len:  # 3 slots a pair, plus room for random placement
             raise ValueError(
-                f"seq_len={self.seq_len} is too short for n_pairs={self.n_pairs}: need >= {3 * self.n_pairs}"
+                f"seq_len={self.seq_len} is too short for n_pairs={self.n_pairs}: need seq_len >= "
+                f"{4 * self.n_pairs} (4 x n_pairs); lower n_pairs or raise seq_len"
             )
+
+    @staticmethod
+    def _free_placement(rng: np.random.Generator, free: np.ndarray) -> tuple[int, int] | None:
+        """A uniformly drawn (key position, distance) whose three slots are free."""
+        L = len(free)
+        starts = np.flatnonzero(free[:-2] & free[1:-1])  # key and value slots free
+        later_free = np.cumsum(free[::-1])[::-1]  # later_free[i] = free slots at >= i
+        starts = starts[later_free[np.minimum(starts + 2, L - 1)] > 0]
+        if len(starts) == 0:
+            return None
+        p = int(rng.choice(starts))
+        q = int(rng.choice(np.flatnonzero(free[p + 2 :]))) + p + 2
+        return p, q - p
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         L = self.seq_len
@@ -162,7 +188,7 @@ class MQAR(GeneratedTask):
             pos = np.zeros(n, dtype=np.int64)
             dist = np.zeros(n, dtype=np.int64)
             todo = rows
-            for _ in range(1000):
+            for _ in range(50):
                 d = rng.integers(2, L, size=len(todo))  # query - key position, in [2, L - 1]
                 p = (rng.random(len(todo)) * (L - d)).astype(np.int64)
                 ok = ~(used[todo, p] | used[todo, p + 1] | used[todo, p + d])
@@ -170,15 +196,42 @@ class MQAR(GeneratedTask):
                 todo = todo[~ok]
                 if len(todo) == 0:
                     break
-            else:  # pragma: no cover - only for absurdly crowded sequences
-                raise RuntimeError("could not place an MQAR pair; lower n_pairs")
+            for r in todo:  # crowded rows: draw among every placement still free
+                placed = self._free_placement(rng, ~used[r])
+                if placed is None:  # dead end: lay the row's first j pairs out again
+                    used[r], x[r], y[r] = False, 0, IGNORE
+                    for i, (p_i, d_i) in enumerate(self._row_layout(rng, j)):
+                        used[r, [p_i, p_i + 1, p_i + d_i]] = True
+                        self._write(x, y, r, p_i, d_i, keys[r, i], values[r, i])
+                    placed = self._free_placement(rng, ~used[r])
+                    assert placed is not None, "a fresh layout always has room (seq_len >= 4 n_pairs)"
+                pos[r], dist[r] = placed
             for at in (pos, pos + 1, pos + dist):
                 used[rows, at] = True
-            x[rows, pos] = 1 + keys[:, j]
-            x[rows, pos + 1] = 1 + self.n_keys + values[:, j]
-            x[rows, pos + dist] = 1 + keys[:, j]
-            y[rows, pos + dist] = values[:, j]
+            self._write(x, y, rows, pos, dist, keys[:, j], values[:, j])
         return x, y
+
+    def _write(self, x: np.ndarray, y: np.ndarray, r: Any, p: Any, d: Any, key: Any, value: Any) -> None:
+        x[r, p] = 1 + key
+        x[r, p + 1] = 1 + self.n_keys + value
+        x[r, p + d] = 1 + key
+        y[r, p + d] = value
+
+    def _row_layout(self, rng: np.random.Generator, n_pairs: int) -> list[tuple[int, int]]:
+        """(key position, distance) of ``n_pairs`` pairs in one row, retried until they all fit."""
+        for _ in range(1000):
+            free = np.ones(self.seq_len, dtype=bool)
+            out = []
+            for _ in range(n_pairs):
+                placed = self._free_placement(rng, free)
+                if placed is None:
+                    break
+                p, d = placed
+                free[[p, p + 1, p + d]] = False
+                out.append(placed)
+            else:
+                return out
+        raise RuntimeError(f"could not lay out {n_pairs} MQAR pairs in {self.seq_len} positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +292,14 @@ class ListOps(GeneratedTask):
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.zeros((n, self.seq_len), dtype=np.int64)
         y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
-        r = 0
+        r = draws = 0
         while r < n:
+            draws += 1
+            if draws > 100 * n + 1000:
+                raise ValueError(
+                    f"listops with max_depth={self.max_depth}, max_args={self.max_args} rarely or never makes "
+                    f"expressions of {self.min_len} to {self.seq_len} tokens: adjust min_len, seq_len or the depth"
+                )
             tree = self._tree(rng, 1)
             toks = self._tokens(tree)
             if not self.min_len <= len(toks) <= self.seq_len:

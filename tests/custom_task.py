@@ -1,0 +1,30 @@
+"""A user's own task, plugged in as ``tests.custom_task:make`` (the Task protocol, nothing more)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Parity:
+    name = "parity"
+    vocab_size = 2
+    n_classes = 2
+
+    def __init__(self, seq_len: int = 32, seed: int = 0) -> None:
+        self.seq_len = seq_len
+        self.seed = seed
+
+    def data(self, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 2 + (split == "eval"))
+        x = torch.randint(0, 2, (n, self.seq_len), generator=g)
+        y = torch.full_like(x, -100)
+        y[:, -1] = x.sum(dim=1) % 2
+        return x, y
+
+
+def make(seq_len: int = 32, seed: int = 0) -> Parity:
+    return Parity(seq_len=seq_len, seed=seed)
+
+
+def not_a_task() -> object:
+    return object()

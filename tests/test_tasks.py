@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attn_search import TASKS, Task, make_task
+from attn_search.tasks import IGNORE, ListOps
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_shapes_ranges_and_seeded(name: str) -> None:
+    task = make_task(name, seq_len=128, seed=3)
+    assert isinstance(task, Task)
+    x, y = task.data("train", 64)
+    assert x.shape == y.shape == (64, 128) and x.dtype == y.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < task.vocab_size
+    scored = y[y != IGNORE]
+    assert len(scored) > 0 and int(scored.min()) >= 0 and int(scored.max()) < task.n_classes
+    x2, y2 = make_task(name, seq_len=128, seed=3).data("train", 64)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = make_task(name, seq_len=128, seed=4).data("train", 64)
+    assert not torch.equal(x, x3)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_eval_are_disjoint(name: str) -> None:
+    # A tiny space makes collisions likely, so disjointness is enforced, not lucky.
+    kwargs = {
+        "mqar": {"seq_len": 8, "n_pairs": 2, "n_keys": 4, "n_values": 8},
+        "listops": {"seq_len": 8, "max_depth": 2, "max_args": 4, "min_len": 1},
+        "selective_copy": {"seq_len": 12, "n_tokens": 2, "n_symbols": 20},
+    }
+    task = make_task(name, seed=0, **kwargs[name])
+    x_eval, _ = task.data("eval", 4096)
+    x_train, _ = task.data("train", 2000)
+    eval_rows = {tuple(r) for r in x_eval.tolist()}
+    train_rows = [tuple(r) for r in x_train.tolist()]
+    assert not any(r in eval_rows for r in train_rows)
+    # the check is not vacuous: a fresh draw from the generator collides with eval often
+    fresh, _ = task.generate(np.random.default_rng(99), 2000)
+    assert sum(tuple(r) in eval_rows for r in fresh.tolist()) > 20
+
+
+def test_exhausted_task_space_is_a_clear_error() -> None:
+    task = make_task("selective_copy", seq_len=3, n_tokens=1, n_symbols=2)  # only 4 distinct sequences
+    with pytest.raises(ValueError, match="too few distinct sequences"):
+        task.data("train", 10)
+
+
+def test_mqar_answers_are_the_values_bound_earlier() -> None:
+    task = make_task("mqar", seq_len=128, n_pairs=10)
+    x, y = task.data("eval", 50)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        queries = [i for i, t in enumerate(target) if t != IGNORE]
+        assert len(queries) == 10
+        for i in queries:
+            first = row.index(row[i])
+            assert first < i - 1, "the key occurs before its query"
+            assert row[first + 1] - 1 - task.n_keys == target[i]
+
+
+def test_mqar_distances_span_the_sequence() -> None:
+    task = make_task("mqar", seq_len=256)
+    x, y = task.data("eval", 200)
+    dists = []
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        dists += [i - row.index(row[i]) for i, t in enumerate(target) if t != IGNORE]
+    d = np.array(dists)
+    assert d.min() >= 2 and d.max() <= 255
+    # roughly uniform: each quarter of the range holds a fair share
+    counts = np.histogram(d, bins=4, range=(2, 256))[0] / len(d)
+    assert (counts > 0.1).all(), counts
+    assert (d > 128).mean() > 0.3, "long-range queries must be common"
+
+
+def _reference_listops(tokens: list[int]) -> int:
+    """Independent stack evaluator over the token stream."""
+    ops = {11: min, 12: max, 13: lambda a: int(np.median(a)), 14: lambda a: sum(a) % 10}
+    stack: list[list] = []
+    for t in tokens:
+        if t == 0:
+            continue
+        if 11 <= t <= 14:
+            stack.append([t])
+        elif t == 15:
+            node = stack.pop()
+            value = ops[node[0]](node[1:])
+            if not stack:
+                return value
+            stack[-1].append(value)
+        else:
+            if not stack:
+                return t - 1
+            stack[-1].append(t - 1)
+    raise AssertionError("unbalanced expression")
+
+
+def test_listops_labels_match_an_independent_evaluator() -> None:
+    task = make_task("listops", seq_len=128, seed=5)
+    x, y = task.data("eval", 300)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[-1] == _reference_listops(row)
+        assert all(t == IGNORE for t in target[:-1])
+    labels = y[:, -1]
+    assert len(labels.unique()) == 10, "all ten classes occur"
+
+
+def test_listops_depth_and_length_parameters() -> None:
+    shallow = ListOps(seq_len=64, max_depth=3, max_args=3)
+    x, _ = shallow.data("eval", 100)
+    opens = ((x >= 11) & (x <= 14)).sum(dim=1)
+    assert int(opens.max()) <= 1 + 3  # the root plus at most max_args operators at depth 2
+    with pytest.raises(ValueError, match="rarely or never makes expressions"):
+        ListOps(seq_len=64, max_depth=2, max_args=3, min_len=8).data("eval", 5)
+    lengths = (x != 0).sum(dim=1)
+    assert int(lengths.max()) <= 64 and int(lengths.min()) >= shallow.min_len
+
+
+def test_selective_copy_targets_are_the_data_in_order() -> None:
+    task = make_task("selective_copy", seq_len=40, n_tokens=5)
+    x, y = task.data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        data = [t - 2 for t in row[:-5] if t >= 2]
+        assert data == target[-5:]
+        assert row[-5:] == [1] * 5
+
+
+def test_user_task_plugs_in_by_import_path() -> None:
+    task = make_task("tests.custom_task:make", seq_len=16, seed=1, unused_kwarg=3)
+    assert task.name == "parity" and task.seq_len == 16
+    x, y = task.data("train", 8)
+    assert torch.equal(y[:, -1], x.sum(dim=1) % 2)
+
+
+@pytest.mark.parametrize(
+    "spec,kwargs,match",
+    [
+        ("mnist", {}, "task 'mnist' is unknown: use one of mqar, listops, selective_copy"),
+        ("mqar", {"length": 5}, "task 'mqar' has no parameter length"),
+        ("tests.custom_task:missing", {}, "cannot be imported"),
+        ("no_such_module:fn", {}, "cannot be imported"),
+        ("tests.custom_task:not_a_task", {}, "lacks the Task protocol"),
+        ("mqar", {"seq_len": 20, "n_pairs": 10}, r"seq_len=20 is too short for n_pairs=10: need seq_len >= 40"),
+    ],
+)
+def test_bad_task_specs(spec: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_task(spec, **kwargs)
