@@ -85,13 +85,13 @@ def test_invalid_values_name_field_value_and_fix(fields: dict, match: str) -> No
 def test_bad_files_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("window: [1, 2\n")
-    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("n_heads: 3\n")
-    with pytest.raises(ValueError, match="wrong.yaml: n_heads=3"):
+    with pytest.raises(ValueError, match=r"wrong\.yaml: n_heads=3"):
         load_config(wrong)
-    with pytest.raises(ValueError, match="unknown config format .txt"):
+    with pytest.raises(ValueError, match=r"unknown config format \.txt"):
         load_config(tmp_path / "c.txt")
     with pytest.raises(ValueError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
