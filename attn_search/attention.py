@@ -153,16 +153,18 @@ class _BlockSparseAttention(torch.autograd.Function):
             else:
                 out[h0:h1].index_copy_(1, q_sel, o)
             if needs_grad:  # inference keeps no score-sized buffers alive
+                # Gathered key/value tiles are not kept: re-gathering them in backward costs ~1% of
+                # the step and saves W copies of K and V per chunk.
                 meta.append((h0, h1, q_sel if isinstance(q_sel, slice) else None))
-                tensors += [None if isinstance(q_sel, slice) else q_sel, qi, kg, vg, p, flat, keep]
+                tensors += [None if isinstance(q_sel, slice) else q_sel, p, flat, keep]
         ctx.meta = meta
         ctx.dropout_p = dropout_p
-        ctx.save_for_backward(out, *tensors)
+        ctx.save_for_backward(out, qt, kt, vt, *tensors)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        out, *tensors = ctx.saved_tensors
+        out, qt, kt, vt, *tensors = ctx.saved_tensors
         dout = dout.contiguous()
         BH, n, T, D = dout.shape
         delta = (dout * out).sum(dim=-1, keepdim=True)  # (BH, n, T, 1) = rowsum(dP * P)
@@ -170,12 +172,16 @@ class _BlockSparseAttention(torch.autograd.Function):
         dk = torch.zeros_like(dout)
         dv = torch.zeros_like(dout)
         for c, (h0, h1, sl) in enumerate(ctx.meta):
-            q_ids, qi, kg, vg, p, flat, keep = tensors[7 * c : 7 * c + 7]
+            q_ids, p, flat, keep = tensors[4 * c : 4 * c + 4]
             q_sel = sl if sl is not None else q_ids
             if isinstance(q_sel, slice):
-                do, dl = dout[h0:h1, q_sel], delta[h0:h1, q_sel]
+                qi, do, dl = qt[h0:h1, q_sel], dout[h0:h1, q_sel], delta[h0:h1, q_sel]
             else:
+                qi = qt[h0:h1].index_select(1, q_sel)
                 do, dl = dout[h0:h1].index_select(1, q_sel), delta[h0:h1].index_select(1, q_sel)
+            nt = p.shape[1]
+            kg = kt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)  # (hb, nt, W*T, D)
+            vg = vt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)
             dp = torch.matmul(do, vg.transpose(-1, -2))  # (hb, nt, T, W*T)
             if keep is not None:
                 scale = 1.0 / (1.0 - ctx.dropout_p)
