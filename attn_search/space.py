@@ -24,6 +24,7 @@ Errors name the file, the key and what is wrong (:class:`SpaceError`, a ``ValueE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,7 +77,7 @@ class Param:
         else:
             raw = [self.low + (self.high - self.low) * i / max(1, bins - 1) for i in range(bins)]
         if self.kind == "int":
-            return sorted({int(round(v)) for v in raw})
+            return sorted({round(v) for v in raw})
         return raw
 
 
@@ -298,10 +299,8 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
 
 def _number(value: Any, key: str, fail: Any) -> float:
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise fail(key, f"must be a number, got {value!r}")
     return float(value)
