@@ -175,6 +175,7 @@ def evaluate(
     reporter: Reporter | None = None,
     task_kwargs: Mapping[str, Any] | None = None,
     backend: str = "auto",
+    on_compute: Callable[[dict[str, float]], None] | None = None,
 ) -> TrialResult:
     """Train ``config`` on ``task`` for ``budget`` and measure it.
 
@@ -188,6 +189,8 @@ def evaluate(
             :class:`StopTrial` stops the trial (``state="pruned"``).
         task_kwargs: passed to the task's constructor (``seq_len``, ``seed``, ...).
         backend: attention backend for every layer (``auto`` picks per device and pattern).
+        on_compute: called once, before the first rung, with the compute metrics (``flops``,
+            ``params``, ``latency_ms``, ``peak_mem_mb``), so that early stopping can weigh them.
 
     Returns:
         A :class:`TrialResult`. Same seed on CPU gives the same accuracy and curve.
@@ -208,7 +211,24 @@ def evaluate(
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=bud.steps))
+    lat_x = x_eval[: bud.latency_batch].to(dev)
+
+    def forward() -> None:
+        with torch.no_grad(), _autocast(dev):
+            model(lat_x)
+
+    # Latency does not depend on the weights: measured before training, so it is known at rungs.
+    t0 = time.perf_counter()
+    model.eval()
+    latency = measure_latency_ms(forward, device=dev)
+    measure_s = time.perf_counter() - t0
+    compute = {
+        M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
+        M.PARAMS: float(count_params(model)),
+        M.LATENCY_MS: latency,
+    }
     rungs = set(bud.rung_steps())
+    memory_step = min(2, bud.steps)  # step 2: after step 1 allocated optimizer state and warmed up
     curve: list[tuple[int, float]] = []
     state, reason = M.COMPLETE, None
     order = torch.randperm(len(x_train), generator=gen)
@@ -216,7 +236,6 @@ def evaluate(
     train_s = eval_s = 0.0
     step_peak_mb = math.nan
     last_loss = math.nan
-    step = 0
 
     def train_step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         with _autocast(dev):
@@ -232,6 +251,7 @@ def evaluate(
         return value
 
     model.train()
+    step = 0
     for step in range(1, bud.steps + 1):
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(x_train), generator=gen), 0
@@ -239,8 +259,11 @@ def evaluate(
         cursor += cfg.batch_size
         xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
         t0 = time.perf_counter()
-        if step == 2:  # after step 1 allocated the optimizer state and warmed up the kernels
+        if step == memory_step:
             last_loss, step_peak_mb = peak_memory_mb(functools.partial(train_step, xb, yb), device=dev)
+            compute[M.PEAK_MEM_MB] = training_state_mb(model) + (0.0 if math.isnan(step_peak_mb) else step_peak_mb)
+            if on_compute is not None:
+                on_compute(dict(compute))
         else:
             last_loss = train_step(xb, yb)
         train_s += time.perf_counter() - t0
@@ -267,22 +290,10 @@ def evaluate(
             reason = f"time limit of {bud.time_limit_s}s reached at step {step}"
             break
 
-    t0 = time.perf_counter()
-    model.eval()
-    lat_x = x_eval[: bud.latency_batch].to(dev)
-
-    def forward() -> None:
-        with torch.no_grad(), _autocast(dev):
-            model(lat_x)
-
-    latency = measure_latency_ms(forward, device=dev)
-    measure_s = time.perf_counter() - t0
+    compute.setdefault(M.PEAK_MEM_MB, training_state_mb(model))  # failed before the memory step
     metrics = {
         M.ACCURACY: curve[-1][1] if curve else math.nan,
-        M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
-        M.PARAMS: float(count_params(model)),
-        M.LATENCY_MS: latency,
-        M.PEAK_MEM_MB: training_state_mb(model) + (0.0 if math.isnan(step_peak_mb) else step_peak_mb),
+        **compute,
         M.TRAIN_SECONDS: train_s,
         M.EVAL_SECONDS: eval_s,
         M.MEASURE_SECONDS: measure_s,

@@ -1,0 +1,142 @@
+"""Command line: ``run_search.py`` / ``attn-search search``, ``attn-search export``, ``attn-search report``.
+
+Exit status: 0 on success, 2 on bad input (one line saying why), 1 on an internal failure,
+130 when interrupted (finished trials are kept; ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from attn_search.metrics import COMPUTE_OBJECTIVES
+from attn_search.search import PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
+from attn_search.strategies import OPTUNA_STRATEGIES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad input is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be > 0")
+    return value
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--space", default="sparse", help="sparse, dense, full, or a PATH.yaml of your own (default: sparse)"
+    )
+    p.add_argument("--strategy", default="tpe", choices=OPTUNA_STRATEGIES, metavar="NAME",
+                   help=f"proposer: {', '.join(OPTUNA_STRATEGIES)} (default: tpe)")  # fmt: skip
+    p.add_argument("--backend", default="local", metavar="NAME", help="where trials run: local (default)")
+    p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+    p.add_argument("--trials", type=_positive_int, help="number of trials (default: from --preset)")
+    p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                   help="start no new trial after this many seconds (default: from --preset)")  # fmt: skip
+    p.add_argument("--preset", default="default", choices=tuple(SEARCH_PRESETS), metavar="NAME",
+                   help="smoke (~1 min), default (<10 min on 2 CPU cores) or full")  # fmt: skip
+    p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
+    p.add_argument("--task", help="task name (mqar, listops, selective_copy) or module:callable (default: the space's)")
+    p.add_argument("--out", help="run dir (default: runs/<space>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default: 0)")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME", help="auto, cpu or cuda"
+    )
+    p.add_argument("--select", default="knee",
+                   help="best_config.yaml rule: knee, max-accuracy, min-compute, max-accuracy-under-flops=N")  # fmt: skip
+    p.add_argument("--compute", default="flops", choices=(*COMPUTE_OBJECTIVES, "none"), metavar="NAME",
+                   help="compute objective: flops, latency, memory, params, or none (accuracy only)")  # fmt: skip
+    p.add_argument("--max-flops", type=_positive_float, help="constraint: forward FLOPs per sequence at most this")
+    p.add_argument("--max-latency-ms", type=_positive_float, help="constraint: forward latency at most this")
+    p.add_argument("--pruner", choices=PRUNERS, metavar="NAME",
+                   help="early stopping: moasha (default with two objectives), asha (default with one), median, none")  # fmt: skip
+    p.add_argument("--eta", type=float, default=3.0, help="successive-halving reduction factor (default: 3)")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run dir)")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+
+
+def _options(args: argparse.Namespace) -> SearchOptions:
+    fields = SearchOptions.__dataclass_fields__
+    return SearchOptions(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def search_main(argv: Sequence[str] | None = None, *, prog: str = "run_search.py") -> int:
+    parser = _Parser(prog=prog, description="Search attention configurations for the accuracy/compute Pareto front.")
+    add_search_arguments(parser)
+    args = parser.parse_args(argv)
+    return _run(lambda: run_search(_options(args)), prog)
+
+
+def _run(fn: object, prog: str) -> int:
+    import warnings
+
+    import optuna
+
+    # Optuna's experimental/accuracy notes are for library users; the CLI reports what matters.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", module="optuna")
+    try:
+        fn()  # type: ignore[operator]
+    except (UsageError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; finished trials are saved, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="attn-search", description="attn_search: accuracy/compute optimal attention configurations.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p_search = sub.add_parser("search", help="run a search (same flags as run_search.py)")
+    add_search_arguments(p_search)
+    p_export = sub.add_parser("export", help="export the chosen configuration of a run")
+    p_export.add_argument("run_dir")
+    p_export.add_argument("--format", default="yaml", choices=("yaml", "json", "python"), metavar="NAME",
+                          help="yaml, json or python (a self-contained torch module)")  # fmt: skip
+    p_export.add_argument("--select", help="selection rule (default: the run's)")
+    p_export.add_argument("--out", help="file to write (default: in the run dir)")
+    p_report = sub.add_parser("report", help="rebuild a run's tables, plots and report.html")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--select", help="selection rule for best_config.yaml (default: the run's)")
+    args = parser.parse_args(argv)
+    prog = f"attn-search {args.command}"
+    if args.command == "search":
+        return _run(lambda: run_search(_options(args)), prog)
+    if args.command == "export":
+        from attn_search.export import export_run
+
+        def do_export() -> None:
+            print(export_run(args.run_dir, fmt=args.format, select=args.select, out=args.out))
+
+        return _run(do_export, prog)
+    from attn_search.outputs import rebuild
+
+    return _run(lambda: print(rebuild(args.run_dir, select=args.select)), prog)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Everything a run writes into its run dir, rebuilt from the Optuna study alone.
+
+``trials.csv`` (every trial: config, metrics, state, duration, device), ``pareto.csv`` (the
+non-dominated complete trials), ``best_config.yaml`` (the front point chosen by ``--select``),
+``pareto.png``, ``hypervolume.png``, ``pareto.html`` (interactive) and ``report.html``.
+``attn-search report RUN_DIR`` calls :func:`rebuild` to write them again.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+
+from attn_search import metrics as M
+from attn_search.config import AttentionConfig
+from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
+from attn_search.space import SearchSpace, parse_space
+
+METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
+                  M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS]  # fmt: skip
+CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
+SELECTIONS = ("knee", "max-accuracy", "min-compute")
+
+
+def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
+    """``knee``, ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|latency|memory|params>=N``."""
+    if rule in SELECTIONS:
+        return rule, None, None
+    prefix = "max-accuracy-under-"
+    if rule.startswith(prefix) and "=" in rule:
+        name, _, value = rule[len(prefix) :].partition("=")
+        if name in M.COMPUTE_OBJECTIVES:
+            try:
+                return "under", M.COMPUTE_OBJECTIVES[name], float(value)
+            except ValueError:
+                pass
+    raise ValueError(
+        f"--select {rule!r} is unknown: use knee, max-accuracy, min-compute or "
+        "max-accuracy-under-flops=N (also -latency=, -memory=, -params=)"
+    )
+
+
+def _state(t: optuna.trial.FrozenTrial) -> str:
+    if t.user_attrs.get("interrupted"):
+        return "interrupted"
+    return {
+        optuna.trial.TrialState.COMPLETE: M.COMPLETE,
+        optuna.trial.TrialState.PRUNED: M.PRUNED,
+        optuna.trial.TrialState.FAIL: M.FAILED,
+    }.get(t.state, t.state.name.lower())
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, reason, duration, device, metrics, config fields."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        metrics = t.user_attrs.get("metrics", {})
+        config = t.user_attrs.get("config", {})
+        duration = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else math.nan
+        )
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": _state(t),
+            "reason": t.user_attrs.get("reason", ""),
+            "duration_s": duration,
+            "device": t.user_attrs.get("device", ""),
+        }
+        row.update({m: metrics.get(m, math.nan) for m in METRIC_COLUMNS})
+        row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
+        row["feasible"] = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+        rows.append(row)
+    columns = ["trial", "state", "reason", "duration_s", "device", *METRIC_COLUMNS, *CONFIG_COLUMNS, "feasible"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def front_rows(df: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
+    """Complete, feasible, non-dominated trials, best accuracy first."""
+    ok = df[(df["state"] == M.COMPLETE) & df["feasible"]].dropna(subset=space.metrics)
+    if ok.empty:
+        return ok
+    idx = pareto_front(ok[space.metrics].to_numpy(), space.directions)
+    front = ok.iloc[idx]
+    return front.sort_values(M.ACCURACY, ascending=False)
+
+
+def hypervolume_of(
+    df: pd.DataFrame, space: SearchSpace, bounds: tuple[list[float], list[float]] | None = None
+) -> float:
+    """Normalised hypervolume (accuracy in [0, 1], compute between the min and max seen)."""
+    ok = df[(df["state"] == M.COMPLETE) & df["feasible"]].dropna(subset=space.metrics)
+    if ok.empty:
+        return 0.0
+    lower, upper = bounds or _bounds(ok, space)
+    return normalized_hypervolume(ok[space.metrics].to_numpy(), space.directions, lower=lower, upper=upper)
+
+
+def _bounds(ok: pd.DataFrame, space: SearchSpace) -> tuple[list[float], list[float]]:
+    lower, upper = [], []
+    for m in space.metrics:
+        if m == M.ACCURACY:
+            lower.append(0.0)
+            upper.append(1.0)
+        else:
+            lower.append(float(ok[m].min()))
+            upper.append(float(ok[m].max()))
+    return lower, upper
+
+
+def select_row(df: pd.DataFrame, space: SearchSpace, rule: str) -> pd.Series | None:
+    """The front row ``rule`` picks (see :func:`parse_selection`); ``None`` if nothing qualifies."""
+    kind, metric, limit = parse_selection(rule)
+    front = front_rows(df, space)
+    if front.empty:
+        return None
+    compute = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS
+    if kind == "max-accuracy":
+        return front.sort_values([M.ACCURACY, compute], ascending=[False, True]).iloc[0]
+    if kind == "min-compute":
+        return front.sort_values([compute, M.ACCURACY], ascending=[True, False]).iloc[0]
+    if kind == "under":
+        assert metric is not None and limit is not None
+        ok = df[(df["state"] == M.COMPLETE) & df["feasible"] & (df[metric] <= limit)].dropna(subset=[M.ACCURACY])
+        if ok.empty:
+            return None
+        return ok.sort_values([M.ACCURACY, metric], ascending=[False, True]).iloc[0]
+    if len(space.metrics) == 1:
+        return front.iloc[0]
+    pos = knee_point(front[space.metrics].to_numpy(), space.directions)
+    return front.iloc[pos]
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class RunOutputs:
+    """Writes a run dir's files from the study."""
+
+    run_dir: Path
+    space: SearchSpace
+    select: str = "knee"
+    constrained: bool = False
+
+    def stats(self, study: optuna.Study) -> dict[str, Any]:
+        df = trials_frame(study)
+        counted = df[df["state"] != "interrupted"]
+        front = front_rows(df, self.space)
+        return {
+            "finished": int(counted["state"].isin([M.COMPLETE, M.PRUNED, M.FAILED]).sum()),
+            "complete": int((df["state"] == M.COMPLETE).sum()),
+            "pruned": int((df["state"] == M.PRUNED).sum()),
+            "failed": int((df["state"] == M.FAILED).sum()),
+            "best_accuracy": float(df.loc[df["state"] == M.COMPLETE, M.ACCURACY].max())
+            if (df["state"] == M.COMPLETE).any()
+            else float("nan"),
+            "front_size": len(front),
+            "hypervolume": hypervolume_of(df, self.space),
+        }
+
+    def write_tables(self, study: optuna.Study) -> pd.DataFrame:
+        """``trials.csv`` and ``pareto.csv`` (rewritten atomically after every trial)."""
+        df = trials_frame(study)
+        _atomic_write(self.run_dir / "trials.csv", df.to_csv(index=False))
+        _atomic_write(self.run_dir / "pareto.csv", front_rows(df, self.space).to_csv(index=False))
+        return df
+
+    def write_best(self, df: pd.DataFrame) -> pd.Series | None:
+        row = select_row(df, self.space, self.select)
+        path = self.run_dir / "best_config.yaml"
+        if row is None:
+            if path.exists():
+                path.unlink()
+            return None
+        _atomic_write(path, export_text(row, self.space, self.select, fmt="yaml"))
+        return row
+
+    def summary(self, study: optuna.Study, *, wall_seconds: float, trial_seconds: float) -> Any:
+        from attn_search.search import SearchSummary
+
+        s = self.stats(study)
+        return SearchSummary(
+            run_dir=self.run_dir, n_finished=s["finished"], n_complete=s["complete"], n_pruned=s["pruned"],
+            n_failed=s["failed"], front_size=s["front_size"], hypervolume=s["hypervolume"],
+            wall_seconds=wall_seconds, trial_seconds=trial_seconds,
+        )  # fmt: skip
+
+    def write_all(self, study: optuna.Study, *, wall_seconds: float | None = None, trial_seconds: float | None = None,
+                  options: Any = None) -> None:  # fmt: skip
+        df = self.write_tables(study)
+        best = self.write_best(df)
+        timing_file = self.run_dir / "timing.json"
+        timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"sessions": []}
+        if wall_seconds is not None:
+            timing["sessions"].append({"wall_seconds": wall_seconds, "trial_seconds": trial_seconds})
+            _atomic_write(timing_file, json.dumps(timing, indent=2))
+        write_plots(self.run_dir, df, self.space)
+        write_report(self.run_dir, study, df, self.space, best, self.select, timing)
+
+
+def export_dict(row: pd.Series, space: SearchSpace, select: str) -> dict[str, Any]:
+    config = AttentionConfig.from_dict({c: _plain(row[c]) for c in CONFIG_COLUMNS})
+    return {
+        "config": config.to_dict(),
+        "metrics": {m: _plain(row[m]) for m in METRIC_COLUMNS if not pd.isna(row[m])},
+        "trial": int(row["trial"]),
+        "selected_by": select,
+        "space": space.name,
+        "task": space.task,
+        "task_params": dict(space.task_params),
+    }
+
+
+def export_text(row: pd.Series, space: SearchSpace, select: str, *, fmt: str) -> str:
+    data = export_dict(row, space, select)
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    header = f"# attn_search: trial {data['trial']} selected by --select {select} from space {space.name!r}\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value.is_integer() and not math.isinf(value):
+        return value
+    return value
+
+
+def _pattern_colors(patterns: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {p: cmap(i % 10) for i, p in enumerate(sorted(set(patterns)))}
+
+
+def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
+    """``pareto.png``, ``hypervolume.png`` and the interactive ``pareto.html``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compute = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS
+    done = df[df["state"] == M.COMPLETE]
+    front = front_rows(df, space)
+    colors = _pattern_colors(list(df["pattern"].dropna()))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    pruned = df[df["state"] == M.PRUNED]
+    if not pruned.empty:
+        ax.scatter(pruned[compute], pruned[M.ACCURACY], marker="x", color="0.6", label="pruned (accuracy at stop)")
+    for pattern, grp in done.groupby("pattern"):
+        ax.scatter(grp[compute], grp[M.ACCURACY], color=colors[pattern], alpha=0.55, label=str(pattern))
+    if not front.empty:
+        f = front.sort_values(compute)
+        ax.step(f[compute], f[M.ACCURACY], where="post", color="black", lw=1.2, label="Pareto front")
+        ax.scatter(f[compute], f[M.ACCURACY], s=90, facecolors="none", edgecolors="black", lw=1.5)
+        for _, r in f.iterrows():
+            ax.annotate(
+                AttentionConfig.from_dict({c: _plain(r[c]) for c in CONFIG_COLUMNS}).describe(),
+                (r[compute], r[M.ACCURACY]), textcoords="offset points", xytext=(6, -10), fontsize=7,
+            )  # fmt: skip
+    ax.set_xlabel(f"{compute} ({'lower is better'})")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"attn_search: {space.name} ({len(done)} complete trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / "pareto.png", dpi=120)
+    plt.close(fig)
+
+    hv = hypervolume_history(df, space)
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    ax.plot(range(1, len(hv) + 1), hv, marker="o", ms=3)
+    ax.set_xlabel("trials finished")
+    ax.set_ylabel("normalised hypervolume")
+    ax.set_ylim(0, max(1e-3, max(hv, default=0.0)) * 1.1)
+    ax.grid(alpha=0.3)
+    ax.set_title("front quality over the search")
+    fig.tight_layout()
+    fig.savefig(run_dir / "hypervolume.png", dpi=120)
+    plt.close(fig)
+
+    import plotly.graph_objects as go
+
+    pfig = go.Figure()
+    for pattern, grp in done.groupby("pattern"):
+        text = [
+            "<br>".join(f"{c}={_plain(r[c])}" for c in CONFIG_COLUMNS) + f"<br>trial {r['trial']}"
+            for _, r in grp.iterrows()
+        ]
+        pfig.add_trace(
+            go.Scatter(
+                x=grp[compute], y=grp[M.ACCURACY], mode="markers", name=str(pattern), text=text, hoverinfo="text+x+y"
+            )
+        )
+    if not front.empty:
+        f = front.sort_values(compute)
+        pfig.add_trace(
+            go.Scatter(
+                x=f[compute], y=f[M.ACCURACY], mode="lines", line={"shape": "hv", "color": "black"}, name="Pareto front"
+            )
+        )
+    pfig.update_layout(title=f"{space.name}: accuracy vs {compute}", xaxis_title=compute, yaxis_title="accuracy")
+    pfig.write_html(run_dir / "pareto.html", include_plotlyjs=True, full_html=True)
+
+
+def hypervolume_history(df: pd.DataFrame, space: SearchSpace) -> list[float]:
+    """Normalised hypervolume after each finished trial, with the final bounds (comparable)."""
+    counted = df[df["state"] != "interrupted"].sort_values("trial")
+    ok = counted[(counted["state"] == M.COMPLETE) & counted["feasible"]].dropna(subset=space.metrics)
+    if ok.empty:
+        return [0.0] * len(counted)
+    bounds = _bounds(ok, space)
+    return [hypervolume_of(counted.iloc[: i + 1], space, bounds) for i in range(len(counted))]
+
+
+def _img(path: Path) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{path.name}" src="data:image/png;base64,{data}">'
+
+
+def _table(df: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    shown = df[cols].copy()
+    for c in cols:
+        if shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    return str(shown.to_html(index=False, escape=True, border=0, classes="t"))
+
+
+def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, space: SearchSpace, best: pd.Series | None,
+                 select: str, timing: dict[str, Any]) -> None:  # fmt: skip
+    """``report.html``: summary, the front, the plots, parameter importances, every trial."""
+    front = front_rows(df, space)
+    compute = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS
+    counts = df["state"].value_counts().to_dict()
+    wall = sum(s["wall_seconds"] for s in timing.get("sessions", []))
+    inside = sum(s["trial_seconds"] or 0.0 for s in timing.get("sessions", []))
+    importances = ""
+    try:
+        if (df["state"] == M.COMPLETE).sum() >= 4:
+            imp = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0]
+            )
+            importances = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in imp.items())
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:  # too few or too uniform trials
+        importances = f"<tr><td colspan=2>not available: {html.escape(str(exc))}</td></tr>"
+    best_html = "<p>No complete trial yet.</p>"
+    if best is not None:
+        cfg = AttentionConfig.from_dict({c: _plain(best[c]) for c in CONFIG_COLUMNS})
+        best_html = (
+            f"<p>Chosen by <code>--select {html.escape(select)}</code>: trial {int(best['trial'])}, "
+            f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}, {compute} {best[compute]:.4g}. "
+            "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
+            "turns it into a torch module.</p>"
+        )
+    overhead = f"{wall - inside:.1f} s ({100 * (wall - inside) / wall:.1f}%)" if wall else "n/a"
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+           "table.t{border-collapse:collapse;font-size:12px}table.t td,table.t th{padding:2px 6px;border-bottom:1px solid #ddd}"
+           "img{max-width:100%}code{background:#f3f3f3;padding:1px 3px}")  # fmt: skip
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>attn_search report: {html.escape(space.name)}</title>
+<style>{css}</style></head><body>
+<h1>attn_search report: {html.escape(space.name)}</h1>
+<p>{html.escape(space.description)}</p>
+<p>Task <code>{html.escape(space.task)}</code> {html.escape(json.dumps(dict(space.task_params)))};
+objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.
+Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
+{hypervolume_of(df, space):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
+framework overhead {overhead}.</p>
+<h2>Chosen configuration</h2>{best_html}
+<h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
+<p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
+<h2>Pareto front</h2>{_table(front, ["trial", M.ACCURACY, M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
+<h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
+<h2>Parameter importances (for accuracy, Optuna fANOVA)</h2><table class="t">{importances}</table>
+<h2>All trials</h2>{_table(df, ["trial", "state", M.ACCURACY, compute, M.STEPS, "duration_s", "device", "pattern", "n_heads", "window", "lr", "reason"])}
+</body></html>"""
+    _atomic_write(run_dir / "report.html", page)
+
+
+def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, dict[str, Any]]:
+    """Open a run dir's study and space (for ``report`` and ``export``); ``ValueError`` if it is not one."""
+    run_dir = Path(run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise ValueError(f"{run_dir} is not an attn_search run dir (no run.json)")
+    record = json.loads(run_file.read_text())
+    space = parse_space(record["space_definition"], source=str(run_file))
+    storage = record["options"].get("storage") or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="attn_search", storage=storage)
+    return study, space, record
+
+
+def rebuild(run_dir: str | Path, *, select: str | None = None) -> Path:
+    """Write every output of ``run_dir`` again from its study; returns the report's path."""
+    study, space, record = load_run(run_dir)
+    outputs = RunOutputs(Path(run_dir), space=space, select=select or record["options"].get("select", "knee"))
+    outputs.write_all(study)
+    return Path(run_dir) / "report.html"

@@ -1,0 +1,438 @@
+"""The search orchestrator: wires a space, a strategy, an evaluator and a backend into a run dir.
+
+Layers (they never blur): the *evaluator* scores a config (:func:`attn_search.evaluate`), the
+*strategy* proposes the next one (an Optuna sampler), the *backend* decides where a trial runs
+(``local``: in this process, the embedded default). This module only wires them and writes the
+run dir. Every finished trial is in the Optuna storage (SQLite in the run dir by default) the
+moment it ends, and ``trials.csv``/``pareto.csv`` are rewritten after each one, so a crash or
+``kill -9`` loses no finished trial; ``--resume`` marks the trials a dead process left RUNNING as
+interrupted and runs their configurations again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+
+from attn_search import metrics as M
+from attn_search.outputs import RunOutputs, parse_selection
+from attn_search.pruning import MOASHA
+from attn_search.space import SearchSpace, load_space
+from attn_search.strategies import OPTUNA_STRATEGIES, make_sampler
+from attn_search.trainer import PRESETS, Budget, evaluate
+
+STUDY_NAME = "attn_search"
+RUN_FILE = "run.json"
+PRUNERS = ("moasha", "asha", "median", "none")
+BACKENDS = ("local", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPreset:
+    """Trials, per-trial budget and wall-time cap of a ``--preset``."""
+
+    trials: int
+    budget: str
+    time_budget: float | None
+
+
+SEARCH_PRESETS = {
+    "smoke": SearchPreset(trials=6, budget="smoke", time_budget=None),
+    # ~25 s trials on 2 CPU cores; the time cap keeps the default run under 10 minutes.
+    "default": SearchPreset(trials=24, budget="default", time_budget=510.0),
+    "full": SearchPreset(trials=100, budget="full", time_budget=None),
+}
+
+
+class UsageError(ValueError):
+    """Bad input from the command line: reported in one line with exit status 2."""
+
+
+class TrialFailed(Exception):
+    """A trial ended with ``state="failed"`` (recorded with its reason; the search goes on)."""
+
+
+@dataclasses.dataclass
+class SearchOptions:
+    """What ``run_search.py`` accepts (one field per flag)."""
+
+    space: str = "sparse"
+    strategy: str = "tpe"
+    backend: str = "local"
+    address: str | None = None
+    trials: int | None = None
+    time_budget: float | None = None
+    preset: str = "default"
+    steps: int | None = None
+    task: str | None = None
+    out: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    select: str = "knee"
+    compute: str = "flops"
+    max_flops: float | None = None
+    max_latency_ms: float | None = None
+    pruner: str | None = None
+    eta: float = 3.0
+    storage: str | None = None
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class SearchSummary:
+    """What a finished search reports."""
+
+    run_dir: Path
+    n_finished: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    front_size: int
+    hypervolume: float
+    wall_seconds: float
+    trial_seconds: float
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of wall time spent outside training and evaluation (sampler, storage, outputs)."""
+        return max(0.0, self.wall_seconds - self.trial_seconds) / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
+    if opts.strategy not in OPTUNA_STRATEGIES:
+        raise UsageError(f"--strategy {opts.strategy!r} is unknown: use one of {', '.join(OPTUNA_STRATEGIES)}")
+    if opts.backend not in BACKENDS:
+        raise UsageError(f"--backend {opts.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if opts.backend == "ray":
+        raise UsageError("--backend ray is not available yet: use --backend local")
+    if opts.preset not in SEARCH_PRESETS:
+        raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
+    if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
+        raise UsageError(f"--compute {opts.compute!r} is unknown: use one of {', '.join(M.COMPUTE_OBJECTIVES)} or none")
+    if opts.steps is not None and opts.steps < 1:
+        raise UsageError(f"--steps {opts.steps} is invalid: it must be at least 1")
+    if opts.trials is not None and opts.trials < 1:
+        raise UsageError(f"--trials {opts.trials} is invalid: it must be at least 1")
+    if opts.time_budget is not None and opts.time_budget <= 0:
+        raise UsageError(f"--time-budget {opts.time_budget} is invalid: it must be > 0 seconds")
+    if opts.pruner is not None and opts.pruner not in PRUNERS:
+        raise UsageError(f"--pruner {opts.pruner!r} is unknown: use one of {', '.join(PRUNERS)}")
+    if opts.eta <= 1:
+        raise UsageError(f"--eta {opts.eta} is invalid: it must be > 1")
+    for flag, value in (("--max-flops", opts.max_flops), ("--max-latency-ms", opts.max_latency_ms)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value} is invalid: it must be > 0")
+    try:
+        parse_selection(opts.select)
+        space = load_space(opts.space)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    space = space.with_compute(None if opts.compute == "none" else opts.compute)
+    multi = len(space.objectives) > 1
+    if opts.pruner == "moasha" and not multi:
+        raise UsageError("--pruner moasha needs two objectives: drop --compute none, or use asha or median")
+    if opts.pruner in ("asha", "median") and multi:
+        raise UsageError(f"--pruner {opts.pruner} is single-objective (Optuna's): use moasha, or --compute none")
+    try:
+        make_sampler(opts.strategy, seed=opts.seed, n_objectives=len(space.objectives), n_trials=10,
+                     constraints_func=_constraints if _constrained(opts) else None)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return space, SEARCH_PRESETS[opts.preset]
+
+
+def _constrained(opts: SearchOptions) -> bool:
+    return opts.max_flops is not None or opts.max_latency_ms is not None
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's convention: values <= 0 are feasible."""
+    return list(trial.user_attrs.get("constraints", [0.0]))
+
+
+def default_out(space: str) -> Path:
+    stem = Path(space).stem if space.endswith((".yaml", ".yml")) else space
+    return Path("runs") / f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
+    if opts.task is None or opts.task == space.task:
+        return space.task, dict(space.task_params)
+    return opts.task, {}
+
+
+def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSummary:
+    """Run (or resume) a search; returns its summary. Raises :class:`UsageError` on bad input."""
+    stream = stream or sys.stdout
+    space, preset = _check(opts)
+    out = Path(opts.out) if opts.out else default_out(opts.space)
+    run_file = out / RUN_FILE
+    if opts.resume:
+        if not run_file.is_file():
+            raise UsageError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
+        saved = json.loads(run_file.read_text())
+        if saved["space_fingerprint"] != space.fingerprint():
+            raise UsageError(
+                f"--resume: {out} was searched over space {saved['space']!r} ({saved['space_fingerprint']}); "
+                f"--space {opts.space!r} with --compute {opts.compute} is a different space ({space.fingerprint()})"
+            )
+    elif run_file.exists():
+        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    trials = opts.trials or preset.trials
+    time_budget = opts.time_budget if opts.time_budget is not None else (None if opts.trials else preset.time_budget)
+    budget = PRESETS[preset.budget]
+    if opts.steps is not None:
+        budget = dataclasses.replace(budget, steps=opts.steps)
+    task, task_kwargs = _task(space, opts)
+    if not opts.resume:
+        record = {"space": opts.space, "space_fingerprint": space.fingerprint(), "created": time.time(),
+                  "options": dataclasses.asdict(opts), "task": task, "task_params": task_kwargs,
+                  "budget": dataclasses.asdict(budget), "space_definition": space.to_dict()}  # fmt: skip
+        run_file.write_text(json.dumps(record, indent=2, default=str))
+    storage = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    constraints_func = _constraints if _constrained(opts) else None
+    sampler = make_sampler(
+        opts.strategy, seed=opts.seed, n_objectives=len(space.objectives), n_trials=trials,
+        constraints_func=constraints_func,
+    )  # fmt: skip
+    pruner_name = opts.pruner or ("moasha" if len(space.objectives) > 1 else "asha")
+    optuna_pruner: optuna.pruners.BasePruner = {
+        "asha": optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(opts.eta)),
+        "median": optuna.pruners.MedianPruner(n_startup_trials=3),
+    }.get(pruner_name, optuna.pruners.NopPruner())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=storage, study_name=STUDY_NAME, directions=space.directions,  # type: ignore[arg-type]
+        sampler=sampler,
+        pruner=optuna_pruner, load_if_exists=opts.resume,
+    )  # fmt: skip
+    outputs = RunOutputs(out, space=space, select=opts.select, constrained=constraints_func is not None)
+    recovered = recover_interrupted(study)
+    moasha = MOASHA(space.directions, eta=opts.eta)
+    if pruner_name == "moasha":
+        _replay_rungs(study, moasha, space)
+    done = count_finished(study)
+    remaining = max(0, trials - done)
+    progress = Progress(stream, quiet=opts.quiet, total=trials, outputs=outputs)
+    progress.start(study, recovered=recovered, remaining=remaining, out=out)
+
+    objective = _Objective(
+        space=space, opts=opts, budget=budget, task=task, task_kwargs=task_kwargs, pruner=pruner_name,
+        moasha=moasha, progress=progress,
+    )  # fmt: skip
+    start = time.perf_counter()
+    if remaining:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=time_budget,
+            catch=(TrialFailed,),
+            callbacks=[_after_trial(outputs, progress)],
+        )
+    wall = time.perf_counter() - start
+    outputs.write_all(study, wall_seconds=wall, trial_seconds=objective.trial_seconds, options=opts)
+    summary = outputs.summary(study, wall_seconds=wall, trial_seconds=objective.trial_seconds)
+    progress.finish(summary)
+    return summary
+
+
+def _after_trial(outputs: RunOutputs, progress: Progress) -> Any:
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        outputs.write_tables(study)
+        progress.trial_done(study, trial)
+
+    return callback
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Trials left RUNNING by a process that died: mark them failed (``interrupted``) and enqueue
+    their parameters so they run again. Returns how many were recovered."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    storage = study._storage  # Optuna exposes no public setter for another trial's state
+    for t in running:
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: the search process died during this trial")
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    return len(running)
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards ``--trials``: complete, pruned, or failed on their own."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted")):
+            n += 1
+    return n
+
+
+def _replay_rungs(study: optuna.Study, moasha: MOASHA, space: SearchSpace) -> None:
+    """Rebuild MO-ASHA's rung tables from the trials already in storage (resume)."""
+    for t in study.get_trials(deepcopy=False):
+        compute = t.user_attrs.get("compute")
+        if not compute or t.user_attrs.get("interrupted"):
+            continue
+        for step, acc in t.user_attrs.get("curve", []):
+            moasha.record(t.number, int(step), [acc, *(compute[m] for m in space.metrics[1:])])
+
+
+@dataclasses.dataclass
+class _Objective:
+    space: SearchSpace
+    opts: SearchOptions
+    budget: Budget
+    task: str
+    task_kwargs: dict[str, Any]
+    pruner: str
+    moasha: MOASHA
+    progress: Progress
+    trial_seconds: float = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        values = self.space.suggest(trial)
+        try:
+            config = self.space.make_config(values, seed=self.opts.seed)
+        except ValueError as exc:
+            trial.set_user_attr("reason", f"invalid configuration: {exc}")
+            raise TrialFailed(str(exc)) from exc
+        trial.set_user_attr("config", config.to_dict())
+        compute: dict[str, float] = {}
+        curve: list[tuple[int, float]] = []
+
+        def on_compute(figures: dict[str, float]) -> None:
+            compute.update(figures)
+            trial.set_user_attr("compute", figures)
+
+        def reporter(step: int, accuracy: float) -> bool:
+            curve.append((step, accuracy))
+            trial.set_user_attr("curve", curve)
+            self.progress.rung(trial.number, step, accuracy)
+            if self.pruner == "moasha":
+                return not self.moasha.report(
+                    trial.number, step, [accuracy, *(compute[m] for m in self.space.metrics[1:])]
+                )
+            if self.pruner in ("asha", "median"):
+                trial.report(accuracy, step)
+                return trial.should_prune()
+            return False
+
+        self.progress.trial_started(trial.number, config)
+        result = evaluate(
+            config, self.task, budget=self.budget, device=self.opts.device, reporter=reporter,
+            task_kwargs=self.task_kwargs, on_compute=on_compute,
+        )  # fmt: skip
+        self.trial_seconds += result.metrics[M.WALL_SECONDS]
+        trial.set_user_attr("metrics", result.metrics)
+        trial.set_user_attr("state", result.state)
+        trial.set_user_attr("device", result.device)
+        trial.set_user_attr("task", result.task)
+        if result.reason:
+            trial.set_user_attr("reason", result.reason)
+        constraints = []
+        if self.opts.max_flops is not None:
+            constraints.append(result.metrics[M.FLOPS] - self.opts.max_flops)
+        if self.opts.max_latency_ms is not None:
+            constraints.append(result.metrics[M.LATENCY_MS] - self.opts.max_latency_ms)
+        if constraints:
+            trial.set_user_attr("constraints", constraints)
+        if result.state == M.FAILED:
+            raise TrialFailed(result.reason or "failed")
+        if result.state == M.PRUNED:
+            raise optuna.TrialPruned(result.reason)
+        objective_values = tuple(result.metrics[m] for m in self.space.metrics)
+        if any(math.isnan(v) for v in objective_values):
+            trial.set_user_attr("reason", "no accuracy was measured")
+            raise TrialFailed("no accuracy was measured")
+        return objective_values if len(objective_values) > 1 else objective_values[0]
+
+
+class Progress:
+    """Live progress: on a terminal a status line rewritten in place plus one line per finished
+    trial; elsewhere (logs, CI) plain lines only; nothing with ``quiet``."""
+
+    def __init__(self, stream: TextIO, *, quiet: bool, total: int, outputs: RunOutputs) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.total = total
+        self.outputs = outputs
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.running: dict[int, str] = {}
+
+    def _print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _status(self, text: str) -> None:
+        if self.quiet or not self.tty:
+            return
+        self.stream.write("\r\x1b[K" + text[:160])
+        self.stream.flush()
+
+    def start(self, study: optuna.Study, *, recovered: int, remaining: int, out: Path) -> None:
+        done = count_finished(study)
+        msg = f"attn_search: {remaining} trial(s) to run ({done} of {self.total} done) -> {out}"
+        if recovered:
+            msg += f"; {recovered} interrupted trial(s) will run again"
+        self._print(msg)
+
+    def trial_started(self, number: int, config: Any) -> None:
+        self.running[number] = config.describe()
+        self._status(f"  trial {number} running: {config.describe()}")
+
+    def rung(self, number: int, step: int, accuracy: float) -> None:
+        self._status(f"  trial {number} {self.running.get(number, '')}: step {step} accuracy {accuracy:.3f}")
+
+    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.running.pop(trial.number, None)
+        stats = self.outputs.stats(study)
+        metrics = trial.user_attrs.get("metrics", {})
+        state = "failed" if trial.state == optuna.trial.TrialState.FAIL else trial.state.name.lower()
+        acc = metrics.get(M.ACCURACY, float("nan"))
+        compute_metric = self.outputs.space.metrics[1] if len(self.outputs.space.metrics) > 1 else M.FLOPS
+        desc = AttentionLabel.of(trial)
+        self._print(
+            f"[{stats['finished']:>3}/{self.total}] trial {trial.number:>3} {state:<8} acc={acc:.3f} "
+            f"{compute_metric}={metrics.get(compute_metric, float('nan')):.4g} {desc} | done {stats['complete']} "
+            f"pruned {stats['pruned']} failed {stats['failed']} | best acc {stats['best_accuracy']:.3f} "
+            f"front {stats['front_size']} HV {stats['hypervolume']:.3f} | {time.perf_counter() - self.t0:.0f}s"
+        )
+
+    def finish(self, summary: SearchSummary) -> None:
+        self._print(
+            f"done: {summary.n_finished} trials ({summary.n_complete} complete, {summary.n_pruned} pruned, "
+            f"{summary.n_failed} failed), Pareto front of {summary.front_size}, normalised hypervolume "
+            f"{summary.hypervolume:.3f}"
+        )
+        self._print(
+            f"wall {summary.wall_seconds:.1f}s, inside trials {summary.trial_seconds:.1f}s, framework overhead "
+            f"{summary.wall_seconds - summary.trial_seconds:.1f}s ({100 * summary.overhead_fraction:.1f}%)"
+        )
+        self._print(
+            f"outputs in {summary.run_dir}: trials.csv pareto.csv best_config.yaml report.html (attn-search report/export)"
+        )
+
+
+class AttentionLabel:
+    @staticmethod
+    def of(trial: optuna.trial.FrozenTrial) -> str:
+        cfg = trial.user_attrs.get("config")
+        if not cfg:
+            return ""
+        from attn_search.config import AttentionConfig
+
+        return AttentionConfig.from_dict(cfg).describe()
