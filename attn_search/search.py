@@ -271,7 +271,9 @@ def count_finished(study: optuna.Study) -> int:
     """Trials that count towards ``--trials``: complete, pruned, or failed on their own."""
     n = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted")):
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (
+            t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted")
+        ):
             n += 1
     return n
 

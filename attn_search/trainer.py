@@ -228,7 +228,9 @@ def evaluate(
         M.LATENCY_MS: latency,
     }
     rungs = set(bud.rung_steps())
-    memory_step = min(2, bud.steps)  # step 2: after step 1 allocated optimizer state and warmed up
+    # Step 2 (after step 1 allocated the optimizer state and warmed up), but never after the first
+    # rung: the compute figures must be known when the first accuracy is reported.
+    memory_step = min(2, min(rungs))
     curve: list[tuple[int, float]] = []
     state, reason = M.COMPLETE, None
     order = torch.randperm(len(x_train), generator=gen)

@@ -1,0 +1,99 @@
+"""The command line as users run it: real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).parent.parent
+TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--space", "sparsest"], "neither a built-in space"),
+        (["--strategy", "annealing"], "argument --strategy: invalid choice: 'annealing'"),
+        (["--compute", "watts"], "argument --compute: invalid choice: 'watts'"),
+        (["--trials", "-3"], "argument --trials: -3 is invalid: it must be at least 1"),
+        (["--space", TINY.replace("tiny", "missing")], "no such file"),
+        (["--select", "best"], "--select 'best' is unknown"),
+        (["--backend", "slurm"], "--backend 'slurm' is unknown"),
+        (["--strategy", "cmaes"], "single objective"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str, tmp_path: Path) -> None:
+    r = run(*args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_malformed_yaml_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  lr: {type: float, low: 1, high: 0}\n")
+    r = run("--space", str(bad), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "bad.yaml: params.lr: low=1 must be below high=0" in r.stderr
+
+
+def test_search_then_export_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run("--space", TINY, "--trials", "3", "--steps", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "framework overhead" in r.stdout and "[  3/3]" in r.stdout
+    cli = [sys.executable, "-m", "attn_search.cli"]
+    e = subprocess.run([*cli, "export", str(out), "--format", "python"], capture_output=True, text=True, cwd=ROOT)
+    assert e.returncode == 0 and Path(e.stdout.strip()).is_file()
+    rep = subprocess.run([*cli, "report", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert rep.returncode == 0 and Path(rep.stdout.strip()).name == "report.html"
+    bad = subprocess.run([*cli, "export", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "not an attn_search run dir" in bad.stderr
+
+
+def test_kill_9_mid_trial_then_resume_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "run_search.py"), "--space", TINY, "--trials", "6", "--steps", "60",
+            "--pruner", "none", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until two trials finished, then kill during the next one
+        csv = out / "trials.csv"
+        if csv.exists() and (pd.read_csv(csv)["state"] == "complete").sum() >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(out / "trials.csv")
+    finished_before = before[before["state"] == "complete"]
+    assert len(finished_before) >= 2
+    r = run("--space", TINY, "--trials", "6", "--steps", "60", "--pruner", "none", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    after = pd.read_csv(out / "trials.csv")
+    counted = after[after["state"] != "interrupted"]
+    assert (counted["state"] == "complete").sum() == 6, after[["trial", "state"]]
+    # every trial finished before the kill is still there, unchanged
+    merged = finished_before.merge(after, on="trial", suffixes=("_b", "_a"))
+    assert len(merged) == len(finished_before)
+    assert (merged["accuracy_b"] == merged["accuracy_a"]).all()
+    # the interrupted trial's configuration ran again exactly once
+    interrupted = after[after["state"] == "interrupted"]
+    assert len(interrupted) <= 1
+    if len(interrupted):
+        lr = interrupted["lr"].iloc[0]
+        assert (counted["lr"] == lr).sum() == 1

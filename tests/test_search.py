@@ -1,0 +1,159 @@
+"""Search end to end, in process, on a space whose trials take a fraction of a second."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from attn_search import AttentionConfig, build_model, load_config, make_task
+from attn_search.export import export_run
+from attn_search.outputs import rebuild
+from attn_search.search import SearchOptions, UsageError, run_search
+from attn_search.strategies import OPTUNA_STRATEGIES
+
+TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
+OUTPUTS = [
+    "trials.csv",
+    "pareto.csv",
+    "best_config.yaml",
+    "pareto.png",
+    "hypervolume.png",
+    "pareto.html",
+    "report.html",
+]
+
+
+def search(tmp_path: Path, **kw: object) -> tuple[Path, object]:
+    out = tmp_path / "run"
+    opts = SearchOptions(**{"space": TINY, "trials": 6, "steps": 6, "out": str(out), "quiet": True, **kw})  # type: ignore[arg-type]
+    return out, run_search(opts)
+
+
+@pytest.mark.parametrize("strategy", [s for s in OPTUNA_STRATEGIES if s != "cmaes"])
+def test_every_multi_objective_strategy_produces_every_output(tmp_path: Path, strategy: str) -> None:
+    out, summary = search(tmp_path, strategy=strategy)
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6 and set(trials["state"]) <= {"complete", "pruned", "failed"}
+    assert summary.n_finished == 6  # type: ignore[attr-defined]
+    front = pd.read_csv(out / "pareto.csv")
+    assert len(front) >= 1 and (front["state"] == "complete").all()
+    assert load_config(out / "best_config.yaml").pattern in ("dense", "window", "longformer")
+
+
+def test_cmaes_is_single_objective(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cmaes.*single objective.*--compute none"):
+        search(tmp_path, strategy="cmaes")
+    out, summary = search(tmp_path, strategy="cmaes", compute="none")
+    assert summary.n_finished == 6  # type: ignore[attr-defined]
+
+
+def test_same_seed_same_proposals(tmp_path: Path) -> None:
+    a, _ = search(tmp_path / "a", seed=3, pruner="none")
+    b, _ = search(tmp_path / "b", seed=3, pruner="none")
+    cols = ["pattern", "n_heads", "window", "lr", "accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(a / "trials.csv")[cols], pd.read_csv(b / "trials.csv")[cols])
+
+
+def test_constraints_keep_the_front_feasible(tmp_path: Path) -> None:
+    task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
+    from attn_search.cost import model_flops
+
+    dense = model_flops(AttentionConfig(d_model=16, pattern="dense"), seq_len=32, n_classes=task.n_classes)
+    out, _ = search(tmp_path, max_flops=dense - 1, trials=8)
+    front = pd.read_csv(out / "pareto.csv")
+    assert (front["flops"] <= dense - 1).all()
+
+
+def test_selection_rules(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=8, pruner="none")
+    trials = pd.read_csv(out / "trials.csv")
+    done = trials[trials["state"] == "complete"]
+    best_acc = load_config(export_run(out, fmt="yaml", select="max-accuracy", out=tmp_path / "a.yaml"))
+    assert best_acc.lr in set(done.loc[done["accuracy"] == done["accuracy"].max(), "lr"])
+    cheap = load_config(export_run(out, fmt="json", select="min-compute", out=tmp_path / "c.json"))
+    assert cheap.lr in set(done.loc[done["flops"] == done["flops"].min(), "lr"])
+    limit = float(done["flops"].median())
+    under = yaml.safe_load(
+        export_run(out, select=f"max-accuracy-under-flops={limit}", out=tmp_path / "u.yaml").read_text()
+    )
+    assert under["metrics"]["flops"] <= limit
+
+
+def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=4)
+    path = export_run(out, fmt="python", out=tmp_path / "exported.py")
+    spec = importlib.util.spec_from_file_location("exported", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = load_config(out / "best_config.yaml")
+    task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
+    ours = build_model(config, task).eval()
+    theirs = module.build_model().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x, _ = task.data("eval", 4)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    layer = module.SparseSelfAttention(16, 2)
+    assert layer(torch.randn(2, 32, 16)).shape == (2, 32, 16)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "window", "dilated", "strided", "bigbird", "longformer"])
+def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str) -> None:
+    from attn_search.export import python_module
+
+    config = AttentionConfig(d_model=16, n_heads=2, pattern=pattern, window=5, stride=4, block_size=8)
+    task = make_task("mqar", seq_len=48, n_pairs=4)
+    path = tmp_path / f"m_{pattern}.py"
+    path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=48))
+    spec = importlib.util.spec_from_file_location(f"m_{pattern}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ours = build_model(config, task).eval()
+    theirs = module.build_model().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x, _ = task.data("eval", 2)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_report_rebuilds_from_the_study(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=4)
+    (out / "report.html").unlink()
+    (out / "trials.csv").unlink()
+    assert rebuild(out) == out / "report.html"
+    html = (out / "report.html").read_text()
+    assert "Pareto front" in html and "Chosen configuration" in html and "data:image/png;base64" in html
+    assert len(pd.read_csv(out / "trials.csv")) == 4
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path: Path) -> None:
+    space = yaml.safe_load(Path(TINY).read_text())
+    space["params"]["lr"] = {"type": "float", "low": 1.0e5, "high": 1.0e6, "log": True}  # diverges
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out, summary = search(tmp_path, space=str(path), trials=3, pruner="none")
+    trials = pd.read_csv(out / "trials.csv")
+    assert summary.n_failed == 3  # type: ignore[attr-defined]
+    assert trials["reason"].str.contains("non-finite training loss").all()
+    assert not (out / "best_config.yaml").exists()
+
+
+def test_resume_refuses_another_space_and_a_fresh_run_refuses_an_existing_dir(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=2)
+    with pytest.raises(UsageError, match="already holds a run"):
+        search(tmp_path, trials=2)
+    with pytest.raises(UsageError, match="different space"):
+        search(tmp_path, trials=3, resume=True, compute="params")
+    _, summary = search(tmp_path, trials=3, resume=True)
+    assert summary.n_finished == 3  # type: ignore[attr-defined]
+    assert math.isfinite(summary.hypervolume)  # type: ignore[attr-defined]
