@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all lint format bench clean
+.PHONY: venv search test test-all lint format bench clean
 
 # torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
 # CUDA packages; constraints.txt keeps every other package at the versions tested here.
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## The default search: python run_search.py --space sparse
+search: venv
+	$(PY) run_search.py --space sparse
 
 ## Tests, without the slow ones (the README's test command; CI runs it).
 test: venv
@@ -37,6 +41,7 @@ format: venv
 bench: venv
 	$(PY) benchmarks/sparse_vs_dense.py
 	$(PY) benchmarks/task_discrimination.py
+	$(PY) benchmarks/pruning.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,9 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_search.attention import sparse_attention
+from attn_search.attention import dropout_mask, sparse_attention
 from attn_search.config import AttentionConfig
 from attn_search.tasks import Task
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with a uniform-threshold mask (:func:`attn_search.attention.dropout_mask`):
+    the same function as ``nn.Dropout``, several times cheaper on CPU."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * dropout_mask(x, self.p) * (1.0 / (1.0 - self.p))
 
 
 def rotary_tables(
@@ -50,7 +64,7 @@ class SparseSelfAttention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.resid_drop = nn.Dropout(config.dropout)
+        self.resid_drop = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -82,7 +96,7 @@ class Block(nn.Module):
             nn.Linear(config.d_model, 4 * config.d_model),
             nn.GELU(),
             nn.Linear(4 * config.d_model, config.d_model),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +124,7 @@ class AttentionModel(nn.Module):
         # associative recall without first growing an induction circuit). Recall accuracy then
         # measures how far attention reaches, which is what a sparsity search trades.
         self.prev_emb = nn.Embedding(vocab_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, backend=backend) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, n_classes)

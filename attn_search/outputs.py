@@ -105,11 +105,12 @@ def hypervolume_of(
     ok = df[(df["state"] == M.COMPLETE) & df["feasible"]].dropna(subset=space.metrics)
     if ok.empty:
         return 0.0
-    lower, upper = bounds or _bounds(ok, space)
+    lower, upper = bounds or objective_bounds(ok, space)
     return normalized_hypervolume(ok[space.metrics].to_numpy(), space.directions, lower=lower, upper=upper)
 
 
-def _bounds(ok: pd.DataFrame, space: SearchSpace) -> tuple[list[float], list[float]]:
+def objective_bounds(ok: pd.DataFrame, space: SearchSpace) -> tuple[list[float], list[float]]:
+    """Normalisation bounds: accuracy in [0, 1]; each compute metric between its min and max in ``ok``."""
     lower, upper = [], []
     for m in space.metrics:
         if m == M.ACCURACY:
@@ -331,7 +332,7 @@ def hypervolume_history(df: pd.DataFrame, space: SearchSpace) -> list[float]:
     ok = counted[(counted["state"] == M.COMPLETE) & counted["feasible"]].dropna(subset=space.metrics)
     if ok.empty:
         return [0.0] * len(counted)
-    bounds = _bounds(ok, space)
+    bounds = objective_bounds(ok, space)
     return [hypervolume_of(counted.iloc[: i + 1], space, bounds) for i in range(len(counted))]
 
 

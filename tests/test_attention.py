@@ -81,6 +81,8 @@ def test_auto_picks_blocked_for_sparse_training_on_cpu_and_reference_for_dense()
     assert choose_backend("window", 128, device="cpu", training=True, window=120) == "reference"
     assert choose_backend("window", 4096, device="cuda", training=True, window=256) == "flex"
     assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "blocked"
+    assert choose_backend("dense", 256, device="cpu", training=True, dropout_p=0.1) == "blocked"
+    assert choose_backend("dense", 256, device="cpu", training=False, dropout_p=0.1) == "reference"
 
 
 def test_blocked_dropout_gradients_are_exact() -> None:

@@ -49,7 +49,7 @@ def test_every_multi_objective_strategy_produces_every_output(tmp_path: Path, st
 
 
 def test_cmaes_is_single_objective(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cmaes.*single objective.*--compute none"):
+    with pytest.raises(UsageError, match=r"cmaes.*single objective.*--compute none"):
         search(tmp_path, strategy="cmaes")
     out, summary = search(tmp_path, strategy="cmaes", compute="none")
     assert summary.n_finished == 6  # type: ignore[attr-defined]
