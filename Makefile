@@ -30,13 +30,13 @@ test-all: venv
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check attn_search tests benchmarks
-	$(VENV)/bin/ruff format --check attn_search tests benchmarks
+	$(VENV)/bin/ruff check attn_search envs tests benchmarks run_search.py
+	$(VENV)/bin/ruff format --check attn_search envs tests benchmarks run_search.py
 	$(VENV)/bin/mypy
 
 format: venv
-	$(VENV)/bin/ruff format attn_search tests benchmarks
-	$(VENV)/bin/ruff check --fix attn_search tests benchmarks
+	$(VENV)/bin/ruff format attn_search envs tests benchmarks run_search.py
+	$(VENV)/bin/ruff check --fix attn_search envs tests benchmarks run_search.py
 
 bench: venv
 	$(PY) benchmarks/sparse_vs_dense.py

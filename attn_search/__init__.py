@@ -13,6 +13,15 @@ from attn_search.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluat
 
 __version__ = "0.1.0"
 
+
+def _register_envs() -> None:
+    from attn_search.envs import register
+
+    register()
+
+
+_register_envs()
+
 # Ray is imported only by the ray backend, when it is used.
 
 __all__ = [

@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from attn_search.metrics import COMPUTE_OBJECTIVES
+from attn_search.rl import RL_STRATEGIES
 from attn_search.search import PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
 from attn_search.strategies import OPTUNA_STRATEGIES
+
+STRATEGIES = (*OPTUNA_STRATEGIES, *RL_STRATEGIES)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +50,11 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--space", default="sparse", help="sparse, dense, full, or a PATH.yaml of your own (default: sparse)"
     )
-    p.add_argument("--strategy", default="tpe", choices=OPTUNA_STRATEGIES, metavar="NAME",
-                   help=f"proposer: {', '.join(OPTUNA_STRATEGIES)} (default: tpe)")  # fmt: skip
+    p.add_argument("--strategy", default="tpe", choices=STRATEGIES, metavar="NAME",
+                   help=f"proposer: {', '.join(STRATEGIES)} (default: tpe)")  # fmt: skip
+    p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
+    p.add_argument("--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table")
+    p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")
     p.add_argument("--backend", default="local", metavar="NAME", help="where trials run: local (default)")
     p.add_argument("--address", help="Ray cluster address (with --backend ray)")
     p.add_argument("--trials", type=_positive_int, help="number of trials (default: from --preset)")
@@ -122,8 +128,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="rebuild a run's tables, plots and report.html")
     p_report.add_argument("run_dir")
     p_report.add_argument("--select", help="selection rule for best_config.yaml (default: the run's)")
+    p_record = sub.add_parser("record", help="train every configuration of a discretised space into a table")
+    p_record.add_argument("--space", default="sparse", help="space name or PATH.yaml")
+    p_record.add_argument("--out", required=True, help="table to write (CSV); the work dir is OUT.run")
+    p_record.add_argument("--bins", type=_positive_int, default=3, help="values per numeric parameter (default: 3)")
+    p_record.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                          help="replace a parameter's grid values (repeatable; one value pins it)")  # fmt: skip
+    p_record.add_argument("--preset", default="smoke", choices=tuple(SEARCH_PRESETS), metavar="NAME")
+    p_record.add_argument("--steps", type=_positive_int, help="training steps per configuration")
+    p_record.add_argument("--seed", type=int, default=0)
+    p_record.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME")
+    p_record.add_argument("--resume", action="store_true", help="continue an interrupted recording")
+    p_record.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     prog = f"attn-search {args.command}"
+    if args.command == "record":
+        from attn_search.record import record
+
+        def do_record() -> None:
+            print(record(args.space, args.out, bins=args.bins, grid=args.grid, preset=args.preset, steps=args.steps,
+                         seed=args.seed, device=args.device, resume=args.resume, quiet=args.quiet,
+                         argv=list(argv) if argv is not None else None))  # fmt: skip
+
+        return _run(do_record, prog)
     if args.command == "search":
         return _run(lambda: run_search(_options(args)), prog)
     if args.command == "export":

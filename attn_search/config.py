@@ -86,7 +86,8 @@ class AttentionConfig:
 
     def describe(self) -> str:
         """Short human label, e.g. ``window(w=32) h=4``."""
-        params = ", ".join(f"{k}={v}" for k, v in self.pattern_params().items() if k != "seed")
+        short = {"window": "w", "dilation": "d", "stride": "s", "block_size": "b", "n_global": "g", "n_random": "r"}
+        params = ", ".join(f"{short[k]}={v}" for k, v in self.pattern_params().items() if k != "seed")
         return f"{self.pattern}({params}) h={self.n_heads}" if params else f"{self.pattern} h={self.n_heads}"
 
     # -- serialisation -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attn_search.config import AttentionConfig
+from attn_search.model import apply_rotary, rotary_tables
 from attn_search.outputs import export_dict, export_text, load_run, select_row, trials_frame
 from attn_search.patterns import PATTERN_PARAMS, bigbird_block_table
 from attn_search.tasks import make_task
@@ -38,7 +39,6 @@ def python_module(config: AttentionConfig, *, vocab_size: int, n_classes: int, m
     """Source of the self-contained torch module for ``config`` (see module docstring)."""
     params = {name: getattr(config, name) for name in PATTERN_PARAMS[config.pattern]}
     param_sig = "".join(f", {k}: int = {v}" for k, v in params.items())
-    param_pass = "".join(f", {k}={k}" for k in params)
     param_args = ", ".join(params)
     bigbird = ""
     if config.pattern == "bigbird":
@@ -50,6 +50,8 @@ def python_module(config: AttentionConfig, *, vocab_size: int, n_classes: int, m
                 return bigbird_block_table(n_blocks, n_global={config.n_global}, n_random={config.n_random},
                                            seed={config.seed}, causal={config.causal})
             """)
+    # the model's own rotary code, copied verbatim so the export cannot drift from it
+    rotary = inspect.getsource(rotary_tables) + "\n\n" + inspect.getsource(apply_rotary) + "\n"
     return f'''"""Attention layer and model exported by attn_search. Needs only torch.
 
 {header}
@@ -86,18 +88,7 @@ def pattern_mask(seq_len: int, causal: bool = {config.causal}{param_sig}, device
     return mask & (kv <= q) if causal else mask
 
 
-def rotary_tables(seq_len: int, head_dim: int, *, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
+{rotary}
 class SparseSelfAttention(nn.Module):
     """Multi-head self-attention restricted to the {config.pattern} pattern. (B, L, C) -> (B, L, C)."""
 
@@ -162,7 +153,7 @@ def build_model() -> AttentionModel:
 
 
 __all__ = ["CONFIG", "PATTERN", "AttentionModel", "SparseSelfAttention", "build_model", "pattern_mask"]
-# pattern parameters baked in: {param_args or "none"}{param_pass and ""}
+# pattern parameters baked in as defaults: {param_args or "none"}
 '''
 
 

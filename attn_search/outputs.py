@@ -26,12 +26,14 @@ import yaml
 from attn_search import metrics as M
 from attn_search.config import AttentionConfig
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
+from attn_search.patterns import PATTERN_PARAMS
 from attn_search.space import SearchSpace, parse_space
 
 METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
+PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_random")
 
 
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
@@ -82,6 +84,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         }
         row.update({m: metrics.get(m, math.nan) for m in METRIC_COLUMNS})
         row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
+        unused = set(PATTERN_FIELDS) - set(PATTERN_PARAMS.get(str(row["pattern"]), ()))
+        row.update({c: None for c in unused})  # parameters the pattern does not read: left blank
         row["feasible"] = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
         rows.append(row)
     columns = ["trial", "state", "reason", "duration_s", "device", *METRIC_COLUMNS, *CONFIG_COLUMNS, "feasible"]
@@ -219,8 +223,13 @@ class RunOutputs:
         write_report(self.run_dir, study, df, self.space, best, self.select, timing)
 
 
+def row_config(row: pd.Series) -> AttentionConfig:
+    """The config of a trials-table row (blank pattern parameters take their defaults)."""
+    return AttentionConfig.from_dict({c: _plain(row[c]) for c in CONFIG_COLUMNS if not pd.isna(row[c])})
+
+
 def export_dict(row: pd.Series, space: SearchSpace, select: str) -> dict[str, Any]:
-    config = AttentionConfig.from_dict({c: _plain(row[c]) for c in CONFIG_COLUMNS})
+    config = row_config(row)
     return {
         "config": config.to_dict(),
         "metrics": {m: _plain(row[m]) for m in METRIC_COLUMNS if not pd.isna(row[m])},
@@ -276,10 +285,12 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
         f = front.sort_values(compute)
         ax.step(f[compute], f[M.ACCURACY], where="post", color="black", lw=1.2, label="Pareto front")
         ax.scatter(f[compute], f[M.ACCURACY], s=90, facecolors="none", edgecolors="black", lw=1.5)
+        mid = (f[compute].min() + f[compute].max()) / 2
         for _, r in f.iterrows():
+            right = r[compute] > mid  # labels of the right half go left, so none leaves the axes
             ax.annotate(
-                AttentionConfig.from_dict({c: _plain(r[c]) for c in CONFIG_COLUMNS}).describe(),
-                (r[compute], r[M.ACCURACY]), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                row_config(r).describe(), (r[compute], r[M.ACCURACY]), textcoords="offset points",
+                xytext=(-8 if right else 8, -10), ha="right" if right else "left", fontsize=7,
             )  # fmt: skip
     ax.set_xlabel(f"{compute} ({'lower is better'})")
     ax.set_ylabel("held-out accuracy")
@@ -307,7 +318,7 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
     pfig = go.Figure()
     for pattern, grp in done.groupby("pattern"):
         text = [
-            "<br>".join(f"{c}={_plain(r[c])}" for c in CONFIG_COLUMNS) + f"<br>trial {r['trial']}"
+            "<br>".join(f"{c}={_plain(r[c])}" for c in CONFIG_COLUMNS if not pd.isna(r[c])) + f"<br>trial {r['trial']}"
             for _, r in grp.iterrows()
         ]
         pfig.add_trace(
@@ -370,7 +381,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, space: Se
         importances = f"<tr><td colspan=2>not available: {html.escape(str(exc))}</td></tr>"
     best_html = "<p>No complete trial yet.</p>"
     if best is not None:
-        cfg = AttentionConfig.from_dict({c: _plain(best[c]) for c in CONFIG_COLUMNS})
+        cfg = row_config(best)
         best_html = (
             f"<p>Chosen by <code>--select {html.escape(select)}</code>: trial {int(best['trial'])}, "
             f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}, {compute} {best[compute]:.4g}. "

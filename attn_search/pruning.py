@@ -5,7 +5,9 @@ compute. MO-ASHA (Schmucker et al. 2021, arXiv:2106.12639, asynchronous successi
 Pareto ranking): at each rung, a trial continues only if it ranks in the top ``1/eta`` of the
 trials that reached that rung, ranked by non-dominated sorting of (accuracy at the rung, compute).
 Trials tied on the cut-off front all continue, so a trial on the first front is never stopped.
-Until ``min_trials`` trials have reached a rung nobody is stopped there (too little evidence).
+Until ``min_trials`` trials have reached a rung nobody is stopped there (too little evidence), and
+no trial is stopped before ``grace_period`` steps (ASHA's grace period: small models learn
+associative recall in a sudden jump, so accuracy early in training says little about the end).
 
 The rule only sees numbers: a backend calls :meth:`MOASHA.report` from its reporter, and the
 Optuna objective and the Ray Tune scheduler wrap the same object.
@@ -32,11 +34,13 @@ class MOASHA:
         directions: direction of each objective (accuracy first, then compute).
         eta: keep the top ``1/eta`` at each rung.
         min_trials: decide at a rung only once this many trials reached it (default ``eta``).
+        grace_period: never stop a trial at a rung below this step.
     """
 
     directions: Sequence[str]
     eta: float = 3.0
     min_trials: int | None = None
+    grace_period: int = 0
     rungs: dict[int, dict[Hashable, tuple[float, ...]]] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -52,6 +56,8 @@ class MOASHA:
     def report(self, trial: Hashable, step: int, values: Sequence[float]) -> bool:
         """Record ``values`` of ``trial`` at rung ``step``; return ``True`` if it should continue."""
         self.record(trial, step, values)
+        if step < self.grace_period:
+            return True
         with self._lock:
             at_rung = self.rungs[step]
             needed = self.min_trials if self.min_trials is not None else math.ceil(self.eta)

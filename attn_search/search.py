@@ -25,6 +25,7 @@ import optuna
 from attn_search import metrics as M
 from attn_search.outputs import RunOutputs, parse_selection
 from attn_search.pruning import MOASHA
+from attn_search.rl import RL_STRATEGIES, BudgetReached, run_agent
 from attn_search.space import SearchSpace, load_space
 from attn_search.strategies import OPTUNA_STRATEGIES, make_sampler
 from attn_search.trainer import PRESETS, Budget, evaluate
@@ -46,8 +47,9 @@ class SearchPreset:
 
 SEARCH_PRESETS = {
     "smoke": SearchPreset(trials=6, budget="smoke", time_budget=None),
-    # ~25 s trials on 2 CPU cores; the time cap keeps the default run under 10 minutes.
-    "default": SearchPreset(trials=24, budget="default", time_budget=510.0),
+    # 25-90 s trials on 2 CPU cores; the cap (which also cuts the last trial's training short)
+    # keeps the default run under 10 minutes, outputs included.
+    "default": SearchPreset(trials=24, budget="default", time_budget=540.0),
     "full": SearchPreset(trials=100, budget="full", time_budget=None),
 }
 
@@ -85,6 +87,11 @@ class SearchOptions:
     eta: float = 3.0
     storage: str | None = None
     quiet: bool = False
+    pretrain: str | None = None
+    pretrain_steps: int = 2000
+    agent: str | None = None
+    enqueue: list[dict[str, Any]] | None = None
+    """Configurations (searched values) to evaluate first, in order (``attn-search record``)."""
 
 
 @dataclasses.dataclass
@@ -108,8 +115,13 @@ class SearchSummary:
 
 
 def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
-    if opts.strategy not in OPTUNA_STRATEGIES:
-        raise UsageError(f"--strategy {opts.strategy!r} is unknown: use one of {', '.join(OPTUNA_STRATEGIES)}")
+    if opts.strategy not in (*OPTUNA_STRATEGIES, *RL_STRATEGIES):
+        strategies = ", ".join((*OPTUNA_STRATEGIES, *RL_STRATEGIES))
+        raise UsageError(f"--strategy {opts.strategy!r} is unknown: use one of {strategies}")
+    if (opts.pretrain or opts.agent) and opts.strategy not in RL_STRATEGIES:
+        raise UsageError("--pretrain and --agent apply to --strategy ppo or a2c")
+    if opts.pretrain and not Path(opts.pretrain).is_file():
+        raise UsageError(f"--pretrain {opts.pretrain!r}: no such table")
     if opts.backend not in BACKENDS:
         raise UsageError(f"--backend {opts.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     if opts.backend == "ray":
@@ -142,6 +154,12 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError("--pruner moasha needs two objectives: drop --compute none, or use asha or median")
     if opts.pruner in ("asha", "median") and multi:
         raise UsageError(f"--pruner {opts.pruner} is single-objective (Optuna's): use moasha, or --compute none")
+    if opts.strategy in RL_STRATEGIES:
+        if len(space.objectives) < 2:
+            raise UsageError(f"--strategy {opts.strategy} rewards front hypervolume: it needs a compute objective")
+        if not opts.pretrain and space.metrics[1] not in (M.FLOPS, M.PARAMS):
+            raise UsageError(f"--strategy {opts.strategy} needs --compute flops or params (or --pretrain TABLE)")
+        return space, SEARCH_PRESETS[opts.preset]
     try:
         make_sampler(opts.strategy, seed=opts.seed, n_objectives=len(space.objectives), n_trials=10,
                      constraints_func=_constraints if _constrained(opts) else None)  # fmt: skip
@@ -195,16 +213,25 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         budget = dataclasses.replace(budget, steps=opts.steps)
     task, task_kwargs = _task(space, opts)
     if not opts.resume:
+        options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "enqueue"}
         record = {"space": opts.space, "space_fingerprint": space.fingerprint(), "created": time.time(),
-                  "options": dataclasses.asdict(opts), "task": task, "task_params": task_kwargs,
+                  "options": options, "task": task, "task_params": task_kwargs,
                   "budget": dataclasses.asdict(budget), "space_definition": space.to_dict()}  # fmt: skip
         run_file.write_text(json.dumps(record, indent=2, default=str))
     storage = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     constraints_func = _constraints if _constrained(opts) else None
-    sampler = make_sampler(
-        opts.strategy, seed=opts.seed, n_objectives=len(space.objectives), n_trials=trials,
-        constraints_func=constraints_func,
-    )  # fmt: skip
+    rl = opts.strategy in RL_STRATEGIES
+    sampler = (
+        optuna.samplers.RandomSampler(seed=opts.seed)  # the agent enqueues every proposal
+        if rl
+        else make_sampler(
+            opts.strategy,
+            seed=opts.seed,
+            n_objectives=len(space.objectives),
+            n_trials=trials,
+            constraints_func=constraints_func,
+        )
+    )
     pruner_name = opts.pruner or ("moasha" if len(space.objectives) > 1 else "asha")
     optuna_pruner: optuna.pruners.BasePruner = {
         "asha": optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(opts.eta)),
@@ -217,8 +244,13 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         pruner=optuna_pruner, load_if_exists=opts.resume,
     )  # fmt: skip
     outputs = RunOutputs(out, space=space, select=opts.select, constrained=constraints_func is not None)
+    if opts.enqueue and not opts.resume:
+        for values in opts.enqueue:
+            study.enqueue_trial(values)
     recovered = recover_interrupted(study)
-    moasha = MOASHA(space.directions, eta=opts.eta)
+    rung_steps = budget.rung_steps()
+    # no decision at the first rung (grace period): see attn_search.pruning
+    moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
     if pruner_name == "moasha":
         _replay_rungs(study, moasha, space)
     done = count_finished(study)
@@ -231,7 +263,10 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         moasha=moasha, progress=progress,
     )  # fmt: skip
     start = time.perf_counter()
-    if remaining:
+    objective.deadline = None if time_budget is None else start + time_budget
+    if remaining and rl:
+        _search_with_agent(study, objective, outputs, progress, opts, space, trials, time_budget, start)
+    elif remaining:
         study.optimize(
             objective,
             n_trials=remaining,
@@ -244,6 +279,31 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     summary = outputs.summary(study, wall_seconds=wall, trial_seconds=objective.trial_seconds)
     progress.finish(summary)
     return summary
+
+
+def _search_with_agent(
+    study: optuna.Study, objective: _Objective, outputs: RunOutputs, progress: Progress, opts: SearchOptions,
+    space: SearchSpace, trials: int, time_budget: float | None, start: float,
+) -> None:  # fmt: skip
+    """Let an SB3 agent propose; every proposal runs as a trial of ``study`` (see attn_search.rl)."""
+    after = _after_trial(outputs, progress)
+
+    def run_trial(values: dict[str, Any]) -> dict[str, float] | None:
+        over_time = time_budget is not None and time.perf_counter() - start > time_budget
+        if count_finished(study) >= trials or over_time:
+            raise BudgetReached
+        study.enqueue_trial(values, skip_if_exists=False)
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after])
+        last = study.trials[-1]
+        if last.state != optuna.trial.TrialState.COMPLETE:
+            return None
+        return dict(last.user_attrs.get("metrics", {}))
+
+    run_agent(
+        opts.strategy, space, run_trial, n_trials=trials - count_finished(study), seed=opts.seed,
+        compute=opts.compute, pretrain=opts.pretrain, pretrain_steps=opts.pretrain_steps, agent_path=opts.agent,
+        save_to=outputs.run_dir / "agent.zip",
+    )  # fmt: skip
 
 
 def _after_trial(outputs: RunOutputs, progress: Progress) -> Any:
@@ -298,6 +358,7 @@ class _Objective:
     pruner: str
     moasha: MOASHA
     progress: Progress
+    deadline: float | None = None
     trial_seconds: float = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -329,8 +390,11 @@ class _Objective:
             return False
 
         self.progress.trial_started(trial.number, config)
+        budget = self.budget
+        if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates
+            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.perf_counter()))
         result = evaluate(
-            config, self.task, budget=self.budget, device=self.opts.device, reporter=reporter,
+            config, self.task, budget=budget, device=self.opts.device, reporter=reporter,
             task_kwargs=self.task_kwargs, on_compute=on_compute,
         )  # fmt: skip
         self.trial_seconds += result.metrics[M.WALL_SECONDS]
@@ -338,6 +402,8 @@ class _Objective:
         trial.set_user_attr("state", result.state)
         trial.set_user_attr("device", result.device)
         trial.set_user_attr("task", result.task)
+        if result.state == M.PRUNED and result.curve:
+            result.reason = f"pruned by {self.pruner} at step {result.curve[-1][0]}"
         if result.reason:
             trial.set_user_attr("reason", result.reason)
         constraints = []

@@ -35,3 +35,11 @@ def test_rungs_are_independent_and_nan_ranks_last() -> None:
 def test_invalid_eta() -> None:
     with pytest.raises(ValueError, match="eta=1"):
         MOASHA(DIRS, eta=1)
+
+
+def test_grace_period_protects_early_rungs() -> None:
+    rule = MOASHA(DIRS, eta=2, min_trials=1, grace_period=50)
+    rule.report("good", 25, [0.9, 1.0])
+    assert rule.report("bad", 25, [0.1, 2.0])  # dominated, but before the grace period
+    rule.report("good", 50, [0.9, 1.0])
+    assert not rule.report("bad", 50, [0.1, 2.0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -87,13 +88,17 @@ def test_selection_rules(tmp_path: Path) -> None:
     assert under["metrics"]["flops"] <= limit
 
 
-def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
-    out, _ = search(tmp_path, trials=4)
-    path = export_run(out, fmt="python", out=tmp_path / "exported.py")
-    spec = importlib.util.spec_from_file_location("exported", path)
+def load_module(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=4)
+    module = load_module(export_run(out, fmt="python", out=tmp_path / "exported.py"), "exported")
     config = load_config(out / "best_config.yaml")
     task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
     ours = build_model(config, task).eval()
@@ -114,10 +119,7 @@ def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str) -> None
     task = make_task("mqar", seq_len=48, n_pairs=4)
     path = tmp_path / f"m_{pattern}.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=48))
-    spec = importlib.util.spec_from_file_location(f"m_{pattern}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path, f"m_{pattern}")
     ours = build_model(config, task).eval()
     theirs = module.build_model().eval()
     theirs.load_state_dict(ours.state_dict())

@@ -1,0 +1,168 @@
+"""The gymnasium environment: checkers, determinism, reward contract, vectorisation, recording."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+from attn_search.envs import ENV_ID
+from attn_search.envs.attention_search import AttentionSearchEnv
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.env_util import make_vec_env
+
+import attn_search  # noqa: F401  (registers the env id)
+from attn_search.record import grid_configs, parse_grid, record
+from attn_search.space import load_space
+
+TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("table") / "tiny.csv"
+    return record(TINY, out, bins=2, steps=4, quiet=True, argv=["--space", "tiny.yaml", "--bins", "2"])
+
+
+def make(table: Path, **kw: object) -> AttentionSearchEnv:
+    return AttentionSearchEnv(TINY, f"table:{table}", budget=6, **kw)  # type: ignore[arg-type]
+
+
+def test_recorded_table_covers_the_grid_once(table: Path) -> None:
+    space = load_space(TINY)
+    configs = grid_configs(space, bins=2)
+    df = pd.read_csv(table, comment="#")
+    assert len(df) == len(configs) == 2 * (1 + 2 + 2 * 1) * 2  # heads x (dense, window x2, longformer x2) x lr
+    assert (df["state"] == "complete").all()
+    assert (
+        table.read_text().startswith("# attn_search recorded table")
+        and "# command: attn-search record" in table.read_text()
+    )
+
+
+def test_env_checkers_pass_without_warnings(table: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(gym.make(ENV_ID, space=TINY, evaluator=f"table:{table}", budget=6).unwrapped)
+        sb3_check_env(make(table), warn=True)
+
+
+def test_registered_and_makeable(table: Path) -> None:
+    env = gym.make(ENV_ID, space=TINY, evaluator=f"table:{table}", budget=3)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+
+
+def rollout(env: AttentionSearchEnv, seed: int) -> list[tuple[list[float], float, bool]]:
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    steps = []
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        steps.append((obs.tolist(), reward, terminated))
+        done = terminated or truncated
+    return steps
+
+
+def test_same_seed_same_rollout(table: Path) -> None:
+    assert rollout(make(table), 7) == rollout(make(table), 7)
+    assert rollout(make(table), 7) != rollout(make(table), 8)
+
+
+def test_return_is_the_final_normalised_hypervolume(table: Path) -> None:
+    env = make(table)
+    env.reset(seed=0)
+    total, info, steps, terminated = 0.0, {}, 0, False
+    while not terminated:
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert not truncated
+        total += reward
+        steps += 1
+    assert steps == 6
+    assert total == pytest.approx(info["hypervolume"])
+    assert 0.0 < info["hypervolume"] <= 1.0
+    assert set(info) >= {"config", "metrics", "values"}
+
+
+def test_actions_decode_to_recorded_configs(table: Path) -> None:
+    env = make(table)
+    env.reset(seed=0)
+    df = pd.read_csv(table, comment="#")
+    for _ in range(5):
+        _, _, _, _, info = env.step(env.action_space.sample())
+        row = df[(df["pattern"] == info["config"]["pattern"]) & (df["n_heads"] == info["config"]["n_heads"])]
+        assert info["metrics"]["accuracy"] in set(row["accuracy"])
+
+
+def test_vectorised(table: Path) -> None:
+    vec = make_vec_env(lambda: make(table), n_envs=3, seed=0)
+    obs = vec.reset()
+    assert obs.shape == (3, *make(table).observation_space.shape)
+    obs, rewards, dones, infos = vec.step(np.stack([vec.action_space.sample() for _ in range(3)]))
+    assert rewards.shape == (3,) and len(infos) == 3
+
+
+def test_grid_overrides_are_checked() -> None:
+    space = load_space(TINY)
+    assert parse_grid(["lr=0.002,0.005"], space) == {"lr": [0.002, 0.005]}
+    with pytest.raises(ValueError, match="outside lr's range"):
+        parse_grid(["lr=5"], space)
+    with pytest.raises(ValueError, match="use NAME=v1,v2"):
+        parse_grid(["heads=2"], space)
+    pinned = grid_configs(space, bins=3, overrides=parse_grid(["n_heads=2", "lr=0.003"], space))
+    assert {c["n_heads"] for c in pinned} == {2} and {c["lr"] for c in pinned} == {0.003}
+
+
+@pytest.mark.parametrize("strategy", ["ppo", "a2c"])
+def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) -> None:
+    from attn_search.search import SearchOptions, run_search
+
+    out = tmp_path / "run"
+    summary = run_search(SearchOptions(space=TINY, strategy=strategy, trials=5, steps=4, out=str(out), quiet=True))
+    assert summary.n_finished == 5
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials[trials["state"] != "interrupted"]) == 5
+    for name in ("pareto.csv", "best_config.yaml", "report.html", "agent.zip"):
+        assert (out / name).is_file(), name
+
+
+def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: Path) -> None:
+    from attn_search.search import SearchOptions, run_search
+
+    first = tmp_path / "first"
+    run_search(
+        SearchOptions(space=TINY, strategy="ppo", trials=3, steps=4, out=str(first), pretrain=str(table), quiet=True)
+    )
+    again = tmp_path / "again"
+    summary = run_search(
+        SearchOptions(
+            space=TINY,
+            strategy="ppo",
+            trials=3,
+            steps=4,
+            out=str(again),
+            agent=str(first / "agent.zip"),
+            pretrain=str(table),
+            pretrain_steps=200,
+            quiet=True,
+        )
+    )
+    assert summary.n_finished == 3 and (again / "agent.zip").is_file()
+    # on the table's grid: every proposal is a recorded configuration
+    df = pd.read_csv(table, comment="#")
+    proposed = pd.read_csv(again / "trials.csv")
+    assert set(proposed["lr"].round(8)) <= set(df["lr"].round(8))
+
+
+def test_rl_strategy_errors(tmp_path: Path) -> None:
+    from attn_search.search import SearchOptions, UsageError, run_search
+
+    with pytest.raises(UsageError, match="needs --compute flops or params"):
+        run_search(SearchOptions(space=TINY, strategy="ppo", compute="latency", out=str(tmp_path / "a"), quiet=True))
+    with pytest.raises(UsageError, match="apply to --strategy ppo or a2c"):
+        run_search(SearchOptions(space=TINY, strategy="tpe", agent="x.zip", out=str(tmp_path / "b"), quiet=True))
