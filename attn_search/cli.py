@@ -52,6 +52,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--strategy", default="tpe", choices=STRATEGIES, metavar="NAME",
                    help=f"proposer: {', '.join(STRATEGIES)} (default: tpe)")  # fmt: skip
+    p.add_argument("--evaluator", default="training", metavar="SPEC",
+                   help="training (default) or table:PATH to look results up in a recorded table")  # fmt: skip
     p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
     p.add_argument("--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table")
     p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")

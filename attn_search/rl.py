@@ -97,10 +97,15 @@ def run_agent(
     pretrain_steps: int = 2000,
     agent_path: str | Path | None = None,
     save_to: str | Path | None = None,
+    grid_table: str | None = None,
 ) -> None:
-    """Search for ``n_trials`` trials with an SB3 agent; saves the agent to ``save_to``."""
+    """Search for ``n_trials`` trials with an SB3 agent; saves the agent to ``save_to``.
+
+    ``grid_table``: a recorded table whose values (and compute bounds) define the action grid, as
+    with ``--evaluator table:PATH`` or after ``pretrain``.
+    """
     compute_metric = M.COMPUTE_OBJECTIVES.get(compute)
-    if pretrain is None and compute_metric not in (M.FLOPS, M.PARAMS):
+    if pretrain is None and grid_table is None and compute_metric not in (M.FLOPS, M.PARAMS):
         raise ValueError(
             f"--strategy {name} with real training normalises compute by analytic bounds: use --compute flops or "
             "params, or give --pretrain TABLE (its bounds)"
@@ -112,7 +117,8 @@ def run_agent(
         table_env = AttentionSearchEnv(space, table, budget=episode, bins=bins, compute=compute)
         agent = make_agent(name, table_env, episode=episode, seed=seed, path=agent_path)
         agent.learn(total_timesteps=pretrain_steps)
-    evaluator = StudyEvaluator(space, run_trial, table=table)
+    grid_from = table or (TableEvaluator(grid_table, space) if grid_table else None)
+    evaluator = StudyEvaluator(space, run_trial, table=grid_from)
     env = AttentionSearchEnv(space, evaluator, budget=episode, bins=bins, compute=compute)
     if agent is None:
         agent = make_agent(name, env, episode=episode, seed=seed, path=agent_path)

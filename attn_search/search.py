@@ -87,6 +87,8 @@ class SearchOptions:
     eta: float = 3.0
     storage: str | None = None
     quiet: bool = False
+    evaluator: str = "training"
+    """``training`` (real training) or ``table:PATH`` (look results up in a recorded table)."""
     pretrain: str | None = None
     pretrain_steps: int = 2000
     agent: str | None = None
@@ -120,6 +122,10 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(f"--strategy {opts.strategy!r} is unknown: use one of {strategies}")
     if (opts.pretrain or opts.agent) and opts.strategy not in RL_STRATEGIES:
         raise UsageError("--pretrain and --agent apply to --strategy ppo or a2c")
+    if opts.evaluator != "training" and not opts.evaluator.startswith("table:"):
+        raise UsageError(f"--evaluator {opts.evaluator!r} is unknown: use training or table:PATH")
+    if opts.evaluator.startswith("table:") and not Path(opts.evaluator[6:]).is_file():
+        raise UsageError(f"--evaluator {opts.evaluator!r}: no such table")
     if opts.pretrain and not Path(opts.pretrain).is_file():
         raise UsageError(f"--pretrain {opts.pretrain!r}: no such table")
     if opts.backend not in BACKENDS:
@@ -149,6 +155,8 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     space = space.with_compute(None if opts.compute == "none" else opts.compute)
+    if opts.evaluator.startswith("table:"):
+        space = restrict_to_table(space, opts.evaluator[6:])
     multi = len(space.objectives) > 1
     if opts.pruner == "moasha" and not multi:
         raise UsageError("--pruner moasha needs two objectives: drop --compute none, or use asha or median")
@@ -157,7 +165,7 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     if opts.strategy in RL_STRATEGIES:
         if len(space.objectives) < 2:
             raise UsageError(f"--strategy {opts.strategy} rewards front hypervolume: it needs a compute objective")
-        if not opts.pretrain and space.metrics[1] not in (M.FLOPS, M.PARAMS):
+        if not opts.pretrain and opts.evaluator == "training" and space.metrics[1] not in (M.FLOPS, M.PARAMS):
             raise UsageError(f"--strategy {opts.strategy} needs --compute flops or params (or --pretrain TABLE)")
         return space, SEARCH_PRESETS[opts.preset]
     try:
@@ -166,6 +174,19 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return space, SEARCH_PRESETS[opts.preset]
+
+
+def restrict_to_table(space: SearchSpace, path: str) -> SearchSpace:
+    """The space with every parameter categorical over the values recorded in the table at ``path``
+    (so every proposal is a row of it)."""
+    from attn_search.envs.attention_search import TableEvaluator
+
+    grids = TableEvaluator(path, space).grids(space, 0)
+    params = tuple(
+        dataclasses.replace(p, kind="categorical", choices=tuple(g), low=None, high=None, log=False, step=None)
+        for p, g in zip(space.params, grids, strict=True)
+    )
+    return dataclasses.replace(space, params=params)
 
 
 def _constrained(opts: SearchOptions) -> bool:
@@ -262,6 +283,10 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         space=space, opts=opts, budget=budget, task=task, task_kwargs=task_kwargs, pruner=pruner_name,
         moasha=moasha, progress=progress,
     )  # fmt: skip
+    if opts.evaluator.startswith("table:"):
+        from attn_search.envs.attention_search import TableEvaluator
+
+        objective.table = TableEvaluator(opts.evaluator[6:], space)
     start = time.perf_counter()
     objective.deadline = None if time_budget is None else start + time_budget
     if remaining and rl:
@@ -302,6 +327,7 @@ def _search_with_agent(
     run_agent(
         opts.strategy, space, run_trial, n_trials=trials - count_finished(study), seed=opts.seed,
         compute=opts.compute, pretrain=opts.pretrain, pretrain_steps=opts.pretrain_steps, agent_path=opts.agent,
+        grid_table=opts.evaluator[6:] if opts.evaluator.startswith("table:") else opts.pretrain,
         save_to=outputs.run_dir / "agent.zip",
     )  # fmt: skip
 
@@ -359,6 +385,7 @@ class _Objective:
     moasha: MOASHA
     progress: Progress
     deadline: float | None = None
+    table: Any = None
     trial_seconds: float = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -390,6 +417,13 @@ class _Objective:
             return False
 
         self.progress.trial_started(trial.number, config)
+        if self.table is not None:  # recorded results instead of training
+            found = self.table(config, values)
+            trial.set_user_attr("metrics", found)
+            trial.set_user_attr("state", M.COMPLETE)
+            trial.set_user_attr("device", "table")
+            looked_up = tuple(found[m] for m in self.space.metrics)
+            return looked_up if len(looked_up) > 1 else looked_up[0]
         budget = self.budget
         if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates
             budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.perf_counter()))

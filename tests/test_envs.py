@@ -166,3 +166,26 @@ def test_rl_strategy_errors(tmp_path: Path) -> None:
         run_search(SearchOptions(space=TINY, strategy="ppo", compute="latency", out=str(tmp_path / "a"), quiet=True))
     with pytest.raises(UsageError, match="apply to --strategy ppo or a2c"):
         run_search(SearchOptions(space=TINY, strategy="tpe", agent="x.zip", out=str(tmp_path / "b"), quiet=True))
+
+
+@pytest.mark.parametrize("strategy", ["tpe", "random", "ppo"])
+def test_table_evaluator_serves_every_strategy(tmp_path: Path, table: Path, strategy: str) -> None:
+    from attn_search.search import SearchOptions, run_search
+
+    out = tmp_path / "run"
+    summary = run_search(
+        SearchOptions(space=TINY, strategy=strategy, trials=6, evaluator=f"table:{table}", out=str(out), quiet=True)
+    )
+    assert summary.n_complete == 6
+    rows = pd.read_csv(table, comment="#")
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["device"] == "table").all()
+    for _, t in trials.iterrows():  # every result is the recorded one for that configuration
+        same = rows[
+            (rows["pattern"] == t["pattern"])
+            & (rows["n_heads"] == t["n_heads"])
+            & (rows["lr"].round(8) == round(t["lr"], 8))
+        ]
+        if t["pattern"] != "dense":
+            same = same[same["window"] == t["window"]]
+        assert t["accuracy"] in set(same["accuracy"])
