@@ -255,11 +255,14 @@ def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError(
-            "backend='flex' cannot train on CPU: PyTorch has no CPU backward for FlexAttention; "
-            "use backend='blocked' (or 'auto') for training on CPU"
-        )
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "backend='flex' cannot train on CPU: PyTorch has no CPU backward for FlexAttention; "
+                "use backend='blocked' (or 'auto') for training on CPU"
+            )
+        # under no_grad FlexAttention still refuses inputs that require grad on CPU
+        q, k, v = q.detach(), k.detach(), v.detach()
     block_mask = _cached_block_mask(key, str(q.device))
     return _flex_fn()(q, k, v, block_mask=block_mask)
 

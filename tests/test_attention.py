@@ -60,6 +60,14 @@ def test_compiled_flex_matches_reference_on_cpu() -> None:
     assert rel_err(out, ref) < TOL
 
 
+def test_flex_runs_inference_on_leaf_tensors_under_no_grad(eager_flex: None) -> None:
+    q, k, v = qkv(40, grad=True)  # e.g. a model's activations evaluated under torch.no_grad()
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
+        ref = sparse_attention(q, k, v, pattern="window", window=4, backend="reference")
+    assert rel_err(out, ref) < TOL
+
+
 def test_flex_refuses_cpu_training_with_advice() -> None:
     q, k, v = qkv(32, grad=True)
     with pytest.raises(RuntimeError, match=r"no CPU backward.*blocked"):
