@@ -230,6 +230,7 @@ BlockMask semantics: slow and O(L^2) memory, used by the CPU test matrix to avoi
 case."""
 
 _FLEX_COMPILED: Any = None
+_FLEX_KERNELS = 256
 
 
 def _flex_fn() -> Any:
@@ -239,6 +240,14 @@ def _flex_fn() -> Any:
     if not FLEX_COMPILE:
         return flex_attention
     if _FLEX_COMPILED is None:
+        import torch._dynamo.config as dynamo_config
+
+        # Every (pattern, parameters, length) is its own mask_mod and so its own kernel; past
+        # dynamo's default of 8 recompiles it silently falls back to eager FlexAttention, which
+        # materialises every score (measured: 0.06x dense SDPA for the 9th pattern). A search
+        # visits many configurations, so allow many kernels.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _FLEX_KERNELS)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * _FLEX_KERNELS)
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
 
