@@ -60,18 +60,21 @@ def test_mqar_answers_are_the_values_bound_earlier() -> None:
             assert row[first + 1] - 1 - task.n_keys == target[i]
 
 
-def test_mqar_distances_span_the_sequence() -> None:
-    task = make_task("mqar", seq_len=256)
+@pytest.mark.parametrize("distance", ["log_uniform", "uniform"])
+def test_mqar_distances_span_the_sequence(distance: str) -> None:
+    task = make_task("mqar", seq_len=256, distance=distance)
     x, y = task.data("eval", 200)
     dists = []
     for row, target in zip(x.tolist(), y.tolist(), strict=True):
         dists += [i - row.index(row[i]) for i, t in enumerate(target) if t != IGNORE]
     d = np.array(dists)
     assert d.min() >= 2 and d.max() <= 255
-    # roughly uniform: each quarter of the range holds a fair share
-    counts = np.histogram(d, bins=4, range=(2, 256))[0] / len(d)
-    assert (counts > 0.1).all(), counts
-    assert (d > 128).mean() > 0.3, "long-range queries must be common"
+    if distance == "uniform":  # each quarter of the range holds a fair share
+        shares = np.histogram(d, bins=4, range=(2, 256))[0] / len(d)
+    else:  # each octave [2,4), [4,8), ... holds a fair share
+        shares = np.histogram(np.log2(d), bins=7, range=(1, 8))[0] / len(d)
+    assert (shares > 0.5 / len(shares)).all(), shares
+    assert (d > 128).mean() > (0.3 if distance == "uniform" else 0.08), "long-range queries must occur"
 
 
 def _reference_listops(tokens: list[int]) -> int:
