@@ -250,11 +250,8 @@ def export_text(row: pd.Series, space: SearchSpace, select: str, *, fmt: str) ->
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and value.is_integer() and not math.isinf(value):
-        return value
-    return value
+    """numpy scalars (from pandas rows) as plain Python values, for YAML/JSON and configs."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _pattern_colors(patterns: Sequence[str]) -> dict[str, Any]:

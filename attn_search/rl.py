@@ -19,8 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from attn_search import metrics as M
 from attn_search.config import AttentionConfig
 from attn_search.envs.attention_search import AttentionSearchEnv, TableEvaluator, TrainingEvaluator
@@ -128,9 +126,3 @@ def run_agent(
         agent.learn(total_timesteps=n_trials + episode, reset_num_timesteps=False)
     if save_to is not None:
         agent.save(str(save_to))
-
-
-def random_actions(env: AttentionSearchEnv, n: int, seed: int) -> list[np.ndarray]:
-    """``n`` uniformly random actions (the random baseline of the strategies benchmark)."""
-    env.action_space.seed(seed)
-    return [env.action_space.sample() for _ in range(n)]

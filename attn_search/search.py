@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import optuna
 
 from attn_search import metrics as M
+from attn_search.config import AttentionConfig
 from attn_search.outputs import RunOutputs, parse_selection
 from attn_search.pruning import MOASHA
 from attn_search.rl import RL_STRATEGIES, BudgetReached, run_agent
@@ -506,7 +507,7 @@ class Progress:
         state = "failed" if trial.state == optuna.trial.TrialState.FAIL else trial.state.name.lower()
         acc = metrics.get(M.ACCURACY, float("nan"))
         compute_metric = self.outputs.space.metrics[1] if len(self.outputs.space.metrics) > 1 else M.FLOPS
-        desc = AttentionLabel.of(trial)
+        desc = _label(trial)
         self._print(
             f"[{stats['finished']:>3}/{self.total}] trial {trial.number:>3} {state:<8} acc={acc:.3f} "
             f"{compute_metric}={metrics.get(compute_metric, float('nan')):.4g} {desc} | done {stats['complete']} "
@@ -529,12 +530,6 @@ class Progress:
         )
 
 
-class AttentionLabel:
-    @staticmethod
-    def of(trial: optuna.trial.FrozenTrial) -> str:
-        cfg = trial.user_attrs.get("config")
-        if not cfg:
-            return ""
-        from attn_search.config import AttentionConfig
-
-        return AttentionConfig.from_dict(cfg).describe()
+def _label(trial: optuna.trial.FrozenTrial) -> str:
+    cfg = trial.user_attrs.get("config")
+    return AttentionConfig.from_dict(cfg).describe() if cfg else ""
