@@ -167,8 +167,9 @@ class RunOutputs:
     select: str = "knee"
     constrained: bool = False
 
-    def stats(self, study: optuna.Study) -> dict[str, Any]:
-        df = trials_frame(study)
+    def stats(self, study: optuna.Study, df: pd.DataFrame | None = None) -> dict[str, Any]:
+        """Counts, best accuracy, front size and hypervolume (``df``: the trials table, if built)."""
+        df = trials_frame(study) if df is None else df
         counted = df[df["state"] != "interrupted"]
         front = front_rows(df, self.space)
         return {

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
+import pandas as pd
 
 from attn_search import metrics as M
 from attn_search.config import AttentionConfig
@@ -335,8 +336,8 @@ def _search_with_agent(
 
 def _after_trial(outputs: RunOutputs, progress: Progress) -> Any:
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        outputs.write_tables(study)
-        progress.trial_done(study, trial)
+        df = outputs.write_tables(study)  # the trials table is built once per trial
+        progress.trial_done(study, trial, df)
 
     return callback
 
@@ -500,9 +501,9 @@ class Progress:
     def rung(self, number: int, step: int, accuracy: float) -> None:
         self._status(f"  trial {number} {self.running.get(number, '')}: step {step} accuracy {accuracy:.3f}")
 
-    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, df: pd.DataFrame | None = None) -> None:
         self.running.pop(trial.number, None)
-        stats = self.outputs.stats(study)
+        stats = self.outputs.stats(study, df)
         metrics = trial.user_attrs.get("metrics", {})
         state = "failed" if trial.state == optuna.trial.TrialState.FAIL else trial.state.name.lower()
         acc = metrics.get(M.ACCURACY, float("nan"))
