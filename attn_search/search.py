@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -281,16 +282,10 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     progress = Progress(stream, quiet=opts.quiet, total=trials, outputs=outputs)
     progress.start(study, recovered=recovered, remaining=remaining, out=out)
 
-    objective = _Objective(
-        space=space, opts=opts, budget=budget, task=task, task_kwargs=task_kwargs, pruner=pruner_name,
-        moasha=moasha, progress=progress,
-    )  # fmt: skip
-    if opts.evaluator.startswith("table:"):
-        from attn_search.envs.attention_search import TableEvaluator
-
-        objective.table = TableEvaluator(opts.evaluator[6:], space)
+    runner = TrialRunner.from_options(opts, space, budget, task, task_kwargs)
     start = time.perf_counter()
-    objective.deadline = None if time_budget is None else start + time_budget
+    runner.deadline = None if time_budget is None else time.time() + time_budget
+    objective = _Objective(runner=runner, pruner=pruner_name, moasha=moasha, progress=progress)
     if remaining and rl:
         _search_with_agent(study, objective, outputs, progress, opts, space, trials, time_budget, start)
     elif remaining:
@@ -377,87 +372,161 @@ def _replay_rungs(study: optuna.Study, moasha: MOASHA, space: SearchSpace) -> No
 
 
 @dataclasses.dataclass
-class _Objective:
+class TrialOutcome:
+    """What one proposal produced: its state, the attributes recorded with it, its objective values."""
+
+    state: str
+    attrs: dict[str, Any]
+    values: tuple[float, ...] | None = None
+
+    @property
+    def reason(self) -> str:
+        return str(self.attrs.get("reason", self.state))
+
+
+@dataclasses.dataclass
+class TrialRunner:
+    """Runs one proposal to its outcome: config, training (or a table lookup), constraints, state.
+
+    Backend-neutral, so that the local backend (inside an Optuna objective) and the Ray backend
+    (inside a Ray Tune trainable on any node) score a proposal the same way. It must stay picklable.
+    """
+
     space: SearchSpace
-    opts: SearchOptions
     budget: Budget
     task: str
     task_kwargs: dict[str, Any]
-    pruner: str
-    moasha: MOASHA
-    progress: Progress
+    seed: int
+    device: str = "auto"
+    max_flops: float | None = None
+    max_latency_ms: float | None = None
+    table_path: str | None = None
     deadline: float | None = None
-    table: Any = None
-    trial_seconds: float = 0.0
+    """Wall-clock time (``time.time()``) at which training stops and the trial evaluates."""
+    _table: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        values = self.space.suggest(trial)
+    @classmethod
+    def from_options(cls, opts: SearchOptions, space: SearchSpace, budget: Budget, task: str,
+                     task_kwargs: dict[str, Any]) -> TrialRunner:  # fmt: skip
+        table = str(Path(opts.evaluator[6:]).resolve()) if opts.evaluator.startswith("table:") else None
+        return cls(space=space, budget=budget, task=task, task_kwargs=task_kwargs, seed=opts.seed, device=opts.device,
+                   max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms, table_path=table)  # fmt: skip
+
+    def run(
+        self,
+        values: dict[str, Any],
+        *,
+        on_attr: Callable[[str, Any], None] = lambda key, value: None,
+        on_rung: Callable[[int, float, dict[str, float]], bool] = lambda step, acc, compute: False,
+        on_start: Callable[[AttentionConfig], None] = lambda config: None,
+        stopped_by: str = "the pruner",
+    ) -> TrialOutcome:
+        """Score ``values``. ``on_attr(key, value)`` sees each attribute as soon as it is known (an
+        interrupted trial keeps them); ``on_rung(step, accuracy, compute)`` returns ``True`` to stop."""
+        attrs: dict[str, Any] = {}
+
+        def put(key: str, value: Any) -> None:
+            attrs[key] = value
+            on_attr(key, value)
+
         try:
-            config = self.space.make_config(values, seed=self.opts.seed)
+            config = self.space.make_config(values, seed=self.seed)
         except ValueError as exc:
-            trial.set_user_attr("reason", f"invalid configuration: {exc}")
-            raise TrialFailed(str(exc)) from exc
-        trial.set_user_attr("config", config.to_dict())
+            put("reason", f"invalid configuration: {exc}")
+            put("state", M.FAILED)
+            return TrialOutcome(M.FAILED, attrs)
+        put("config", config.to_dict())
+        on_start(config)
+        if self.table_path is not None:  # recorded results instead of training
+            if self._table is None:
+                from attn_search.envs.attention_search import TableEvaluator
+
+                self._table = TableEvaluator(self.table_path, self.space)
+            found = self._table(config, values)
+            for key, value in (("metrics", found), ("state", M.COMPLETE), ("device", "table")):
+                put(key, value)
+            return self._finish(attrs, found, M.COMPLETE)
         compute: dict[str, float] = {}
         curve: list[tuple[int, float]] = []
 
         def on_compute(figures: dict[str, float]) -> None:
             compute.update(figures)
-            trial.set_user_attr("compute", figures)
+            put("compute", figures)
 
         def reporter(step: int, accuracy: float) -> bool:
             curve.append((step, accuracy))
-            trial.set_user_attr("curve", curve)
+            put("curve", list(curve))
+            return on_rung(step, accuracy, compute)
+
+        budget = self.budget
+        if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates
+            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.time()))
+        result = evaluate(
+            config, self.task, budget=budget, device=self.device, reporter=reporter,
+            task_kwargs=self.task_kwargs, on_compute=on_compute,
+        )  # fmt: skip
+        if result.state == M.PRUNED and result.curve:
+            result.reason = f"pruned by {stopped_by} at step {result.curve[-1][0]}"
+        for key, value in (("metrics", result.metrics), ("state", result.state), ("device", result.device),
+                           ("task", result.task)):  # fmt: skip
+            put(key, value)
+        if result.reason:
+            put("reason", result.reason)
+        return self._finish(attrs, result.metrics, result.state)
+
+    def _finish(self, attrs: dict[str, Any], metrics: dict[str, float], state: str) -> TrialOutcome:
+        constraints = []
+        if self.max_flops is not None:
+            constraints.append(metrics[M.FLOPS] - self.max_flops)
+        if self.max_latency_ms is not None:
+            constraints.append(metrics[M.LATENCY_MS] - self.max_latency_ms)
+        if constraints:
+            attrs["constraints"] = constraints
+        if state != M.COMPLETE:
+            return TrialOutcome(state, attrs)
+        values = tuple(float(metrics[m]) for m in self.space.metrics)
+        if any(math.isnan(v) for v in values):
+            attrs["reason"] = "no accuracy was measured"
+            attrs["state"] = M.FAILED
+            return TrialOutcome(M.FAILED, attrs)
+        return TrialOutcome(M.COMPLETE, attrs, values)
+
+
+@dataclasses.dataclass
+class _Objective:
+    """The local backend's Optuna objective: a :class:`TrialRunner` plus Optuna's pruners/MO-ASHA."""
+
+    runner: TrialRunner
+    pruner: str
+    moasha: MOASHA
+    progress: Progress
+    trial_seconds: float = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        values = self.runner.space.suggest(trial)
+        metrics = self.runner.space.metrics
+
+        def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
             self.progress.rung(trial.number, step, accuracy)
             if self.pruner == "moasha":
-                return not self.moasha.report(
-                    trial.number, step, [accuracy, *(compute[m] for m in self.space.metrics[1:])]
-                )
+                return not self.moasha.report(trial.number, step, [accuracy, *(compute[m] for m in metrics[1:])])
             if self.pruner in ("asha", "median"):
                 trial.report(accuracy, step)
                 return trial.should_prune()
             return False
 
-        self.progress.trial_started(trial.number, config)
-        if self.table is not None:  # recorded results instead of training
-            found = self.table(config, values)
-            trial.set_user_attr("metrics", found)
-            trial.set_user_attr("state", M.COMPLETE)
-            trial.set_user_attr("device", "table")
-            looked_up = tuple(found[m] for m in self.space.metrics)
-            return looked_up if len(looked_up) > 1 else looked_up[0]
-        budget = self.budget
-        if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates
-            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.perf_counter()))
-        result = evaluate(
-            config, self.task, budget=budget, device=self.opts.device, reporter=reporter,
-            task_kwargs=self.task_kwargs, on_compute=on_compute,
+        outcome = self.runner.run(
+            values, on_attr=trial.set_user_attr, on_rung=on_rung, stopped_by=self.pruner,
+            on_start=lambda config: self.progress.trial_started(trial.number, config),
         )  # fmt: skip
-        self.trial_seconds += result.metrics[M.WALL_SECONDS]
-        trial.set_user_attr("metrics", result.metrics)
-        trial.set_user_attr("state", result.state)
-        trial.set_user_attr("device", result.device)
-        trial.set_user_attr("task", result.task)
-        if result.state == M.PRUNED and result.curve:
-            result.reason = f"pruned by {self.pruner} at step {result.curve[-1][0]}"
-        if result.reason:
-            trial.set_user_attr("reason", result.reason)
-        constraints = []
-        if self.opts.max_flops is not None:
-            constraints.append(result.metrics[M.FLOPS] - self.opts.max_flops)
-        if self.opts.max_latency_ms is not None:
-            constraints.append(result.metrics[M.LATENCY_MS] - self.opts.max_latency_ms)
-        if constraints:
-            trial.set_user_attr("constraints", constraints)
-        if result.state == M.FAILED:
-            raise TrialFailed(result.reason or "failed")
-        if result.state == M.PRUNED:
-            raise optuna.TrialPruned(result.reason)
-        objective_values = tuple(result.metrics[m] for m in self.space.metrics)
-        if any(math.isnan(v) for v in objective_values):
-            trial.set_user_attr("reason", "no accuracy was measured")
-            raise TrialFailed("no accuracy was measured")
-        return objective_values if len(objective_values) > 1 else objective_values[0]
+        for key, value in outcome.attrs.items():
+            trial.set_user_attr(key, value)
+        self.trial_seconds += outcome.attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0)
+        if outcome.state == M.PRUNED:
+            raise optuna.TrialPruned(outcome.reason)
+        if outcome.values is None:
+            raise TrialFailed(outcome.reason)
+        return outcome.values if len(outcome.values) > 1 else outcome.values[0]
 
 
 class Progress:
