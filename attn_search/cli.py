@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from attn_search.metrics import COMPUTE_OBJECTIVES
 from attn_search.rl import RL_STRATEGIES
-from attn_search.search import PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
+from attn_search.search import BACKENDS, PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
 from attn_search.strategies import OPTUNA_STRATEGIES
 
 STRATEGIES = (*OPTUNA_STRATEGIES, *RL_STRATEGIES)
@@ -26,24 +26,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be at least 1")
-    return value
+def _number(kind: type, *, low: float, strict: bool) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f"> {low:g}" if strict else (f"at least {low:g}" if kind is int else f">= {low:g}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{value} is invalid: it must be {bound}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be > 0")
-    return value
+_positive_int = _number(int, low=1, strict=False)
+_positive_float = _number(float, low=0, strict=True)
+_non_negative_float = _number(float, low=0, strict=False)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +59,16 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
     p.add_argument("--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table")
     p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")
-    p.add_argument("--backend", default="local", metavar="NAME", help="where trials run: local (default)")
-    p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+    p.add_argument("--backend", default="local", choices=BACKENDS, metavar="NAME",
+                   help="where trials run: local (this process, default) or ray (Ray Tune: local cores, GPUs, a cluster)")  # fmt: skip
+    p.add_argument("--address", metavar="ADDR",
+                   help="ray: join the cluster at auto or HOST:PORT (default: start Ray on this machine)")  # fmt: skip
+    p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, metavar="X",
+                   help="ray: CPUs reserved per trial (default: 1)")  # fmt: skip
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, metavar="F",
+                   help="ray: GPUs per trial, fractions pack trials on a GPU (default: 1 if the cluster has GPUs, else 0)")  # fmt: skip
+    p.add_argument("--max-concurrent", type=_positive_int, metavar="N",
+                   help="ray: at most N trials at once (default: as many as resources allow)")  # fmt: skip
     p.add_argument("--trials", type=_positive_int, help="number of trials (default: from --preset)")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="start no new trial after this many seconds (default: from --preset)")  # fmt: skip

@@ -81,6 +81,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "reason": t.user_attrs.get("reason", ""),
             "duration_s": duration,
             "device": t.user_attrs.get("device", ""),
+            "node": t.user_attrs.get("node", ""),
         }
         row.update({m: metrics.get(m, math.nan) for m in METRIC_COLUMNS})
         row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
@@ -88,7 +89,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({c: None for c in unused})  # parameters the pattern does not read: left blank
         row["feasible"] = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
         rows.append(row)
-    columns = ["trial", "state", "reason", "duration_s", "device", *METRIC_COLUMNS, *CONFIG_COLUMNS, "feasible"]
+    columns = ["trial", "state", "reason", "duration_s", "device", "node", *METRIC_COLUMNS, *CONFIG_COLUMNS, "feasible"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +74,12 @@ class SearchOptions:
     strategy: str = "tpe"
     backend: str = "local"
     address: str | None = None
+    """``--backend ray``: ``auto`` or ``HOST:PORT`` of a running cluster (none: start Ray locally)."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    """``--backend ray``; none: 1 if the cluster has GPUs (and ``--device`` is not cpu), else 0."""
+    max_concurrent: int | None = None
+    """``--backend ray``: at most this many trials at once (none: as many as resources allow)."""
     trials: int | None = None
     time_budget: float | None = None
     preset: str = "default"
@@ -133,8 +140,18 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(f"--pretrain {opts.pretrain!r}: no such table")
     if opts.backend not in BACKENDS:
         raise UsageError(f"--backend {opts.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-    if opts.backend == "ray":
-        raise UsageError("--backend ray is not available yet: use --backend local")
+    if opts.backend == "local":
+        given = [flag for flag, value, default in (("--address", opts.address, None),
+                 ("--cpus-per-trial", opts.cpus_per_trial, 1.0), ("--gpus-per-trial", opts.gpus_per_trial, None),
+                 ("--max-concurrent", opts.max_concurrent, None)) if value != default]  # fmt: skip
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --backend ray (add --backend ray)")
+    if opts.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial {opts.cpus_per_trial} is invalid: it must be > 0")
+    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} is invalid: it must be >= 0")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent {opts.max_concurrent} is invalid: it must be at least 1")
     if opts.preset not in SEARCH_PRESETS:
         raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
     if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
@@ -286,7 +303,20 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     start = time.perf_counter()
     runner.deadline = None if time_budget is None else time.time() + time_budget
     objective = _Objective(runner=runner, pruner=pruner_name, moasha=moasha, progress=progress)
-    if remaining and rl:
+    if remaining and opts.backend == "ray" and not rl:
+        try:
+            from attn_search.ray_backend import run_ray
+        except ImportError as exc:
+            raise UsageError(f"--backend ray needs Ray Tune ({exc}): pip install -e '.[ray]'") from exc
+        objective.trial_seconds = run_ray(
+            opts, study=study, outputs=outputs, progress=progress, runner=runner, sampler=sampler,
+            pruner=pruner_name, moasha=moasha, trials=trials, time_budget=time_budget, out=out,
+        )  # fmt: skip
+        if count_finished(study) < trials and (runner.deadline is None or time.time() < runner.deadline):
+            outputs.write_all(study, wall_seconds=time.perf_counter() - start, trial_seconds=objective.trial_seconds,
+                              options=opts)  # fmt: skip
+            raise KeyboardInterrupt  # Tune stopped early on SIGINT; its state is saved for --resume
+    elif remaining and rl:
         _search_with_agent(study, objective, outputs, progress, opts, space, trials, time_budget, start)
     elif remaining:
         study.optimize(
@@ -521,6 +551,7 @@ class _Objective:
         )  # fmt: skip
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("node", socket.gethostname())
         self.trial_seconds += outcome.attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0)
         if outcome.state == M.PRUNED:
             raise optuna.TrialPruned(outcome.reason)
@@ -540,7 +571,7 @@ class Progress:
         self.outputs = outputs
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
-        self.running: dict[int, str] = {}
+        self.running: dict[int | str, str] = {}
 
     def _print(self, text: str) -> None:
         if self.quiet:
@@ -563,11 +594,15 @@ class Progress:
             msg += f"; {recovered} interrupted trial(s) will run again"
         self._print(msg)
 
-    def trial_started(self, number: int, config: Any) -> None:
+    def note(self, text: str) -> None:
+        """A line of its own (retries, resumes)."""
+        self._print(text)
+
+    def trial_started(self, number: int | str, config: Any) -> None:
         self.running[number] = config.describe()
         self._status(f"  trial {number} running: {config.describe()}")
 
-    def rung(self, number: int, step: int, accuracy: float) -> None:
+    def rung(self, number: int | str, step: int, accuracy: float) -> None:
         self._status(f"  trial {number} {self.running.get(number, '')}: step {step} accuracy {accuracy:.3f}")
 
     def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, df: pd.DataFrame | None = None) -> None:

@@ -28,3 +28,8 @@ def make(seq_len: int = 32, seed: int = 0) -> Parity:
 
 def not_a_task() -> object:
     return object()
+
+
+def broken(seq_len: int = 32, seed: int = 0) -> Parity:
+    """A task whose data generation raises: a trial on it must be recorded as failed, with the reason."""
+    raise RuntimeError("broken task: no data today")

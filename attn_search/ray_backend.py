@@ -1,0 +1,400 @@
+"""The Ray Tune backend: trials spread over local cores, the GPUs of one machine or a cluster.
+
+Imported only by ``--backend ray`` (Ray is an optional extra). What comes from Ray and Optuna, and
+what is ours:
+
+- Proposals: Ray's ``OptunaSearch`` with the same Optuna sampler as the local backend and the
+  space's define-by-run ``suggest`` (conditional parameters). :class:`_Searcher` subclasses it
+  for three things it does not do: a trial stopped early is told to Optuna as PRUNED (Ray tells
+  its last rung as COMPLETE), a failed trial as FAIL (Ray tells FAIL only without a result), and
+  no new trial starts after ``--time-budget``.
+- Early stopping: Ray's ``ASHAScheduler``/``MedianStoppingRule`` for one objective; for two,
+  :class:`_MOASHAScheduler`, a Tune scheduler around the same :class:`~attn_search.pruning.MOASHA`
+  rule the local backend uses (Ray has no multi-objective scheduler).
+- Trials: :func:`_trainable` runs the backend-neutral :class:`~attn_search.search.TrialRunner` on
+  whichever node Ray picks and reports each rung with ``tune.report``, then a final result that
+  carries everything the run dir records (config, metrics, curve, node).
+- Fault tolerance: ``FailureConfig(max_failures=...)`` retries a trial whose worker or node died;
+  a trial that raises is caught in the trainable and reported failed with its reason (no retry: it
+  would fail again).
+- Outputs: :class:`_Recorder`, a Tune callback on the driver, adds every finished trial to the
+  run dir's Optuna study, so ``trials.csv``, the front, plots and report are written by the same
+  code as the local backend's (plus the node each trial ran on).
+- Restore: the Tune experiment lives in ``RUN_DIR/ray``; ``--resume`` calls ``Tuner.restore``
+  (trial table and searcher state) and re-runs the trials that were running.
+
+Objects Tune pickles into its experiment (searcher, scheduler, callback) hold no live state: they
+reach the running search through the module-level :data:`_ACTIVE`, so a restored experiment talks
+to the new process's study and progress. One Ray search per process at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from attn_search import metrics as M
+from attn_search.outputs import RunOutputs
+from attn_search.pruning import MOASHA
+from attn_search.search import (
+    Progress,
+    SearchOptions,
+    TrialOutcome,
+    TrialRunner,
+    UsageError,
+    count_finished,
+)
+from attn_search.space import SearchSpace
+
+EXPERIMENT = "ray"
+"""The Tune experiment's folder inside the run dir."""
+STEP = "step"
+FINAL = "final"
+RECORD = "record"
+PLACE = ("node", "node_ip", "hostname")
+MAX_FAILURES = 3
+"""Retries of a trial whose worker died (``FailureConfig``)."""
+
+# Tune snapshots its trial table and searcher every 10+ s by default; a trial that finished after
+# the last snapshot is run again on restore. A snapshot costs milliseconds, trials tens of seconds.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Tune's console table and per-trial logs would bury the progress lines (and cost time per result).
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# A failed trial's final result has no objective values, on purpose (the searcher tells it FAIL).
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+
+@dataclasses.dataclass
+class _Driver:
+    """The live side of a Ray search: the run's study, its outputs and progress, the MO-ASHA state."""
+
+    study: optuna.Study
+    outputs: RunOutputs
+    progress: Progress
+    space: SearchSpace
+    pruner: str
+    moasha: MOASHA
+    deadline: float | None
+    recorded: set[str] = dataclasses.field(default_factory=set)
+    rungs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    trial_seconds: float = 0.0
+
+    def started(self, trial: Any) -> None:
+        try:
+            config = self.space.make_config(dict(trial.config))
+        except ValueError:
+            return
+        self.progress.trial_started(trial.trial_id, config)
+
+    def rung(self, trial_id: str, result: dict[str, Any]) -> None:
+        seen = self.rungs.setdefault(trial_id, {"curve": []})
+        seen["curve"].append((int(result[STEP]), float(result[M.ACCURACY])))
+        seen["compute"] = {m: float(result[m]) for m in (M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB) if m in result}
+        seen.update({k: result[k] for k in (*PLACE, "started") if k in result})
+        self.progress.rung(trial_id, int(result[STEP]), float(result[M.ACCURACY]))  # type: ignore[arg-type]
+
+    def finish(self, trial: Any, result: dict[str, Any] | None, error: str | None = None) -> None:
+        """Add a finished Ray trial to the study (once), rewrite the tables, print its line."""
+        if trial.trial_id in self.recorded:
+            return
+        self.recorded.add(trial.trial_id)
+        self.progress.running.pop(trial.trial_id, None)
+        values = dict(trial.config)
+        seen = self.rungs.pop(trial.trial_id, {"curve": []})
+        result = result or {}
+        if result.get(FINAL):
+            attrs = json.loads(result[RECORD])
+            state = attrs.get("state", M.FAILED)
+        else:  # stopped by the scheduler after a rung, or its worker failed for good
+            curve = seen["curve"]
+            attrs = {"curve": curve, "compute": seen.get("compute", {})}
+            with contextlib.suppress(ValueError):  # an invalid proposal fails in the trainable
+                attrs["config"] = self.space.make_config(values).to_dict()
+            metrics = {**seen.get("compute", {}), M.ACCURACY: curve[-1][1] if curve else float("nan")}
+            if "started" in seen:
+                metrics[M.WALL_SECONDS] = time.time() - float(seen["started"])
+            if curve:
+                metrics[M.STEPS] = float(curve[-1][0])
+            attrs["metrics"] = metrics
+            if error is not None:
+                state, attrs["reason"] = M.FAILED, error
+            else:
+                state = M.PRUNED
+                attrs["reason"] = f"pruned by {self.pruner} at step {curve[-1][0] if curve else 0}"
+            attrs["state"] = state
+        for key in (*PLACE, "started"):
+            if key in result:
+                attrs[key] = result[key]
+            elif key in seen:
+                attrs[key] = seen[key]
+        attrs["ray_trial_id"] = trial.trial_id
+        attrs["backend"] = "ray"
+        self.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
+        self._add(values, attrs, state)
+
+    def _add(self, values: dict[str, Any], attrs: dict[str, Any], state: str) -> None:
+        fixed = optuna.trial.FixedTrial(values)
+        self.space.suggest(fixed)  # the distributions of the active parameters (define-by-run)
+        objective = None
+        if state == M.COMPLETE:
+            objective = [float(attrs["metrics"][m]) for m in self.space.metrics]
+        started = attrs.pop("started", None)
+        now = _dt.datetime.now()
+        frozen = optuna.trial.FrozenTrial(
+            number=0, trial_id=0, value=None, values=objective,
+            state={M.COMPLETE: optuna.trial.TrialState.COMPLETE, M.PRUNED: optuna.trial.TrialState.PRUNED}.get(
+                state, optuna.trial.TrialState.FAIL),
+            datetime_start=_dt.datetime.fromtimestamp(float(started)) if started else now, datetime_complete=now,
+            params={k: values[k] for k in fixed.distributions}, distributions=fixed.distributions,
+            user_attrs=attrs, system_attrs={}, intermediate_values={int(s): float(a) for s, a in attrs.get("curve", [])},
+        )  # fmt: skip
+        self.study.add_trial(frozen)
+        added = self.study.get_trials(deepcopy=False)[-1]
+        df = self.outputs.write_tables(self.study)
+        self.progress.trial_done(self.study, added, df)
+
+
+_ACTIVE: _Driver | None = None
+
+
+def _driver() -> _Driver:
+    if _ACTIVE is None:  # pragma: no cover - Tune calls these objects only while a search runs
+        raise RuntimeError("no Ray search is running in this process")
+    return _ACTIVE
+
+
+def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
+    """One Tune trial: run the proposal, report each rung, then a final result with the record."""
+    place = {
+        "node": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "started": time.time(),
+    }
+
+    def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
+        tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
+        return False  # the scheduler decides, on the driver
+
+    try:
+        outcome = runner.run(dict(params), on_rung=on_rung)
+    except Exception as exc:  # a trial that raises is a failed trial, not a dead worker: no retry
+        outcome = TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
+    final: dict[str, Any] = {FINAL: True, "state": outcome.state, **place}
+    final[STEP] = int(outcome.attrs.get("metrics", {}).get(M.STEPS, 0) or 0)
+    final[RECORD] = json.dumps(outcome.attrs, default=float)
+    if outcome.values is not None:
+        final.update(zip(runner.space.metrics, outcome.values, strict=True))
+    tune.report(final)
+
+
+class _Searcher(OptunaSearch):  # type: ignore[misc]
+    """OptunaSearch telling pruned and failed trials as such, and stopping at the deadline."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        active = _ACTIVE
+        if active is not None and active.deadline is not None and time.time() > active.deadline:
+            return str(Searcher.FINISHED)
+        return super().suggest(trial_id)  # type: ignore[no-any-return]
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if result.get(FINAL) or not isinstance(self.metric, str) or self.metric not in result:
+            return
+        self._ot_trials[trial_id].report(float(result[self.metric]), int(result[STEP]))
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        result = result or {}
+        state, values = optuna.trial.TrialState.PRUNED, None
+        if error or (result.get(FINAL) and result.get("state") == M.FAILED):
+            state = optuna.trial.TrialState.FAIL
+        elif result.get(FINAL) and result.get("state") == M.COMPLETE:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            state, values = optuna.trial.TrialState.COMPLETE, [float(result[m]) for m in metrics]
+        if result.get(RECORD):
+            constraints = json.loads(result[RECORD]).get("constraints")
+            if constraints is not None:  # read by the sampler's constraints_func
+                ot_trial.set_user_attr("constraints", constraints)
+        self._ot_study.tell(ot_trial, values, state=state)  # type: ignore[attr-defined]
+        self._completed_trials.add(trial_id)
+
+
+class _MOASHAScheduler(FIFOScheduler):  # type: ignore[misc]
+    """MO-ASHA as a Tune scheduler: stop a trial at a rung unless it ranks in the top ``1/eta``
+    by non-dominated sorting of (accuracy, compute). The rule's state is the driver's."""
+
+    def __init__(self, compute_names: list[str]) -> None:
+        super().__init__()
+        self.compute_names = compute_names
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get(FINAL) or M.ACCURACY not in result:
+            return TrialScheduler.CONTINUE  # type: ignore[no-any-return]
+        point = [float(result[M.ACCURACY]), *(float(result[m]) for m in self.compute_names)]
+        keep = _driver().moasha.report(trial.trial_id, int(result[STEP]), point)
+        return TrialScheduler.CONTINUE if keep else TrialScheduler.STOP  # type: ignore[no-any-return]
+
+
+class _Recorder(tune.Callback):  # type: ignore[misc]
+    """Feeds the driver: rungs, finished trials, retries."""
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _driver().started(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:  # fmt: skip
+        if not result.get(FINAL) and M.ACCURACY in result:
+            _driver().rung(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _driver().finish(trial, trial.last_result)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _driver().progress.note(f"  trial {trial.trial_id}: its worker died; retrying it ({MAX_FAILURES} tries)")
+        _driver().rungs.pop(trial.trial_id, None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        error = trial.get_error() or "the trial's worker failed"
+        line = next((ln for ln in reversed(str(error).strip().splitlines()) if ln.strip()), str(error))
+        _driver().finish(trial, None, error=f"worker failed {MAX_FAILURES + 1} times: {line.strip()[:300]}")
+
+
+def _scheduler(pruner: str, space: SearchSpace, *, eta: float, steps: int, grace: int) -> Any:
+    if pruner == "moasha":
+        return _MOASHAScheduler(list(space.metrics[1:]))
+    if pruner == "asha":
+        return ASHAScheduler(time_attr=STEP, metric=M.ACCURACY, mode="max", max_t=steps, grace_period=max(1, grace),
+                             reduction_factor=eta)  # fmt: skip
+    if pruner == "median":
+        return MedianStoppingRule(time_attr=STEP, metric=M.ACCURACY, mode="max", grace_period=max(1, grace),
+                                  min_samples_required=3)  # fmt: skip
+    return FIFOScheduler()
+
+
+def connect(opts: SearchOptions) -> dict[str, float]:
+    """Start a local Ray instance, or join ``--address``; returns the cluster's resources."""
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False, "ignore_reinit_error": True}
+    if opts.address:
+        kwargs["address"] = opts.address
+        _check_reachable(opts.address)
+    else:
+        kwargs["include_dashboard"] = False  # nothing of ours listens beyond what Ray needs
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (token auth: set RAY_AUTH_MODE=token and the cluster's token, see README)" if opts.address else ""
+        raise UsageError(f"--address {opts.address}: cannot join the Ray cluster: {first}{hint}") from exc
+    resources: dict[str, float] = ray.cluster_resources()
+    return resources
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (``ray.init`` retries for minutes)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r} is invalid: use auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UsageError(f"--address {address}: cannot join the Ray cluster: nothing answers there ({exc})") from exc
+
+
+def _per_trial_resources(opts: SearchOptions, resources: dict[str, float]) -> dict[str, float]:
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 and opts.device != "cpu" else 0.0
+    if opts.device == "cuda" and (gpus <= 0 or resources.get("GPU", 0) <= 0):
+        raise UsageError(
+            "--device cuda: the Ray cluster has no GPU for trials (give --gpus-per-trial, or --device cpu)"
+        )
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if opts.cpus_per_trial > largest:
+        raise UsageError(
+            f"--cpus-per-trial {opts.cpus_per_trial}: no node of the cluster has that many (largest: {largest:g})"
+        )
+    if gpus > resources.get("GPU", 0):
+        raise UsageError(f"--gpus-per-trial {gpus:g}: the cluster has {resources.get('GPU', 0):g} GPU(s)")
+    return {"cpu": opts.cpus_per_trial, "gpu": gpus}
+
+
+def run_ray(
+    opts: SearchOptions, *, study: optuna.Study, outputs: RunOutputs, progress: Progress, runner: TrialRunner,
+    sampler: optuna.samplers.BaseSampler, pruner: str, moasha: MOASHA, trials: int, time_budget: float | None,
+    out: Path,
+) -> float:  # fmt: skip
+    """Run (or restore and finish) the search as a Ray Tune experiment; returns seconds spent in trials."""
+    global _ACTIVE
+    resources = connect(opts)
+    try:
+        per_trial = _per_trial_resources(opts, resources)
+        runner.deadline = None if time_budget is None else time.time() + time_budget
+        recorded = {
+            t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs
+        }
+        _ACTIVE = _Driver(study=study, outputs=outputs, progress=progress, space=runner.space, pruner=pruner,
+                          moasha=moasha, deadline=runner.deadline, recorded=recorded)  # fmt: skip
+        trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner), per_trial)
+        path = out.resolve() / EXPERIMENT
+        if opts.resume and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            if opts.resume:
+                progress.note(f"  {path} holds no Ray experiment to restore: starting one for the remaining trials")
+            tuner = _new_tuner(opts, trainable, runner, sampler, pruner, trials - count_finished(study), out)
+        tuner.fit()
+        return _driver().trial_seconds
+    finally:
+        _ACTIVE = None
+        ray.shutdown()
+
+
+def _new_tuner(
+    opts: SearchOptions, trainable: Any, runner: TrialRunner, sampler: optuna.samplers.BaseSampler, pruner: str,
+    n_trials: int, out: Path,
+) -> Any:  # fmt: skip
+    space = runner.space
+    modes = ["max" if d == M.MAXIMIZE else "min" for d in space.directions]
+    searcher = _Searcher(
+        space=space.suggest, metric=list(space.metrics) if len(modes) > 1 else space.metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], sampler=sampler,
+        points_to_evaluate=[dict(v) for v in opts.enqueue] if opts.enqueue else None,
+    )  # fmt: skip
+    rung_steps = runner.budget.rung_steps()
+    scheduler = _scheduler(pruner, space, eta=opts.eta, steps=runner.budget.steps,
+                           grace=rung_steps[1] if len(rung_steps) > 1 else rung_steps[0])  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=max(1, n_trials),
+            max_concurrent_trials=opts.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out.resolve()),
+            verbose=0,
+            callbacks=[_Recorder()],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )

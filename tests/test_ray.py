@@ -1,0 +1,166 @@
+"""The Ray Tune backend, end to end, on real Ray processes.
+
+Everything that starts Ray runs inside a private network namespace that has only loopback (Ray
+binds the machine's interface address otherwise): :class:`Loopback` holds one open with
+``unshare -n`` and runs commands in it with ``nsenter``. Searches run through the CLI, as users
+run them, on the seconds-scale space of ``tests/data/tiny.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "data" / "tiny.yaml")
+BIN = Path(sys.executable).parent
+FINISHED = {"complete", "pruned", "failed"}
+
+
+class Loopback:
+    """A network namespace with only loopback, kept open by a sleeping process; Ray state under a
+    private ``RAY_TMPDIR`` and ``HOME`` (the auth token), removed with every Ray process at exit."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 100000"])
+        self.root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
+        self.env = {**os.environ, "RAY_TMPDIR": str(self.root / "t"), "HOME": str(self.root / "home"),
+                    "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+        for _ in range(50):
+            up = subprocess.run(self.wrap(["ip", "-o", "link", "show", "lo"]), capture_output=True, text=True)
+            if "UP" in up.stdout:
+                break
+            time.sleep(0.1)
+        self.run(["ray", "get-auth-token", "--generate"])
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-n", "--", *cmd]
+
+    def run(self, cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.wrap(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def popen(self, cmd: list[str], **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.wrap(cmd), env=self.env, text=True, cwd=ROOT, **kw)  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        self.run(["ray", "stop", "--force"], timeout=60)
+        self.holder.kill()
+        self.holder.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def loopback() -> Iterator[Loopback]:
+    ns = Loopback()
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+def search_cmd(out: Path, *extra: str, trials: int = 4, steps: int = 40) -> list[str]:
+    return [str(BIN / "python"), "run_search.py", "--space", TINY, "--backend", "ray", "--trials", str(trials),
+            "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
+
+
+def rows(out: Path) -> pd.DataFrame:
+    path = out / "trials.csv"
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["trial", "state"])
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_embedded_ray_writes_the_local_backends_outputs(loopback: Loopback, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = loopback.run(search_cmd(out, "--max-concurrent", "2", trials=5))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("trials.csv", "pareto.csv", "best_config.yaml", "pareto.png", "report.html", "study.db"):
+        assert (out / name).stat().st_size > 0, name
+    trials = rows(out)
+    local = loopback.run([str(BIN / "python"), "run_search.py", "--space", TINY, "--trials", "1", "--steps", "10",
+                          "--out", str(tmp_path / "local")])  # fmt: skip
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert list(trials.columns) == list(rows(tmp_path / "local").columns)  # same table whichever backend ran
+    assert len(trials) == 5 and set(trials["state"]) <= FINISHED
+    assert trials["node"].notna().all() and trials["node"].str.len().min() >= 16  # Ray node IDs
+    complete = trials[trials["state"] == "complete"]
+    assert len(complete) >= 1 and complete["accuracy"].between(0, 1).all() and (complete["flops"] > 0).all()
+    # the report and export read the run like a local one
+    exported = loopback.run([str(BIN / "attn-search"), "export", str(out), "--format", "python"])
+    assert exported.returncode == 0, exported.stderr
+    # a trial whose task raises is recorded failed with its reason, and the search goes on
+    broken = loopback.run(search_cmd(tmp_path / "broken", "--task", "tests.custom_task:broken", trials=2))
+    assert broken.returncode == 0, broken.stderr[-3000:]
+    failed = rows(tmp_path / "broken")
+    assert list(failed["state"]) == ["failed", "failed"]
+    assert failed["reason"].str.contains("broken task: no data today").all()
+
+
+def test_bad_ray_flags_exit_2(loopback: Loopback, tmp_path: Path) -> None:
+    for cmd, message in (
+        (search_cmd(tmp_path / "a", "--cpus-per-trial", "64"), "--cpus-per-trial 64.0: no node"),
+        (search_cmd(tmp_path / "b", "--address", "127.0.0.1:1"), "--address 127.0.0.1:1: cannot join"),
+        ([str(BIN / "python"), "run_search.py", "--space", TINY, "--cpus-per-trial", "2"], "apply to --backend ray"),
+        (search_cmd(tmp_path / "c", "--max-concurrent", "0"), "--max-concurrent"),
+    ):
+        done = loopback.run(cmd, timeout=120)
+        assert done.returncode == 2, (cmd, done.stderr[-2000:])
+        assert message in done.stderr and len(done.stderr.strip().splitlines()[-1]) > 0
+
+
+def start_cluster(ns: Loopback) -> tuple[str, subprocess.Popen[str]]:
+    """A head node and a worker node, each with one CPU, as separate processes on 127.0.0.1.
+    The worker runs with ``--block`` in its own session, so that the test can kill the whole node."""
+    port = "6390"
+    head = ns.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                   "--disable-usage-stats"])  # fmt: skip
+    assert head.returncode == 0, head.stderr[-2000:]
+    address = f"127.0.0.1:{port}"
+    worker = ns.popen(["ray", "start", f"--address={address}", "--num-cpus=1", "--block", "--disable-usage-stats"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    probe = [str(BIN / "python"), "-c", f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+             "print(sum(n['Alive'] for n in ray.nodes()))"]  # fmt: skip
+    wait_for(lambda: ns.run(probe, timeout=60).stdout.strip().endswith("2"), 60, "the worker node to join")
+    return address, worker
+
+
+def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker(loopback: Loopback, tmp_path: Path) -> None:
+    address, worker = start_cluster(loopback)
+    first = loopback.run(search_cmd(tmp_path / "spread", "--address", address, "--pruner", "none", trials=4))
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = rows(tmp_path / "spread")
+    assert len(trials) == 4 and trials["node"].nunique() == 2  # both nodes ran trials
+
+    # second run: the worker node dies mid-search; its trial is retried on the head
+    out = tmp_path / "kill"
+    driver = loopback.popen(search_cmd(out, "--address", address, "--pruner", "none", trials=6, steps=150),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for(lambda: len(rows(out)) >= 2, 240, "two finished trials")
+    before = rows(out)
+    os.killpg(worker.pid, signal.SIGKILL)  # the raylet, object store and trial workers of that node
+    log, _ = driver.communicate(timeout=400)
+    assert driver.returncode == 0, log[-3000:]
+    after = rows(out)
+    assert len(after) == 6 and set(after["state"]) <= {"complete"}, after[["state", "reason"]]
+    kept = after.merge(before[["trial", "node", "accuracy"]], on=["trial", "node", "accuracy"])
+    assert len(kept) == len(before)  # no finished trial lost
+    later = after[~after["trial"].isin(before["trial"])]
+    assert later["node"].nunique() == 1  # only the head was left
+    assert "its worker died; retrying it" in log  # the trial running on the dead node ran again
