@@ -37,6 +37,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ EXPERIMENT = "ray"
 STEP = "step"
 FINAL = "final"
 RECORD = "record"
-PLACE = ("node", "node_ip", "hostname")
+PLACE = ("node", "node_ip", "hostname", "device")
 MAX_FAILURES = 3
 """Retries of a trial whose worker died (``FailureConfig``)."""
 
@@ -145,9 +146,9 @@ class _Driver:
         attrs["ray_trial_id"] = trial.trial_id
         attrs["backend"] = "ray"
         self.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
-        self._add(values, attrs, state)
+        self.add(values, attrs, state)
 
-    def _add(self, values: dict[str, Any], attrs: dict[str, Any], state: str) -> None:
+    def add(self, values: dict[str, Any], attrs: dict[str, Any], state: str) -> None:
         fixed = optuna.trial.FixedTrial(values)
         self.space.suggest(fixed)  # the distributions of the active parameters (define-by-run)
         objective = None
@@ -160,13 +161,21 @@ class _Driver:
             state={M.COMPLETE: optuna.trial.TrialState.COMPLETE, M.PRUNED: optuna.trial.TrialState.PRUNED}.get(
                 state, optuna.trial.TrialState.FAIL),
             datetime_start=_dt.datetime.fromtimestamp(float(started)) if started else now, datetime_complete=now,
-            params={k: values[k] for k in fixed.distributions}, distributions=fixed.distributions,
+            params={k: _inside(values[k], d) for k, d in fixed.distributions.items()}, distributions=fixed.distributions,
             user_attrs=attrs, system_attrs={}, intermediate_values={int(s): float(a) for s, a in attrs.get("curve", [])},
         )  # fmt: skip
         self.study.add_trial(frozen)
         added = self.study.get_trials(deepcopy=False)[-1]
         df = self.outputs.write_tables(self.study)
         self.progress.trial_done(self.study, added, df)
+
+
+def _inside(value: Any, dist: optuna.distributions.BaseDistribution) -> Any:
+    """``value`` clipped into ``dist``: an RL grid point computed in floating point (``1e-2`` as
+    ``0.010000000000000004``) may lie a rounding error outside, which a stored trial may not."""
+    if isinstance(dist, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)):
+        return type(value)(min(max(value, dist.low), dist.high))
+    return value
 
 
 _ACTIVE: _Driver | None = None
@@ -178,14 +187,22 @@ def _driver() -> _Driver:
     return _ACTIVE
 
 
-def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
-    """One Tune trial: run the proposal, report each rung, then a final result with the record."""
-    place = {
+def _place(runner: TrialRunner) -> dict[str, Any]:
+    """Where and when a trial runs (recorded with it)."""
+    from attn_search.trainer import resolve_device
+
+    return {
         "node": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),
+        "device": str(resolve_device(runner.device)),
         "started": time.time(),
     }
+
+
+def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
+    """One Tune trial: run the proposal, report each rung, then a final result with the record."""
+    place = _place(runner)
 
     def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
         tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
@@ -368,6 +385,10 @@ def run_ray(
         ray.shutdown()
 
 
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def _new_tuner(
     opts: SearchOptions, trainable: Any, runner: TrialRunner, sampler: optuna.samplers.BaseSampler, pruner: str,
     n_trials: int, out: Path,
@@ -389,6 +410,7 @@ def _new_tuner(
             scheduler=scheduler,
             num_samples=max(1, n_trials),
             max_concurrent_trials=opts.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
@@ -398,3 +420,86 @@ def _new_tuner(
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
+
+
+def _run_task(runner: TrialRunner, values: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """One RL proposal as a Ray task: the trial's attributes (with its place) and its state."""
+    place = _place(runner)
+    try:
+        outcome = runner.run(dict(values))
+    except Exception as exc:  # failed with its reason; only a dead worker is retried
+        outcome = TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
+    attrs = {**outcome.attrs, **place, "backend": "ray"}
+    if outcome.values is not None:
+        attrs.setdefault("metrics", {}).update(zip(runner.space.metrics, outcome.values, strict=True))
+    return attrs, outcome.state
+
+
+class AgentBatches:
+    """``run_batch`` for the RL agent (:func:`attn_search.rl.run_agent`): a vector step's proposals
+    run as concurrent Ray tasks (``max_retries`` re-runs one whose worker died) and are recorded in
+    the study as they finish. Tune is not used here: the agent, not a Tune searcher, proposes, and
+    it needs every proposal's full-budget result as its reward (no early stopping)."""
+
+    def __init__(self, driver: _Driver, runner: TrialRunner, per_trial: dict[str, float], n_envs: int,
+                 trials: int) -> None:  # fmt: skip
+        self.driver = driver
+        self.runner = runner
+        self.n_envs = n_envs
+        self.trials = trials
+        self.remote = ray.remote(_run_task).options(
+            num_cpus=per_trial["cpu"], num_gpus=per_trial["gpu"], max_retries=MAX_FAILURES, retry_exceptions=False
+        )
+
+    def __call__(self, proposals: list[dict[str, Any]]) -> list[dict[str, float] | None]:
+        from attn_search.rl import BudgetReached
+
+        left = self.trials - count_finished(self.driver.study)
+        if left <= 0 or (self.driver.deadline is not None and time.time() > self.driver.deadline):
+            raise BudgetReached
+        batch = proposals[:left]
+        runner = ray.put(self.runner)
+        refs = [self.remote.remote(runner, values) for values in batch]
+        for ref, values in zip(refs, batch, strict=True):
+            with contextlib.suppress(ValueError):
+                self.driver.progress.trial_started(ref.hex()[:8], self.driver.space.make_config(values))
+        results: dict[Any, dict[str, float] | None] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            values = batch[refs.index(ready[0])]
+            try:
+                attrs, state = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                attrs, state = (
+                    {"state": M.FAILED, "reason": f"worker failed {MAX_FAILURES + 1} times: {line}"},
+                    M.FAILED,
+                )
+            self.driver.progress.running.pop(ready[0].hex()[:8], None)
+            self.driver.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
+            self.driver.add(values, attrs, state)
+            results[ready[0]] = attrs.get("metrics") if state == M.COMPLETE else None
+        return [results[r] for r in refs] + [None] * (len(proposals) - len(batch))
+
+
+@contextlib.contextmanager
+def agent_batches(
+    opts: SearchOptions, *, study: optuna.Study, outputs: RunOutputs, progress: Progress, runner: TrialRunner,
+    trials: int, time_budget: float | None,
+) -> Iterator[AgentBatches]:  # fmt: skip
+    """Connect to Ray and yield the RL agent's batch evaluator (one env per concurrent trial)."""
+    resources = connect(opts)
+    try:
+        per_trial = _per_trial_resources(opts, resources)
+        runner.deadline = None if time_budget is None else time.time() + time_budget
+        slots = int(resources.get("CPU", 1) // per_trial["cpu"])
+        if per_trial["gpu"] > 0:
+            slots = min(slots, int(resources.get("GPU", 0) // per_trial["gpu"]))
+        n_envs = max(1, min(opts.max_concurrent or slots, slots or 1))
+        driver = _Driver(study=study, outputs=outputs, progress=progress, space=runner.space, pruner="none",
+                         moasha=MOASHA(runner.space.directions), deadline=runner.deadline)  # fmt: skip
+        progress.note(f"  {opts.strategy} agent acting in {n_envs} environment(s): {n_envs} trial(s) at a time on Ray")
+        yield AgentBatches(driver, runner, per_trial, n_envs, trials)
+    finally:
+        ray.shutdown()

@@ -304,11 +304,7 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     runner.deadline = None if time_budget is None else time.time() + time_budget
     objective = _Objective(runner=runner, pruner=pruner_name, moasha=moasha, progress=progress)
     if remaining and opts.backend == "ray" and not rl:
-        try:
-            from attn_search.ray_backend import run_ray
-        except ImportError as exc:
-            raise UsageError(f"--backend ray needs Ray Tune ({exc}): pip install -e '.[ray]'") from exc
-        objective.trial_seconds = run_ray(
+        objective.trial_seconds = _import_ray_backend().run_ray(
             opts, study=study, outputs=outputs, progress=progress, runner=runner, sampler=sampler,
             pruner=pruner_name, moasha=moasha, trials=trials, time_budget=time_budget, out=out,
         )  # fmt: skip
@@ -351,12 +347,33 @@ def _search_with_agent(
             return None
         return dict(last.user_attrs.get("metrics", {}))
 
-    run_agent(
-        opts.strategy, space, run_trial, n_trials=trials - count_finished(study), seed=opts.seed,
-        compute=opts.compute, pretrain=opts.pretrain, pretrain_steps=opts.pretrain_steps, agent_path=opts.agent,
-        grid_table=opts.evaluator[6:] if opts.evaluator.startswith("table:") else opts.pretrain,
-        save_to=outputs.run_dir / "agent.zip",
-    )  # fmt: skip
+    def learn(run_batch: Any = None, n_envs: int = 1) -> None:
+        run_agent(
+            opts.strategy, space, run_trial, n_trials=trials - count_finished(study), seed=opts.seed,
+            compute=opts.compute, pretrain=opts.pretrain, pretrain_steps=opts.pretrain_steps, agent_path=opts.agent,
+            grid_table=opts.evaluator[6:] if opts.evaluator.startswith("table:") else opts.pretrain,
+            save_to=outputs.run_dir / "agent.zip", run_batch=run_batch, n_envs=n_envs,
+        )  # fmt: skip
+
+    if opts.backend != "ray":
+        learn()
+        return
+    # On Ray the agent acts in several envs at once; each vector step's proposals train in parallel
+    # as Ray tasks (see attn_search.rl._batched_env and attn_search.ray_backend.agent_batches).
+    ray_backend = _import_ray_backend()
+    with ray_backend.agent_batches(opts, study=study, outputs=outputs, progress=progress, runner=objective.runner,
+                                   trials=trials, time_budget=time_budget) as batches:  # fmt: skip
+        learn(batches, batches.n_envs)
+    objective.trial_seconds = batches.driver.trial_seconds
+
+
+def _import_ray_backend() -> Any:
+    """The Ray backend module (Ray is imported only here, only for ``--backend ray``)."""
+    try:
+        from attn_search import ray_backend
+    except ImportError as exc:
+        raise UsageError(f"--backend ray needs Ray Tune ({exc}): pip install -e '.[ray]'") from exc
+    return ray_backend
 
 
 def _after_trial(outputs: RunOutputs, progress: Progress) -> Any:

@@ -164,3 +164,57 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker(loopback: Lo
     later = after[~after["trial"].isin(before["trial"])]
     assert later["node"].nunique() == 1  # only the head was left
     assert "its worker died; retrying it" in log  # the trial running on the dead node ran again
+
+
+def test_interrupted_ray_search_resumes_its_experiment(loopback: Loopback, tmp_path: Path) -> None:
+    import optuna
+
+    out = tmp_path / "run"
+    cmd = search_cmd(out, "--max-concurrent", "2", "--pruner", "none", trials=6, steps=150)
+    driver = loopback.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: len(rows(out)) >= 2, 240, "two finished trials")
+    driver.send_signal(signal.SIGINT)
+    time.sleep(2)
+    driver.kill()  # SIGKILL, whether or not Ray Tune had finished stopping
+    driver.wait()
+    loopback.run(["ray", "stop", "--force"])  # what the embedded Ray instance left behind
+    before = rows(out)
+    started = {p.name.removeprefix("trial_") for p in (out / "ray").glob("trial_*")}
+    assert 2 <= len(before) < 6
+    resumed = loopback.run([*cmd, "--resume"], timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    after = rows(out)
+    assert len(after) == 6 and set(after["state"]) == {"complete"}
+    assert after.merge(before, on=["trial", "node", "accuracy", "lr"]).shape[0] == len(before)  # none lost
+    study = optuna.load_study(study_name="attn_search", storage=f"sqlite:///{out / 'study.db'}")
+    ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
+    assert len(set(ids)) == 6  # each Ray trial recorded once
+    # Tuner.restore continued the experiment: trials it had started before the kill finished after it
+    assert set(ids[len(before) :]) & started
+
+
+def test_ppo_on_ray_evaluates_a_vector_step_in_parallel(loopback: Loopback, tmp_path: Path) -> None:
+    import optuna
+
+    out = tmp_path / "ppo"
+    done = loopback.run(search_cmd(out, "--strategy", "ppo", "--max-concurrent", "2", trials=6, steps=60))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "agent acting in 2 environment(s)" in done.stdout
+    trials = rows(out)
+    assert len(trials) == 6 and set(trials["state"]) <= FINISHED
+    assert (out / "agent.zip").stat().st_size > 0
+    study = optuna.load_study(study_name="attn_search", storage=f"sqlite:///{out / 'study.db'}")
+    spans = [(t.datetime_start, t.datetime_complete) for t in study.trials]
+    # the two proposals of each vector step trained at the same time
+    overlaps = sum(a[0] < b[1] and b[0] < a[1] for a, b in zip(spans[::2], spans[1::2], strict=True))
+    assert overlaps >= 2, spans
+
+
+def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
+    code = (
+        "import sys; from attn_search.search import SearchOptions, run_search; "
+        f"run_search(SearchOptions(space={TINY!r}, trials=1, steps=4, out={str(tmp_path / 'run')!r}, quiet=True)); "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
