@@ -42,6 +42,8 @@ bench: venv
 	$(PY) benchmarks/sparse_vs_dense.py
 	$(PY) benchmarks/task_discrimination.py
 	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/ray_overhead.py
+	$(PY) benchmarks/gpu_packing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -145,7 +145,7 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
                  ("--cpus-per-trial", opts.cpus_per_trial, 1.0), ("--gpus-per-trial", opts.gpus_per_trial, None),
                  ("--max-concurrent", opts.max_concurrent, None)) if value != default]  # fmt: skip
         if given:
-            raise UsageError(f"{', '.join(given)} apply to --backend ray (add --backend ray)")
+            raise UsageError(f"{', '.join(given)}: only with --backend ray (add --backend ray)")
     if opts.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial {opts.cpus_per_trial} is invalid: it must be > 0")
     if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:

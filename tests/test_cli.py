@@ -31,7 +31,9 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         (["--trials", "-3"], "argument --trials: -3 is invalid: it must be at least 1"),
         (["--space", TINY.replace("tiny", "missing")], "no such file"),
         (["--select", "best"], "--select 'best' is unknown"),
-        (["--backend", "slurm"], "--backend 'slurm' is unknown"),
+        (["--backend", "slurm"], "argument --backend: invalid choice: 'slurm'"),
+        (["--max-concurrent", "2"], "--max-concurrent: only with --backend ray"),
+        (["--gpus-per-trial", "-1"], "argument --gpus-per-trial: -1.0 is invalid: it must be >= 0"),
         (["--strategy", "cmaes"], "single objective"),
     ],
 )

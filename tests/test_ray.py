@@ -117,7 +117,10 @@ def test_bad_ray_flags_exit_2(loopback: Loopback, tmp_path: Path) -> None:
     for cmd, message in (
         (search_cmd(tmp_path / "a", "--cpus-per-trial", "64"), "--cpus-per-trial 64.0: no node"),
         (search_cmd(tmp_path / "b", "--address", "127.0.0.1:1"), "--address 127.0.0.1:1: cannot join"),
-        ([str(BIN / "python"), "run_search.py", "--space", TINY, "--cpus-per-trial", "2"], "apply to --backend ray"),
+        (
+            [str(BIN / "python"), "run_search.py", "--space", TINY, "--cpus-per-trial", "2"],
+            "--cpus-per-trial: only with --backend ray",
+        ),
         (search_cmd(tmp_path / "c", "--max-concurrent", "0"), "--max-concurrent"),
     ):
         done = loopback.run(cmd, timeout=120)
@@ -218,3 +221,25 @@ def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def last_json(text: str) -> dict[str, object]:
+    import json
+
+    return json.loads(text.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_ray_benchmarks_run_on_the_cpu_path(loopback: Loopback) -> None:
+    py = str(BIN / "python")
+    packing = loopback.run([py, "benchmarks/gpu_packing.py", "--no-netns", "--device", "cpu", "--space", TINY,
+                            "--trials", "2", "--packings", "1", "2", "--steps", "6"])  # fmt: skip
+    assert packing.returncode == 0, packing.stderr[-3000:]
+    report = last_json(packing.stdout)
+    assert report["gpus"] == 0 and [r["per_device"] for r in report["results"]] == [1, 2]  # type: ignore[index]
+    for r in report["results"]:  # type: ignore[attr-defined]
+        assert r["complete"] == 2 and r["trials_per_hour"] > 0 and r["peak_mem_mb"] > 0 and r["device"] == "cpu"
+    overhead = loopback.run([py, "benchmarks/ray_overhead.py", "--no-netns", "--space", TINY, "--trials", "2",
+                             "--steps", "6"])  # fmt: skip
+    assert overhead.returncode == 0, overhead.stderr[-3000:]
+    figures = last_json(overhead.stdout)
+    assert figures["local_complete"] == figures["ray_complete"] == 2 and figures["speedup"] > 0  # type: ignore[operator]
