@@ -75,7 +75,7 @@ def search_cmd(out: Path, *extra: str, trials: int = 4, steps: int = 40) -> list
 
 def rows(out: Path) -> pd.DataFrame:
     path = out / "trials.csv"
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["trial", "state"])
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["trial", "state", "node"])
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -128,9 +128,10 @@ def test_bad_ray_flags_exit_2(loopback: Loopback, tmp_path: Path) -> None:
         assert message in done.stderr and len(done.stderr.strip().splitlines()[-1]) > 0
 
 
-def start_cluster(ns: Loopback) -> tuple[str, subprocess.Popen[str]]:
+def start_cluster(ns: Loopback) -> tuple[str, subprocess.Popen[str], str]:
     """A head node and a worker node, each with one CPU, as separate processes on 127.0.0.1.
-    The worker runs with ``--block`` in its own session, so that the test can kill the whole node."""
+    The worker runs with ``--block`` in its own session, so that the test can kill the whole node.
+    Returns the address, the worker's process and the worker's node ID."""
     port = "6390"
     head = ns.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                    "--disable-usage-stats"])  # fmt: skip
@@ -139,33 +140,42 @@ def start_cluster(ns: Loopback) -> tuple[str, subprocess.Popen[str]]:
     worker = ns.popen(["ray", "start", f"--address={address}", "--num-cpus=1", "--block", "--disable-usage-stats"],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     probe = [str(BIN / "python"), "-c", f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
-             "print(sum(n['Alive'] for n in ray.nodes()))"]  # fmt: skip
-    wait_for(lambda: ns.run(probe, timeout=60).stdout.strip().endswith("2"), 60, "the worker node to join")
-    return address, worker
+             "print(*[n['NodeID'] for n in ray.nodes() if n['Alive'] and 'node:__internal_head__' not in n['Resources']])"]  # fmt: skip
+    found: list[str] = []
+    wait_for(lambda: found.extend(ns.run(probe, timeout=60).stdout.split()) or found, 60, "the worker node to join")
+    return address, worker, found[0]
 
 
 def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker(loopback: Loopback, tmp_path: Path) -> None:
-    address, worker = start_cluster(loopback)
-    first = loopback.run(search_cmd(tmp_path / "spread", "--address", address, "--pruner", "none", trials=4))
+    import optuna
+
+    address, worker, worker_node = start_cluster(loopback)
+    # trials of seconds: Tune reuses a free actor, so 1-second trials could all run on the node
+    # whose actor came up first
+    first = loopback.run(search_cmd(tmp_path / "spread", "--address", address, "--pruner", "none", trials=6, steps=800))
     assert first.returncode == 0, first.stderr[-3000:]
     trials = rows(tmp_path / "spread")
-    assert len(trials) == 4 and trials["node"].nunique() == 2  # both nodes ran trials
+    assert len(trials) == 6 and trials["node"].nunique() == 2, trials["node"]  # both nodes ran trials
 
     # second run: the worker node dies mid-search; its trial is retried on the head
     out = tmp_path / "kill"
-    driver = loopback.popen(search_cmd(out, "--address", address, "--pruner", "none", trials=6, steps=150),
+    driver = loopback.popen(search_cmd(out, "--address", address, "--pruner", "none", trials=6, steps=800),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    wait_for(lambda: len(rows(out)) >= 2, 240, "two finished trials")
+    # once a trial finished on the worker, Tune hands its actor the next trial: kill it during that one
+    wait_for(lambda: (rows(out)["node"] == worker_node).any(), 240, "a finished trial on the worker node")
     before = rows(out)
+    assert len(before) < 6
     os.killpg(worker.pid, signal.SIGKILL)  # the raylet, object store and trial workers of that node
+    killed = time.time()
     log, _ = driver.communicate(timeout=400)
     assert driver.returncode == 0, log[-3000:]
     after = rows(out)
     assert len(after) == 6 and set(after["state"]) <= {"complete"}, after[["state", "reason"]]
     kept = after.merge(before[["trial", "node", "accuracy"]], on=["trial", "node", "accuracy"])
     assert len(kept) == len(before)  # no finished trial lost
-    later = after[~after["trial"].isin(before["trial"])]
-    assert later["node"].nunique() == 1  # only the head was left
+    study = optuna.load_study(study_name="attn_search", storage=f"sqlite:///{out / 'study.db'}")
+    later = [t.user_attrs["node"] for t in study.trials if t.datetime_complete.timestamp() > killed + 2]
+    assert later and worker_node not in later  # only the head was left
     assert "its worker died; retrying it" in log  # the trial running on the dead node ran again
 
 
