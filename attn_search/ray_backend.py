@@ -205,6 +205,8 @@ def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
     place = _place(runner)
 
     def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
+        if step >= runner.budget.steps:
+            return False  # the final result follows at once; no scheduler may stop the trial before it
         tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
         return False  # the scheduler decides, on the driver
 
@@ -257,15 +259,17 @@ class _MOASHAScheduler(FIFOScheduler):  # type: ignore[misc]
     """MO-ASHA as a Tune scheduler: stop a trial at a rung unless it ranks in the top ``1/eta``
     by non-dominated sorting of (accuracy, compute). The rule's state is the driver's."""
 
-    def __init__(self, compute_names: list[str]) -> None:
+    def __init__(self, compute_names: list[str], max_step: int) -> None:
         super().__init__()
         self.compute_names = compute_names
+        self.max_step = max_step
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if result.get(FINAL) or M.ACCURACY not in result:
             return TrialScheduler.CONTINUE  # type: ignore[no-any-return]
         point = [float(result[M.ACCURACY]), *(float(result[m]) for m in self.compute_names)]
         keep = _driver().moasha.report(trial.trial_id, int(result[STEP]), point)
+        keep = keep or int(result[STEP]) >= self.max_step  # a trial past its last step has finished
         return TrialScheduler.CONTINUE if keep else TrialScheduler.STOP  # type: ignore[no-any-return]
 
 
@@ -295,10 +299,11 @@ class _Recorder(tune.Callback):  # type: ignore[misc]
 
 def _scheduler(pruner: str, space: SearchSpace, *, eta: float, steps: int, grace: int) -> Any:
     if pruner == "moasha":
-        return _MOASHAScheduler(list(space.metrics[1:]))
+        return _MOASHAScheduler(list(space.metrics[1:]), steps)
     if pruner == "asha":
+        # stop_last_trials=False: Ray's default stops every trial at max_t, before its final result
         return ASHAScheduler(time_attr=STEP, metric=M.ACCURACY, mode="max", max_t=steps, grace_period=max(1, grace),
-                             reduction_factor=eta)  # fmt: skip
+                             reduction_factor=eta, stop_last_trials=False)  # fmt: skip
     if pruner == "median":
         return MedianStoppingRule(time_attr=STEP, metric=M.ACCURACY, mode="max", grace_period=max(1, grace),
                                   min_samples_required=3)  # fmt: skip

@@ -503,7 +503,8 @@ class TrialRunner:
         def reporter(step: int, accuracy: float) -> bool:
             curve.append((step, accuracy))
             put("curve", list(curve))
-            return on_rung(step, accuracy, compute)
+            stop = on_rung(step, accuracy, compute)  # the rule still records the last rung
+            return stop and step < self.budget.steps  # stopping after the last step would only discard it
 
         budget = self.budget
         if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates

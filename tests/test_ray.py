@@ -113,6 +113,16 @@ def test_embedded_ray_writes_the_local_backends_outputs(loopback: Loopback, tmp_
     assert failed["reason"].str.contains("broken task: no data today").all()
 
 
+def test_single_objective_search_with_asha_stops_at_the_time_budget(loopback: Loopback, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = loopback.run(search_cmd(out, "--compute", "none", "--time-budget", "12", "--max-concurrent", "2",
+                                   trials=200, steps=40))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # the budget ended it, not an interrupt
+    trials = rows(out)
+    assert 2 <= len(trials) < 200 and set(trials["state"]) <= FINISHED
+    assert "done:" in done.stdout and (out / "best_config.yaml").exists()
+
+
 def test_bad_ray_flags_exit_2(loopback: Loopback, tmp_path: Path) -> None:
     for cmd, message in (
         (search_cmd(tmp_path / "a", "--cpus-per-trial", "64"), "--cpus-per-trial 64.0: no node"),

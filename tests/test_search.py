@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -15,8 +16,10 @@ import yaml
 from attn_search import AttentionConfig, build_model, load_config, make_task
 from attn_search.export import export_run
 from attn_search.outputs import rebuild
-from attn_search.search import SearchOptions, UsageError, run_search
+from attn_search.search import SearchOptions, TrialRunner, UsageError, run_search
+from attn_search.space import load_space
 from attn_search.strategies import OPTUNA_STRATEGIES
+from attn_search.trainer import PRESETS
 
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
 OUTPUTS = [
@@ -159,3 +162,16 @@ def test_resume_refuses_another_space_and_a_fresh_run_refuses_an_existing_dir(tm
     _, summary = search(tmp_path, trials=3, resume=True)
     assert summary.n_finished == 3  # type: ignore[attr-defined]
     assert math.isfinite(summary.hypervolume)  # type: ignore[attr-defined]
+
+
+def test_a_trial_is_stopped_at_a_rung_but_never_after_its_last_step() -> None:
+    space = load_space(TINY)
+    budget = dataclasses.replace(PRESETS["smoke"], steps=6, rungs=2)
+    runner = TrialRunner(space=space, budget=budget, task=space.task, task_kwargs=dict(space.task_params), seed=0)
+    values = {"n_heads": 2, "pattern": "dense", "lr": 3e-3}
+    seen: list[int] = []
+    outcome = runner.run(values, on_rung=lambda step, acc, compute: seen.append(step) or True)
+    assert seen == [3] and outcome.state == "pruned" and outcome.values is None
+    seen.clear()  # a rule that says stop at the last rung: the trial has finished, its result is kept
+    outcome = runner.run(values, on_rung=lambda step, acc, compute: seen.append(step) or step == 6)
+    assert seen == [3, 6] and outcome.state == "complete" and outcome.values is not None
