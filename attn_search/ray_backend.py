@@ -22,6 +22,9 @@ what is ours:
   code as the local backend's (plus the node each trial ran on).
 - Restore: the Tune experiment lives in ``RUN_DIR/ray``; ``--resume`` calls ``Tuner.restore``
   (trial table and searcher state) and re-runs the trials that were running.
+- RL proposer (``--strategy ppo``/``a2c``): no Tune searcher; the agent acts in one env per
+  concurrent slot and :class:`AgentBatches` trains each vector step's proposals as parallel Ray
+  tasks (``max_retries`` for dead workers), recorded like the Tune trials.
 
 Objects Tune pickles into its experiment (searcher, scheduler, callback) hold no live state: they
 reach the running search through the module-level :data:`_ACTIVE`, so a restored experiment talks
