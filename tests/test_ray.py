@@ -41,6 +41,12 @@ class Loopback:
             if "UP" in up.stdout:
                 break
             time.sleep(0.1)
+        else:
+            self.holder.kill()
+            raise AssertionError(
+                "could not open a loopback-only network namespace (`unshare -n` + `nsenter`, run as root, as CI "
+                f"does): {up.stderr.strip()[:300]}"
+            )
         self.run(["ray", "get-auth-token", "--generate"])
 
     def wrap(self, cmd: list[str]) -> list[str]:
