@@ -148,10 +148,11 @@ class _Driver:
                 attrs[key] = seen[key]
         attrs["ray_trial_id"] = trial.trial_id
         attrs["backend"] = "ray"
-        self.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
         self.add(values, attrs, state)
 
     def add(self, values: dict[str, Any], attrs: dict[str, Any], state: str) -> None:
+        """Store one finished trial in the study, rewrite the tables, print its line."""
+        self.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
         fixed = optuna.trial.FixedTrial(values)
         self.space.suggest(fixed)  # the distributions of the active parameters (define-by-run)
         objective = None
@@ -203,6 +204,15 @@ def _place(runner: TrialRunner) -> dict[str, Any]:
     }
 
 
+def _run_caught(runner: TrialRunner, values: dict[str, Any], **kwargs: Any) -> TrialOutcome:
+    """``runner.run``; a trial that raises is a failed trial with its reason, not a dead worker
+    (Ray retries only the latter: the exception would come again)."""
+    try:
+        return runner.run(dict(values), **kwargs)
+    except Exception as exc:
+        return TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
+
+
 def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
     """One Tune trial: run the proposal, report each rung, then a final result with the record."""
     place = _place(runner)
@@ -213,10 +223,7 @@ def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
         tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
         return False  # the scheduler decides, on the driver
 
-    try:
-        outcome = runner.run(dict(params), on_rung=on_rung)
-    except Exception as exc:  # a trial that raises is a failed trial, not a dead worker: no retry
-        outcome = TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
+    outcome = _run_caught(runner, params, on_rung=on_rung)
     final: dict[str, Any] = {FINAL: True, "state": outcome.state, **place}
     final[STEP] = int(outcome.attrs.get("metrics", {}).get(M.STEPS, 0) or 0)
     final[RECORD] = json.dumps(outcome.attrs, default=float)
@@ -435,10 +442,7 @@ def _new_tuner(
 def _run_task(runner: TrialRunner, values: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """One RL proposal as a Ray task: the trial's attributes (with its place) and its state."""
     place = _place(runner)
-    try:
-        outcome = runner.run(dict(values))
-    except Exception as exc:  # failed with its reason; only a dead worker is retried
-        outcome = TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
+    outcome = _run_caught(runner, values)
     attrs = {**outcome.attrs, **place, "backend": "ray"}
     if outcome.values is not None:
         attrs.setdefault("metrics", {}).update(zip(runner.space.metrics, outcome.values, strict=True))
@@ -487,7 +491,6 @@ class AgentBatches:
                     M.FAILED,
                 )
             self.driver.progress.running.pop(ready[0].hex()[:8], None)
-            self.driver.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
             self.driver.add(values, attrs, state)
             results[ready[0]] = attrs.get("metrics") if state == M.COMPLETE else None
         return [results[r] for r in refs] + [None] * (len(proposals) - len(batch))

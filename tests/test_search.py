@@ -99,17 +99,22 @@ def load_module(path: Path, name: str) -> Any:
     return module
 
 
+def assert_exported_matches(module: Any, config: AttentionConfig, task: Any, *, n: int) -> None:
+    """The exported module's model loads our weights and gives our outputs."""
+    ours = build_model(config, task).eval()
+    theirs = module.build_model().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x, _ = task.data("eval", n)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
 def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
     out, _ = search(tmp_path, trials=4)
     module = load_module(export_run(out, fmt="python", out=tmp_path / "exported.py"), "exported")
     config = load_config(out / "best_config.yaml")
     task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
-    ours = build_model(config, task).eval()
-    theirs = module.build_model().eval()
-    theirs.load_state_dict(ours.state_dict())
-    x, _ = task.data("eval", 4)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    assert_exported_matches(module, config, task, n=4)
     layer = module.SparseSelfAttention(16, 2)
     assert layer(torch.randn(2, 32, 16)).shape == (2, 32, 16)
 
@@ -123,12 +128,7 @@ def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str) -> None
     path = tmp_path / f"m_{pattern}.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=48))
     module = load_module(path, f"m_{pattern}")
-    ours = build_model(config, task).eval()
-    theirs = module.build_model().eval()
-    theirs.load_state_dict(ours.state_dict())
-    x, _ = task.data("eval", 2)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    assert_exported_matches(module, config, task, n=2)
 
 
 def test_report_rebuilds_from_the_study(tmp_path: Path) -> None:
