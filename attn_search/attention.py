@@ -1,15 +1,21 @@
 """Sparse attention backends that compute the same function.
 
 * ``reference``: dense ``scaled_dot_product_attention`` with the pattern's boolean mask (or
-  ``is_causal`` for dense causal). The ground truth every other backend is tested against.
+  ``is_causal`` for dense causal). The ground truth every other backend is tested against, and on
+  CUDA the path for attention dropout: SDPA applies ``dropout_p`` inside its fused kernels
+  (memory-efficient attention with a mask, flash attention for dense causal).
 * ``blocked``: block-sparse. Queries and keys are cut into tiles; for each query tile only the key
   tiles the pattern touches are gathered and computed (see :class:`~attn_search.patterns.BlockLayout`).
-  Plain differentiable torch ops, so it trains with autograd on CPU and GPU. Memory and time are
-  ``O(L * keys_per_query)`` instead of ``O(L^2)``.
+  A hand-written autograd function, so it trains on CPU and GPU, under autocast too (it computes
+  in the autocast dtype, softmax in float32). Memory and time are ``O(L * keys_per_query)``
+  instead of ``O(L^2)``. Fast on CPU; on CUDA its gathers make it slower than dense SDPA.
 * ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the same mask rule.
-  Compiled; trains on CUDA. On CPU it runs forward only (PyTorch has no CPU backward for it).
-* ``auto``: ``flex`` on CUDA (unless attention dropout is needed in training, which FlexAttention
-  cannot apply); ``blocked`` when training with attention dropout; otherwise ``blocked`` when the
+  Compiled; trains on CUDA. On CPU it runs forward only (PyTorch has no CPU backward for it). Head
+  dims below 16 (which its kernels refuse) are zero-padded to 16 with the scale of the true head
+  dim, which is exact: padded channels add 0 to every score and produce discarded output columns.
+* ``auto``: on CUDA ``flex`` for sparse patterns, ``reference`` (SDPA's flash kernel) for dense,
+  and ``reference`` when training with attention dropout (FlexAttention has none: PyTorch issue
+  141784). On CPU ``blocked`` when training with attention dropout; otherwise ``blocked`` when the
   layout skips enough tiles to pay for its gathers, else ``reference``.
 """
 
@@ -150,7 +156,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             s = torch.matmul(qi, kg.transpose(-1, -2))  # (hb, nt, T, W*T)
             if bucket.bias is not None:
                 s.add_(bucket.bias[t0:t1].to(device=dev, dtype=s.dtype))
-            p = torch.softmax(s, dim=-1)
+            p = torch.softmax(s, dim=-1, dtype=_acc(s.dtype)).to(s.dtype)  # at least float32 inside
             del s
             keep = None
             if dropout_p > 0:
@@ -177,7 +183,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         out, qt, kt, vt, *tensors = ctx.saved_tensors
         dout = dout.contiguous()
         BH, n, T, D = dout.shape
-        delta = (dout * out).sum(dim=-1, keepdim=True)  # (BH, n, T, 1) = rowsum(dP * P)
+        acc = _acc(dout.dtype)
+        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # (BH, n, T, 1) = rowsum(dP * P)
         dq = torch.empty_like(dout)
         dk = torch.zeros_like(dout)
         dv = torch.zeros_like(dout)
@@ -199,7 +206,9 @@ class _BlockSparseAttention(torch.autograd.Function):
                 dv_g = torch.matmul(p.masked_fill(~keep, 0.0).transpose(-1, -2), do).mul_(scale)
             else:
                 dv_g = torch.matmul(p.transpose(-1, -2), do)  # (hb, nt, W*T, D)
-            ds = dp.sub_(dl).mul_(p)  # in place: dS = P * (dP - delta)
+            # dS = P * (dP - delta), in place; for bf16/fp16 inputs the difference of two near-equal
+            # terms is taken in float32
+            ds = dp.sub_(dl).mul_(p) if dp.dtype == acc else dp.to(acc).sub_(dl).mul_(p).to(dp.dtype)
             dq_i = torch.matmul(ds, kg)  # (hb, nt, T, D)
             dk_g = torch.matmul(ds.transpose(-1, -2), qi)  # (hb, nt, W*T, D)
             if isinstance(q_sel, slice):
@@ -211,7 +220,33 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of softmax and its backward: float32, or the inputs' if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The dtype a hand-written kernel computes in: autocast's when it is on for the tensors'
+    device (what the matmuls would run in), else the inputs' common dtype."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, dropout_p: float) -> torch.Tensor:
+    # Autocast is switched off around the autograd function and every operand cast to one dtype:
+    # under autocast its matmuls would run in bf16 but its softmax in float32, and the backward
+    # (which autocast does not cover) would then multiply float32 by bf16 tensors and fail.
+    dtype = _compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _blocked_impl(q, k, v, layout, dropout_p)
+
+
+def _blocked_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, dropout_p: float
+) -> torch.Tensor:
     B, H, L, D = q.shape
     bs, n = layout.block, layout.n_blocks
     pad = n * bs - L
@@ -223,6 +258,9 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLay
     o = o.view(B, H, n * bs, D)
     return o[:, :, :L] if pad else o
 
+
+FLEX_MIN_HEAD_DIM = 16
+"""FlexAttention's compiled kernels refuse smaller head dims; :func:`_flex` pads up to it."""
 
 FLEX_COMPILE = True
 """Compile FlexAttention (its fused kernel). ``False`` runs PyTorch's eager reference of the same
@@ -257,7 +295,7 @@ def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask
 
     pattern, seq_len, causal, items = key
-    rule = pattern_rule(pattern, seq_len, causal=causal, **dict(items))
+    rule = pattern_rule(pattern, seq_len, causal=causal, device=device, **dict(items))  # tables on `device`
     return create_block_mask(
         lambda b, h, q_idx, kv_idx: rule(q_idx, kv_idx), None, None, seq_len, seq_len, device=device
     )
@@ -273,7 +311,15 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...
         # under no_grad FlexAttention still refuses inputs that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
     block_mask = _cached_block_mask(key, str(q.device))
-    return _flex_fn()(q, k, v, block_mask=block_mask)
+    D = q.shape[-1]
+    if D >= FLEX_MIN_HEAD_DIM:
+        return _flex_fn()(q, k, v, block_mask=block_mask)
+    # FlexAttention's kernels need head dim >= 16: zero channels change no score (q . k is the same)
+    # and give zero output columns, which are cut off; the scale stays that of the true head dim.
+    pad = FLEX_MIN_HEAD_DIM - D
+    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # (B, H, L, 16)
+    out = _flex_fn()(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(D))
+    return out[..., :D]
 
 
 def choose_backend(
@@ -288,7 +334,9 @@ def choose_backend(
 ) -> str:
     """The backend ``auto`` resolves to for these arguments (see module docstring)."""
     dev = torch.device(device).type
-    if dev == "cuda" and not (training and dropout_p > 0):
+    if dev == "cuda":
+        if (training and dropout_p > 0) or pattern == "dense":
+            return "reference"  # SDPA's fused kernels: dropout inside them; flash attention for dense
         return "flex"
     if training and dropout_p > 0:
         # SDPA with dropout falls back to its math path and a Bernoulli draw per score on CPU,

@@ -113,8 +113,25 @@ def bigbird_block_table(n_blocks: int, *, n_global: int, n_random: int, seed: in
 def _bigbird_rule(block_size: int, table: torch.Tensor) -> Rule:
     """BigBird block-sparse: ``table[i // block_size, j // block_size]`` (see
     :func:`bigbird_block_table`). Density ~ ``(3 + 2 g + r) b / L`` bidirectional with ``g`` global
-    and ``r`` random blocks of size ``b``."""
-    return lambda q, kv: table.to(q.device)[q // block_size, kv // block_size]
+    and ``r`` random blocks of size ``b``.
+
+    The rule must stay pointwise to serve as FlexAttention's ``mask_mod`` on CUDA: the table is
+    flattened and already on the device the rule will be called on, and it is read with one index
+    computed from the two positions (attention-gym's ``document_mask`` pattern). A copy inside the
+    rule (``table.to(q.device)``) creates a buffer, which Inductor cannot lower in a pointwise
+    subgraph. Block ids are clamped into the table: FlexAttention's kernels evaluate the rule on
+    whole 128-position tiles, past the sequence's end, and an unclamped read there would leave the
+    table (an illegal memory access on CUDA); those positions are masked out anyway.
+    """
+    n_blocks = table.shape[1]
+    flat = table.flatten()  # (n_blocks * n_blocks,)
+
+    def rule(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        qb = torch.clamp(q // block_size, max=n_blocks - 1)
+        kb = torch.clamp(kv // block_size, max=n_blocks - 1)
+        return flat[qb * n_blocks + kb]
+
+    return rule
 
 
 def _longformer_rule(window: int, n_global: int) -> Rule:
@@ -151,8 +168,15 @@ def resolve_params(pattern: str, **params: Any) -> dict[str, int]:
     return out
 
 
-def pattern_rule(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> Rule:
-    """The mask rule of ``pattern`` for sequences of length ``seq_len`` (see module docstring)."""
+def pattern_rule(
+    pattern: str, seq_len: int, *, causal: bool = False, device: torch.device | str = "cpu", **params: Any
+) -> Rule:
+    """The mask rule of ``pattern`` for sequences of length ``seq_len`` (see module docstring).
+
+    ``device``: where the rule will be evaluated. Lookup tables it captures (BigBird's block
+    table) are placed there once, so that the rule itself only does pointwise arithmetic and
+    scalar-indexed reads, as FlexAttention's compiled ``mask_mod`` requires.
+    """
     p = resolve_params(pattern, **params)
     rule: Rule
     if pattern == "dense":
@@ -167,7 +191,7 @@ def pattern_rule(pattern: str, seq_len: int, *, causal: bool = False, **params: 
         n_blocks = math.ceil(seq_len / p["block_size"])
         table = bigbird_block_table(
             n_blocks, n_global=p["n_global"], n_random=p["n_random"], seed=p["seed"], causal=causal
-        )
+        ).to(device)
         rule = _bigbird_rule(p["block_size"], table)
     else:
         rule = _longformer_rule(p["window"], p["n_global"])
@@ -194,7 +218,8 @@ def pattern_mask(
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} is invalid: it must be >= 1")
-    return _rows(pattern_rule(pattern, seq_len, causal=causal, **params), 0, seq_len, seq_len, device)
+    rule = pattern_rule(pattern, seq_len, causal=causal, device=device, **params)
+    return _rows(rule, 0, seq_len, seq_len, device)
 
 
 def pattern_density(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> float:

@@ -88,7 +88,10 @@ def test_auto_picks_blocked_for_sparse_training_on_cpu_and_reference_for_dense()
     # nearly dense: gathers would cost more than the skipped tiles save
     assert choose_backend("window", 128, device="cpu", training=True, window=120) == "reference"
     assert choose_backend("window", 4096, device="cuda", training=True, window=256) == "flex"
-    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "blocked"
+    assert choose_backend("bigbird", 256, device="cuda", training=True) == "flex"
+    # CUDA: SDPA's fused kernels apply attention dropout (FlexAttention cannot) and run dense
+    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "reference"
+    assert choose_backend("dense", 4096, device="cuda", training=True, causal=True) == "reference"
     assert choose_backend("dense", 256, device="cpu", training=True, dropout_p=0.1) == "blocked"
     assert choose_backend("dense", 256, device="cpu", training=False, dropout_p=0.1) == "reference"
 
@@ -141,3 +144,62 @@ def test_shape_mismatch_is_refused() -> None:
     q, k, v = qkv(16, grad=False)
     with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
         sparse_attention(q, k[:, :, :8], v, pattern="dense")
+
+
+BF16_TOL = 2e-2  # bf16 has an 8-bit mantissa: about 4e-3 relative error per rounding
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_blocked_trains_under_bf16_autocast_like_reference(pattern: str, dropout_p: float) -> None:
+    """Under autocast the blocked backend must run forward and backward (on CUDA, trials train under
+    bf16 autocast) and stay as close to the float32 result as the reference under autocast is."""
+    q, k, v = qkv(77, grad=True, D=8)
+    grad_out = torch.randn(2, 3, 77, 8)
+    exact = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out)
+    errors = {}
+    for backend in ("reference", "blocked"):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend=backend, tile=16,
+                                   dropout_p=dropout_p, **CASES[pattern])  # fmt: skip
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        if dropout_p == 0:
+            errors[backend] = [
+                rel_err(out.float(), exact),
+                *(rel_err(g, e) for g, e in zip(grads, exact_grads, strict=True)),
+            ]
+    if dropout_p == 0:
+        assert max(errors["blocked"]) < BF16_TOL, errors
+        assert max(errors["blocked"]) < 3 * max(errors["reference"]), errors
+
+
+@pytest.mark.parametrize("head_dim", [2, 8, 12])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_flex_pads_head_dims_below_16_exactly(pattern: str, head_dim: int, eager_flex: None) -> None:
+    """FlexAttention's kernels refuse head dims below 16; the zero-padded path must equal the
+    reference (the scale is that of the true head dim)."""
+    q, k, v = qkv(77, grad=False, D=head_dim)
+    with torch.no_grad():
+        ref = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
+        out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="flex", **CASES[pattern])
+    assert out.shape == q.shape
+    assert rel_err(out, ref) < TOL
+
+
+def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attn_search import attention
+
+    seen: list[tuple[int, float | None]] = []
+
+    def fake_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: object, scale: float | None = None):  # type: ignore[no-untyped-def]
+        seen.append((q.shape[-1], scale))
+        return v
+
+    monkeypatch.setattr(attention, "_flex_fn", lambda: fake_flex)
+    q, k, v = qkv(32, grad=False, D=8)
+    out = sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
+    assert seen == [(16, pytest.approx(8**-0.5))] and out.shape == q.shape

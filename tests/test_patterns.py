@@ -158,3 +158,48 @@ def test_global_rows_do_not_widen_every_tile() -> None:
 def test_bad_parameters_are_named(pattern: str, params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         pattern_mask(pattern, 16, **params)
+
+
+def _captured_tensors(fn: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Tensors a rule closes over, through nested closures."""
+    seen = seen if seen is not None else set()
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    out: list[torch.Tensor] = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif callable(value):
+            out += _captured_tensors(value, seen)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_rules_are_pointwise_with_tables_on_the_query_device(pattern: str, causal: bool) -> None:
+    """FlexAttention's compiled mask_mod on CUDA lowers the rule as a pointwise subgraph: no copy,
+    no reduction, no new buffer inside it, and captured tables already on the query's device.
+    ``meta`` stands in for CUDA: a table left on the CPU would not mix with meta indices."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attn_search.patterns import pattern_rule
+
+    rule = pattern_rule(pattern, 77, causal=causal, device="meta", **CASES[pattern])
+    for table in _captured_tensors(rule):
+        assert table.device.type == "meta", f"{pattern}: a captured table lives on {table.device}"
+
+    calls: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            calls.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    q, kv = torch.tensor([70, 5, 76], device="meta"), torch.tensor([3, 5, 60], device="meta")  # index vectors
+    with Record():
+        out = rule(q, kv)
+    assert out.device.type == "meta" and out.dtype == torch.bool and out.shape == (3,)
+    forbidden = {"_to_copy", "copy_", "clone", "to", "sum", "any", "all", "nonzero", "empty", "zeros", "ones", "cat"}
+    assert not forbidden & set(calls), f"{pattern}: non-pointwise ops in the rule: {sorted(forbidden & set(calls))}"

@@ -1,0 +1,86 @@
+"""CUDA paths, run where a GPU is present (``pytest -m gpu``); deselected without CUDA (see
+conftest.py). Every failure class here also has a CPU test: bf16 autocast of the blocked backend
+(test_attention.py), the pointwise BigBird rule with device tables (test_patterns.py), the padded
+FlexAttention path for head dims below 16 (test_attention.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from attn_search import PATTERNS, AttentionConfig, Budget, evaluate, sparse_attention
+
+from .test_patterns import CASES
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parent.parent
+TINY_BUDGET = Budget(steps=6, rungs=1, n_eval=64, latency_batch=2)
+SEARCHED = {  # the pattern parameters the shipped spaces search, at values they can produce
+    "dense": {},
+    "window": {"window": 70},
+    "dilated": {"window": 20, "dilation": 3},
+    "strided": {"stride": 13},
+    "bigbird": {"block_size": 16, "n_global": 2, "n_random": 3},
+    "longformer": {"window": 22, "n_global": 4},
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("attn_dropout", [0.0, 0.1])
+@pytest.mark.parametrize("head_dim", [8, 16, 32])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_every_pattern_trains_on_cuda(pattern: str, head_dim: int, attn_dropout: float) -> None:
+    config = AttentionConfig(d_model=64, n_heads=64 // head_dim, pattern=pattern, attn_dropout=attn_dropout,
+                             dropout=0.1, **SEARCHED[pattern])  # fmt: skip
+    result = evaluate(config, "mqar", budget=TINY_BUDGET, device="cuda")
+    assert result.state == "complete", result.reason
+    assert result.device.startswith("cuda")
+    assert math.isfinite(result.metrics["final_loss"]) and 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("head_dim", [8, 32])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_flex_matches_reference_on_cuda_under_bf16(pattern: str, head_dim: int) -> None:
+    q, k, v = (torch.randn(2, 4, 333, head_dim, device="cuda", requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 4, 333, head_dim, device="cuda")
+    exact = sparse_attention(q.double(), k.double(), v.double(), pattern=pattern, causal=True, backend="reference",
+                             **CASES[pattern])  # fmt: skip
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out.double())
+    for backend in ("flex", "blocked", "reference"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend=backend, **CASES[pattern])
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        errors = [rel_err(out, exact), *(rel_err(g, e) for g, e in zip(grads, exact_grads, strict=True))]
+        assert max(errors) < 2e-2, (backend, errors)
+
+
+def test_attention_dropout_on_cuda_drops_and_rescales() -> None:
+    q, k, v = (torch.randn(4, 4, 256, 16, device="cuda") for _ in range(3))
+    v = torch.ones_like(v)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sparse_attention(q, k, v, pattern="window", window=32, backend="auto", dropout_p=0.5)
+    assert out.float().mean().item() == pytest.approx(1.0, abs=0.05)
+    assert out.float().std().item() > 0.05
+
+
+def test_smoke_search_on_cuda_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"), "--space", "sparse", "--device", "cuda", "--preset", "smoke",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6 and not (trials["state"] == "failed").any(), trials[["state", "reason"]]
+    assert trials["device"].str.startswith("cuda").all()
