@@ -1,6 +1,8 @@
 """attn_search: find accuracy-versus-compute optimal attention configurations by really training a
 small attention model per trial."""
 
+from pathlib import Path as _Path
+
 from attn_search.attention import BACKENDS, choose_backend, sparse_attention
 from attn_search.config import AttentionConfig, load_config
 from attn_search.cost import model_flops
@@ -12,6 +14,15 @@ from attn_search.tasks import TASKS, Task, make_task
 from attn_search.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
 
 __version__ = "0.1.0"
+
+# The subpackages attn_search.envs and attn_search.search_spaces live at the top of a clone (envs/,
+# search_spaces/) and are mapped into the package at install time (pyproject's package-dir). When
+# Python imports this folder of a clone instead of the installed package (a script run from the
+# clone's root, Ray workers started there), they are found beside it, so the clone works exactly
+# as the installed package does.
+_clone_root = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).resolve().parent / "envs").is_dir() and (_clone_root / "envs" / "__init__.py").is_file():
+    __path__.append(str(_clone_root))
 
 
 def _register_envs() -> None:

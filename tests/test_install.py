@@ -1,0 +1,71 @@
+"""A regular (non-editable) install works from any working directory, the clone's root included.
+
+The package maps the top-level ``envs/`` and ``search_spaces/`` folders into ``attn_search`` at
+install time. Run from the clone's root, Python imports the clone's ``attn_search/`` folder
+instead of the installed package (``run_search.py``'s folder comes first on ``sys.path``; Ray
+workers started there do the same), and that folder must work too.
+
+A fresh venv without pip borrows the dependencies of the test environment through a path file
+(which does not process that environment's own path files, so its editable install of this
+project stays out), and gets this project from ``pip install --no-deps .``.
+"""
+
+from __future__ import annotations
+
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = str(ROOT / "tables" / "sparse-smoke.csv")
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    py = env / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (Path(purelib) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-build-isolation",
+         str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path_factory.mktemp("build"),
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    return env
+
+
+def _search(venv: Path, cwd: Path, out: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    args = [*cmd, "--space", "sparse", "--evaluator", f"table:{TABLE}", "--trials", "3", "--out", str(out), "--quiet"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_installed_package_runs_a_search_from_another_directory(venv: Path, tmp_path: Path) -> None:
+    py = str(venv / "bin" / "python")
+    where = subprocess.run([py, "-c", "import attn_search, attn_search.envs; print(attn_search.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert where.returncode == 0, where.stderr
+    assert str(venv) in where.stdout, f"the installed package was not the one imported: {where.stdout}"
+    r = _search(venv, tmp_path, tmp_path / "run", str(venv / "bin" / "attn-search"), "search")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "run" / "trials.csv")) == 3
+
+
+def test_run_search_from_the_clone_root_with_a_regular_install(venv: Path, tmp_path: Path) -> None:
+    """From the clone's root the clone's own ``attn_search/`` is imported: it must find ``envs``
+    and ``search_spaces`` as the installed package does."""
+    py = str(venv / "bin" / "python")
+    r = _search(venv, ROOT, tmp_path / "run", py, "run_search.py")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "run" / "trials.csv")) == 3
+    probe = (
+        "import attn_search.envs.attention_search as m, attn_search.search_spaces as s; print(m.__file__, s.__file__)"
+    )
+    where = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert where.returncode == 0, where.stderr
+    assert str(ROOT / "envs") in where.stdout and str(ROOT / "search_spaces") in where.stdout, where.stdout
