@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from attn_search.errors import SearchAborted
 from attn_search.metrics import COMPUTE_OBJECTIVES
 from attn_search.rl import RL_STRATEGIES
 from attn_search.search import BACKENDS, PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
@@ -104,10 +105,13 @@ def search_main(argv: Sequence[str] | None = None, *, prog: str = "run_search.py
     parser = _Parser(prog=prog, description="Search attention configurations for the accuracy/compute Pareto front.")
     add_search_arguments(parser)
     args = parser.parse_args(argv)
-    return _run(lambda: run_search(_options(args)), prog)
+    return _run(lambda: run_search(_options(args)), prog, bad_input=(UsageError,))
 
 
-def _run(fn: object, prog: str) -> int:
+def _run(fn: object, prog: str, *, bad_input: tuple[type[Exception], ...] = (UsageError, ValueError)) -> int:
+    """Run a command: bad input is one line and exit 2, a search stopped by the failure policy one
+    line and exit 1, Ctrl-C exit 130. For ``search`` only :class:`UsageError` is bad input: a
+    ``ValueError`` from deep inside a running search is an internal failure (exit 1, traceback)."""
     import warnings
 
     import optuna
@@ -117,9 +121,12 @@ def _run(fn: object, prog: str) -> int:
     warnings.filterwarnings("ignore", module="optuna")
     try:
         fn()  # type: ignore[operator]
-    except (UsageError, ValueError) as exc:
+    except bad_input as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except SearchAborted as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; finished trials are saved, continue with --resume", file=sys.stderr)
         return 130
@@ -164,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run(do_record, prog)
     if args.command == "search":
-        return _run(lambda: run_search(_options(args)), prog)
+        return _run(lambda: run_search(_options(args)), prog, bad_input=(UsageError,))
     if args.command == "export":
         from attn_search.export import export_run
 

@@ -295,7 +295,8 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"attn_search: {space.name} ({len(done)} complete trials)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first complete trial
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(run_dir / "pareto.png", dpi=120)
     plt.close(fig)

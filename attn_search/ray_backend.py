@@ -38,6 +38,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -52,12 +53,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from attn_search import metrics as M
+from attn_search.errors import SearchAborted
+from attn_search.failures import describe
 from attn_search.outputs import RunOutputs
 from attn_search.pruning import MOASHA
 from attn_search.search import (
     Progress,
     SearchOptions,
-    TrialOutcome,
+    TrialLog,
     TrialRunner,
     UsageError,
     count_finished,
@@ -94,6 +97,7 @@ class _Driver:
     pruner: str
     moasha: MOASHA
     deadline: float | None
+    log: TrialLog
     recorded: set[str] = dataclasses.field(default_factory=set)
     rungs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     trial_seconds: float = 0.0
@@ -136,7 +140,7 @@ class _Driver:
                 metrics[M.STEPS] = float(curve[-1][0])
             attrs["metrics"] = metrics
             if error is not None:
-                state, attrs["reason"] = M.FAILED, error
+                state, attrs["reason"], attrs["error"] = M.FAILED, error, "WorkerError"
             else:
                 state = M.PRUNED
                 attrs["reason"] = f"pruned by {self.pruner} at step {curve[-1][0] if curve else 0}"
@@ -155,6 +159,7 @@ class _Driver:
         self.trial_seconds += float(attrs.get("metrics", {}).get(M.WALL_SECONDS, 0.0) or 0.0)
         fixed = optuna.trial.FixedTrial(values)
         self.space.suggest(fixed)  # the distributions of the active parameters (define-by-run)
+        self.log.log_error(len(self.study.get_trials(deepcopy=False)), attrs)  # the number add_trial gives
         objective = None
         if state == M.COMPLETE:
             objective = [float(attrs["metrics"][m]) for m in self.space.metrics]
@@ -170,8 +175,7 @@ class _Driver:
         )  # fmt: skip
         self.study.add_trial(frozen)
         added = self.study.get_trials(deepcopy=False)[-1]
-        df = self.outputs.write_tables(self.study)
-        self.progress.trial_done(self.study, added, df)
+        self.log(self.study, added)  # tables, progress line, failure policy
 
 
 def _inside(value: Any, dist: optuna.distributions.BaseDistribution) -> Any:
@@ -204,15 +208,6 @@ def _place(runner: TrialRunner) -> dict[str, Any]:
     }
 
 
-def _run_caught(runner: TrialRunner, values: dict[str, Any], **kwargs: Any) -> TrialOutcome:
-    """``runner.run``; a trial that raises is a failed trial with its reason, not a dead worker
-    (Ray retries only the latter: the exception would come again)."""
-    try:
-        return runner.run(dict(values), **kwargs)
-    except Exception as exc:
-        return TrialOutcome(M.FAILED, {"state": M.FAILED, "reason": f"{type(exc).__name__}: {exc}"})
-
-
 def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
     """One Tune trial: run the proposal, report each rung, then a final result with the record."""
     place = _place(runner)
@@ -223,7 +218,7 @@ def _trainable(params: dict[str, Any], runner: TrialRunner) -> None:
         tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
         return False  # the scheduler decides, on the driver
 
-    outcome = _run_caught(runner, params, on_rung=on_rung)
+    outcome = runner.run(dict(params), on_rung=on_rung)  # a trial that raises gives a failed outcome
     final: dict[str, Any] = {FINAL: True, "state": outcome.state, **place}
     final[STEP] = int(outcome.attrs.get("metrics", {}).get(M.STEPS, 0) or 0)
     final[RECORD] = json.dumps(outcome.attrs, default=float)
@@ -237,7 +232,9 @@ class _Searcher(OptunaSearch):  # type: ignore[misc]
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         active = _ACTIVE
-        if active is not None and active.deadline is not None and time.time() > active.deadline:
+        if active is not None and (
+            active.log.aborted is not None or (active.deadline is not None and time.time() > active.deadline)
+        ):
             return str(Searcher.FINISHED)
         return super().suggest(trial_id)  # type: ignore[no-any-return]
 
@@ -307,6 +304,53 @@ class _Recorder(tune.Callback):  # type: ignore[misc]
         _driver().finish(trial, None, error=f"worker failed {MAX_FAILURES + 1} times: {line.strip()[:300]}")
 
 
+class _AbortStopper(tune.Stopper):  # type: ignore[misc]
+    """Stops every running trial once the failure policy stopped the search."""
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return _ACTIVE is not None and _ACTIVE.log.aborted is not None
+
+
+def _probe(device: str) -> str:
+    """Runs on a worker before any trial: the package imports there and the trial device exists."""
+    import attn_search
+    from attn_search.trainer import resolve_device
+
+    return f"attn_search {attn_search.__version__} from {Path(attn_search.__file__).parent} on {resolve_device(device)}"
+
+
+PROBE_TIMEOUT_S = 180.0
+
+
+def _root_error(exc: BaseException) -> str:
+    """The innermost ``Type: message`` line of a Ray error (Ray wraps a worker's exception and its
+    traceback in text of its own, whose first line is generic)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    return errors[-1][:300] if errors else describe(cause)
+
+
+def check_workers(per_trial: dict[str, float], device: str, progress: Progress) -> None:
+    """Run :func:`_probe` as one Ray task with a trial's resources, so that a worker environment
+    that cannot import or run the package stops the search in seconds with the worker's error,
+    instead of every trial failing (and being retried) in silence."""
+    probe = ray.remote(_probe).options(num_cpus=per_trial["cpu"], num_gpus=per_trial["gpu"], max_retries=0)
+    try:
+        where = ray.get(probe.remote(device), timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise SearchAborted(
+            f"no Ray worker with {per_trial['cpu']:g} CPU(s) and {per_trial['gpu']:g} GPU(s) ran a probe task in "
+            f"{PROBE_TIMEOUT_S:.0f} s: check the cluster's free resources (ray status)"
+        ) from None
+    except Exception as exc:
+        raise SearchAborted(f"Ray workers cannot run attn_search: {_root_error(exc)}") from exc
+    progress.note(f"  Ray workers run {where}")
+
+
 def _scheduler(pruner: str, space: SearchSpace, *, eta: float, steps: int, grace: int) -> Any:
     if pruner == "moasha":
         return _MOASHAScheduler(list(space.metrics[1:]), steps)
@@ -372,19 +416,20 @@ def _per_trial_resources(opts: SearchOptions, resources: dict[str, float]) -> di
 def run_ray(
     opts: SearchOptions, *, study: optuna.Study, outputs: RunOutputs, progress: Progress, runner: TrialRunner,
     sampler: optuna.samplers.BaseSampler, pruner: str, moasha: MOASHA, trials: int, time_budget: float | None,
-    out: Path,
+    out: Path, log: TrialLog,
 ) -> float:  # fmt: skip
     """Run (or restore and finish) the search as a Ray Tune experiment; returns seconds spent in trials."""
     global _ACTIVE
     resources = connect(opts)
     try:
         per_trial = _per_trial_resources(opts, resources)
+        check_workers(per_trial, opts.device, progress)
         runner.deadline = None if time_budget is None else time.time() + time_budget
         recorded = {
             t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs
         }
         _ACTIVE = _Driver(study=study, outputs=outputs, progress=progress, space=runner.space, pruner=pruner,
-                          moasha=moasha, deadline=runner.deadline, recorded=recorded)  # fmt: skip
+                          moasha=moasha, deadline=runner.deadline, log=log, recorded=recorded)  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner), per_trial)
         path = out.resolve() / EXPERIMENT
         if opts.resume and tune.Tuner.can_restore(str(path)):
@@ -435,6 +480,7 @@ def _new_tuner(
             verbose=0,
             callbacks=[_Recorder()],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            stop=_AbortStopper(),
         ),
     )
 
@@ -442,7 +488,7 @@ def _new_tuner(
 def _run_task(runner: TrialRunner, values: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """One RL proposal as a Ray task: the trial's attributes (with its place) and its state."""
     place = _place(runner)
-    outcome = _run_caught(runner, values)
+    outcome = runner.run(dict(values))
     attrs = {**outcome.attrs, **place, "backend": "ray"}
     if outcome.values is not None:
         attrs.setdefault("metrics", {}).update(zip(runner.space.metrics, outcome.values, strict=True))
@@ -469,7 +515,8 @@ class AgentBatches:
         from attn_search.rl import BudgetReached
 
         left = self.trials - count_finished(self.driver.study)
-        if left <= 0 or (self.driver.deadline is not None and time.time() > self.driver.deadline):
+        over_time = self.driver.deadline is not None and time.time() > self.driver.deadline
+        if left <= 0 or over_time or self.driver.log.aborted is not None:
             raise BudgetReached
         batch = proposals[:left]
         runner = ray.put(self.runner)
@@ -486,10 +533,8 @@ class AgentBatches:
                 attrs, state = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
                 line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                attrs, state = (
-                    {"state": M.FAILED, "reason": f"worker failed {MAX_FAILURES + 1} times: {line}"},
-                    M.FAILED,
-                )
+                reason = f"worker failed {MAX_FAILURES + 1} times: {line}"
+                attrs, state = {"state": M.FAILED, "reason": reason, "error": "WorkerError"}, M.FAILED
             self.driver.progress.running.pop(ready[0].hex()[:8], None)
             self.driver.add(values, attrs, state)
             results[ready[0]] = attrs.get("metrics") if state == M.COMPLETE else None
@@ -499,19 +544,20 @@ class AgentBatches:
 @contextlib.contextmanager
 def agent_batches(
     opts: SearchOptions, *, study: optuna.Study, outputs: RunOutputs, progress: Progress, runner: TrialRunner,
-    trials: int, time_budget: float | None,
+    trials: int, time_budget: float | None, log: TrialLog,
 ) -> Iterator[AgentBatches]:  # fmt: skip
     """Connect to Ray and yield the RL agent's batch evaluator (one env per concurrent trial)."""
     resources = connect(opts)
     try:
         per_trial = _per_trial_resources(opts, resources)
+        check_workers(per_trial, opts.device, progress)
         runner.deadline = None if time_budget is None else time.time() + time_budget
         slots = int(resources.get("CPU", 1) // per_trial["cpu"])
         if per_trial["gpu"] > 0:
             slots = min(slots, int(resources.get("GPU", 0) // per_trial["gpu"]))
         n_envs = max(1, min(opts.max_concurrent or slots, slots or 1))
         driver = _Driver(study=study, outputs=outputs, progress=progress, space=runner.space, pruner="none",
-                         moasha=MOASHA(runner.space.directions), deadline=runner.deadline)  # fmt: skip
+                         moasha=MOASHA(runner.space.directions), deadline=runner.deadline, log=log)  # fmt: skip
         progress.note(f"  {opts.strategy} agent acting in {n_envs} environment(s): {n_envs} trial(s) at a time on Ray")
         yield AgentBatches(driver, runner, per_trial, n_envs, trials)
     finally:

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import shutil
 import socket
 import sys
 import time
@@ -24,15 +25,20 @@ from typing import Any, TextIO
 
 import optuna
 import pandas as pd
+import torch
 
 from attn_search import metrics as M
 from attn_search.config import AttentionConfig
+from attn_search.errors import SearchAborted, UsageError
+from attn_search.failures import ERROR_LOG, FailurePolicy, describe, error_attrs, log_error
 from attn_search.outputs import RunOutputs, parse_selection
 from attn_search.pruning import MOASHA
 from attn_search.rl import RL_STRATEGIES, BudgetReached, run_agent
+from attn_search.rundir import RunLock
 from attn_search.space import SearchSpace, load_space
 from attn_search.strategies import OPTUNA_STRATEGIES, make_sampler
-from attn_search.trainer import PRESETS, Budget, evaluate
+from attn_search.tasks import check_task, make_task
+from attn_search.trainer import PRESETS, Budget, evaluate, resolve_device
 
 STUDY_NAME = "attn_search"
 RUN_FILE = "run.json"
@@ -56,10 +62,6 @@ SEARCH_PRESETS = {
     "default": SearchPreset(trials=24, budget="default", time_budget=540.0),
     "full": SearchPreset(trials=100, budget="full", time_budget=None),
 }
-
-
-class UsageError(ValueError):
-    """Bad input from the command line: reported in one line with exit status 2."""
 
 
 class TrialFailed(Exception):
@@ -176,7 +178,10 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(str(exc)) from exc
     space = space.with_compute(None if opts.compute == "none" else opts.compute)
     if opts.evaluator.startswith("table:"):
-        space = restrict_to_table(space, opts.evaluator[6:])
+        try:
+            space = restrict_to_table(space, opts.evaluator[6:])
+        except ValueError as exc:
+            raise UsageError(f"--evaluator {opts.evaluator}: {exc}") from exc
     multi = len(space.objectives) > 1
     if opts.pruner == "moasha" and not multi:
         raise UsageError("--pruner moasha needs two objectives: drop --compute none, or use asha or median")
@@ -229,37 +234,100 @@ def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]
     return opts.task, {}
 
 
+def _preflight(opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> optuna.storages.BaseStorage | None:
+    """Checks that need more than the flags themselves, before the run dir exists: the device, the
+    task (one small batch of each split against the Task protocol), ``--storage``. Returns the
+    storage when ``--storage`` was given."""
+    if opts.backend == "local":  # on Ray the workers' devices count (checked against the cluster)
+        try:
+            resolve_device(opts.device)
+        except ValueError as exc:
+            raise UsageError(f"--device {opts.device}: {exc}") from exc
+    try:
+        check_task(make_task(task, **task_kwargs))
+    except Exception as exc:  # the task's own code may raise anything
+        raise UsageError(f"--task {task}: {describe(exc)}") from exc
+    if opts.storage is None:
+        return None
+    try:
+        return open_storage(opts.storage)
+    except Exception as exc:
+        raise UsageError(f"--storage {opts.storage!r}: {describe(exc)}") from exc
+
+
+HEARTBEAT_S = 10
+"""Seconds between heartbeats of a running trial; one missed for :data:`GRACE_S` marks it dead."""
+GRACE_S = 60
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage with heartbeats: a trial whose process died is told apart from a live one
+    (see :func:`recover_interrupted`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+
+
 def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSummary:
-    """Run (or resume) a search; returns its summary. Raises :class:`UsageError` on bad input."""
+    """Run (or resume) a search; returns its summary.
+
+    Raises :class:`UsageError` on bad input, before the run dir exists (or, for a run dir this call
+    created, after removing it again), and :class:`~attn_search.errors.SearchAborted` when the
+    first trials all failed the same way (see :mod:`attn_search.failures`).
+    """
     stream = stream or sys.stdout
     space, preset = _check(opts)
+    task, task_kwargs = _task(space, opts)
+    user_storage = _preflight(opts, task, task_kwargs)
     out = Path(opts.out) if opts.out else default_out(opts.space)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: name a directory for the run")
+    if opts.resume and not (out / RUN_FILE).is_file():
+        raise UsageError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
+    if not opts.resume and (out / RUN_FILE).exists():
+        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create it ({exc.strerror})") from exc
+    try:
+        with RunLock(out):
+            return _run_locked(opts, space, preset, out, task, task_kwargs, user_storage, stream)
+    except UsageError:
+        if created and not (out / "trials.csv").exists():  # refused before any trial: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_locked(
+    opts: SearchOptions, space: SearchSpace, preset: SearchPreset, out: Path, task: str,
+    task_kwargs: dict[str, Any], user_storage: optuna.storages.BaseStorage | None, stream: TextIO,
+) -> SearchSummary:  # fmt: skip
     run_file = out / RUN_FILE
     if opts.resume:
-        if not run_file.is_file():
-            raise UsageError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
         saved = json.loads(run_file.read_text())
         if saved["space_fingerprint"] != space.fingerprint():
             raise UsageError(
                 f"--resume: {out} was searched over space {saved['space']!r} ({saved['space_fingerprint']}); "
                 f"--space {opts.space!r} with --compute {opts.compute} is a different space ({space.fingerprint()})"
             )
-    elif run_file.exists():
+    elif run_file.exists():  # another search created it between our check and the lock
         raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     trials = opts.trials or preset.trials
     time_budget = opts.time_budget if opts.time_budget is not None else (None if opts.trials else preset.time_budget)
     budget = PRESETS[preset.budget]
     if opts.steps is not None:
         budget = dataclasses.replace(budget, steps=opts.steps)
-    task, task_kwargs = _task(space, opts)
     if not opts.resume:
         options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "enqueue"}
         record = {"space": opts.space, "space_fingerprint": space.fingerprint(), "created": time.time(),
                   "options": options, "task": task, "task_params": task_kwargs,
                   "budget": dataclasses.asdict(budget), "space_definition": space.to_dict()}  # fmt: skip
         run_file.write_text(json.dumps(record, indent=2, default=str))
-    storage = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = user_storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     constraints_func = _constraints if _constrained(opts) else None
     rl = opts.strategy in RL_STRATEGIES
     sampler = (
@@ -278,7 +346,9 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         "asha": optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(opts.eta)),
         "median": optuna.pruners.MedianPruner(n_startup_trials=3),
     }.get(pruner_name, optuna.pruners.NopPruner())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: Optuna logs every failed trial with its traceback at WARNING; ours go to errors.log and
+    # the progress line says why the trial failed
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         storage=storage, study_name=STUDY_NAME, directions=space.directions,  # type: ignore[arg-type]
         sampler=sampler,
@@ -288,7 +358,9 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     if opts.enqueue and not opts.resume:
         for values in opts.enqueue:
             study.enqueue_trial(values)
-    recovered = recover_interrupted(study)
+    owner = run_owner(out)
+    recovered = recover_interrupted(study, owner=owner)
+    policy = FailurePolicy(armed=not any(_got_through(t) for t in study.get_trials(deepcopy=False)))
     rung_steps = budget.rung_steps()
     # no decision at the first rung (grace period): see attn_search.pruning
     moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
@@ -302,28 +374,25 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     runner = TrialRunner.from_options(opts, space, budget, task, task_kwargs)
     start = time.perf_counter()
     runner.deadline = None if time_budget is None else time.time() + time_budget
-    objective = _Objective(runner=runner, pruner=pruner_name, moasha=moasha, progress=progress)
+    log = TrialLog(outputs, progress, policy)
+    objective = _Objective(runner=runner, pruner=pruner_name, moasha=moasha, progress=progress, log=log, owner=owner)
     if remaining and opts.backend == "ray" and not rl:
         objective.trial_seconds = _import_ray_backend().run_ray(
             opts, study=study, outputs=outputs, progress=progress, runner=runner, sampler=sampler,
-            pruner=pruner_name, moasha=moasha, trials=trials, time_budget=time_budget, out=out,
+            pruner=pruner_name, moasha=moasha, trials=trials, time_budget=time_budget, out=out, log=log,
         )  # fmt: skip
-        if count_finished(study) < trials and (runner.deadline is None or time.time() < runner.deadline):
+        stopped_early = count_finished(study) < trials and log.aborted is None
+        if stopped_early and (runner.deadline is None or time.time() < runner.deadline):
             outputs.write_all(study, wall_seconds=time.perf_counter() - start, trial_seconds=objective.trial_seconds,
                               options=opts)  # fmt: skip
             raise KeyboardInterrupt  # Tune stopped early on SIGINT; its state is saved for --resume
     elif remaining and rl:
         _search_with_agent(study, objective, outputs, progress, opts, space, trials, time_budget, start)
     elif remaining:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=time_budget,
-            catch=(TrialFailed,),
-            callbacks=[_after_trial(outputs, progress)],
-        )
+        study.optimize(objective, n_trials=remaining, timeout=time_budget, catch=(TrialFailed,), callbacks=[log])
     wall = time.perf_counter() - start
     outputs.write_all(study, wall_seconds=wall, trial_seconds=objective.trial_seconds, options=opts)
+    log.raise_if_aborted()
     summary = outputs.summary(study, wall_seconds=wall, trial_seconds=objective.trial_seconds)
     progress.finish(summary)
     return summary
@@ -334,14 +403,14 @@ def _search_with_agent(
     space: SearchSpace, trials: int, time_budget: float | None, start: float,
 ) -> None:  # fmt: skip
     """Let an SB3 agent propose; every proposal runs as a trial of ``study`` (see attn_search.rl)."""
-    after = _after_trial(outputs, progress)
+    log = objective.log
 
     def run_trial(values: dict[str, Any]) -> dict[str, float] | None:
         over_time = time_budget is not None and time.perf_counter() - start > time_budget
-        if count_finished(study) >= trials or over_time:
+        if count_finished(study) >= trials or over_time or log.aborted is not None:
             raise BudgetReached
         study.enqueue_trial(values, skip_if_exists=False)
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after])
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[log])
         last = study.trials[-1]
         if last.state != optuna.trial.TrialState.COMPLETE:
             return None
@@ -362,7 +431,7 @@ def _search_with_agent(
     # as Ray tasks (see attn_search.rl._batched_env and attn_search.ray_backend.agent_batches).
     ray_backend = _import_ray_backend()
     with ray_backend.agent_batches(opts, study=study, outputs=outputs, progress=progress, runner=objective.runner,
-                                   trials=trials, time_budget=time_budget) as batches:  # fmt: skip
+                                   trials=trials, time_budget=time_budget, log=log) as batches:  # fmt: skip
         learn(batches, batches.n_envs)
     objective.trial_seconds = batches.driver.trial_seconds
 
@@ -376,25 +445,72 @@ def _import_ray_backend() -> Any:
     return ray_backend
 
 
-def _after_trial(outputs: RunOutputs, progress: Progress) -> Any:
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        df = outputs.write_tables(study)  # the trials table is built once per trial
-        progress.trial_done(study, trial, df)
+@dataclasses.dataclass
+class TrialLog:
+    """What happens when a trial ends, whichever backend ran it: the tables are rewritten, the
+    progress line printed, a traceback appended to ``errors.log``, and the failure policy told
+    (:mod:`attn_search.failures`). An Optuna callback for the local backend."""
 
-    return callback
+    outputs: RunOutputs
+    progress: Progress
+    policy: FailurePolicy
+    aborted: str | None = None
+    """Why the search must stop, once the failure policy said so."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        df = self.outputs.write_tables(study)  # the trials table is built once per trial
+        self.progress.trial_done(study, trial, df)
+        state = M.FAILED if trial.state == optuna.trial.TrialState.FAIL else trial.state.name.lower()
+        message = self.policy.observe(state, dict(trial.user_attrs))
+        if message is not None and self.aborted is None:
+            self.aborted = message
+            study.stop()
+
+    def log_error(self, trial: int | str, attrs: dict[str, Any]) -> None:
+        """Move a failed trial's traceback out of its attributes into ``errors.log``."""
+        if "traceback" in attrs:
+            log_error(self.outputs.run_dir, trial, attrs)
+            del attrs["traceback"]
+
+    def raise_if_aborted(self) -> None:
+        if self.aborted is not None:
+            raise SearchAborted(f"{self.aborted} (tracebacks in {self.outputs.run_dir / ERROR_LOG})")
 
 
-def recover_interrupted(study: optuna.Study) -> int:
+def run_owner(run_dir: Path) -> str:
+    """The tag a run dir's trials carry (``owner``): host and run dir."""
+    return f"{socket.gethostname()}:{run_dir.resolve()}"
+
+
+def recover_interrupted(study: optuna.Study, *, owner: str) -> int:
     """Trials left RUNNING by a process that died: mark them failed (``interrupted``) and enqueue
-    their parameters so they run again. Returns how many were recovered."""
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    their parameters so they run again. Returns how many were recovered.
+
+    Called with the run dir's lock held (:class:`~attn_search.rundir.RunLock`), which proves that
+    no process runs this run dir any more: its own trials (``owner``) are dead. A RUNNING trial of
+    another owner (a process sharing the storage) is dead only once its heartbeat is stale."""
     storage = study._storage  # Optuna exposes no public setter for another trial's state
-    for t in running:
+    stale: set[int] = set()
+    if storage.get_heartbeat_interval() is not None:  # type: ignore[attr-defined]
+        # Optuna's own fail_stale_trials would fail them too, but leave no mark and enqueue nothing
+        stale = set(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
+    recovered = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("owner", owner) != owner and t._trial_id not in stale:
+            continue  # alive in another process
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: the search process died during this trial")
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-    return len(running)
+        recovered += 1
+    return recovered
+
+
+def _got_through(t: optuna.trial.FrozenTrial) -> bool:
+    """A finished trial that shows the setup works (disarms the failure policy on resume)."""
+    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        return True
+    return t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs and "metrics" in t.user_attrs
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -469,13 +585,35 @@ class TrialRunner:
         stopped_by: str = "the pruner",
     ) -> TrialOutcome:
         """Score ``values``. ``on_attr(key, value)`` sees each attribute as soon as it is known (an
-        interrupted trial keeps them); ``on_rung(step, accuracy, compute)`` returns ``True`` to stop."""
+        interrupted trial keeps them); ``on_rung(step, accuracy, compute)`` returns ``True`` to stop.
+
+        Never raises for a trial's own failure: any exception inside the trial gives a ``failed``
+        outcome whose ``reason`` is the exception's type and message and whose ``traceback``
+        attribute holds the rest (:func:`attn_search.failures.error_attrs`)."""
         attrs: dict[str, Any] = {}
 
         def put(key: str, value: Any) -> None:
             attrs[key] = value
             on_attr(key, value)
 
+        try:
+            return self._run(values, attrs, put, on_rung, on_start, stopped_by)
+        except Exception as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+            for key, value in error_attrs(exc).items():
+                put(key, value)
+            return TrialOutcome(M.FAILED, attrs)
+
+    def _run(
+        self,
+        values: dict[str, Any],
+        attrs: dict[str, Any],
+        put: Callable[[str, Any], None],
+        on_rung: Callable[[int, float, dict[str, float]], bool],
+        on_start: Callable[[AttentionConfig], None],
+        stopped_by: str,
+    ) -> TrialOutcome:
         try:
             config = self.space.make_config(values, seed=self.seed)
         except ValueError as exc:
@@ -548,9 +686,12 @@ class _Objective:
     pruner: str
     moasha: MOASHA
     progress: Progress
+    log: TrialLog
+    owner: str
     trial_seconds: float = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        trial.set_user_attr("owner", self.owner)  # see recover_interrupted
         values = self.runner.space.suggest(trial)
         metrics = self.runner.space.metrics
 
@@ -567,6 +708,7 @@ class _Objective:
             values, on_attr=trial.set_user_attr, on_rung=on_rung, stopped_by=self.pruner,
             on_start=lambda config: self.progress.trial_started(trial.number, config),
         )  # fmt: skip
+        self.log.log_error(trial.number, outcome.attrs)
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("node", socket.gethostname())

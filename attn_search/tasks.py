@@ -397,3 +397,48 @@ def make_task(spec: str | Task = DEFAULT_TASK, **kwargs: Any) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task {spec!r} returned {type(task).__name__}, which lacks the Task protocol's attributes")
     return task
+
+
+def check_task(task: Task, *, n: int = 4) -> None:
+    """Build ``n`` examples of each split and check them against the :class:`Task` protocol.
+
+    Run before a search starts, so that a task that cannot work is refused in one line instead of
+    failing inside every trial. Raises ``ValueError`` naming what is wrong: sizes that are not
+    positive integers, data that is not a pair of integer tensors of shape ``(n, seq_len)``, token
+    ids outside ``[0, vocab_size)``, targets outside ``[0, n_classes)`` (other than ``-100``), or
+    a batch with nothing to score. Exceptions raised by the task's own code propagate.
+    """
+    name = getattr(task, "name", type(task).__name__)
+    for attr in ("seq_len", "vocab_size", "n_classes"):
+        value = getattr(task, attr, None)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"task {name!r}: {attr}={value!r} is invalid: it must be a positive integer")
+    L, vocab, classes = int(task.seq_len), int(task.vocab_size), int(task.n_classes)
+    for split in ("train", "eval"):
+        got = task.data(split, n)  # type: ignore[arg-type]
+        where = f"task {name!r}: data({split!r}, {n})"
+        if not (isinstance(got, tuple | list) and len(got) == 2):
+            raise ValueError(f"{where} returned {type(got).__name__}: it must return a pair (x, y) of tensors")
+        for label, t in zip("xy", got, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{where}: {label} is a {type(t).__name__}: it must be a torch.Tensor")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise ValueError(
+                    f"{where}: {label} has dtype {t.dtype}: token ids and targets must be integers (torch.long)"
+                )
+            if tuple(t.shape) != (n, L):
+                raise ValueError(f"{where}: {label} has shape {tuple(t.shape)}: it must be (n, seq_len) = ({n}, {L})")
+        x, y = got
+        if int(x.min()) < 0 or int(x.max()) >= vocab:
+            raise ValueError(
+                f"{where}: token ids span [{int(x.min())}, {int(x.max())}]: they must lie in [0, vocab_size={vocab})"
+            )
+        scored = y != IGNORE
+        if not bool(scored.any()):
+            raise ValueError(f"{where}: every target is {IGNORE}: some positions must be scored")
+        bad = y[scored]
+        if int(bad.min()) < 0 or int(bad.max()) >= classes:
+            raise ValueError(
+                f"{where}: targets span [{int(bad.min())}, {int(bad.max())}]: they must lie in [0, n_classes={classes}) "
+                f"or be {IGNORE} where nothing is scored"
+            )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
@@ -35,6 +36,13 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         (["--max-concurrent", "2"], "--max-concurrent: only with --backend ray"),
         (["--gpus-per-trial", "-1"], "argument --gpus-per-trial: -1.0 is invalid: it must be >= 0"),
         (["--strategy", "cmaes"], "single objective"),
+        # found before the run dir exists, not inside the first trial
+        (["--space", TINY, "--task", "tests.custom_task:float_tokens"], "token ids and targets must be integers"),
+        (["--space", TINY, "--task", "tests.custom_task:wrong_shape"], "x has shape (4, 31): it must be (n, seq_len)"),
+        (["--space", TINY, "--task", "tests.custom_task:targets_out_of_range"], "they must lie in [0, n_classes=2)"),
+        (["--space", TINY, "--task", "tests.custom_task:not_a_task"], "lacks the Task protocol"),
+        (["--space", TINY, "--storage", "notaurl"], "--storage 'notaurl': ArgumentError"),
+        *([] if torch.cuda.is_available() else [(["--space", TINY, "--device", "cuda"], "no CUDA GPU is visible")]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str, tmp_path: Path) -> None:
@@ -42,7 +50,46 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str, tmp_pa
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], r.stderr
-    assert not (tmp_path / "out" / "study.db").exists()
+    assert not (tmp_path / "out").exists()  # nothing left behind: the corrected rerun works as typed
+
+
+def test_out_naming_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    r = run("--space", TINY, "--out", str(target))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr
+    assert target.read_text() == "keep me"
+
+
+def test_a_search_whose_first_trials_all_fail_exits_1_with_the_error_as_last_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run("--space", TINY, "--trials", "20", "--steps", "4", "--task", "tests.custom_task:fragile", "--out", str(out))
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "first 3 trials all failed" in lines[0], r.stderr  # no traceback
+    assert "RuntimeError: fragile task: cannot make 32 examples" in lines[0]
+    assert (out / "errors.log").read_text().count("Traceback (most recent call last)") == 3
+    assert list(pd.read_csv(out / "trials.csv")["state"]) == ["failed"] * 3
+
+
+def test_one_search_per_run_dir(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "run_search.py"), "--space", TINY, "--trials", "50", "--steps", "200",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    first = subprocess.Popen(args, cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while not (out / "run.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = run("--space", TINY, "--trials", "50", "--steps", "200", "--out", str(out), "--resume")
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1 and "is in use by another search" in second.stderr
+        assert first.poll() is None  # the first search was left alone
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run("--space", TINY, "--trials", "2", "--steps", "4", "--out", str(out), "--resume")  # lock released
+    assert resumed.returncode == 0, resumed.stderr
 
 
 def test_malformed_yaml_is_one_line_and_exit_2(tmp_path: Path) -> None:

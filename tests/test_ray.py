@@ -111,12 +111,64 @@ def test_embedded_ray_writes_the_local_backends_outputs(loopback: Loopback, tmp_
     # the report and export read the run like a local one
     exported = loopback.run([str(BIN / "attn-search"), "export", str(out), "--format", "python"])
     assert exported.returncode == 0, exported.stderr
-    # a trial whose task raises is recorded failed with its reason, and the search goes on
-    broken = loopback.run(search_cmd(tmp_path / "broken", "--task", "tests.custom_task:broken", trials=2))
-    assert broken.returncode == 0, broken.stderr[-3000:]
+    # a search whose first trials all fail the same way stops after 3 with the error, not in silence
+    broken = loopback.run(search_cmd(tmp_path / "broken", "--task", "tests.custom_task:fragile", "--max-concurrent",
+                                     "1", trials=20))  # fmt: skip
+    assert broken.returncode == 1, broken.stderr[-3000:]
+    assert "first 3 trials all failed" in broken.stderr.strip().splitlines()[-1]
     failed = rows(tmp_path / "broken")
-    assert list(failed["state"]) == ["failed", "failed"]
-    assert failed["reason"].str.contains("broken task: no data today").all()
+    assert list(failed["state"]) == ["failed"] * 3
+    assert failed["reason"].str.contains("RuntimeError: fragile task: cannot make").all()
+    assert (tmp_path / "broken" / "errors.log").read_text().count("Traceback") == 3
+
+
+def holed_table(tmp_path: Path) -> Path:
+    """The recorded sparse table without its window rows of lr 0.006: those proposals raise."""
+    full = pd.read_csv(ROOT / "tables" / "sparse-smoke.csv", comment="#")
+    holed = full[~((full["pattern"] == "window") & (full["lr"] == 0.006))]
+    path = tmp_path / "holed.csv"
+    holed.to_csv(path, index=False)
+    return path
+
+
+def test_trials_that_raise_on_ray_are_recorded_failed_and_the_search_goes_on(
+    loopback: Loopback, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cmd = [str(BIN / "python"), "run_search.py", "--space", "sparse", "--backend", "ray", "--strategy", "random",
+           "--evaluator", f"table:{holed_table(tmp_path)}", "--trials", "16", "--max-concurrent", "2", "--seed", "1",
+           "--out", str(out)]  # fmt: skip
+    done = loopback.run(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = rows(out)
+    failed = trials[trials["state"] == "failed"]
+    assert len(trials) == 16 and 1 <= len(failed) < 16, trials[["pattern", "lr", "state"]]
+    assert ((failed["pattern"] == "window") & (failed["lr"] == 0.006)).all()
+    assert failed["reason"].str.startswith("KeyError: ").all() and failed["reason"].str.contains("has no row").all()
+
+
+def test_a_worker_environment_that_cannot_import_the_package_stops_the_search(
+    loopback: Loopback, tmp_path: Path
+) -> None:
+    """Workers whose environment cannot import the package (here: a broken gymnasium first on the
+    worker nodes' PYTHONPATH; the driver's is fine) must stop the search in seconds with their
+    error, not retry every trial in silence."""
+    broken = tmp_path / "shadow" / "gymnasium"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this environment has a broken gymnasium')\n")
+    port = "6391"
+    env = {**loopback.env, "PYTHONPATH": f"{broken.parent}:{ROOT}"}
+    head = subprocess.run(loopback.wrap(["ray", "start", "--head", f"--port={port}", "--num-cpus=2",
+                                         "--include-dashboard=false", "--disable-usage-stats"]),
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert head.returncode == 0, head.stderr[-2000:]
+    start = time.time()
+    done = loopback.run(search_cmd(tmp_path / "run", "--address", f"127.0.0.1:{port}", trials=4), timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Ray workers cannot run attn_search" in last and "broken gymnasium" in last, last
+    assert time.time() - start < 120
+    assert rows(tmp_path / "run").empty  # no trial was burnt on it
 
 
 def test_single_objective_search_with_asha_stops_at_the_time_budget(loopback: Loopback, tmp_path: Path) -> None:
@@ -255,6 +307,7 @@ def last_json(text: str) -> dict[str, object]:
     return json.loads(text.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # about a minute: two benchmark scripts, each starting Ray twice
 def test_ray_benchmarks_run_on_the_cpu_path(loopback: Loopback) -> None:
     py = str(BIN / "python")
     packing = loopback.run([py, "benchmarks/gpu_packing.py", "--no-netns", "--device", "cpu", "--space", TINY,

@@ -175,3 +175,86 @@ def test_a_trial_is_stopped_at_a_rung_but_never_after_its_last_step() -> None:
     seen.clear()  # a rule that says stop at the last rung: the trial has finished, its result is kept
     outcome = runner.run(values, on_rung=lambda step, acc, compute: seen.append(step) or step == 6)
     assert seen == [3, 6] and outcome.state == "complete" and outcome.values is not None
+
+
+def test_a_trial_that_raises_is_recorded_failed_with_its_reason_and_the_search_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import attn_search.search as search_module
+
+    real = search_module.evaluate
+
+    def flaky(config: AttentionConfig, *args: Any, **kwargs: Any) -> Any:
+        if config.pattern == "window":
+            raise RuntimeError(f"window kernel exploded at w={config.window}")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "evaluate", flaky)
+    out, summary = search(tmp_path, trials=8, pruner="none", strategy="random", seed=1)
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 8 and summary.n_finished == 8  # type: ignore[attr-defined]
+    failed = trials[trials["state"] == "failed"]
+    assert len(failed) >= 1 and (trials["state"] == "complete").sum() >= 1, trials[["pattern", "state"]]
+    assert (failed["pattern"] == "window").all()
+    assert failed["reason"].str.fullmatch(r"RuntimeError: window kernel exploded at w=\d+").all()
+    log = (out / "errors.log").read_text()
+    assert log.count("=== trial") == len(failed) and "Traceback (most recent call last)" in log
+    assert "window kernel exploded" in (out / "report.html").read_text()
+
+
+def test_a_search_whose_first_trials_all_fail_the_same_way_stops(tmp_path: Path) -> None:
+    from attn_search.errors import SearchAborted
+
+    with pytest.raises(SearchAborted, match=r"first 3 trials all failed.*fragile task: cannot make") as info:
+        search(tmp_path, trials=10, task="tests.custom_task:fragile")
+    assert "errors.log" in str(info.value)
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert list(trials["state"]) == ["failed"] * 3
+
+
+def test_failure_policy() -> None:
+    from attn_search.failures import FailurePolicy
+
+    def err(msg: str) -> dict[str, Any]:
+        return {"error": "RuntimeError", "reason": f"RuntimeError: {msg}"}
+
+    p = FailurePolicy(limit=3)
+    assert p.observe("failed", err("out of memory: 12 MiB")) is None
+    assert p.observe("failed", err("out of memory: 40 MiB")) is None  # numbers differ: the same error
+    assert "out of memory" in (p.observe("failed", err("out of memory: 2 MiB")) or "")
+    p = FailurePolicy(limit=3)
+    for msg in ("a", "b", "a", "b"):  # different errors never make a streak
+        assert p.observe("failed", err(msg)) is None
+    p = FailurePolicy(limit=2)
+    assert p.observe("failed", {"reason": "invalid configuration: x"}) is None  # refused before it ran: neutral
+    assert p.observe("complete", {"metrics": {}}) is None
+    assert p.observe("failed", err("a")) is None and p.observe("failed", err("a")) is None  # a trial got through
+    p = FailurePolicy(limit=2)
+    assert p.observe("failed", {"reason": "non-finite training loss", "metrics": {}}) is None  # trained: disarms
+    assert p.observe("failed", err("a")) is None and p.observe("failed", err("a")) is None
+
+
+def test_resume_takes_over_only_trials_that_are_really_dead(tmp_path: Path) -> None:
+    import time
+
+    import optuna
+
+    from attn_search.search import recover_interrupted
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, directions=["maximize"])
+    ours, theirs_alive, theirs_dead = (study.ask() for _ in range(3))
+    ours.set_user_attr("owner", "host:/runs/a")
+    theirs_alive.set_user_attr("owner", "other:/runs/b")
+    theirs_dead.set_user_attr("owner", "other:/runs/c")
+    now = time.time()
+    for t in (ours, theirs_alive, theirs_dead):
+        storage.record_heartbeat(t._trial_id)
+    time.sleep(3)  # every heartbeat is now stale ...
+    storage.record_heartbeat(theirs_alive._trial_id)  # ... but this one's process is alive
+    assert time.time() - now < 60
+    assert recover_interrupted(study, owner="host:/runs/a") == 2
+    states = {t.number: (t.state.name, t.user_attrs.get("interrupted")) for t in study.get_trials()}
+    assert states[ours.number] == ("FAIL", True) and states[theirs_dead.number] == ("FAIL", True)
+    assert states[theirs_alive.number] == ("RUNNING", None)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2  # re-enqueued
