@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv search test test-all lint format bench clean
+.PHONY: venv search test test-all lint format imports bench clean
 
 # torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
 # CUDA packages; constraints.txt keeps every other package at the versions tested here.
@@ -33,6 +33,10 @@ lint: venv
 	$(VENV)/bin/ruff check attn_search envs tests benchmarks run_search.py
 	$(VENV)/bin/ruff format --check attn_search envs tests benchmarks run_search.py
 	$(VENV)/bin/mypy
+
+## The package's import graph by layer (tests/test_layout.py checks it points down, without cycles).
+imports: venv
+	$(PY) tests/test_layout.py
 
 format: venv
 	$(VENV)/bin/ruff format attn_search envs tests benchmarks run_search.py

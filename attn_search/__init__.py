@@ -3,15 +3,15 @@ small attention model per trial."""
 
 from pathlib import Path as _Path
 
-from attn_search.attention import BACKENDS, choose_backend, sparse_attention
-from attn_search.config import AttentionConfig, load_config
-from attn_search.cost import model_flops
-from attn_search.model import AttentionModel, SparseSelfAttention, build_model
+from attn_search.engine.attention import BACKENDS, choose_backend, sparse_attention
+from attn_search.engine.config import AttentionConfig, load_config
+from attn_search.engine.cost import model_flops
+from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_model
+from attn_search.engine.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
+from attn_search.engine.tasks import TASKS, Task, make_task
+from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
 from attn_search.pareto import hypervolume, pareto_front
-from attn_search.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
 from attn_search.space import SearchSpace, load_space
-from attn_search.tasks import TASKS, Task, make_task
-from attn_search.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
 
 __version__ = "0.1.0"
 

@@ -11,13 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from attn_search.errors import SearchAborted
-from attn_search.metrics import COMPUTE_OBJECTIVES
-from attn_search.rl import RL_STRATEGIES
-from attn_search.search import BACKENDS, PRUNERS, SEARCH_PRESETS, SearchOptions, UsageError, run_search
-from attn_search.strategies import OPTUNA_STRATEGIES
-
-STRATEGIES = (*OPTUNA_STRATEGIES, *RL_STRATEGIES)
+from attn_search.engine.metrics import COMPUTE_OBJECTIVES
+from attn_search.errors import SearchAborted, UsageError
+from attn_search.search import BACKENDS, PRUNERS, SEARCH_PRESETS, STRATEGIES, SearchOptions, run_search
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +52,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="tpe", choices=STRATEGIES, metavar="NAME",
                    help=f"proposer: {', '.join(STRATEGIES)} (default: tpe)")  # fmt: skip
     p.add_argument("--evaluator", default="training", metavar="SPEC",
-                   help="training (default) or table:PATH to look results up in a recorded table")  # fmt: skip
+                   help="training (default), table:PATH to look results up in a recorded table, or module:callable")  # fmt: skip
     p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
     p.add_argument("--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table")
     p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")
@@ -92,7 +88,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruner", choices=PRUNERS, metavar="NAME",
                    help="early stopping: moasha (default with two objectives), asha (default with one), median, none")  # fmt: skip
     p.add_argument("--eta", type=float, default=3.0, help="successive-halving reduction factor (default: 3)")
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run dir)")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run dir); runs can share one")
+    p.add_argument("--study-name", metavar="NAME", help="the run's study in --storage (default: from the run dir)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
 
 

@@ -17,11 +17,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from attn_search.config import AttentionConfig
-from attn_search.model import apply_rotary, rotary_tables
-from attn_search.outputs import export_dict, export_text, load_run, select_row, trials_frame
-from attn_search.patterns import PATTERN_PARAMS, bigbird_block_table
-from attn_search.tasks import make_task
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.model import apply_rotary, rotary_tables
+from attn_search.engine.patterns import PATTERN_PARAMS, bigbird_block_table
+from attn_search.engine.tasks import make_task
+from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, select_row, trials_frame
 
 FORMATS = ("yaml", "json", "python")
 
@@ -164,7 +164,8 @@ def export_run(
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     study, space, record = load_run(run_dir)
-    rule = select or record["options"].get("select", "knee")
+    outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
+    rule = outputs.select
     row = select_row(trials_frame(study), space, rule)
     if row is None:
         raise ValueError(f"{run_dir}: no complete trial satisfies --select {rule}")
@@ -177,11 +178,12 @@ def export_run(
         else Path(out or Path(run_dir) / f"best_config.{suffix}")
     )
     if fmt == "python":
-        data: dict[str, Any] = export_dict(row, space, rule)
+        data: dict[str, Any] = export_dict(row, outputs, rule)
         config = AttentionConfig.from_dict(data["config"])
-        task = make_task(space.task, **dict(space.task_params))
+        task = make_task(outputs.task_name, **outputs.task_kwargs)  # the task actually searched
         header = (
-            f"Trial {data['trial']} of {run_dir} (space {space.name!r}, selected by --select {rule}); metrics: "
+            f"Trial {data['trial']} of {run_dir} (space {space.name!r}, task {data['task']} {data['task_params']}, "
+            f"selected by --select {rule}); metrics: "
             + ", ".join(
                 f"{k}={v:.4g}"
                 for k, v in data["metrics"].items()
@@ -192,7 +194,7 @@ def export_run(
             config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=task.seq_len, header=header
         )
     else:
-        text = export_text(row, space, rule, fmt=fmt)
+        text = export_text(row, outputs, rule, fmt=fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path

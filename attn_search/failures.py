@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from attn_search import metrics as M
+from attn_search.engine import metrics as M
 from attn_search.errors import SearchAborted
 
 __all__ = ["ERROR_LOG", "FIRST_FAILURES", "FailurePolicy", "SearchAborted", "describe", "error_attrs", "log_error"]

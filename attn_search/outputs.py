@@ -23,16 +23,19 @@ import optuna
 import pandas as pd
 import yaml
 
-from attn_search import metrics as M
-from attn_search.config import AttentionConfig
+from attn_search.engine import metrics as M
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.patterns import PATTERN_PARAMS
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
-from attn_search.patterns import PATTERN_PARAMS
 from attn_search.space import SearchSpace, parse_space
 
 METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
+TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device", "node", *METRIC_COLUMNS,
+                 *CONFIG_COLUMNS, "feasible"]  # fmt: skip
+"""The columns of ``trials.csv``, whichever backend ran the trials."""
 PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_random")
 
 
@@ -68,6 +71,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, reason, duration, device, metrics, config fields."""
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if "duplicate_of" in t.user_attrs:
+            continue  # a proposal that repeated an earlier trial: never ran (see SearchLoop._next)
         metrics = t.user_attrs.get("metrics", {})
         config = t.user_attrs.get("config", {})
         duration = (
@@ -78,6 +83,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {
             "trial": t.number,
             "state": _state(t),
+            "completed": t.datetime_complete.isoformat(timespec="milliseconds") if t.datetime_complete else "",
             "reason": t.user_attrs.get("reason", ""),
             "duration_s": duration,
             "device": t.user_attrs.get("device", ""),
@@ -87,9 +93,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
         unused = set(PATTERN_FIELDS) - set(PATTERN_PARAMS.get(str(row["pattern"]), ()))
         row.update({c: None for c in unused})  # parameters the pattern does not read: left blank
-        row["feasible"] = all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))
+        row["feasible"] = all(c <= 0 for c in t.constraints.values())  # Optuna's Trial.set_constraint
         rows.append(row)
-    columns = ["trial", "state", "reason", "duration_s", "device", "node", *METRIC_COLUMNS, *CONFIG_COLUMNS, "feasible"]
+    columns = [
+        "trial",
+        "state",
+        "completed",
+        "reason",
+        "duration_s",
+        "device",
+        "node",
+        *METRIC_COLUMNS,
+        *CONFIG_COLUMNS,
+        "feasible",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -103,28 +120,41 @@ def front_rows(df: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
     return front.sort_values(M.ACCURACY, ascending=False)
 
 
-def hypervolume_of(
-    df: pd.DataFrame, space: SearchSpace, bounds: tuple[list[float], list[float]] | None = None
-) -> float:
-    """Normalised hypervolume (accuracy in [0, 1], compute between the min and max seen)."""
-    ok = df[(df["state"] == M.COMPLETE) & df["feasible"]].dropna(subset=space.metrics)
+Bounds = dict[str, "tuple[float, float] | None"]
+"""Normalisation range of each compute metric over the search space, fixed for the whole run; ``None``
+for a measured metric (latency, memory) whose range cannot be known before trials measure it."""
+
+HYPERVOLUME_DEFINITION = (
+    "Normalised hypervolume: the fraction of the unit box dominated by the complete, feasible trials, "
+    "with accuracy taken as is (in [0, 1]) and each compute metric scaled to [0, 1] by a range fixed for "
+    "the run: for FLOPs and parameters the range over the whole search space (analytic; for a recorded "
+    "table, the table's range), for measured latency and memory from 0 to the largest value seen so far. "
+    "The reference point is accuracy 0 at the top of the compute range. A new trial can only raise it."
+)
+
+
+def _complete(df: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
+    return df[(df["state"] == M.COMPLETE) & df["feasible"]].dropna(subset=space.metrics)
+
+
+def hypervolume_of(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None) -> float:
+    """Normalised hypervolume of the trials in ``df`` (see :data:`HYPERVOLUME_DEFINITION`): the one
+    definition the console, the report and the RL environment use."""
+    ok = _complete(df, space)
     if ok.empty:
         return 0.0
-    lower, upper = bounds or objective_bounds(ok, space)
-    return normalized_hypervolume(ok[space.metrics].to_numpy(), space.directions, lower=lower, upper=upper)
-
-
-def objective_bounds(ok: pd.DataFrame, space: SearchSpace) -> tuple[list[float], list[float]]:
-    """Normalisation bounds: accuracy in [0, 1]; each compute metric between its min and max in ``ok``."""
+    bounds = bounds or {}
     lower, upper = [], []
     for m in space.metrics:
         if m == M.ACCURACY:
-            lower.append(0.0)
-            upper.append(1.0)
+            lo, hi = 0.0, 1.0
         else:
-            lower.append(float(ok[m].min()))
-            upper.append(float(ok[m].max()))
-    return lower, upper
+            fixed = bounds.get(m)
+            lo, hi = fixed if fixed is not None else (0.0, float(ok[m].max()))
+            # a point outside a fixed range (a custom evaluator, a rounding) counts at the range's edge
+        lower.append(lo)
+        upper.append(hi)
+    return normalized_hypervolume(ok[space.metrics].to_numpy(), space.directions, lower=lower, upper=upper)
 
 
 def select_row(df: pd.DataFrame, space: SearchSpace, rule: str) -> pd.Series | None:
@@ -160,13 +190,61 @@ def _atomic_write(path: Path, text: str | bytes) -> None:
 
 
 @dataclasses.dataclass
+class SearchSummary:
+    """What a finished search reports."""
+
+    run_dir: Path
+    n_finished: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    front_size: int
+    hypervolume: float
+    wall_seconds: float
+    trial_seconds: float
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of wall time spent outside training and evaluation (sampler, storage, outputs)."""
+        return max(0.0, self.wall_seconds - self.trial_seconds) / self.wall_seconds if self.wall_seconds else 0.0
+
+
+@dataclasses.dataclass
 class RunOutputs:
-    """Writes a run dir's files from the study."""
+    """Writes a run dir's files from the study: the search loop's listener for finished trials and
+    for the end of the search, and what ``attn-search report`` rebuilds from."""
 
     run_dir: Path
     space: SearchSpace
     select: str = "knee"
     constrained: bool = False
+    task: str | None = None
+    """The task actually searched (``--task`` or the space's); ``None``: the space's."""
+    task_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bounds: Bounds = dataclasses.field(default_factory=dict)
+    """Fixed compute ranges of the hypervolume (see :data:`HYPERVOLUME_DEFINITION`)."""
+
+    @classmethod
+    def from_record(
+        cls, run_dir: Path, record: dict[str, Any], space: SearchSpace, *, select: str | None = None
+    ) -> RunOutputs:
+        """The outputs of a run dir, as its ``run.json`` describes them."""
+        options = record.get("options", {})
+        bounds = {m: (tuple(b) if b is not None else None) for m, b in record.get("hypervolume_bounds", {}).items()}
+        constrained = options.get("max_flops") is not None or options.get("max_latency_ms") is not None
+        return cls(run_dir, space=space, select=select or options.get("select", "knee"), constrained=constrained,
+                   task=record.get("task"), task_params=dict(record.get("task_params", {})), bounds=bounds)  # type: ignore[arg-type]  # fmt: skip
+
+    @property
+    def task_name(self) -> str:
+        return self.task or self.space.task
+
+    @property
+    def task_kwargs(self) -> dict[str, Any]:
+        return dict(self.task_params) if self.task is not None else dict(self.space.task_params)
+
+    def hypervolume(self, df: pd.DataFrame) -> float:
+        return hypervolume_of(df, self.space, self.bounds)
 
     def stats(self, study: optuna.Study, df: pd.DataFrame | None = None) -> dict[str, Any]:
         """Counts, best accuracy, front size and hypervolume (``df``: the trials table, if built)."""
@@ -182,7 +260,7 @@ class RunOutputs:
             if (df["state"] == M.COMPLETE).any()
             else float("nan"),
             "front_size": len(front),
-            "hypervolume": hypervolume_of(df, self.space),
+            "hypervolume": self.hypervolume(df),
         }
 
     def write_tables(self, study: optuna.Study) -> pd.DataFrame:
@@ -199,12 +277,10 @@ class RunOutputs:
             if path.exists():
                 path.unlink()
             return None
-        _atomic_write(path, export_text(row, self.space, self.select, fmt="yaml"))
+        _atomic_write(path, export_text(row, self, self.select, fmt="yaml"))
         return row
 
-    def summary(self, study: optuna.Study, *, wall_seconds: float, trial_seconds: float) -> Any:
-        from attn_search.search import SearchSummary
-
+    def summary(self, study: optuna.Study, *, wall_seconds: float, trial_seconds: float) -> SearchSummary:
         s = self.stats(study)
         return SearchSummary(
             run_dir=self.run_dir, n_finished=s["finished"], n_complete=s["complete"], n_pruned=s["pruned"],
@@ -221,8 +297,8 @@ class RunOutputs:
         if wall_seconds is not None:
             timing["sessions"].append({"wall_seconds": wall_seconds, "trial_seconds": trial_seconds})
             _atomic_write(timing_file, json.dumps(timing, indent=2))
-        write_plots(self.run_dir, df, self.space)
-        write_report(self.run_dir, study, df, self.space, best, self.select, timing)
+        write_plots(self.run_dir, df, self.space, self.bounds)
+        write_report(self.run_dir, study, df, self, best, timing)
 
 
 def row_config(row: pd.Series) -> AttentionConfig:
@@ -230,24 +306,26 @@ def row_config(row: pd.Series) -> AttentionConfig:
     return AttentionConfig.from_dict({c: _plain(row[c]) for c in CONFIG_COLUMNS if not pd.isna(row[c])})
 
 
-def export_dict(row: pd.Series, space: SearchSpace, select: str) -> dict[str, Any]:
+def export_dict(row: pd.Series, outputs: RunOutputs, select: str) -> dict[str, Any]:
+    """The chosen trial as exported: its config (only the parameters its pattern uses), metrics and
+    provenance, with the task actually searched."""
     config = row_config(row)
     return {
         "config": config.to_dict(),
         "metrics": {m: _plain(row[m]) for m in METRIC_COLUMNS if not pd.isna(row[m])},
         "trial": int(row["trial"]),
         "selected_by": select,
-        "space": space.name,
-        "task": space.task,
-        "task_params": dict(space.task_params),
+        "space": outputs.space.name,
+        "task": outputs.task_name,
+        "task_params": outputs.task_kwargs,
     }
 
 
-def export_text(row: pd.Series, space: SearchSpace, select: str, *, fmt: str) -> str:
-    data = export_dict(row, space, select)
+def export_text(row: pd.Series, outputs: RunOutputs, select: str, *, fmt: str) -> str:
+    data = export_dict(row, outputs, select)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
-    header = f"# attn_search: trial {data['trial']} selected by --select {select} from space {space.name!r}\n"
+    header = f"# attn_search: trial {data['trial']} selected by --select {select} from space {outputs.space.name!r}\n"
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -263,7 +341,7 @@ def _pattern_colors(patterns: Sequence[str]) -> dict[str, Any]:
     return {p: cmap(i % 10) for i, p in enumerate(sorted(set(patterns)))}
 
 
-def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
+def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None) -> None:
     """``pareto.png``, ``hypervolume.png`` and the interactive ``pareto.html``."""
     import matplotlib
 
@@ -301,7 +379,7 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
     fig.savefig(run_dir / "pareto.png", dpi=120)
     plt.close(fig)
 
-    hv = hypervolume_history(df, space)
+    hv = hypervolume_history(df, space, bounds)
     fig, ax = plt.subplots(figsize=(7.5, 3.5))
     ax.plot(range(1, len(hv) + 1), hv, marker="o", ms=3)
     ax.set_xlabel("trials finished")
@@ -337,14 +415,12 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace) -> None:
     pfig.write_html(run_dir / "pareto.html", include_plotlyjs=True, full_html=True)
 
 
-def hypervolume_history(df: pd.DataFrame, space: SearchSpace) -> list[float]:
-    """Normalised hypervolume after each finished trial, with the final bounds (comparable)."""
-    counted = df[df["state"] != "interrupted"].sort_values("trial")
-    ok = counted[(counted["state"] == M.COMPLETE) & counted["feasible"]].dropna(subset=space.metrics)
-    if ok.empty:
-        return [0.0] * len(counted)
-    bounds = objective_bounds(ok, space)
-    return [hypervolume_of(counted.iloc[: i + 1], space, bounds) for i in range(len(counted))]
+def hypervolume_history(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None) -> list[float]:
+    """Normalised hypervolume after each finished trial, in the order trials finished: what the
+    console printed at each line (one definition, :data:`HYPERVOLUME_DEFINITION`)."""
+    counted = df[df["state"] != "interrupted"]
+    order = counted.sort_values(["completed", "trial"]) if "completed" in counted else counted.sort_values("trial")
+    return [hypervolume_of(order.iloc[: i + 1], space, bounds) for i in range(len(order))]
 
 
 def _img(path: Path) -> str:
@@ -363,9 +439,10 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     return str(shown.to_html(index=False, escape=True, border=0, classes="t"))
 
 
-def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, space: SearchSpace, best: pd.Series | None,
-                 select: str, timing: dict[str, Any]) -> None:  # fmt: skip
+def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: RunOutputs, best: pd.Series | None,
+                 timing: dict[str, Any]) -> None:  # fmt: skip
     """``report.html``: summary, the front, the plots, parameter importances, every trial."""
+    space, select = outputs.space, outputs.select
     front = front_rows(df, space)
     compute = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS
     counts = df["state"].value_counts().to_dict()
@@ -396,20 +473,35 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, space: Se
 <style>{css}</style></head><body>
 <h1>attn_search report: {html.escape(space.name)}</h1>
 <p>{html.escape(space.description)}</p>
-<p>Task <code>{html.escape(space.task)}</code> {html.escape(json.dumps(dict(space.task_params)))};
+<p>Task <code>{html.escape(outputs.task_name)}</code> {html.escape(json.dumps(outputs.task_kwargs))};
 objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.
 Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
-{hypervolume_of(df, space):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
+{outputs.hypervolume(df):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
 framework overhead {overhead}.</p>
 <h2>Chosen configuration</h2>{best_html}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
 <h2>Pareto front</h2>{_table(front, ["trial", M.ACCURACY, M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
 <h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
+<p>{html.escape(HYPERVOLUME_DEFINITION)} {html.escape(_bounds_text(space, outputs.bounds))}</p>
 <h2>Parameter importances for accuracy (Optuna's PED-ANOVA)</h2><table class="t">{importances}</table>
 <h2>All trials</h2>{_table(df, ["trial", "state", M.ACCURACY, compute, M.STEPS, "duration_s", "device", "pattern", "n_heads", "window", "lr", "reason"])}
 </body></html>"""
     _atomic_write(run_dir / "report.html", page)
+
+
+def _bounds_text(space: SearchSpace, bounds: Bounds) -> str:
+    parts = []
+    for m in space.metrics[1:]:
+        b = bounds.get(m)
+        parts.append(
+            f"{m}: fixed range [{b[0]:.4g}, {b[1]:.4g}]" if b is not None else f"{m}: from 0 to the largest seen"
+        )
+    return ("This run: " + "; ".join(parts) + ".") if parts else ""
+
+
+STUDY_NAME = "attn_search"
+"""The study name of runs made before each run had its own (``run.json`` without ``study_name``)."""
 
 
 def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, dict[str, Any]]:
@@ -422,13 +514,13 @@ def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, dict[str, 
     space = parse_space(record["space_definition"], source=str(run_file))
     storage = record["options"].get("storage") or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="attn_search", storage=storage)
+    study = optuna.load_study(study_name=record.get("study_name", STUDY_NAME), storage=storage)
     return study, space, record
 
 
 def rebuild(run_dir: str | Path, *, select: str | None = None) -> Path:
     """Write every output of ``run_dir`` again from its study; returns the report's path."""
     study, space, record = load_run(run_dir)
-    outputs = RunOutputs(Path(run_dir), space=space, select=select or record["options"].get("select", "knee"))
+    outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
     outputs.write_all(study)
     return Path(run_dir) / "report.html"

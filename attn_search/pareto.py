@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from attn_search.metrics import MAXIMIZE, MINIMIZE
+from attn_search.engine.metrics import MAXIMIZE, MINIMIZE
 
 
 def _as_min(points: Sequence[Sequence[float]] | np.ndarray, directions: Sequence[str]) -> np.ndarray:

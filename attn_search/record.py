@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from attn_search.envs.attention_search import grids_of
+from attn_search.evaluators import grids_of
 from attn_search.search import SearchOptions, run_search
 from attn_search.space import SearchSpace, load_space
 

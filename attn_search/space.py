@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from attn_search import metrics as M
-from attn_search.config import _FIELD_TYPES, AttentionConfig
-from attn_search.tasks import make_task
+from attn_search.engine import metrics as M
+from attn_search.engine.config import _FIELD_TYPES, AttentionConfig
+from attn_search.engine.tasks import make_task
 
 BUILTIN_SPACES = ("sparse", "dense", "full")
 

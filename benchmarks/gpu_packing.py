@@ -36,7 +36,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _loopback import ensure_loopback_namespace
 
-from attn_search.config import AttentionConfig
+from attn_search.engine.config import AttentionConfig
 from attn_search.search import SearchOptions, run_search
 from attn_search.space import load_space
 

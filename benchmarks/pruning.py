@@ -2,8 +2,8 @@
 
 For each seed, runs the same search (space, strategy, seed) twice with the same ``--time-budget``:
 once with ``--pruner moasha`` and once with ``--pruner none``, and compares the normalised
-hypervolume of the resulting fronts. Both runs of a seed are scored with the same bounds (the
-union of their complete trials), so the numbers are comparable. Prints one row per run and, as
+hypervolume of the resulting fronts (the run's one definition: compute scaled by the space's
+analytic FLOP range, the same for both runs, so the numbers are comparable). Prints one row per run and, as
 the last line, a JSON object with the median hypervolume of each pruner.
 
 Usage::
@@ -20,12 +20,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
-from attn_search import metrics as M
-from attn_search.outputs import front_rows, hypervolume_of, objective_bounds
+from attn_search.engine import metrics as M
+from attn_search.outputs import RunOutputs, front_rows, load_run, trials_frame
 from attn_search.search import SearchOptions, run_search
-from attn_search.space import load_space
 
 
 def main() -> None:
@@ -36,12 +33,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="default", help="per-trial budget")
     args = parser.parse_args()
-    space = load_space(args.space)
     hv: dict[str, list[float]] = {"moasha": [], "none": []}
     print(f"{'seed':>4} {'pruner':<7} {'trials':>6} {'complete':>8} {'pruned':>6} {'front':>5} {'hypervolume':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            frames = {}
             for pruner in ("moasha", "none"):
                 out = Path(tmp) / f"{pruner}-{seed}"
                 opts = SearchOptions(
@@ -49,12 +44,9 @@ def main() -> None:
                     trials=10_000, time_budget=args.time_budget, out=str(out), quiet=True,
                 )  # fmt: skip
                 run_search(opts)
-                frames[pruner] = pd.read_csv(out / "trials.csv")
-            both = pd.concat(frames.values())
-            ok = both[(both["state"] == M.COMPLETE) & both["feasible"]].dropna(subset=space.metrics)
-            bounds = objective_bounds(ok, space)
-            for pruner, df in frames.items():
-                value = hypervolume_of(df, space, bounds)
+                study, space, record = load_run(out)
+                df = trials_frame(study)
+                value = RunOutputs.from_record(out, record, space).hypervolume(df)
                 hv[pruner].append(value)
                 print(
                     f"{seed:>4} {pruner:<7} {len(df):>6} {(df['state'] == M.COMPLETE).sum():>8} "

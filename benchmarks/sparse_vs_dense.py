@@ -6,7 +6,7 @@ For each sequence length and pattern (all causal) it prints:
 * ``blocked_train_speedup``: forward+backward time of causal ``scaled_dot_product_attention``
   (``is_causal=True``, PyTorch's flash kernel) over the ``blocked`` backend's;
 * ``flex_fwd_speedup``: forward time of the same SDPA over compiled ``flex`` (CPU: forward only);
-* peak memory of one forward+backward (``attn_search.cost.peak_memory_mb``) for blocked
+* peak memory of one forward+backward (``attn_search.engine.cost.peak_memory_mb``) for blocked
   window(256), causal SDPA (a flash kernel, linear memory on CPU too) and dense attention with
   materialised scores (``softmax(Q K^T) V``, quadratic), and how each grows from the shortest to
   the longest length.
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from attn_search import sparse_attention
-from attn_search.attention import layout_for
-from attn_search.cost import peak_memory_mb
-from attn_search.patterns import pattern_entries
+from attn_search.engine.attention import layout_for
+from attn_search.engine.cost import peak_memory_mb
+from attn_search.engine.patterns import pattern_entries
 
 PATTERNS: dict[str, dict[str, Any]] = {
     "window(256)": {"pattern": "window", "window": 256},

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from attn_search import attention
+from attn_search.engine import attention
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,3 +27,16 @@ def eager_flex(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[tuple[object, str]]:
+    """One Ray head (2 CPUs) in a loopback-only namespace, shared by every test that joins a running
+    cluster: (the namespace, its address). Started only if a test asks for it."""
+    from .raycluster import Loopback, start_head
+
+    ns = Loopback()
+    try:
+        yield ns, start_head(ns, 6395, cpus=2)
+    finally:
+        ns.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attn_search import PATTERNS, choose_backend, sparse_attention
-from attn_search.attention import layout_for
+from attn_search.engine.attention import layout_for
 
 from .test_patterns import CASES
 
@@ -191,7 +191,7 @@ def test_flex_pads_head_dims_below_16_exactly(pattern: str, head_dim: int, eager
 
 
 def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from attn_search import attention
+    from attn_search.engine import attention
 
     seen: list[tuple[int, float | None]] = []
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from attn_search import AttentionConfig, build_model, make_task, model_flops, pattern_density
-from attn_search.cost import attention_flops, measure_latency_ms, peak_memory_mb
+from attn_search.engine.cost import attention_flops, measure_latency_ms, peak_memory_mb
 
 
 @pytest.mark.parametrize("d_model,n_layers,n_heads,L", [(64, 1, 4, 128), (32, 3, 2, 200), (96, 2, 6, 64)])

@@ -136,7 +136,16 @@ def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: P
 
     first = tmp_path / "first"
     run_search(
-        SearchOptions(space=TINY, strategy="ppo", trials=3, steps=4, out=str(first), pretrain=str(table), quiet=True)
+        SearchOptions(
+            space=TINY,
+            strategy="ppo",
+            trials=3,
+            steps=4,
+            out=str(first),
+            pretrain=str(table),
+            pretrain_steps=200,
+            quiet=True,
+        )
     )
     again = tmp_path / "again"
     summary = run_search(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attn_search import PATTERNS, block_layout, pattern_density, pattern_mask
-from attn_search.patterns import bigbird_block_table
+from attn_search.engine.patterns import bigbird_block_table
 
 CASES = {
     "dense": {},
@@ -184,7 +184,7 @@ def test_rules_are_pointwise_with_tables_on_the_query_device(pattern: str, causa
     ``meta`` stands in for CUDA: a table left on the CPU would not mix with meta indices."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from attn_search.patterns import pattern_rule
+    from attn_search.engine.patterns import pattern_rule
 
     rule = pattern_rule(pattern, 77, causal=causal, device="meta", **CASES[pattern])
     for table in _captured_tensors(rule):

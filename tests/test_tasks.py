@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attn_search import TASKS, Task, make_task
-from attn_search.tasks import IGNORE, ListOps
+from attn_search.engine.tasks import IGNORE, ListOps
 
 
 @pytest.mark.parametrize("name", list(TASKS))

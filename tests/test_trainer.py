@@ -3,9 +3,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from attn_search import AttentionConfig, Budget, StopTrial, TrialResult, evaluate
-from attn_search.trainer import lr_factor, resolve_device
+from attn_search.engine.trainer import lr_factor, resolve_device
 
 TINY = Budget(steps=12, rungs=3, n_eval=32, latency_batch=2)
 TASK = {"seq_len": 64, "n_pairs": 8}
@@ -92,3 +93,14 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
 def test_default_budget_learns_the_default_task() -> None:
     r = evaluate({"pattern": "dense"})
     assert r.metrics["accuracy"] > 0.9, r.curve
+
+
+def test_evaluate_leaves_the_callers_random_state_alone() -> None:
+    """An RL agent samples its actions from torch's global generator: a trial seeding and drawing
+    from it would make the agent repeat itself (it proposed 2 distinct configurations in 12)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    result = evaluate(AttentionConfig(d_model=16, pattern="window", window=4, dropout=0.1), "mqar",
+                      budget=4, task_kwargs={"seq_len": 32, "n_pairs": 4, "n_keys": 8, "n_values": 8})  # fmt: skip
+    assert result.state == "complete"
+    assert torch.equal(torch.get_rng_state(), before)

@@ -5,7 +5,7 @@
   CUDA the path for attention dropout: SDPA applies ``dropout_p`` inside its fused kernels
   (memory-efficient attention with a mask, flash attention for dense causal).
 * ``blocked``: block-sparse. Queries and keys are cut into tiles; for each query tile only the key
-  tiles the pattern touches are gathered and computed (see :class:`~attn_search.patterns.BlockLayout`).
+  tiles the pattern touches are gathered and computed (see :class:`~attn_search.engine.patterns.BlockLayout`).
   A hand-written autograd function, so it trains on CPU and GPU, under autocast too (it computes
   in the autocast dtype, softmax in float32). Memory and time are ``O(L * keys_per_query)``
   instead of ``O(L^2)``. Fast on CPU; on CUDA its gathers make it slower than dense SDPA.
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attn_search.patterns import BlockLayout, block_layout, pattern_mask, pattern_rule, resolve_params
+from attn_search.engine.patterns import BlockLayout, block_layout, pattern_mask, pattern_rule, resolve_params
 
 BACKENDS = ("auto", "reference", "blocked", "flex")
 
@@ -364,7 +364,7 @@ def sparse_attention(
 
     Args:
         q, k, v: ``(B, H, L, D)`` tensors on the same device and dtype.
-        pattern: one of :data:`~attn_search.patterns.PATTERNS`.
+        pattern: one of :data:`~attn_search.engine.patterns.PATTERNS`.
         causal: also drop keys after the query.
         backend: ``auto``, ``reference``, ``blocked`` or ``flex`` (see module docstring).
         dropout_p: dropout on the attention probabilities (``flex`` does not support it).

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_search.attention import dropout_mask, sparse_attention
-from attn_search.config import AttentionConfig
-from attn_search.tasks import Task
+from attn_search.engine.attention import dropout_mask, sparse_attention
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.tasks import Task
 
 
 class Dropout(nn.Module):
-    """Inverted dropout with a uniform-threshold mask (:func:`attn_search.attention.dropout_mask`):
+    """Inverted dropout with a uniform-threshold mask (:func:`attn_search.engine.attention.dropout_mask`):
     the same function as ``nn.Dropout``, several times cheaper on CPU."""
 
     def __init__(self, p: float) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from attn_search.patterns import PATTERN_PARAMS, PATTERNS
+from attn_search.engine.patterns import PATTERN_PARAMS, PATTERNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,9 @@ class AttentionConfig:
     Every field has a default that trains a sensible small model on the default task, so a config
     can be given as just the fields that differ: ``AttentionConfig.from_dict({"pattern": "window",
     "window": 32})``. Pattern parameters share their names with
-    :func:`attn_search.pattern_mask`; a pattern ignores the parameters it does not read.
+    :func:`attn_search.pattern_mask`. A pattern parameter the pattern does not read is reset to its
+    default and left out when the config is written: two configs that build the same model are
+    equal, and a written config lists only what its pattern uses.
     """
 
     d_model: int = 64
@@ -73,6 +75,8 @@ class AttentionConfig:
                     f"{f.name}={value!r} is invalid: expected {expected.__name__}, got {type(value).__name__}"
                 )
         _validate(self)
+        for name in _unused_pattern_fields(self.pattern):
+            object.__setattr__(self, name, _DEFAULTS[name])
 
     # -- derived values, computed in one place -----------------------------------------------
     @property
@@ -92,8 +96,10 @@ class AttentionConfig:
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain Python values (``from_dict(to_dict())`` is the identity)."""
-        return dataclasses.asdict(self)
+        """The fields as plain Python values, without the pattern parameters the pattern does not
+        read (``from_dict(to_dict())`` is the identity)."""
+        unused = _unused_pattern_fields(self.pattern)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
@@ -156,6 +162,15 @@ _FIELD_TYPES: dict[str, type] = {
 }  # fmt: skip
 
 
+PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_random")
+"""Fields that only some patterns read (``seed`` also seeds training, so it is always kept)."""
+
+
+def _unused_pattern_fields(pattern: str) -> tuple[str, ...]:
+    used = PATTERN_PARAMS.get(pattern, ())
+    return tuple(name for name in PATTERN_FIELDS if name not in used)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Accept what YAML and JSON produce: ``1e-3`` (a string in YAML 1.1) and ``2.0`` for ints."""
     expected = _FIELD_TYPES[name]
@@ -167,6 +182,9 @@ def _coerce(name: str, value: Any) -> Any:
     if expected is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(AttentionConfig)}
 
 
 def _format_of(path: Path) -> str:

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from attn_search import metrics as M
-from attn_search.config import AttentionConfig
-from attn_search.cost import measure_latency_ms, model_flops, peak_memory_mb, training_state_mb
-from attn_search.model import AttentionModel, build_model, count_params, loss_fn
-from attn_search.tasks import IGNORE, Task, make_task
+from attn_search.engine import metrics as M
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.cost import measure_latency_ms, model_flops, peak_memory_mb, training_state_mb
+from attn_search.engine.model import AttentionModel, build_model, count_params, loss_fn
+from attn_search.engine.tasks import IGNORE, Task, make_task
 
 Reporter = Callable[[int, float], "bool | None"]
 """``reporter(step, accuracy)``; returning ``True`` (or raising :class:`StopTrial`) stops the trial."""
@@ -73,7 +73,7 @@ class TrialResult:
     """What one trial produced.
 
     ``metrics`` holds at least ``accuracy``, ``flops``, ``params``, ``latency_ms``,
-    ``peak_mem_mb`` and ``train_seconds`` (see :mod:`attn_search.metrics`); ``curve`` holds the
+    ``peak_mem_mb`` and ``train_seconds`` (see :mod:`attn_search.engine.metrics`); ``curve`` holds the
     ``(step, accuracy)`` points reported during training.
     """
 
@@ -181,7 +181,7 @@ def evaluate(
 
     Args:
         config: an :class:`AttentionConfig` or a mapping of its fields.
-        task: a task name, a ``module:callable`` path or a :class:`~attn_search.tasks.Task`.
+        task: a task name, a ``module:callable`` path or a :class:`~attn_search.engine.tasks.Task`.
         budget: a :class:`Budget`, a preset name (``smoke``, ``default``, ``full``) or a step count.
         seed: overrides ``config.seed`` (initialisation, data order, dropout).
         device: ``auto``, ``cpu`` or ``cuda``. On CUDA the model trains under bf16 autocast.
@@ -193,14 +193,33 @@ def evaluate(
             ``params``, ``latency_ms``, ``peak_mem_mb``), so that early stopping can weigh them.
 
     Returns:
-        A :class:`TrialResult`. Same seed on CPU gives the same accuracy and curve.
+        A :class:`TrialResult`. Same seed on CPU gives the same accuracy and curve. The caller's
+        random state (torch's global generators, which an RL agent samples its actions from) is
+        left as it was: the trial seeds and draws inside a fork of it.
     """
+    dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        return _evaluate(config, task, budget=budget, seed=seed, dev=dev, reporter=reporter,
+                         task_kwargs=task_kwargs, backend=backend, on_compute=on_compute)  # fmt: skip
+
+
+def _evaluate(
+    config: AttentionConfig | Mapping[str, Any],
+    task: str | Task,
+    *,
+    budget: Budget | str | int | None,
+    seed: int | None,
+    dev: torch.device,
+    reporter: Reporter | None,
+    task_kwargs: Mapping[str, Any] | None,
+    backend: str,
+    on_compute: Callable[[dict[str, float]], None] | None,
+) -> TrialResult:
     wall_start = time.perf_counter()
     cfg = config if isinstance(config, AttentionConfig) else AttentionConfig.from_dict(dict(config))
     if seed is not None:
         cfg = cfg.replace(seed=seed)
     bud = _resolve_budget(budget)
-    dev = resolve_device(device)
     the_task = make_task(task, **dict(task_kwargs or {}))
 
     torch.manual_seed(cfg.seed)

@@ -6,7 +6,7 @@
       flops = n_layers * (24 * L * d^2 + 4 * E * d) + 2 * L * d * C
 
   with ``L`` the sequence length, ``d`` = ``d_model``, ``C`` the number of classes and ``E`` the
-  (query, key) pairs the pattern keeps (:func:`~attn_search.patterns.pattern_entries`, per head).
+  (query, key) pairs the pattern keeps (:func:`~attn_search.engine.patterns.pattern_entries`, per head).
   ``24 L d^2`` is the QKV (6), output (2) and MLP (16) projections; ``4 E d`` is ``Q K^T`` and
   ``P V`` summed over heads. Embeddings, LayerNorm, softmax and GELU are not counted (as
   ``torch.utils.flop_counter`` does not count them either). Checked against ``FlopCounterMode``
@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from attn_search.config import AttentionConfig
-from attn_search.patterns import pattern_entries
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.patterns import pattern_entries
 
 T = TypeVar("T")
 

@@ -1,0 +1,435 @@
+"""The Ray Tune backend: trials spread over local cores, the GPUs of one machine or a cluster.
+
+Imported only by ``--backend ray`` (Ray is an optional extra). Ray Tune stays the distributed
+engine: it places trials on nodes by their resources, restarts a trial whose worker or node died
+(``FailureConfig``), keeps the experiment in ``RUN_DIR/ray`` (``Tuner.restore`` continues it on
+``--resume``) and feeds its loggers. What the search loop owns stays in the loop: the proposals
+come from the run's strategy through :class:`_Searcher`, which hands Tune the jobs the loop
+submitted (and no suggestion until there is one); early stopping is the loop's rule, asked by
+:class:`_RungScheduler` at every rung; finished trials flow back as events (:class:`_Callback`).
+
+``Tuner.fit`` runs in a thread of its own, so the loop keeps one shape whichever backend runs the
+trials. Objects Tune pickles into its experiment (searcher, scheduler, callback, stopper) hold no
+live state: they reach the running backend through the module-level :data:`_ACTIVE`. One Ray
+search per process at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import queue
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from attn_search.backends.base import Event, Finished, Job, Note, OnRung, OnStart, TrialOutcome, TrialRunner
+from attn_search.engine import metrics as M
+from attn_search.errors import SearchAborted, UsageError
+from attn_search.failures import describe
+
+EXPERIMENT = "ray"
+"""The Tune experiment's folder inside the run dir."""
+NUMBER = "_trial"
+"""Config key that carries the study's trial number through Tune (stripped before the trial runs)."""
+STEP = "step"
+FINAL = "final"
+RECORD = "record"
+PLACE = ("node", "node_ip", "hostname", "device", "started")
+MAX_FAILURES = 3
+"""Retries of a trial whose worker died (``FailureConfig``)."""
+PROBE_TIMEOUT_S = 180.0
+
+# Tune snapshots its trial table every 10+ s by default; a snapshot costs milliseconds.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Tune's console table and per-trial logs would bury the progress lines (and cost time per result).
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Results carry no fixed metric: what a trial means is in its final record.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """The ``--backend ray`` flags."""
+
+    address: str | None = None
+    """``auto`` or ``HOST:PORT`` of a running cluster (none: start Ray on this machine)."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    """None: 1 if the cluster has GPUs (and the device is not cpu), else 0."""
+    max_concurrent: int | None = None
+    device: str = "auto"
+
+
+_ACTIVE: RayBackend | None = None
+
+
+def _backend() -> RayBackend:
+    if _ACTIVE is None:  # pragma: no cover - Tune calls these objects only while a search runs
+        raise RuntimeError("no Ray search is running in this process")
+    return _ACTIVE
+
+
+class RayBackend:
+    """Trials as Ray Tune trials (see the module docstring)."""
+
+    name = "ray"
+
+    def __init__(self, options: RayOptions, *, run_dir: Path, resume: bool) -> None:
+        self.options = options
+        self.path = run_dir.resolve() / EXPERIMENT
+        self.resume = resume
+        self._slots = 1
+        self._pending: collections.deque[Job] = collections.deque()
+        self._in_flight: set[int] = set()
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._rungs: dict[str, dict[str, Any]] = {}
+        self._finishing = False
+        self._stop_all = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._on_rung: OnRung = lambda number, step, accuracy, compute: False
+        self._on_start: OnStart = lambda number, config: None
+        self._runner: TrialRunner | None = None
+
+    # -- the loop's side -----------------------------------------------------------------------
+    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart) -> None:
+        global _ACTIVE
+        self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
+        resources = connect(self.options)
+        per_trial = per_trial_resources(self.options, resources)
+        slots = int(resources.get("CPU", 1) // per_trial["cpu"])
+        if per_trial["gpu"] > 0:
+            slots = min(slots, int(resources.get("GPU", 0) // per_trial["gpu"]))
+        self._slots = max(1, min(self.options.max_concurrent or slots, slots or 1))
+        where = check_workers(per_trial, self.options.device)
+        self._events.put(Note(f"  Ray: {self._slots} trial(s) at a time; workers run {where}"))
+        _ACTIVE = self
+        trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner), per_trial)
+        if self.resume and tune.Tuner.can_restore(str(self.path)):
+            # the unfinished trials of the old session are skipped: the loop runs them again as jobs
+            tuner = tune.Tuner.restore(str(self.path), trainable, resume_unfinished=False, resume_errored=False)
+            self._events.put(Note(f"  Ray: restored the Tune experiment in {self.path}"))
+        else:
+            tuner = self._new_tuner(trainable)
+        self._thread = threading.Thread(target=self._fit, args=(tuner,), name="ray-tune", daemon=True)
+        self._thread.start()
+
+    def slots(self) -> int:
+        return self._slots
+
+    def capacity(self) -> int:
+        return max(0, self._slots - len(self._in_flight))
+
+    def submit(self, job: Job) -> None:
+        self._in_flight.add(job.number)
+        self._pending.append(job)
+
+    def wait(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        try:
+            events.append(self._events.get(timeout=timeout))
+            while True:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        for event in events:
+            if isinstance(event, Finished):
+                self._in_flight.discard(event.number)
+        if not events and self._error is not None:
+            raise RuntimeError(f"Ray Tune stopped: {describe(self._error)}") from self._error
+        if not events and self._in_flight and self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("Ray Tune stopped while trials were running")
+        return events
+
+    def close(self) -> None:
+        global _ACTIVE
+        self._finishing = True
+        self._stop_all = bool(self._in_flight)  # the loop gave up on them (interrupt, failure policy)
+        self._pending.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        _ACTIVE = None
+        ray.shutdown()
+
+    # -- Tune's side -----------------------------------------------------------------------------
+    def _fit(self, tuner: Any) -> None:
+        try:
+            tuner.fit()
+        except BaseException as exc:  # reported to the loop by wait()
+            self._error = exc
+
+    def _new_tuner(self, trainable: Any) -> Any:
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=_Searcher(),
+                scheduler=_RungScheduler(),
+                num_samples=-1,  # the loop decides how many: the searcher says when it is finished
+                # no max_concurrent_trials: the loop submits at most `slots` jobs at a time, and Tune's
+                # ConcurrencyLimiter would restore the killed session's trials as still running
+                # (they are skipped on restore without being told), and never suggest again
+                # a fresh actor per trial re-imports torch and warms up again: 2-3 s a trial on 2 cores
+                reuse_actors=True,
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT,
+                storage_path=str(self.path.parent),
+                verbose=0,
+                callbacks=[_Callback()],
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                stop=_Stopper(),
+            ),
+        )
+
+    def next_job(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._finishing:
+            return str(Searcher.FINISHED)
+        if not self._pending:
+            return None  # Tune asks again later
+        job = self._pending.popleft()
+        return {**job.values, NUMBER: job.number}
+
+    def started(self, trial: Any) -> None:
+        number = trial.config.get(NUMBER)
+        if number is None or self._runner is None:
+            return
+        try:
+            config = self._runner.space.make_config(_values(trial.config))
+        except ValueError:
+            return
+        self._on_start(int(number), config)
+
+    def rung(self, trial: Any, result: dict[str, Any]) -> bool:
+        """A trial's rung: remember it (for a trial stopped here) and ask the loop's rule."""
+        seen = self._rungs.setdefault(trial.trial_id, {"curve": []})
+        step, accuracy = int(result[STEP]), float(result[M.ACCURACY])
+        seen["curve"].append((step, accuracy))
+        seen["compute"] = {m: float(result[m]) for m in (M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB) if m in result}
+        seen.update({k: result[k] for k in PLACE if k in result})
+        return self._on_rung(int(trial.config[NUMBER]), step, accuracy, seen["compute"])
+
+    def finished(self, trial: Any, result: dict[str, Any] | None, error: str | None = None) -> None:
+        number = trial.config.get(NUMBER)
+        seen = self._rungs.pop(trial.trial_id, {"curve": []})
+        if number is None:
+            return
+        result = result or {}
+        if result.get(FINAL):
+            record = json.loads(result[RECORD])
+            values = tuple(record["values"]) if record.get("values") is not None else None
+            outcome = TrialOutcome(record["state"], record["attrs"], values)
+        else:  # stopped by the scheduler after a rung, or its worker failed for good
+            curve = seen["curve"]
+            attrs: dict[str, Any] = {"curve": curve, "compute": seen.get("compute", {})}
+            metrics = {**seen.get("compute", {}), M.ACCURACY: curve[-1][1] if curve else float("nan")}
+            if "started" in seen:
+                metrics[M.WALL_SECONDS] = time.time() - float(seen["started"])
+            if curve:
+                metrics[M.STEPS] = float(curve[-1][0])
+            attrs["metrics"] = metrics
+            if error is not None:
+                state = M.FAILED
+                attrs.update(reason=error, error="WorkerError")
+            else:
+                state = M.PRUNED
+                attrs["reason"] = f"stopped early at step {curve[-1][0] if curve else 0}"
+            attrs["state"] = state
+            outcome = TrialOutcome(state, attrs)
+        for key in PLACE:
+            if key in result:
+                outcome.attrs[key] = result[key]
+            elif key in seen:
+                outcome.attrs[key] = seen[key]
+        outcome.attrs["ray_trial_id"] = trial.trial_id
+        self._events.put(Finished(int(number), outcome))
+
+    def note(self, text: str) -> None:
+        self._events.put(Note(text))
+
+
+def _values(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != NUMBER}
+
+
+def _place(runner: TrialRunner) -> dict[str, Any]:
+    """Where and when a trial runs (recorded with it)."""
+    from attn_search.engine.trainer import resolve_device
+
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "device": str(resolve_device(runner.device)),
+        "started": time.time(),
+    }
+
+
+def _trainable(config: dict[str, Any], runner: TrialRunner) -> None:
+    """One Tune trial: run the job, report each rung (the driver's scheduler decides), then a final
+    result carrying the whole outcome."""
+    place = _place(runner)
+
+    def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
+        if step >= runner.budget.steps:
+            return False  # the final result follows at once; no scheduler may stop the trial before it
+        tune.report({STEP: step, M.ACCURACY: accuracy, **compute, FINAL: False, **place})
+        return False
+
+    outcome = runner.run(_values(config), on_rung=on_rung)  # a trial that raises gives a failed outcome
+    record = {"state": outcome.state, "attrs": outcome.attrs, "values": outcome.values}
+    step = int(outcome.attrs.get("metrics", {}).get(M.STEPS, 0) or 0)
+    tune.report({FINAL: True, STEP: step, RECORD: json.dumps(record, default=float), **place})
+
+
+class _Searcher(Searcher):  # type: ignore[misc]
+    """Hands Tune the jobs the loop submitted; ``None`` (ask again later) while there is none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        return _backend().next_job(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        pass  # the loop tells the strategy (see _Callback)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text("{}")  # no state: the run's study and strategy hold it
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+class _RungScheduler(FIFOScheduler):  # type: ignore[misc]
+    """Asks the loop's early-stopping rule at every rung (one rule for every backend)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get(FINAL) or M.ACCURACY not in result or NUMBER not in trial.config:
+            return TrialScheduler.CONTINUE  # type: ignore[no-any-return]
+        stop = _backend().rung(trial, result)
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE  # type: ignore[no-any-return]
+
+
+class _Stopper(tune.Stopper):  # type: ignore[misc]
+    """Stops every running trial when the loop gives up on them (interrupt, failure policy)."""
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return _ACTIVE is not None and _ACTIVE._stop_all
+
+
+class _Callback(tune.Callback):  # type: ignore[misc]
+    """Feeds the backend's events: trial starts, finished trials, retries."""
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _backend().started(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _backend().finished(trial, trial.last_result)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        _backend().note(f"  trial {trial.config.get(NUMBER)}: its worker died; retrying it ({MAX_FAILURES} tries)")
+        _backend()._rungs.pop(trial.trial_id, None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        error = trial.get_error() or "the trial's worker failed"
+        line = next((ln for ln in reversed(str(error).strip().splitlines()) if ln.strip()), str(error))
+        _backend().finished(trial, None, error=f"worker failed {MAX_FAILURES + 1} times: {line.strip()[:300]}")
+
+
+def connect(options: RayOptions) -> dict[str, float]:
+    """Start a local Ray instance, or join ``--address``; returns the cluster's resources."""
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False, "ignore_reinit_error": True}
+    if options.address:
+        kwargs["address"] = options.address
+        _check_reachable(options.address)
+    else:
+        kwargs["include_dashboard"] = False  # nothing of ours listens beyond what Ray needs
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (token auth: set RAY_AUTH_MODE=token and the cluster's token, see README)" if options.address else ""
+        raise UsageError(f"--address {options.address}: cannot join the Ray cluster: {first}{hint}") from exc
+    resources: dict[str, float] = ray.cluster_resources()
+    return resources
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (``ray.init`` retries for minutes)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r} is invalid: use auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UsageError(f"--address {address}: cannot join the Ray cluster: nothing answers there ({exc})") from exc
+
+
+def per_trial_resources(options: RayOptions, resources: dict[str, float]) -> dict[str, float]:
+    """CPUs and GPUs each trial reserves; ``UsageError`` when no node could ever run one."""
+    gpus = options.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 and options.device != "cpu" else 0.0
+    if options.device == "cuda" and (gpus <= 0 or resources.get("GPU", 0) <= 0):
+        raise UsageError(
+            "--device cuda: the Ray cluster has no GPU for trials (give --gpus-per-trial, or --device cpu)"
+        )
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if options.cpus_per_trial > largest:
+        raise UsageError(
+            f"--cpus-per-trial {options.cpus_per_trial}: no node of the cluster has that many (largest: {largest:g})"
+        )
+    if gpus > resources.get("GPU", 0):
+        raise UsageError(f"--gpus-per-trial {gpus:g}: the cluster has {resources.get('GPU', 0):g} GPU(s)")
+    return {"cpu": options.cpus_per_trial, "gpu": gpus}
+
+
+def _probe(device: str) -> str:
+    """Runs on a worker before any trial: the package imports there and the trial device exists."""
+    import attn_search
+    from attn_search.engine.trainer import resolve_device
+
+    return f"attn_search {attn_search.__version__} from {Path(attn_search.__file__).parent} on {resolve_device(device)}"
+
+
+def _root_error(exc: BaseException) -> str:
+    """The innermost ``Type: message`` line of a Ray error (Ray wraps a worker's exception and its
+    traceback in text of its own, whose first line is generic)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    return errors[-1][:300] if errors else describe(cause)
+
+
+def check_workers(per_trial: dict[str, float], device: str) -> str:
+    """Run :func:`_probe` as one Ray task with a trial's resources, so that a worker environment
+    that cannot import or run the package stops the search in seconds with the worker's error,
+    instead of every trial failing (and being retried) in silence. Returns what the worker saw."""
+    probe = ray.remote(_probe).options(num_cpus=per_trial["cpu"], num_gpus=per_trial["gpu"], max_retries=0)
+    try:
+        return str(ray.get(probe.remote(device), timeout=PROBE_TIMEOUT_S))
+    except ray.exceptions.GetTimeoutError:
+        raise SearchAborted(
+            f"no Ray worker with {per_trial['cpu']:g} CPU(s) and {per_trial['gpu']:g} GPU(s) ran a probe task in "
+            f"{PROBE_TIMEOUT_S:.0f} s: check the cluster's free resources (ray status)"
+        ) from None
+    except Exception as exc:
+        raise SearchAborted(f"Ray workers cannot run attn_search: {_root_error(exc)}") from exc

@@ -1,0 +1,183 @@
+"""Evaluators: how a proposal is scored, behind one interface.
+
+``training`` really trains the small model (:func:`attn_search.engine.evaluate`); ``table:PATH``
+looks the configuration up in a recorded trials table (``attn-search record``), so strategies can
+be compared in seconds. Both know the values each parameter can take when a space is discretised
+(the RL agent's action grid) and the range of a compute metric over the space, which fixes the
+normalisation of the hypervolume (:func:`attn_search.pareto.normalized_hypervolume`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from attn_search.engine import metrics as M
+from attn_search.engine.config import AttentionConfig
+from attn_search.engine.cost import model_flops
+from attn_search.engine.tasks import make_task
+from attn_search.engine.trainer import evaluate
+from attn_search.space import SearchSpace
+
+
+class Evaluator(Protocol):
+    """Scores a configuration: returns its metrics, or ``None`` when the trial failed."""
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None: ...
+
+    def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
+        """Normalisation bounds ``(best, worst)`` of a compute metric over the discretised space."""
+        ...
+
+    def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
+        """The values each action dimension selects."""
+        ...
+
+
+def grids_of(space: SearchSpace, bins: int) -> list[list[Any]]:
+    """The values each action dimension selects (see the module docstring)."""
+    return [p.grid(bins) for p in space.params]
+
+
+def decode(space: SearchSpace, grids: list[list[Any]], action: np.ndarray) -> dict[str, Any]:
+    """Active parameter values selected by ``action`` (inactive dimensions dropped)."""
+    chosen = {p.name: grid[int(a)] for p, grid, a in zip(space.params, grids, action, strict=True)}
+    return space.active_values(chosen)
+
+
+def table_key(space: SearchSpace, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Hashable key of a configuration's active values (floats rounded to 6 significant digits)."""
+    active = space.active_values(values)
+    return tuple((p.name, _canon(active.get(p.name))) for p in space.params)
+
+
+def _canon(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(f"{float(value):.6g}")
+    return value
+
+
+class TrainingEvaluator:
+    """Really trains each configuration (:func:`attn_search.evaluate`)."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        preset: str = "smoke",
+        device: str = "auto",
+        task: str | None = None,
+        task_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.task = task or space.task
+        self.task_kwargs = dict(task_kwargs or {}) if task else dict(space.task_params)
+        self.preset = preset
+        self.device = device
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
+        result = evaluate(config, self.task, budget=self.preset, device=self.device, task_kwargs=self.task_kwargs)
+        return result.metrics if result.state == M.COMPLETE else None
+
+    def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
+        return grids_of(space, bins)
+
+    def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
+        if metric not in (M.FLOPS, M.PARAMS):
+            raise ValueError(f"the training evaluator knows bounds for flops and params only, not {metric}")
+        task = make_task(self.task, **self.task_kwargs)
+        rng = np.random.default_rng(0)
+        values = []
+        for _ in range(256):  # analytic, so a sample of the grid gives the range cheaply
+            action = np.array([rng.integers(len(g)) for g in grids])
+            config = space.make_config(decode(space, grids, action))
+            if metric == M.FLOPS:
+                values.append(model_flops(config, seq_len=task.seq_len, n_classes=task.n_classes))
+            else:
+                d, L = config.d_model, config.n_layers
+                values.append(2 * task.vocab_size * d + L * 12 * d * d + d * task.n_classes)
+        return float(min(values)), float(max(values))
+
+
+class TableEvaluator:
+    """Looks configurations up in a recorded trials table (``attn-search record``).
+
+    The table holds one row per configuration of the space discretised with the same ``bins``,
+    with the columns of ``trials.csv``. A configuration that is not in the table is an error
+    naming it (record the table with the env's ``bins``).
+    """
+
+    def __init__(self, path: str | Path, space: SearchSpace) -> None:
+        self.path = Path(path)
+        frame = pd.read_csv(self.path, comment="#")
+        frame = frame[frame["state"] == M.COMPLETE]
+        self.frame = frame
+        self.rows: dict[tuple[Any, ...], dict[str, float]] = {}
+        for _, row in frame.iterrows():
+            values = {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
+            self.rows[table_key(space, values)] = {m: float(row[m]) for m in M.DIRECTIONS if m in row}
+        if not self.rows:
+            raise ValueError(f"{self.path}: no complete trials to look up")
+        self.space = space
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
+        key = table_key(self.space, values)
+        if key not in self.rows:
+            raise KeyError(f"{self.path} has no row for {dict(k for k in key if k[1] is not None)}")
+        return dict(self.rows[key])
+
+    def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
+        col = self.frame[metric]
+        return float(col.min()), float(col.max())
+
+    def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
+        """The values recorded for each parameter (a pinned parameter has one)."""
+        out = []
+        for p in space.params:
+            present = self.frame[p.name].dropna().unique().tolist() if p.name in self.frame else []
+            if p.kind == "categorical":
+                values = [c for c in p.choices if any(_canon(c) == _canon(v) for v in present)]
+            else:
+                values = sorted({_canon(v) for v in present})
+                values = [int(v) for v in values] if p.kind == "int" else values
+            out.append(values or [p.grid(1)[0]])
+        return out
+
+
+def make_evaluator(spec: str | Evaluator, space: SearchSpace, **kwargs: Any) -> Evaluator:
+    """``"training"``, ``"table:PATH"``, ``"module:callable"`` or an evaluator object.
+
+    ``module:callable`` is a user's own evaluator (a surrogate model, a cache of earlier runs): the
+    callable is called with the space and returns an object with the :class:`Evaluator` methods.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec == "training":
+        return TrainingEvaluator(space, **kwargs)
+    if spec.startswith("table:"):
+        return TableEvaluator(spec[len("table:") :], space)
+    if ":" in spec and not spec.startswith(("/", ".")):
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"evaluator {spec!r} cannot be imported: {exc}") from exc
+        evaluator = factory(space)
+        missing = [m for m in ("__call__", "bounds", "grids") if not callable(getattr(evaluator, m, None))]
+        if missing:
+            raise ValueError(
+                f"evaluator {spec!r} returned {type(evaluator).__name__}, which lacks {', '.join(missing)}"
+            )
+        return evaluator  # type: ignore[no-any-return]
+    raise ValueError(f"evaluator {spec!r} is unknown: use 'training', 'table:PATH' or 'module:callable'")

@@ -1,0 +1,62 @@
+"""How the next configuration is chosen: strategies behind one ask/tell interface.
+
+Optuna samplers (:mod:`~attn_search.strategies.samplers`) and the SB3 agent
+(:mod:`~attn_search.strategies.agent`, imported only when used) are interchangeable: the search
+loop drives any of them on any backend. A new strategy is a class with the
+:class:`~attn_search.strategies.base.Strategy` methods and one line in :func:`make_strategy`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attn_search.engine import metrics as M
+from attn_search.space import SearchSpace
+from attn_search.strategies.base import Strategy, StrategyContext
+from attn_search.strategies.samplers import OPTUNA_STRATEGIES, SINGLE_OBJECTIVE_ONLY, SamplerStrategy, make_sampler
+
+AGENT_STRATEGIES = ("ppo", "a2c")
+STRATEGIES = (*OPTUNA_STRATEGIES, *AGENT_STRATEGIES)
+
+__all__ = [
+    "AGENT_STRATEGIES",
+    "OPTUNA_STRATEGIES",
+    "SINGLE_OBJECTIVE_ONLY",
+    "STRATEGIES",
+    "SamplerStrategy",
+    "Strategy",
+    "StrategyContext",
+    "check_strategy",
+    "make_sampler",
+    "make_strategy",
+]
+
+
+def check_strategy(
+    name: str, space: SearchSpace, *, evaluator: str, constrained: bool, options: dict[str, Any]
+) -> None:
+    """Refuse a strategy that cannot serve this search (``ValueError`` saying what to change)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy {name!r} is unknown: use one of {', '.join(STRATEGIES)}")
+    if (options.get("pretrain") or options.get("agent")) and name not in AGENT_STRATEGIES:
+        raise ValueError("--pretrain and --agent apply to --strategy ppo or a2c")
+    if name in AGENT_STRATEGIES:
+        if len(space.objectives) < 2:
+            raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")
+        if constrained:
+            raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
+        if not options.get("pretrain") and evaluator == "training" and space.metrics[1] not in (M.FLOPS, M.PARAMS):
+            raise ValueError(f"--strategy {name} needs --compute flops or params (or --pretrain TABLE)")
+        return
+    make_sampler(name, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)
+
+
+def make_strategy(name: str, context: StrategyContext, *, constrained: bool = False) -> Strategy:
+    """The strategy called ``name`` (see :data:`STRATEGIES`)."""
+    if name in OPTUNA_STRATEGIES:
+        return SamplerStrategy(name, context, constrained=constrained)
+    if name in AGENT_STRATEGIES:
+        from attn_search.strategies.agent import AgentStrategy
+
+        return AgentStrategy(name, context)
+    raise ValueError(f"--strategy {name!r} is unknown: use one of {', '.join(STRATEGIES)}")

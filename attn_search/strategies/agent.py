@@ -1,0 +1,284 @@
+"""The RL strategy: a stable-baselines3 agent (PPO or A2C) acting in ``AttentionSearchEnv``.
+
+The agent is a strategy like the Optuna samplers: the search loop asks it for proposals and tells
+it results, on any backend. Inside, the agent keeps its own learning loop (SB3's ``learn``) in a
+thread of its own. It acts in one environment per trial the backend runs at once; a vector step
+decodes every environment's action into a proposal, hands them to the loop through :meth:`ask`,
+and waits until the loop has told the result of each before the environments step on them (the
+reward is the step's gain of the environment's running front's normalised hypervolume).
+
+What the agent receives for each of its proposals:
+
+* complete: the trial's accuracy and compute;
+* stopped early (pruned): the accuracy reached at the rung where it was stopped, with its compute,
+  a lower bound of what the full budget would have reached; such a point rarely improves the
+  front, so the reward is usually 0;
+* failed: no point (reward 0; the observation's "completed" flag is 0).
+
+Trials the agent did not propose (interrupted trials run again on ``--resume``) are recorded but
+not given to it. The agent is saved to ``RUN_DIR/agent.zip`` after every rollout, and a resumed
+search continues from that file. Its hyperparameters fit budgets of tens to hundreds of trials
+(SB3's defaults, 2048 steps per update, would never update): one update per episode of
+:data:`EPISODE` trials per environment, a small MLP, a larger learning rate and some entropy bonus
+to keep exploring. ``pretrain`` first trains the agent on a recorded table (fast, no training),
+after which the search uses the table's grid so the action spaces match.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from attn_search.engine import metrics as M
+from attn_search.engine.config import AttentionConfig
+from attn_search.envs.attention_search import AttentionSearchEnv
+from attn_search.evaluators import Evaluator, TableEvaluator, TrainingEvaluator, decode, make_evaluator
+from attn_search.space import SearchSpace
+from attn_search.strategies.base import StrategyContext
+
+AGENTS = ("ppo", "a2c")
+EPISODE = 10
+AGENT_FILE = "agent.zip"
+_ASK_TIMEOUT_S = 600.0
+
+
+def agent_kwargs(name: str, *, episode: int, seed: int | None) -> dict[str, Any]:
+    """SB3 hyperparameters for search budgets of tens to hundreds of trials."""
+    common: dict[str, Any] = {"seed": seed, "verbose": 0, "device": "cpu", "gamma": 0.9,
+                              "policy_kwargs": {"net_arch": [64, 64]}}  # fmt: skip
+    if name == "ppo":
+        return {**common, "n_steps": episode, "batch_size": episode, "n_epochs": 10, "learning_rate": 3e-3,
+                "ent_coef": 0.01}  # fmt: skip
+    if name == "a2c":
+        return {**common, "n_steps": episode, "learning_rate": 3e-3, "ent_coef": 0.01}
+    raise ValueError(f"RL strategy {name!r} is unknown: use one of {', '.join(AGENTS)}")
+
+
+def make_agent(
+    name: str, env: Any, *, episode: int = EPISODE, seed: int | None = None, path: str | Path | None = None
+) -> Any:
+    """A new agent, or one loaded from an SB3 ``.zip`` (``path``) and attached to ``env``."""
+    from stable_baselines3 import A2C, PPO
+
+    cls = PPO if name == "ppo" else A2C
+    if path is not None and Path(path).is_file():
+        return cls.load(str(path), env=env, device="cpu")
+    return cls("MlpPolicy", env, **agent_kwargs(name, episode=episode, seed=seed))
+
+
+class _Handed:
+    """Env evaluator whose result is handed in by the vector env before the env steps."""
+
+    def __init__(self, grid_from: Evaluator) -> None:
+        self.grid_from = grid_from
+        self.next_result: Mapping[str, float] | None = None
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
+        result, self.next_result = self.next_result, None
+        return dict(result) if result is not None else None
+
+    def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
+        return self.grid_from.bounds(space, metric, grids)
+
+    def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
+        return self.grid_from.grids(space, bins)
+
+
+class _Stop(Exception):
+    """Ends the agent's learning loop (the search is over)."""
+
+
+class AgentStrategy:
+    """SB3 agent as an ask/tell strategy (see the module docstring)."""
+
+    def __init__(self, name: str, context: StrategyContext, *, bins: int = 5) -> None:
+        if name not in AGENTS:
+            raise ValueError(f"RL strategy {name!r} is unknown: use one of {', '.join(AGENTS)}")
+        self.name = name
+        self.context = context
+        self.bins = bins
+        self.path = context.run_dir / AGENT_FILE
+        self._cond = threading.Condition()
+        self._outbox: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._results: dict[int, Mapping[str, float] | None] = {}
+        self._waiting = False  # proposals of the current step are out and not all answered
+        self._expected = 0
+        self._mine: dict[int, int] = {}  # trial number -> env index
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.agent: Any = None
+        self.proposals = 0
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        # every trial of the agent is enqueued with its values: the sampler never draws
+        return optuna.samplers.RandomSampler(seed=self.context.seed)
+
+    # -- set up --------------------------------------------------------------------------------
+    def _grid_from(self, space: SearchSpace) -> Evaluator:
+        options = self.context.options
+        table = options.get("pretrain") or (
+            self.context.evaluator[6:] if self.context.evaluator.startswith("table:") else None
+        )
+        if table:
+            return TableEvaluator(table, space)
+        if self.context.evaluator not in ("training",) and not self.context.evaluator.startswith("table:"):
+            return make_evaluator(self.context.evaluator, space)
+        return TrainingEvaluator(space, task=self.context.task, task_kwargs=self.context.task_kwargs)
+
+    def start(self, study: optuna.Study) -> str | None:
+        from stable_baselines3.common.callbacks import BaseCallback
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        space, options = self.context.space, self.context.options
+        grid_from = self._grid_from(space)
+        n_envs = max(1, self.context.slots)
+        episode = max(2, min(EPISODE, self.context.trials))
+        envs = [
+            AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
+            for _ in range(n_envs)
+        ]
+        strategy = self
+
+        class HandshakeVecEnv(DummyVecEnv):
+            """Hands a vector step's proposals to the loop and steps each env on its result."""
+
+            def step_wait(self) -> Any:
+                proposals = [decode(e.space, e.grids, a) for e, a in zip(envs, self.actions, strict=True)]
+                results = strategy._exchange(proposals)
+                for e, result in zip(envs, results, strict=True):
+                    assert isinstance(e.evaluator, _Handed)
+                    e.evaluator.next_result = result
+                return super().step_wait()
+
+        vec = HandshakeVecEnv([functools.partial(_same, e) for e in envs])
+        resume_from = self.path if self.context.resume and self.path.is_file() else options.get("agent")
+        if options.get("pretrain") and resume_from is None:
+            table_env: Any = DummyVecEnv([functools.partial(
+                AttentionSearchEnv, space, grid_from, budget=episode, bins=self.bins, compute=self.context.compute,
+            )] * n_envs)  # fmt: skip
+            self.agent = make_agent(self.name, table_env, episode=episode, seed=self.context.seed)
+            self.agent.learn(total_timesteps=int(options.get("pretrain_steps", 2000)))
+            self.agent.set_env(vec)
+        else:
+            self.agent = make_agent(self.name, vec, episode=episode, seed=self.context.seed, path=resume_from)
+            if resume_from is not None:
+                self.agent.set_random_seed(self.context.seed)  # a loaded agent would replay its first actions
+
+        class SaveEachRollout(BaseCallback):  # type: ignore[misc]
+            def _on_step(self) -> bool:
+                return True
+
+            def _on_rollout_end(self) -> None:
+                strategy.save()
+
+        def learn() -> None:
+            try:
+                with contextlib.suppress(_Stop):
+                    self.agent.learn(total_timesteps=10**9, callback=SaveEachRollout(), reset_num_timesteps=False)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                with self._cond:
+                    self._cond.notify_all()
+
+        self._thread = threading.Thread(target=learn, name=f"{self.name}-agent", daemon=True)
+        self._thread.start()
+        how = f"continuing from {resume_from}" if resume_from is not None else "a new agent"
+        if options.get("pretrain") and resume_from is None:
+            how += f", pretrained for {options.get('pretrain_steps')} steps on {options['pretrain']}"
+        return (f"  {self.name}: {how} ({self.agent.num_timesteps} environment steps so far), acting in "
+                f"{n_envs} environment(s); saved to {self.path} after every rollout")  # fmt: skip
+
+    # -- the agent's side (its thread) ---------------------------------------------------------
+    def _exchange(self, proposals: list[dict[str, Any]]) -> list[Mapping[str, float] | None]:
+        with self._cond:
+            if self._closing:
+                raise _Stop
+            self._results = {}
+            self._expected = len(proposals)
+            self._outbox.extend(enumerate(proposals))
+            self._waiting = True
+            self._cond.notify_all()
+            while len(self._results) < len(proposals) and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                raise _Stop
+            return [self._results[i] for i in range(len(proposals))]
+
+    def save(self) -> None:
+        """Write the agent to ``RUN_DIR/agent.zip`` atomically (a kill never leaves half a file)."""
+        if self.agent is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.agent.save(str(tmp))
+        saved = tmp if tmp.exists() else tmp.with_name(tmp.name + ".zip")  # SB3 appends .zip when missing
+        os.replace(saved, self.path)
+
+    # -- the loop's side -----------------------------------------------------------------------
+    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+        with self._cond:
+            while not self._outbox:
+                if self._error is not None:
+                    raise RuntimeError(f"the {self.name} agent stopped: {self._error!r}") from self._error
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError(f"the {self.name} agent is not running")
+                if self._waiting:
+                    return None  # every proposal of this step is out: nothing more until results come back
+                if not self._cond.wait(timeout=_ASK_TIMEOUT_S):
+                    raise RuntimeError(f"the {self.name} agent proposed nothing for {_ASK_TIMEOUT_S:.0f} s")
+            index, values = self._outbox.popleft()
+        values = self._clip(values)
+        study.enqueue_trial(values, user_attrs={"proposed_by": self.name}, skip_if_exists=False)
+        trial = study.ask()
+        assert trial.user_attrs.get("proposed_by") == self.name, "the loop must run waiting trials first"
+        self.context.space.suggest(trial)
+        self._mine[trial.number] = index
+        self.proposals += 1
+        return trial
+
+    def _clip(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Grid points computed in floating point (``1e-2`` as ``0.010000000000000004``) may lie a
+        rounding error outside a parameter's range, which Optuna would not store as given."""
+        out = dict(values)
+        for p in self.context.space.params:
+            if p.name in out and p.kind in ("int", "float") and p.low is not None and p.high is not None:
+                value = min(max(out[p.name], p.low), p.high)
+                out[p.name] = round(value) if p.kind == "int" else float(value)
+        return out
+
+    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
+        index = self._mine.pop(number, None)
+        if index is None:
+            return  # not the agent's proposal (a trial run again on resume)
+        point = None
+        if state in (M.COMPLETE, M.PRUNED) and metrics is not None:
+            point = {m: float(metrics[m]) for m in self.context.space.metrics if m in metrics}
+            if len(point) != len(self.context.space.metrics) or any(np.isnan(v) for v in point.values()):
+                point = None
+        with self._cond:
+            self._results[index] = point
+            if len(self._results) >= self._expected:
+                self._waiting = False  # the agent's next proposals are coming: ask() waits for them
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self.save()
+
+
+def _same(value: Any) -> Any:
+    return value

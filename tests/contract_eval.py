@@ -1,0 +1,38 @@
+"""A recorded table with holes, standing in for training in the contract test.
+
+``make(space)`` looks configurations up in ``tables/sparse-smoke.csv`` after :data:`DELAY`
+seconds (so a search can be killed in the middle of a trial), except for the non-dense rows with
+``lr == 0.006``: those lookups raise, as a trial that crashes would. Plugged in as
+``--evaluator tests.contract_eval:make``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attn_search.engine.config import AttentionConfig
+from attn_search.evaluators import TableEvaluator, table_key
+from attn_search.space import SearchSpace
+
+TABLE = Path(__file__).resolve().parent.parent / "tables" / "sparse-smoke.csv"
+DELAY = 0.15
+
+
+class HoledTable(TableEvaluator):
+    def __init__(self, path: Path, space: SearchSpace) -> None:
+        super().__init__(path, space)
+        holes = self.frame[(self.frame["pattern"] != "dense") & (self.frame["lr"] == 0.006)]
+        for _, row in holes.iterrows():
+            values = {p.name: row[p.name] for p in space.params if p.name in row and row[p.name] == row[p.name]}
+            self.rows.pop(table_key(space, values), None)
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
+        time.sleep(DELAY)
+        return super().__call__(config, values)
+
+
+def make(space: SearchSpace) -> HoledTable:
+    return HoledTable(TABLE, space)
