@@ -19,7 +19,7 @@ Trials the agent did not propose (interrupted trials run again on ``--resume``) 
 not given to it. The agent is saved to ``RUN_DIR/agent.zip`` after every rollout, and a resumed
 search continues from that file. Its hyperparameters fit budgets of tens to hundreds of trials
 (SB3's defaults, 2048 steps per update, would never update): one update per episode of
-:data:`EPISODE` trials per environment, a small MLP, a larger learning rate and some entropy bonus
+:data:`EPISODE` trials per environment (fewer for small budgets: at least three updates a search), a small MLP, a larger learning rate and some entropy bonus
 to keep exploring. ``pretrain`` first trains the agent on a recorded table (fast, no training),
 after which the search uses the table's grid so the action spaces match.
 """
@@ -142,7 +142,8 @@ class AgentStrategy:
         space, options = self.context.space, self.context.options
         grid_from = self._grid_from(space)
         n_envs = max(1, self.context.slots)
-        episode = max(2, min(EPISODE, self.context.trials))
+        # at least three updates in a search: a 12-trial search updates after trials 4, 8 and 12
+        episode = max(2, min(EPISODE, self.context.trials // 3))
         envs = [
             AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
             for _ in range(n_envs)
