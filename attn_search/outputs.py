@@ -24,8 +24,7 @@ import pandas as pd
 import yaml
 
 from attn_search.engine import metrics as M
-from attn_search.engine.config import AttentionConfig
-from attn_search.engine.patterns import PATTERN_PARAMS
+from attn_search.engine.config import AttentionConfig, unused_pattern_fields
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
 from attn_search.space import SearchSpace, parse_space
 
@@ -36,7 +35,6 @@ SELECTIONS = ("knee", "max-accuracy", "min-compute")
 TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device", "node", *METRIC_COLUMNS,
                  *CONFIG_COLUMNS, "feasible"]  # fmt: skip
 """The columns of ``trials.csv``, whichever backend ran the trials."""
-PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_random")
 
 
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
@@ -91,8 +89,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         }
         row.update({m: metrics.get(m, math.nan) for m in METRIC_COLUMNS})
         row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
-        unused = set(PATTERN_FIELDS) - set(PATTERN_PARAMS.get(str(row["pattern"]), ()))
-        row.update({c: None for c in unused})  # parameters the pattern does not read: left blank
+        row.update({c: None for c in unused_pattern_fields(str(row["pattern"]))})  # what the pattern does not read
         row["feasible"] = all(c <= 0 for c in t.constraints.values())  # Optuna's Trial.set_constraint
         rows.append(row)
     columns = [

@@ -536,7 +536,7 @@ class SearchLoop:
         return None  # not reached: the last attempt returns
 
     def _answer_duplicate(self, trial: optuna.Trial, original: int, strategy: Strategy) -> None:
-        earlier = self.study.trials[original]
+        earlier = self.study.get_trials(deepcopy=False)[original]  # numbers are list positions
         state = _state_of(earlier) if earlier.state.is_finished() else M.FAILED
         metrics = earlier.user_attrs.get("metrics") if earlier.state.is_finished() else None
         trial.set_user_attr("duplicate_of", original)

@@ -75,7 +75,7 @@ class AttentionConfig:
                     f"{f.name}={value!r} is invalid: expected {expected.__name__}, got {type(value).__name__}"
                 )
         _validate(self)
-        for name in _unused_pattern_fields(self.pattern):
+        for name in unused_pattern_fields(self.pattern):
             object.__setattr__(self, name, _DEFAULTS[name])
 
     # -- derived values, computed in one place -----------------------------------------------
@@ -98,7 +98,7 @@ class AttentionConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain Python values, without the pattern parameters the pattern does not
         read (``from_dict(to_dict())`` is the identity)."""
-        unused = _unused_pattern_fields(self.pattern)
+        unused = unused_pattern_fields(self.pattern)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
     @classmethod
@@ -166,7 +166,8 @@ PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_r
 """Fields that only some patterns read (``seed`` also seeds training, so it is always kept)."""
 
 
-def _unused_pattern_fields(pattern: str) -> tuple[str, ...]:
+def unused_pattern_fields(pattern: str) -> tuple[str, ...]:
+    """The pattern parameters ``pattern`` does not read (left out when a config is written)."""
     used = PATTERN_PARAMS.get(pattern, ())
     return tuple(name for name in PATTERN_FIELDS if name not in used)
 
