@@ -8,6 +8,7 @@ from attn_search.engine.config import AttentionConfig, load_config
 from attn_search.engine.cost import model_flops
 from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_model
 from attn_search.engine.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
+from attn_search.engine.population import evaluate_many
 from attn_search.engine.tasks import TASKS, Task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
 from attn_search.pareto import hypervolume, pareto_front
@@ -52,6 +53,7 @@ __all__ = [
     "build_model",
     "choose_backend",
     "evaluate",
+    "evaluate_many",
     "hypervolume",
     "load_config",
     "load_space",

@@ -84,3 +84,19 @@ def test_smoke_search_on_cuda_end_to_end(tmp_path: Path) -> None:
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 6 and not (trials["state"] == "failed").any(), trials[["state", "reason"]]
     assert trials["device"].str.startswith("cuda").all()
+
+
+@pytest.mark.parametrize(("head_dim", "attn_dropout"), [(8, 0.0), (32, 0.1)])  # padded flex; the dropout path
+def test_a_population_of_every_pattern_trains_on_cuda(head_dim: int, attn_dropout: float) -> None:
+    """One population, every pattern (one FlexAttention kernel reading each member's mask row),
+    under bf16 autocast; results like the members' own trials (bf16: within 0.1)."""
+    from attn_search.engine.population import evaluate_many
+
+    configs = [AttentionConfig(d_model=64, n_heads=64 // head_dim, pattern=p, attn_dropout=attn_dropout, seed=i,
+                               **SEARCHED[p]) for i, p in enumerate(PATTERNS)]  # fmt: skip
+    budget = Budget(steps=60, rungs=2, n_eval=128, latency_batch=2)
+    together = evaluate_many(configs, "mqar", budget=budget, device="cuda")
+    for c, r in zip(configs, together, strict=True):
+        assert r.state == "complete" and r.device.startswith("cuda"), r.reason
+        alone = evaluate(c, "mqar", budget=budget, device="cuda")
+        assert abs(r.metrics["accuracy"] - alone.metrics["accuracy"]) <= 0.1, (c.pattern, r.curve, alone.curve)
