@@ -66,6 +66,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    help="ray: GPUs per trial, fractions pack trials on a GPU (default: 1 if the cluster has GPUs, else 0)")  # fmt: skip
     p.add_argument("--max-concurrent", type=_positive_int, metavar="N",
                    help="ray: at most N trials at once (default: as many as resources allow)")  # fmt: skip
+    p.add_argument("--population", type=_positive_int, metavar="K",
+                   help="trials trained together as one fused model per slot; 1: one at a time "
+                        "(default: 16 on CUDA, 1 on CPU and with --evaluator table:/module:)")  # fmt: skip
     p.add_argument("--trials", type=_positive_int, help="number of trials (default: from --preset)")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="start no new trial after this many seconds (default: from --preset)")  # fmt: skip

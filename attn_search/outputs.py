@@ -32,9 +32,10 @@ METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
-TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device", "node", *METRIC_COLUMNS,
+TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device", "node", "slot", *METRIC_COLUMNS,
                  *CONFIG_COLUMNS, "feasible"]  # fmt: skip
-"""The columns of ``trials.csv``, whichever backend ran the trials."""
+"""The columns of ``trials.csv``, whichever backend ran the trials. ``slot``: the first trial of the
+population the trial trained in (``--population``; its own number when it trained alone)."""
 
 
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
@@ -86,25 +87,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duration_s": duration,
             "device": t.user_attrs.get("device", ""),
             "node": t.user_attrs.get("node", ""),
+            "slot": t.user_attrs.get("slot", t.number),
         }
         row.update({m: metrics.get(m, math.nan) for m in METRIC_COLUMNS})
         row.update({c: config.get(c, t.params.get(c)) for c in CONFIG_COLUMNS})
         row.update({c: None for c in unused_pattern_fields(str(row["pattern"]))})  # what the pattern does not read
         row["feasible"] = all(c <= 0 for c in t.constraints.values())  # Optuna's Trial.set_constraint
         rows.append(row)
-    columns = [
-        "trial",
-        "state",
-        "completed",
-        "reason",
-        "duration_s",
-        "device",
-        "node",
-        *METRIC_COLUMNS,
-        *CONFIG_COLUMNS,
-        "feasible",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
 def front_rows(df: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:

@@ -101,6 +101,9 @@ class SearchOptions:
     """``--backend ray``; none: 1 if the cluster has GPUs (and ``--device`` is not cpu), else 0."""
     max_concurrent: int | None = None
     """``--backend ray``: at most this many trials at once (none: as many as resources allow)."""
+    population: int | None = None
+    """Trials trained together in one slot (one fused model where shapes agree); none: the
+    device's default (:data:`DEFAULT_POPULATION`)."""
     trials: int | None = None
     time_budget: float | None = None
     preset: str = "default"
@@ -153,7 +156,7 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
     if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
         raise UsageError(f"--compute {opts.compute!r} is unknown: use one of {', '.join(M.COMPUTE_OBJECTIVES)} or none")
-    for flag, count in (("--steps", opts.steps), ("--trials", opts.trials)):
+    for flag, count in (("--steps", opts.steps), ("--trials", opts.trials), ("--population", opts.population)):
         if count is not None and count < 1:
             raise UsageError(f"{flag} {count} is invalid: it must be at least 1")
     if opts.time_budget is not None and opts.time_budget <= 0:
@@ -211,6 +214,15 @@ def _strategy_options(opts: SearchOptions) -> dict[str, Any]:
 def default_out(space: str) -> Path:
     stem = Path(space).stem if space.endswith((".yaml", ".yml")) else space
     return Path("runs") / f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+DEFAULT_POPULATION = {"cpu": 1, "cuda": 16}
+"""``--population`` by the device trials run on (README, "Populations"). CPU: 1, because CPU
+training of these models is bound by arithmetic, not launches, and a fused population was slower
+than one-by-one trials in ``benchmarks/gpu_throughput.py`` (0.41x at 4 members). CUDA: 16, where
+a trial uses a fraction of a percent of the card; not yet measured by that benchmark on a GPU.
+Recorded or user evaluators: 1 (a lookup gains nothing from company, and the strategy would wait
+for whole batches)."""
 
 
 def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
@@ -334,12 +346,13 @@ def _run_locked(
     runner = TrialRunner(space=space, budget=budget, task=task, task_kwargs=task_kwargs, seed=opts.seed,
                          device=opts.device, max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms,
                          evaluator=_absolute(opts.evaluator))  # fmt: skip
+    population = opts.population or record.get("options", {}).get("population")  # none: the device's default
     outputs = RunOutputs.from_record(out, record, space)
     progress = Progress(stream, quiet=opts.quiet, total=trials,
                         compute_metric=space.metrics[1] if len(space.metrics) > 1 else M.FLOPS)  # fmt: skip
     loop = SearchLoop(opts, space=space, runner=runner, backend=backend, outputs=outputs, progress=progress,
                       storage=storage, study_name=record.get("study_name", "attn_search"), trials=trials,
-                      time_budget=time_budget)  # fmt: skip
+                      time_budget=time_budget, population=population)  # fmt: skip
     return loop.run()
 
 
@@ -382,11 +395,13 @@ class SearchLoop:
     def __init__(
         self, opts: SearchOptions, *, space: SearchSpace, runner: TrialRunner, backend: Backend,
         outputs: RunOutputs, progress: Progress, storage: optuna.storages.BaseStorage, study_name: str,
-        trials: int, time_budget: float | None,
+        trials: int, time_budget: float | None, population: int | None = 1,
     ) -> None:  # fmt: skip
         self.opts, self.space, self.runner, self.backend = opts, space, runner, backend
         self.outputs, self.progress, self.storage, self.study_name = outputs, progress, storage, study_name
         self.trials, self.time_budget = trials, time_budget
+        self.population = population or 1
+        self._population_given = population is not None
         self.owner = run_owner(outputs.run_dir)
         self.lock = threading.RLock()
         self.live: dict[int, optuna.Trial] = {}
@@ -446,7 +461,12 @@ class SearchLoop:
         moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
         self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start)
-        context = StrategyContext(space=space, seed=self._session_seed(), trials=self.trials, slots=self.backend.slots(),
+        if not self._population_given:
+            self.population = (
+                DEFAULT_POPULATION[self.backend.device_kind()] if self.runner.evaluator == "training" else 1
+            )
+        context = StrategyContext(space=space, seed=self._session_seed(), trials=self.trials,
+                                  slots=self.backend.slots() * self.population,
                                   run_dir=self.outputs.run_dir, resume=opts.resume, evaluator=self.runner.evaluator,
                                   compute=opts.compute, options=_strategy_options(opts), task=self.runner.task,
                                   task_kwargs=self.runner.task_kwargs)  # fmt: skip
@@ -462,6 +482,10 @@ class SearchLoop:
         self.progress.start(done=self.finished, remaining=max(0, self.trials - self.finished),
                             out=self.outputs.run_dir, recovered=recovered)  # fmt: skip
         self.progress.open()
+        if self.population > 1:
+            how = "--population" if self._population_given else f"the default on {self.backend.device_kind()}"
+            self.progress.note(f"  populations: up to {self.population} trials train together per slot ({how}; "
+                               "--population 1 trains one at a time)")  # fmt: skip
         note = strategy.start(study)
         if note:
             self.progress.note(note)
@@ -496,13 +520,20 @@ class SearchLoop:
     def _drive(self, strategy: Strategy) -> None:
         while True:
             while self.backend.capacity() > 0 and self._asking():
-                with self.lock:
-                    trial = self._next(strategy)
-                    if trial is None:
-                        break
-                    trial.set_user_attr("owner", self.owner)  # see recover_interrupted
-                    self.live[trial.number] = trial
-                self.backend.submit(Job(trial.number, self._values(trial)))
+                jobs: list[Job] = []
+                with self.lock:  # a slot: up to `population` proposals, trained together
+                    while len(jobs) < self.population and self._asking():
+                        trial = self._next(strategy)
+                        if trial is None:
+                            break
+                        trial.set_user_attr("owner", self.owner)  # see recover_interrupted
+                        self.live[trial.number] = trial
+                        jobs.append(Job(trial.number, self._values(trial)))
+                    for job in jobs:  # trials.csv's `slot`: the population it trained in
+                        self.live[job.number].set_user_attr("slot", jobs[0].number)
+                if not jobs:
+                    break
+                self.backend.submit(jobs)
             if not self.live:
                 return  # nothing running and nothing more to run
             for event in self.backend.wait(timeout=1.0):

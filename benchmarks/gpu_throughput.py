@@ -4,7 +4,9 @@ Draws ``--trials`` proposals of the sparse space with a seeded random sampler, t
 one with ``evaluate`` (the baseline), then as populations of each ``--sizes`` (proposals grouped by
 shape, each group cut into populations of at most K members, each trained by ``evaluate_many``).
 Prints trials per hour, the speedup over the baseline measured in the same run, and the peak
-device memory; the last line is one JSON object.
+device memory; the last line is one JSON object. Each measurement runs in a process of its own
+(same proposals, cold caches for all), so none inherits another's compiled kernels, allocator
+state or peak memory.
 
 Usage::
 
@@ -15,7 +17,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -77,6 +82,23 @@ def run(configs: list[AttentionConfig], size: int, budget: Any, device: torch.de
     return seconds, 3600 * len(configs) / seconds, sum(accs) / len(accs)
 
 
+def measure(args: argparse.Namespace, size: int) -> dict[str, float]:
+    """Run one measurement (``size`` 0: the baseline) in a fresh process; returns its figures."""
+    cmd = [sys.executable, __file__, "--device", args.device, "--trials", str(args.trials), "--steps", str(args.steps),
+           "--seed", str(args.seed), "--one", str(size)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the measurement of size {size} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def one(args: argparse.Namespace, device: torch.device, budget: Any) -> None:
+    configs = proposals(args.trials, args.seed)
+    seconds, tph, acc = run(configs, args.one, budget, device)
+    print(json.dumps({"seconds": seconds, "trials_per_hour": tph, "peak_mem_mb": peak_mb(device),
+                      "mean_accuracy": acc, "shapes": len({shape_key(c) for c in configs})}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -84,30 +106,32 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--steps", type=int, default=PRESETS["default"].steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     device = resolve_device(args.device)
-    budget = PRESETS["default"].__class__(steps=args.steps, rungs=PRESETS["default"].rungs,
-                                          n_eval=PRESETS["default"].n_eval, latency_batch=PRESETS["default"].latency_batch)  # fmt: skip
-    configs = proposals(args.trials, args.seed)
-    groups = {shape_key(c) for c in configs}
-    print(f"{args.trials} proposals of the sparse space ({len(groups)} shapes), {args.steps} steps each, on {device}")
-    base_s, base_tph, base_acc = run(configs, 0, budget, device)
-    base_mem = peak_mb(device)
-    print(f"{'one by one':<14} {base_s:8.1f} s {base_tph:10.0f} trials/h  speedup  1.00x  peak {base_mem:8.0f} MiB  "
-          f"mean acc {base_acc:.3f}", flush=True)  # fmt: skip
+    budget = dataclasses.replace(PRESETS["default"], steps=args.steps)
+    if args.one is not None:
+        one(args, device, budget)
+        return
+    base = measure(args, 0)
+    print(f"{args.trials} proposals of the sparse space ({base['shapes']:.0f} shapes), {args.steps} steps each, "
+          f"on {device}", flush=True)  # fmt: skip
+    print(f"{'one by one':<14} {base['seconds']:8.1f} s {base['trials_per_hour']:10.0f} trials/h  speedup  1.00x  "
+          f"peak {base['peak_mem_mb']:8.0f} MiB  mean acc {base['mean_accuracy']:.3f}", flush=True)  # fmt: skip
     sizes: dict[str, dict[str, float]] = {}
     for k in args.sizes:
-        seconds, tph, acc = run(configs, k, budget, device)
-        mem = peak_mb(device)
-        sizes[str(k)] = {"trials_per_hour": tph, "speedup": tph / base_tph, "seconds": seconds, "peak_mem_mb": mem,
-                         "mean_accuracy": acc}  # fmt: skip
-        print(f"{'population ' + str(k):<14} {seconds:8.1f} s {tph:10.0f} trials/h  speedup {tph / base_tph:5.2f}x  "
-              f"peak {mem:8.0f} MiB  mean acc {acc:.3f}", flush=True)  # fmt: skip
+        got = measure(args, k)
+        got["speedup"] = got["trials_per_hour"] / base["trials_per_hour"]
+        sizes[str(k)] = got
+        print(f"{'population ' + str(k):<14} {got['seconds']:8.1f} s {got['trials_per_hour']:10.0f} trials/h  "
+              f"speedup {got['speedup']:5.2f}x  peak {got['peak_mem_mb']:8.0f} MiB  mean acc {got['mean_accuracy']:.3f}",
+              flush=True)  # fmt: skip
     print(json.dumps({"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                      "trials": args.trials, "steps": args.steps, "baseline_trials_per_hour": base_tph,
-                      "baseline_peak_mem_mb": base_mem, "baseline_mean_accuracy": base_acc, "sizes": sizes}))  # fmt: skip
+                      "trials": args.trials, "steps": args.steps, "baseline_trials_per_hour": base["trials_per_hour"],
+                      "baseline_peak_mem_mb": base["peak_mem_mb"], "baseline_mean_accuracy": base["mean_accuracy"],
+                      "sizes": sizes}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -76,7 +76,20 @@ def test_out_naming_a_file_is_refused(tmp_path: Path) -> None:
 
 def test_a_search_whose_first_trials_all_fail_exits_1_with_the_error_as_last_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run("--space", TINY, "--trials", "20", "--steps", "4", "--task", "tests.custom_task:fragile", "--out", str(out))
+    r = run(
+        "--space",
+        TINY,
+        "--trials",
+        "20",
+        "--steps",
+        "4",
+        "--task",
+        "tests.custom_task:fragile",
+        "--out",
+        str(out),
+        "--population",
+        "1",
+    )
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "first 3 trials all failed" in lines[0], r.stderr  # no traceback

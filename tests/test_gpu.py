@@ -84,6 +84,7 @@ def test_smoke_search_on_cuda_end_to_end(tmp_path: Path) -> None:
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 6 and not (trials["state"] == "failed").any(), trials[["state", "reason"]]
     assert trials["device"].str.startswith("cuda").all()
+    assert trials["slot"].nunique() == 1  # the default population on CUDA (16) takes all 6 trials
 
 
 @pytest.mark.parametrize(("head_dim", "attn_dropout"), [(8, 0.0), (32, 0.1)])  # padded flex; the dropout path

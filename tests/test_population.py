@@ -138,3 +138,49 @@ def test_member_dropout_is_identity_at_zero(bad: float) -> None:
 
     x = torch.randn(3, 2, 4, 5)
     assert torch.equal(_dropout(x, torch.full((3,), bad), None), x)
+
+
+def test_members_that_diverge_fail_alone_and_a_population_that_all_diverges_ends() -> None:
+    configs = member_configs()[:3]
+    configs[1] = configs[1].replace(lr=1e6)  # diverges
+    results = evaluate_many(configs, "mqar", budget=Budget(steps=20, rungs=2, n_eval=32, latency_batch=2),
+                            task_kwargs=TASK, device="cpu")  # fmt: skip
+    assert [r.state for r in results] == ["complete", "failed", "complete"]
+    assert "non-finite training loss" in str(results[1].reason)
+    every = evaluate_many([c.replace(lr=1e6) for c in configs], "mqar", budget=Budget(steps=20, rungs=2, n_eval=32,
+                          latency_batch=2), task_kwargs=TASK, device="cpu")  # fmt: skip
+    assert all(r.state == "failed" for r in every) and all(r.metrics["steps"] < 20 for r in every)
+
+
+def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -> None:
+    """The population's mask_mod must lower as a pointwise subgraph on CUDA (no copy, reduction or
+    new buffer; the table already on the device): ``meta`` stands in for CUDA, as in test_patterns.
+    On CPU the rule must also read the right member's row, clamping positions past the end."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attn_search.engine.population import member_mask_mod
+
+    from .test_patterns import _captured_tensors
+
+    configs = member_configs()
+    masks = torch.stack([_mask(c, 64) for c in configs])
+    rule = member_mask_mod(masks.to("meta"))
+    assert [t.device.type for t in _captured_tensors(rule)] == ["meta"]
+    calls: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            calls.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    b, q, kv = (torch.tensor(v, device="meta") for v in ([0, 3, 5], [70, 5, 63], [3, 5, 60]))
+    with Record():
+        out = rule(b, torch.zeros_like(b), q, kv)
+    assert out.dtype == torch.bool and out.shape == (3,)
+    forbidden = {"_to_copy", "copy_", "clone", "to", "sum", "any", "all", "nonzero", "empty", "zeros", "ones", "cat"}
+    assert not forbidden & set(calls), sorted(forbidden & set(calls))
+    cpu_rule = member_mask_mod(masks)
+    members, qs, kvs = torch.meshgrid(torch.arange(len(configs)), torch.arange(64), torch.arange(64), indexing="ij")
+    assert torch.equal(cpu_rule(members, members, qs, kvs), masks)
+    assert torch.equal(cpu_rule(torch.tensor([2]), torch.tensor([0]), torch.tensor([90]), torch.tensor([63])),
+                       masks[2, 63, 63].reshape(1))  # fmt: skip

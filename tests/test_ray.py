@@ -36,16 +36,16 @@ def loopback() -> Iterator[Loopback]:
         ns.close()
 
 
-def search_cmd(out: Path, *extra: str, trials: int = 4, steps: int = 40) -> list[str]:
+def search_cmd(out: Path, *extra: str, trials: int = 4, steps: int = 40, population: int = 1) -> list[str]:
     return [str(BIN / "python"), "run_search.py", "--space", TINY, "--backend", "ray", "--trials", str(trials),
-            "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
+            "--steps", str(steps), "--out", str(out), "--population", str(population), *extra]  # fmt: skip
 
 
 def test_embedded_ray_writes_the_local_backends_outputs(
     loopback: Loopback, ray_cluster: tuple[Loopback, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    done = loopback.run(search_cmd(out, "--max-concurrent", "2", trials=3))
+    done = loopback.run(search_cmd(out, "--max-concurrent", "2", "--pruner", "none", trials=3, population=2))
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("trials.csv", "pareto.csv", "best_config.yaml", "pareto.png", "report.html", "study.db"):
         assert (out / name).stat().st_size > 0, name
@@ -53,6 +53,11 @@ def test_embedded_ray_writes_the_local_backends_outputs(
     assert list(trials.columns) == TRIAL_COLUMNS  # the loop writes one table whichever backend ran
     assert len(trials) == 3 and set(trials["state"]) <= FINISHED
     assert trials["node"].notna().all() and trials["node"].str.len().min() >= 16  # Ray node IDs
+    # --population 2: trials 0 and 1 trained as one Ray trial, trial 2 alone, each recorded as its own trial
+    assert list(trials["slot"]) == [0, 0, 2] and (trials["steps"] == 40).all()
+    study = load_study(out)
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials if "ray_trial_id" in t.user_attrs]  # type: ignore[attr-defined]
+    assert len(ray_ids) == 3 and ray_ids[0] == ray_ids[1] != ray_ids[2]
     complete = trials[trials["state"] == "complete"]
     assert len(complete) >= 1 and complete["accuracy"].between(0, 1).all() and (complete["flops"] > 0).all()
     # the report and export read the run like a local one

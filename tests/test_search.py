@@ -182,15 +182,16 @@ def test_a_trial_that_raises_is_recorded_failed_with_its_reason_and_the_search_g
 ) -> None:
     import attn_search.backends.base as search_module
 
-    real = search_module.evaluate
+    real = search_module.evaluate_many
 
-    def flaky(config: AttentionConfig, *args: Any, **kwargs: Any) -> Any:
-        if config.pattern == "window":
-            raise RuntimeError(f"window kernel exploded at w={config.window}")
-        return real(config, *args, **kwargs)
+    def flaky(configs: list[AttentionConfig], *args: Any, **kwargs: Any) -> Any:
+        for config in configs:  # a population with a window member raises: its companions go on
+            if config.pattern == "window":
+                raise RuntimeError(f"window kernel exploded at w={config.window}")
+        return real(configs, *args, **kwargs)
 
-    monkeypatch.setattr(search_module, "evaluate", flaky)
-    out, summary = search(tmp_path, trials=8, pruner="none", strategy="random", seed=1)
+    monkeypatch.setattr(search_module, "evaluate_many", flaky)
+    out, summary = search(tmp_path, trials=8, pruner="none", strategy="random", seed=1, population=4)
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 8 and summary.n_finished == 8  # type: ignore[attr-defined]
     failed = trials[trials["state"] == "failed"]
@@ -206,10 +207,10 @@ def test_a_search_whose_first_trials_all_fail_the_same_way_stops(tmp_path: Path)
     from attn_search.errors import SearchAborted
 
     with pytest.raises(SearchAborted, match=r"first 3 trials all failed.*fragile task: cannot make") as info:
-        search(tmp_path, trials=10, task="tests.custom_task:fragile")
+        search(tmp_path, trials=10, task="tests.custom_task:fragile", population=4)
     assert "errors.log" in str(info.value)
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
-    assert list(trials["state"]) == ["failed"] * 3
+    assert list(trials["state"]) == ["failed"] * 4  # one population of 4: the policy stops after it
 
 
 def test_failure_policy() -> None:
@@ -306,3 +307,44 @@ def test_runs_share_one_storage_with_their_own_named_studies(tmp_path: Path) -> 
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         assert study.metric_names == ["accuracy", "flops"] and len(study.trials) == 2
+
+
+def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--population 3: trials go out three to a slot; the early-stopping rule stops one member at
+    its first rung, the others of its population train to the end."""
+    import attn_search.search as search_module
+
+    asked: list[tuple[int, int]] = []
+
+    def stop_trial_1(self: Any, trial: Any, step: int, accuracy: float, compute: dict[str, float]) -> bool:
+        asked.append((trial.number, step))
+        return bool(trial.number == 1)
+
+    monkeypatch.setattr(search_module._Rule, "stop", stop_trial_1)
+    enqueue = [{"n_heads": 2, "pattern": p, "window": 4, "lr": 3e-3} for p in ("dense", "window", "longformer")]
+    enqueue[0].pop("window")
+    out, summary = search(tmp_path, trials=6, steps=12, population=3, strategy="random", enqueue=enqueue)
+    trials = pd.read_csv(out / "trials.csv").set_index("trial")
+    assert list(trials["slot"]) == [0, 0, 0, 3, 3, 3]
+    assert trials.loc[1, "state"] == "pruned" and trials.loc[1, "steps"] == 3  # rungs at steps 3, 6, 9, 12
+    assert (trials.loc[[0, 2], "state"] == "complete").all() and (trials.loc[[0, 2], "steps"] == 12).all()
+    assert [s for n, s in asked if n == 1] == [3] and [s for n, s in asked if n == 0] == [3, 6, 9, 12]
+    # each member is scored as its own trial: the fused run gives what the member's own evaluate gives
+    from attn_search import evaluate
+
+    space = load_space(TINY)
+    budget = dataclasses.replace(PRESETS["default"], steps=12)
+    alone = evaluate(
+        space.make_config(enqueue[0], seed=0), space.task, budget=budget, task_kwargs=dict(space.task_params)
+    )
+    assert abs(alone.metrics["accuracy"] - trials.loc[0, "accuracy"]) <= 0.03
+
+
+def test_the_agent_acts_in_one_environment_per_population_member(tmp_path: Path) -> None:
+    out, summary = search(tmp_path, trials=6, steps=6, population=3, strategy="ppo")
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6 and summary.n_finished == 6  # type: ignore[attr-defined]
+    assert sorted(trials["slot"].value_counts()) == [3, 3]
+    assert (out / "agent.zip").is_file()

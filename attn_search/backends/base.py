@@ -9,16 +9,18 @@ its rung reports through ``on_rung`` (the early-stopping rule) and records what 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.trainer import Budget, evaluate
+from attn_search.engine.population import evaluate_many
+from attn_search.engine.trainer import Budget
 from attn_search.evaluators import Evaluator, make_evaluator
 from attn_search.failures import error_attrs
 from attn_search.space import SearchSpace
@@ -26,6 +28,9 @@ from attn_search.space import SearchSpace
 OnRung = Callable[[int, int, float, dict[str, float]], bool]
 """``on_rung(number, step, accuracy, compute)``: the loop's early-stopping rule; ``True`` stops
 the trial. Backends call it while the trial runs (from any thread)."""
+OnRungs = Callable[[int, Sequence[tuple[int, float, dict[str, float]]]], Sequence[bool]]
+"""``on_rungs(step, [(i, accuracy, compute), ...])``: every rung of one step of a population, one
+stop flag back for each (see :meth:`TrialRunner.run_many`)."""
 OnStart = Callable[[int, AttentionConfig], None]
 """``on_start(number, config)``: a trial began (progress)."""
 
@@ -71,7 +76,10 @@ Event = Finished | Note
 
 class Backend(Protocol):
     """Where trials run. The loop calls, in this order: :meth:`start`, then repeatedly
-    :meth:`capacity` / :meth:`submit` / :meth:`wait`, then :meth:`close`."""
+    :meth:`capacity` / :meth:`submit` / :meth:`wait`, then :meth:`close`.
+
+    A *slot* runs one job or a population of jobs (``--population K``): the jobs of one
+    :meth:`submit` train together, as one model where their shapes agree, in one place."""
 
     name: str
 
@@ -79,17 +87,20 @@ class Backend(Protocol):
         """Get ready to run trials with ``runner`` (connect to a cluster, restore an experiment)."""
 
     def slots(self) -> int:
-        """How many trials can run at once (the agent acts in this many environments)."""
+        """How many slots run at once."""
+
+    def device_kind(self) -> str:
+        """``cpu`` or ``cuda``: what trials run on (after :meth:`start`)."""
 
     def capacity(self) -> int:
-        """How many more jobs it takes now."""
+        """How many more slots it takes now."""
 
-    def submit(self, job: Job) -> None:
-        """Run ``job`` (now or as soon as a worker is free)."""
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Run ``jobs`` in one slot (now or as soon as a worker is free)."""
 
     def wait(self, timeout: float) -> list[Event]:
         """Events since the last call; waits up to ``timeout`` seconds for one. The local backend
-        runs its job here, in this thread."""
+        runs its slot here, in this thread."""
 
     def close(self) -> None:
         """Stop: jobs not started are dropped, running ones cancelled."""
@@ -136,78 +147,135 @@ class TrialRunner:
         Never raises for a trial's own failure: any exception inside the trial gives a ``failed``
         outcome whose ``reason`` is the exception's type and message and whose ``traceback``
         attribute holds the rest (:func:`attn_search.failures.error_attrs`)."""
-        attrs: dict[str, Any] = {}
+        return self.run_many(
+            [values],
+            on_attr=lambda i, key, value: on_attr(key, value),
+            on_rungs=lambda step, rungs: [on_rung(step, acc, compute) for _, acc, compute in rungs],
+            on_start=lambda i, config: on_start(config),
+        )[0]
 
-        def put(key: str, value: Any) -> None:
-            attrs[key] = value
-            on_attr(key, value)
+    def run_many(
+        self,
+        members: Sequence[dict[str, Any]],
+        *,
+        on_attr: Callable[[int, str, Any], None] = lambda i, key, value: None,
+        on_rungs: OnRungs = lambda step, rungs: [False] * len(rungs),
+        on_start: Callable[[int, AttentionConfig], None] = lambda i, config: None,
+    ) -> list[TrialOutcome]:
+        """Score several proposals at once, as one population where they share a shape
+        (:func:`~attn_search.engine.population.evaluate_many`); ``i`` in the callbacks indexes
+        ``members``. ``on_rungs(step, [(i, accuracy, compute), ...])`` gets every member's rung of one
+        step in one call and returns a stop flag for each. One outcome per member, in order; as
+        :meth:`run`, never raises for the trials' own failures."""
+        attrs: list[dict[str, Any]] = [{} for _ in members]
+        outcomes: list[TrialOutcome | None] = [None] * len(members)
 
+        def put(i: int, key: str, value: Any) -> None:
+            attrs[i][key] = value
+            on_attr(i, key, value)
+
+        configs: dict[int, AttentionConfig] = {}
+        for i, values in enumerate(members):
+            try:
+                configs[i] = self.space.make_config(values, seed=self.seed)
+            except ValueError as exc:
+                put(i, "reason", f"invalid configuration: {exc}")
+                put(i, "state", M.FAILED)
+                outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
+                continue
+            put(i, "config", configs[i].to_dict())
+            on_start(i, configs[i])
         try:
-            return self._run(values, attrs, put, on_rung, on_start)
+            if self.evaluator != "training":  # recorded (or a user's own) results instead of training
+                for i, config in configs.items():
+                    outcomes[i] = self._look_up(config, members[i], attrs[i], functools.partial(put, i))
+            elif configs:
+                self._train(configs, attrs, outcomes, put, on_rungs)
         except Exception as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
-            for key, value in error_attrs(exc).items():
-                put(key, value)
-            return TrialOutcome(M.FAILED, attrs)
+            for i in configs:
+                if outcomes[i] is None:
+                    for key, value in error_attrs(exc).items():
+                        put(i, key, value)
+                    outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
+        return [o if o is not None else TrialOutcome(M.FAILED, a) for o, a in zip(outcomes, attrs, strict=True)]
 
-    def _run(
-        self,
-        values: dict[str, Any],
-        attrs: dict[str, Any],
-        put: Callable[[str, Any], None],
-        on_rung: Callable[[int, float, dict[str, float]], bool],
-        on_start: Callable[[AttentionConfig], None],
+    def _look_up(
+        self, config: AttentionConfig, values: dict[str, Any], attrs: dict[str, Any], put: Callable[[str, Any], None]
     ) -> TrialOutcome:
-        try:
-            config = self.space.make_config(values, seed=self.seed)
-        except ValueError as exc:
-            put("reason", f"invalid configuration: {exc}")
+        if self._lookup is None:
+            self._lookup = make_evaluator(self.evaluator, self.space)
+        started = time.perf_counter()
+        found = self._lookup(config, values)
+        if found is None:
+            put("reason", "the evaluator has no result for this configuration")
             put("state", M.FAILED)
             return TrialOutcome(M.FAILED, attrs)
-        put("config", config.to_dict())
-        on_start(config)
-        if self.evaluator != "training":  # recorded (or a user's own) results instead of training
-            if self._lookup is None:
-                self._lookup = make_evaluator(self.evaluator, self.space)
-            started = time.perf_counter()
-            found = self._lookup(config, values)
-            if found is None:
-                put("reason", "the evaluator has no result for this configuration")
-                put("state", M.FAILED)
-                return TrialOutcome(M.FAILED, attrs)
-            found = {**found, M.WALL_SECONDS: time.perf_counter() - started}
-            for key, value in (("metrics", found), ("state", M.COMPLETE), ("device", "table")):
-                put(key, value)
-            return self._finish(attrs, found, M.COMPLETE)
-        compute: dict[str, float] = {}
-        curve: list[tuple[int, float]] = []
+        found = {**found, M.WALL_SECONDS: time.perf_counter() - started}
+        for key, value in (("metrics", found), ("state", M.COMPLETE), ("device", "table")):
+            put(key, value)
+        return self._finish(attrs, found, M.COMPLETE)
 
-        def on_compute(figures: dict[str, float]) -> None:
-            compute.update(figures)
-            put("compute", figures)
+    def _train(
+        self,
+        configs: dict[int, AttentionConfig],
+        attrs: list[dict[str, Any]],
+        outcomes: list[TrialOutcome | None],
+        put: Callable[[int, str, Any], None],
+        on_rungs: OnRungs,
+    ) -> None:
+        ids = list(configs)  # member j of the population is proposal ids[j]
+        compute: dict[int, dict[str, float]] = {i: {} for i in ids}
+        curves: dict[int, list[tuple[int, float]]] = {i: [] for i in ids}
 
-        def reporter(step: int, accuracy: float) -> bool:
-            curve.append((step, accuracy))
-            put("curve", list(curve))
-            stop = on_rung(step, accuracy, compute)  # the rule still records the last rung
-            return stop and step < self.budget.steps  # stopping after the last step would only discard it
+        def on_compute(j: int, figures: dict[str, float]) -> None:
+            compute[ids[j]].update(figures)
+            put(ids[j], "compute", figures)
+
+        def report_rungs(step: int, rungs: Sequence[tuple[int, float]]) -> list[bool]:
+            for j, accuracy in rungs:
+                curves[ids[j]].append((step, accuracy))
+                put(ids[j], "curve", list(curves[ids[j]]))
+            stops = on_rungs(step, [(ids[j], acc, compute[ids[j]]) for j, acc in rungs])  # the rule records every rung
+            return [
+                stop and step < self.budget.steps for stop in stops
+            ]  # stopping after the last step would only discard it
 
         budget = self.budget
-        if self.deadline is not None:  # the last trial stops training at the deadline, then evaluates
+        if self.deadline is not None:  # the last trials stop training at the deadline, then evaluate
             budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.time()))
-        result = evaluate(
-            config, self.task, budget=budget, device=self.device, reporter=reporter,
-            task_kwargs=self.task_kwargs, on_compute=on_compute,
-        )  # fmt: skip
-        if result.state == M.PRUNED and result.curve:
-            result.reason = f"stopped early at step {result.curve[-1][0]}"
-        for key, value in (("metrics", result.metrics), ("state", result.state), ("device", result.device),
-                           ("task", result.task)):  # fmt: skip
-            put(key, value)
-        if result.reason:
-            put("reason", result.reason)
-        return self._finish(attrs, result.metrics, result.state)
+        try:
+            results = evaluate_many(
+                list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
+                task_kwargs=self.task_kwargs, on_compute=on_compute,
+            )  # fmt: skip
+        except Exception:
+            if len(ids) == 1:
+                raise
+            # one member's error must not fail its companions: each trains again alone, and only
+            # the ones that raise again fail (with their own error)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for i in ids:
+                curves[i].clear()
+                compute[i].clear()
+                try:
+                    self._train({i: configs[i]}, attrs, outcomes, put, on_rungs)
+                except Exception as exc:
+                    for key, value in error_attrs(exc).items():
+                        put(i, key, value)
+                    outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
+            return
+        for i, result in zip(ids, results, strict=True):
+            if result.state == M.PRUNED and result.curve:
+                result.reason = f"stopped early at step {result.curve[-1][0]}"
+            for key, value in (("metrics", result.metrics), ("state", result.state), ("device", result.device),
+                               ("task", result.task)):  # fmt: skip
+                put(i, key, value)
+            if result.reason:
+                put(i, "reason", result.reason)
+            outcomes[i] = self._finish(attrs[i], result.metrics, result.state)
 
     def _finish(self, attrs: dict[str, Any], metrics: dict[str, float], state: str) -> TrialOutcome:
         constraints = {}

@@ -1,17 +1,20 @@
-"""The local backend: trials run one at a time in this process (the embedded default)."""
+"""The local backend: one slot at a time in this process (the embedded default)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from attn_search.backends.base import Event, Finished, Job, OnRung, OnStart, TrialRunner
 
 
 class LocalBackend:
-    """Runs each job in this process, in :meth:`wait`, on the device the runner names."""
+    """Runs each slot (one job, or a population of jobs) in this process, in :meth:`wait`, on the
+    device the runner names."""
 
     name = "local"
 
     def __init__(self) -> None:
-        self._job: Job | None = None
+        self._jobs: list[Job] = []
         self._runner: TrialRunner | None = None
         self._on_rung: OnRung = lambda number, step, accuracy, compute: False
         self._on_start: OnStart = lambda number, config: None
@@ -22,24 +25,29 @@ class LocalBackend:
     def slots(self) -> int:
         return 1
 
-    def capacity(self) -> int:
-        return 0 if self._job is not None else 1
+    def device_kind(self) -> str:
+        from attn_search.engine.trainer import resolve_device
 
-    def submit(self, job: Job) -> None:
-        assert self._job is None, "the local backend runs one trial at a time"
-        self._job = job
+        return resolve_device(self._runner.device if self._runner else "auto").type
+
+    def capacity(self) -> int:
+        return 0 if self._jobs else 1
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        assert not self._jobs, "the local backend runs one slot at a time"
+        self._jobs = list(jobs)
 
     def wait(self, timeout: float) -> list[Event]:
-        job, self._job = self._job, None
-        if job is None or self._runner is None:
+        jobs, self._jobs = self._jobs, []
+        if not jobs or self._runner is None:
             return []
-        number = job.number
-        outcome = self._runner.run(
-            job.values,
-            on_rung=lambda step, accuracy, compute: self._on_rung(number, step, accuracy, compute),
-            on_start=lambda config: self._on_start(number, config),
+        numbers = [job.number for job in jobs]
+        outcomes = self._runner.run_many(
+            [job.values for job in jobs],
+            on_rungs=lambda step, rungs: [self._on_rung(numbers[i], step, acc, compute) for i, acc, compute in rungs],
+            on_start=lambda i, config: self._on_start(numbers[i], config),
         )
-        return [Finished(number, outcome)]
+        return [Finished(number, outcome) for number, outcome in zip(numbers, outcomes, strict=True)]
 
     def close(self) -> None:
-        self._job = None
+        self._jobs = []

@@ -16,8 +16,11 @@ search per process at a time.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import queue
@@ -25,6 +28,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,8 @@ EXPERIMENT = "ray"
 """The Tune experiment's folder inside the run dir."""
 NUMBER = "_trial"
 """Config key that carries the study's trial number through Tune (stripped before the trial runs)."""
+MEMBERS = "_members"
+"""Config key of a population slot: JSON ``[[number, values], ...]`` (``NUMBER`` is the first's)."""
 STEP = "step"
 FINAL = "final"
 RECORD = "record"
@@ -49,6 +55,8 @@ PLACE = ("node", "node_ip", "hostname", "device", "started")
 MAX_FAILURES = 3
 """Retries of a trial whose worker died (``FailureConfig``)."""
 PROBE_TIMEOUT_S = 180.0
+RUNG_TIMEOUT_S = 600.0
+"""A population trial waits this long for the driver's answer at a rung, then trains on."""
 
 # Tune snapshots its trial table every 10+ s by default; a snapshot costs milliseconds.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -91,8 +99,9 @@ class RayBackend:
         self.path = run_dir.resolve() / EXPERIMENT
         self.resume = resume
         self._slots = 1
-        self._pending: collections.deque[Job] = collections.deque()
-        self._in_flight: set[int] = set()
+        self._gpus_per_trial = 0.0
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._in_flight: dict[int, int] = {}  # trial number -> its slot (the first member's number)
         self._events: queue.Queue[Event] = queue.Queue()
         self._rungs: dict[str, dict[str, Any]] = {}
         self._finishing = False
@@ -109,6 +118,7 @@ class RayBackend:
         self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
         resources = connect(self.options)
         per_trial = per_trial_resources(self.options, resources)
+        self._gpus_per_trial = per_trial["gpu"]
         slots = int(resources.get("CPU", 1) // per_trial["cpu"])
         if per_trial["gpu"] > 0:
             slots = min(slots, int(resources.get("GPU", 0) // per_trial["gpu"]))
@@ -116,7 +126,9 @@ class RayBackend:
         where = check_workers(per_trial, self.options.device)
         self._events.put(Note(f"  Ray: {self._slots} trial(s) at a time; workers run {where}"))
         _ACTIVE = self
-        trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner), per_trial)
+        self._board = _RungBoard.remote()  # type: ignore[attr-defined]
+        threading.Thread(target=self._serve_rungs, name="ray-rungs", daemon=True).start()
+        trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner, board=self._board), per_trial)
         if self.resume and tune.Tuner.can_restore(str(self.path)):
             # the unfinished trials of the old session are skipped: the loop runs them again as jobs
             tuner = tune.Tuner.restore(str(self.path), trainable, resume_unfinished=False, resume_errored=False)
@@ -129,12 +141,19 @@ class RayBackend:
     def slots(self) -> int:
         return self._slots
 
-    def capacity(self) -> int:
-        return max(0, self._slots - len(self._in_flight))
+    def device_kind(self) -> str:
+        return "cuda" if self._gpus_per_trial > 0 and self.options.device != "cpu" else "cpu"
 
-    def submit(self, job: Job) -> None:
-        self._in_flight.add(job.number)
-        self._pending.append(job)
+    def capacity(self) -> int:
+        return max(0, self._slots - len(set(self._in_flight.values())))
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        slot = jobs[0].number
+        self._in_flight.update((job.number, slot) for job in jobs)
+        if len(jobs) == 1:  # one trial: Tune's scheduler stops it at a rung
+            self._pending.append({**jobs[0].values, NUMBER: slot})
+        else:  # a population: the trial asks the loop's rule for its members itself (_RungBoard)
+            self._pending.append({NUMBER: slot, MEMBERS: json.dumps([[job.number, job.values] for job in jobs])})
 
     def wait(self, timeout: float) -> list[Event]:
         events: list[Event] = []
@@ -146,7 +165,7 @@ class RayBackend:
             pass
         for event in events:
             if isinstance(event, Finished):
-                self._in_flight.discard(event.number)
+                self._in_flight.pop(event.number, None)
         if not events and self._error is not None:
             raise RuntimeError(f"Ray Tune stopped: {describe(self._error)}") from self._error
         if not events and self._in_flight and self._thread is not None and not self._thread.is_alive():
@@ -199,18 +218,28 @@ class RayBackend:
             return str(Searcher.FINISHED)
         if not self._pending:
             return None  # Tune asks again later
-        job = self._pending.popleft()
-        return {**job.values, NUMBER: job.number}
+        return self._pending.popleft()
 
     def started(self, trial: Any) -> None:
-        number = trial.config.get(NUMBER)
-        if number is None or self._runner is None:
+        if NUMBER not in trial.config or self._runner is None:
             return
-        try:
-            config = self._runner.space.make_config(_values(trial.config))
-        except ValueError:
-            return
-        self._on_start(int(number), config)
+        for number, values in _members(trial.config):
+            try:
+                config = self._runner.space.make_config(values)
+            except ValueError:
+                continue
+            self._on_start(number, config)
+
+    def _serve_rungs(self) -> None:
+        """Answers the rung questions of population trials with the loop's rule (see :class:`_RungBoard`)."""
+        while not self._finishing:
+            try:
+                asked = ray.get(self._board.take.remote(1.0), timeout=30)  # waits up to 1 s for a question
+            except Exception:  # Ray is shutting down
+                return
+            for key, (step, rungs) in asked.items():
+                stops = [self._on_rung(number, step, accuracy, compute) for number, accuracy, compute in rungs]
+                self._board.answer.remote(key, stops)
 
     def rung(self, trial: Any, result: dict[str, Any]) -> bool:
         """A trial's rung: remember it (for a trial stopped here) and ask the loop's rule."""
@@ -222,39 +251,46 @@ class RayBackend:
         return self._on_rung(int(trial.config[NUMBER]), step, accuracy, seen["compute"])
 
     def finished(self, trial: Any, result: dict[str, Any] | None, error: str | None = None) -> None:
-        number = trial.config.get(NUMBER)
         seen = self._rungs.pop(trial.trial_id, {"curve": []})
-        if number is None:
+        if NUMBER not in trial.config:
             return
         result = result or {}
-        if result.get(FINAL):
-            record = json.loads(result[RECORD])
-            values = tuple(record["values"]) if record.get("values") is not None else None
-            outcome = TrialOutcome(record["state"], record["attrs"], values)
-        else:  # stopped by the scheduler after a rung, or its worker failed for good
-            curve = seen["curve"]
-            attrs: dict[str, Any] = {"curve": curve, "compute": seen.get("compute", {})}
-            metrics = {**seen.get("compute", {}), M.ACCURACY: curve[-1][1] if curve else float("nan")}
-            if "started" in seen:
-                metrics[M.WALL_SECONDS] = time.time() - float(seen["started"])
-            if curve:
-                metrics[M.STEPS] = float(curve[-1][0])
-            attrs["metrics"] = metrics
-            if error is not None:
-                state = M.FAILED
-                attrs.update(reason=error, error="WorkerError")
+        records = json.loads(result[RECORD]) if result.get(FINAL) else []
+        for (number, _), record in itertools.zip_longest(
+            _members(trial.config), records[: len(_members(trial.config))]
+        ):
+            if record is not None:
+                values = tuple(record["values"]) if record.get("values") is not None else None
+                outcome = TrialOutcome(record["state"], record["attrs"], values)
             else:
-                state = M.PRUNED
-                attrs["reason"] = f"stopped early at step {curve[-1][0] if curve else 0}"
-            attrs["state"] = state
-            outcome = TrialOutcome(state, attrs)
-        for key in PLACE:
-            if key in result:
-                outcome.attrs[key] = result[key]
-            elif key in seen:
-                outcome.attrs[key] = seen[key]
-        outcome.attrs["ray_trial_id"] = trial.trial_id
-        self._events.put(Finished(int(number), outcome))
+                outcome = self._unfinished(seen, error)
+            for key in PLACE:
+                if key in result:
+                    outcome.attrs[key] = result[key]
+                elif key in seen:
+                    outcome.attrs[key] = seen[key]
+            outcome.attrs["ray_trial_id"] = trial.trial_id
+            self._events.put(Finished(int(number), outcome))
+
+    def _unfinished(self, seen: dict[str, Any], error: str | None) -> TrialOutcome:
+        """A trial that gave no final result: stopped by the scheduler after a rung, or its worker
+        failed for good (for a population, every member)."""
+        curve = seen["curve"]
+        attrs: dict[str, Any] = {"curve": curve, "compute": seen.get("compute", {})}
+        metrics = {**seen.get("compute", {}), M.ACCURACY: curve[-1][1] if curve else float("nan")}
+        if "started" in seen:
+            metrics[M.WALL_SECONDS] = time.time() - float(seen["started"])
+        if curve:
+            metrics[M.STEPS] = float(curve[-1][0])
+        attrs["metrics"] = metrics
+        if error is not None:
+            state = M.FAILED
+            attrs.update(reason=error, error="WorkerError")
+        else:
+            state = M.PRUNED
+            attrs["reason"] = f"stopped early at step {curve[-1][0] if curve else 0}"
+        attrs["state"] = state
+        return TrialOutcome(state, attrs)
 
     def note(self, text: str) -> None:
         self._events.put(Note(text))
@@ -262,6 +298,13 @@ class RayBackend:
 
 def _values(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != NUMBER}
+
+
+def _members(config: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """The trials of a Tune trial's config: ``(number, values)``, one, or a population's."""
+    if MEMBERS in config:
+        return [(int(number), values) for number, values in json.loads(config[MEMBERS])]
+    return [(int(config[NUMBER]), _values(config))]
 
 
 def _place(runner: TrialRunner) -> dict[str, Any]:
@@ -277,10 +320,14 @@ def _place(runner: TrialRunner) -> dict[str, Any]:
     }
 
 
-def _trainable(config: dict[str, Any], runner: TrialRunner) -> None:
+def _trainable(config: dict[str, Any], runner: TrialRunner, board: Any) -> None:
     """One Tune trial: run the job, report each rung (the driver's scheduler decides), then a final
-    result carrying the whole outcome."""
+    result carrying the whole outcome. A population slot asks the driver's rule about its members
+    through ``board`` at each rung, and its final result carries every member's outcome."""
     place = _place(runner)
+    if MEMBERS in config:
+        _population_trainable(config, runner, board, place)
+        return
 
     def on_rung(step: int, accuracy: float, compute: dict[str, float]) -> bool:
         if step >= runner.budget.steps:
@@ -291,7 +338,65 @@ def _trainable(config: dict[str, Any], runner: TrialRunner) -> None:
     outcome = runner.run(_values(config), on_rung=on_rung)  # a trial that raises gives a failed outcome
     record = {"state": outcome.state, "attrs": outcome.attrs, "values": outcome.values}
     step = int(outcome.attrs.get("metrics", {}).get(M.STEPS, 0) or 0)
-    tune.report({FINAL: True, STEP: step, RECORD: json.dumps(record, default=float), **place})
+    tune.report({FINAL: True, STEP: step, RECORD: json.dumps([record], default=float), **place})
+
+
+def _population_trainable(config: dict[str, Any], runner: TrialRunner, board: Any, place: dict[str, Any]) -> None:
+    members = _members(config)
+    numbers = [number for number, _ in members]
+
+    def on_rungs(step: int, rungs: Sequence[tuple[int, float, dict[str, float]]]) -> list[bool]:
+        asked = [(numbers[i], accuracy, compute) for i, accuracy, compute in rungs]
+        key = f"{ray.get_runtime_context().get_actor_id()}:{numbers[0]}:{step}"
+        try:
+            stops: list[bool] = ray.get(board.ask.remote(key, step, asked), timeout=RUNG_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            return [False] * len(rungs)  # the driver is gone or stuck: train on, the final result says it all
+        if step < runner.budget.steps:  # progress for Tune's loggers (its scheduler ignores it)
+            tune.report({STEP: step, "best_accuracy": max(acc for _, acc, _ in rungs), "members": len(rungs),
+                         FINAL: False, **place})  # fmt: skip
+        return stops
+
+    outcomes = runner.run_many([values for _, values in members], on_rungs=on_rungs)
+    records = [{"state": o.state, "attrs": o.attrs, "values": o.values} for o in outcomes]
+    step = max(int(o.attrs.get("metrics", {}).get(M.STEPS, 0) or 0) for o in outcomes)
+    tune.report({FINAL: True, STEP: step, RECORD: json.dumps(records, default=float), **place})
+
+
+@ray.remote(num_cpus=0)
+class _RungBoard:
+    """Where population trials ask the driver's early-stopping rule about their members: Tune's
+    scheduler can only stop a whole trial, and its answer never reaches the trainable. A trial puts
+    its question and waits; the backend's thread takes the questions, asks the loop's rule and
+    answers (one round trip per rung for the whole population)."""
+
+    def __init__(self) -> None:
+        self._asked: dict[str, tuple[int, list[Any]]] = {}
+        self._answers: dict[str, list[bool]] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._new = asyncio.Event()
+
+    async def ask(self, key: str, step: int, rungs: list[Any]) -> list[bool]:
+        self._ready[key] = asyncio.Event()
+        self._asked[key] = (step, rungs)
+        self._new.set()
+        await self._ready[key].wait()
+        del self._ready[key]
+        return self._answers.pop(key)
+
+    async def take(self, wait_s: float) -> dict[str, tuple[int, list[Any]]]:
+        """The questions asked since the last call; waits up to ``wait_s`` for one (no busy polling)."""
+        if not self._asked:
+            self._new.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new.wait(), wait_s)
+        asked, self._asked = self._asked, {}
+        return asked
+
+    async def answer(self, key: str, stops: list[bool]) -> None:
+        self._answers[key] = stops
+        if key in self._ready:
+            self._ready[key].set()
 
 
 class _Searcher(Searcher):  # type: ignore[misc]

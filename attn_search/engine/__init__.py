@@ -1,7 +1,8 @@
 """What is scored: the trial engine.
 
 A configuration (:class:`AttentionConfig`), the attention patterns and their backends, the small
-model, the generated tasks, the trainer (:func:`evaluate`), the compute figures, and the recorded
+model, the generated tasks, the trainer (:func:`evaluate`; :func:`evaluate_many` trains several
+configurations as one population), the compute figures, and the recorded
 table that can stand in for training (:class:`TableEvaluator`). Nothing here knows about searches,
 strategies or backends.
 """

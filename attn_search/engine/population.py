@@ -225,18 +225,26 @@ def _mask(config: AttentionConfig, seq_len: int) -> torch.Tensor:
     return pattern_mask(config.pattern, seq_len, causal=config.causal, **params)
 
 
-def member_block_mask(masks: torch.Tensor) -> Any:
-    """One BlockMask for a population: the member is FlexAttention's batch index, and the mask_mod
-    reads the member's row of the flattened mask table (pointwise; the table is on the device)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def member_mask_mod(masks: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """FlexAttention's ``mask_mod`` for a population: the batch index is the member, and the rule
+    reads that member's row of the flattened mask table. Pointwise (one computed index, no copy or
+    reduction), and the table stays on the device ``masks`` lives on, as CUDA's lowering needs."""
     K, L, _ = masks.shape
     flat = masks.reshape(-1)  # (K * L * L,)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        # positions past L (FlexAttention evaluates whole tiles) read the last row/column: masked by padding
         return flat[b * (L * L) + torch.clamp(q, max=L - 1) * L + torch.clamp(kv, max=L - 1)]
 
-    return create_block_mask(mask_mod, K, None, L, L, device=str(masks.device))
+    return mask_mod
+
+
+def member_block_mask(masks: torch.Tensor) -> Any:
+    """One BlockMask for a population (:func:`member_mask_mod`), built once per population."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    K, L, _ = masks.shape
+    return create_block_mask(member_mask_mod(masks), K, None, L, L, device=str(masks.device))
 
 
 class MemberAdamW:
@@ -415,12 +423,14 @@ def _train_population(
     def drop(positions: list[int]) -> None:
         nonlocal dropout, attn_dropout, smoothing, block_mask
         keep = [j for j, k in enumerate(alive) if k not in positions]
-        index = torch.tensor(keep, device=dev)
+        alive[:] = [alive[j] for j in keep]
+        if not alive:
+            return  # the population is done
+        index = torch.tensor(keep, device=dev, dtype=torch.long)
         model.keep(index)
         opt.keep(index)
         dropout, attn_dropout, smoothing = (t.index_select(0, index) for t in (dropout, attn_dropout, smoothing))
-        alive[:] = [alive[j] for j in keep]
-        if block_mask is not None and alive:
+        if block_mask is not None:
             block_mask = member_block_mask(model.masks)
 
     for step in range(1, bud.steps + 1):
@@ -477,10 +487,8 @@ def _train_population(
                 stopped = [k for k, stop in zip(alive, stops, strict=True) if stop]
             for k in stopped:
                 state[k], reason[k] = M.PRUNED, f"stopped by the reporter at step {step}"
-            if stopped and len(stopped) < len(alive):
+            if stopped:
                 drop(stopped)
-            elif stopped:
-                alive.clear()
             if not alive:
                 break
         if out_of_time:

@@ -142,8 +142,9 @@ class AgentStrategy:
         space, options = self.context.space, self.context.options
         grid_from = self._grid_from(space)
         n_envs = max(1, self.context.slots)
-        # at least three updates in a search: a 12-trial search updates after trials 4, 8 and 12
-        episode = max(2, min(EPISODE, self.context.trials // 3))
+        # at least three updates in a search: one env, 12 trials: updates after trials 4, 8 and 12
+        # (a rollout is `episode` steps of every env, so more envs mean shorter episodes)
+        episode = max(2, min(EPISODE, self.context.trials // (3 * n_envs)))
         envs = [
             AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
             for _ in range(n_envs)
