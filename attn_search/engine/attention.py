@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,16 +69,6 @@ def layout_for(
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...], dropout_p: float
-) -> torch.Tensor:
-    pattern, seq_len, causal, _ = key
-    if pattern == "dense":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
-    mask = _cached_mask(key, str(q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -301,7 +292,8 @@ def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
     )
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention with ``block_mask``; head dims below 16 zero-padded (exact, see below)."""
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -310,7 +302,6 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: tuple[Any, ...
             )
         # under no_grad FlexAttention still refuses inputs that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
-    block_mask = _cached_block_mask(key, str(q.device))
     D = q.shape[-1]
     if D >= FLEX_MIN_HEAD_DIM:
         return _flex_fn()(q, k, v, block_mask=block_mask)
@@ -382,19 +373,50 @@ def sparse_attention(
         raise ValueError(
             f"q, k, v must share one (B, H, L, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    L = q.shape[2]
+    return attention_plan(
+        pattern, q.shape[2], causal=causal, backend=backend, dropout_p=dropout_p, device=q.device,
+        training=torch.is_grad_enabled(), tile=tile, **params,
+    )(q, k, v)  # fmt: skip
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attention_plan(
+    pattern: str,
+    seq_len: int,
+    *,
+    causal: bool = False,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    device: torch.device | str = "cpu",
+    training: bool = False,
+    tile: int | None = None,
+    **params: Any,
+) -> Attend:
+    """Everything :func:`sparse_attention` decides before it computes, decided once: the pattern's
+    parameters resolved, the backend chosen, the mask, tile layout or BlockMask built. Returns
+    ``attend(q, k, v)`` for inputs of that length on that device, with nothing left to look up per
+    call (a model keeps one per length, device and mode: ``SparseSelfAttention``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     p = resolve_params(pattern, **params)
-    key = _key(pattern, L, causal, p)
+    key = _key(pattern, seq_len, causal, p)
+    dev = torch.device(device)
     if backend == "auto":
-        backend = choose_backend(
-            pattern, L, device=q.device, training=torch.is_grad_enabled(), dropout_p=dropout_p, causal=causal, **p
-        )
+        backend = choose_backend(pattern, seq_len, device=dev, training=training, dropout_p=dropout_p, causal=causal,
+                                 **p)  # fmt: skip
     if backend == "reference":
-        return _reference(q, k, v, key, dropout_p)
+        if pattern == "dense":
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+        mask = _cached_mask(key, str(dev))
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if backend == "blocked":
         if tile is not None and tile < 1:
             raise ValueError(f"tile={tile} is invalid: it must be >= 1")
-        return _blocked(q, k, v, _cached_layout(key, tile or min(DEFAULT_TILE, _pow2_at_least(L))), dropout_p)
+        layout = _cached_layout(key, tile or min(DEFAULT_TILE, _pow2_at_least(seq_len)))
+        return lambda q, k, v: _blocked(q, k, v, layout, dropout_p)
     if dropout_p > 0:
-        warnings.warn("backend='flex' ignores attention dropout", stacklevel=2)
-    return _flex(q, k, v, key)
+        warnings.warn("backend='flex' ignores attention dropout", stacklevel=3)
+    block_mask = _cached_block_mask(key, str(dev))
+    return lambda q, k, v: _flex(q, k, v, block_mask)

@@ -4,12 +4,13 @@ self-attention and a per-position classification head (nanoGPT's layout)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_search.engine.attention import dropout_mask, sparse_attention
+from attn_search.engine.attention import Attend, attention_plan, dropout_mask
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import Task
 
@@ -65,23 +66,29 @@ class SparseSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.resid_drop = Dropout(config.dropout)
+        # per (length, device, mode): the attention plan and rotary tables, built on first use so
+        # that a training step resolves, looks up and builds nothing (attention_plan)
+        self._plans: dict[tuple[Any, ...], tuple[Attend, torch.Tensor, torch.Tensor]] = {}
+
+    def _plan(self, L: int, device: torch.device) -> tuple[Attend, torch.Tensor, torch.Tensor]:
+        key = (L, device, self.training, torch.is_grad_enabled())
+        plan = self._plans.get(key)
+        if plan is None:
+            attend = attention_plan(
+                self.pattern, L, causal=self.causal, backend=self.backend, device=device,
+                dropout_p=self.attn_dropout if self.training else 0.0, training=torch.is_grad_enabled(), **self.params,
+            )  # fmt: skip
+            plan = self._plans[key] = (attend, *rotary_tables(L, self.qkv.out_features // 3 // self.n_heads,
+                                                              device=device))  # fmt: skip
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, L, C)
         q, k, v = (t.view(B, L, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
-        cos, sin = rotary_tables(L, C // self.n_heads, device=x.device)
+        attend, cos, sin = self._plan(L, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = sparse_attention(
-            q,
-            k,
-            v,
-            pattern=self.pattern,
-            causal=self.causal,
-            backend=self.backend,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            **self.params,
-        )  # (B, nh, L, hs)
+        y = attend(q, k, v)  # (B, nh, L, hs)
         y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
         return self.resid_drop(self.proj(y))
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_search.engine import metrics as M
-from attn_search.engine.attention import FLEX_MIN_HEAD_DIM, _flex_fn
+from attn_search.engine.attention import _flex
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import measure_latency_ms, model_flops, peak_memory_mb, training_state_mb
 from attn_search.engine.model import AttentionModel, apply_rotary, build_model, rotary_tables
@@ -183,7 +183,7 @@ class PopulationModel(nn.Module):
         if self.training and bool((attn_dropout > 0).any()):
             y = _attention_with_dropout(q, k, v, self.masks, attn_dropout, generator)
         elif block_mask is not None:
-            y = _flex_members(q, k, v, block_mask)
+            y = _flex(q, k, v, block_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[:, None])  # mask (K, 1, L, L)
         return y.view(K, B, H, L, D).permute(0, 1, 3, 2, 4).reshape(K, B, L, C)  # (K, B, L, C)
@@ -211,18 +211,23 @@ def _attention_with_dropout(
     return torch.matmul(a, v)  # (K, BH, L, D)
 
 
-def _flex_members(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
-    D = q.shape[-1]
-    if D >= FLEX_MIN_HEAD_DIM:
-        return _flex_fn()(q, k, v, block_mask=block_mask)  # type: ignore[no-any-return]
-    pad = FLEX_MIN_HEAD_DIM - D  # zero channels: exact (see attention._flex)
-    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    return _flex_fn()(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(D))[..., :D]  # type: ignore[no-any-return]
-
-
 def _mask(config: AttentionConfig, seq_len: int) -> torch.Tensor:
     params: dict[str, Any] = dict(config.pattern_params())
     return pattern_mask(config.pattern, seq_len, causal=config.causal, **params)
+
+
+def _batch_rows(seed: int, n_train: int, batch: int, steps: int) -> torch.Tensor:
+    """The training rows of each step, ``(steps, batch)``, in the order the one-by-one trainer
+    draws them: a permutation from a generator seeded with the trial's seed, a new one when the
+    next batch would run past its end."""
+    gen = torch.Generator().manual_seed(seed)
+    order, cursor, out = torch.randperm(n_train, generator=gen), 0, []
+    for _ in range(steps):
+        if cursor + batch > n_train:
+            order, cursor = torch.randperm(n_train, generator=gen), 0
+        out.append(order[cursor : cursor + batch])
+        cursor += batch
+    return torch.stack(out)
 
 
 def member_mask_mod(masks: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -385,13 +390,15 @@ def _train_population(
     x_train, y_train = the_task.data("train", n_train)
     x_eval, y_eval = the_task.data("eval", bud.n_eval)
     x_train, y_train, x_eval, y_eval = (t.to(dev) for t in (x_train, y_train, x_eval, y_eval))
-    gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
-    orders = [torch.randperm(n_train, generator=g) for g in gens]
-    cursors = [0] * K0
+    # every step's batch rows and learning rate, for every member, on the device before the first
+    # step: the loop below indexes tables instead of running Python per member
+    rows_table = torch.stack([_batch_rows(c.seed, n_train, batch, bud.steps) for c in cfgs]).to(dev)  # (K, S, B)
     drop_gen = torch.Generator(device=dev).manual_seed(hash(tuple(c.seed for c in cfgs)) % 2**63)
     as_t = lambda vals: torch.tensor(vals, device=dev, dtype=torch.float32)  # noqa: E731
     dropout, attn_dropout = as_t([c.dropout for c in cfgs]), as_t([c.attn_dropout for c in cfgs])
-    smoothing, base_lr = as_t([c.label_smoothing for c in cfgs]), [c.lr for c in cfgs]
+    smoothing = as_t([c.label_smoothing for c in cfgs])
+    lr_table = as_t([[c.lr * lr_factor(s, warmup=c.warmup_steps, total=bud.steps) for s in range(bud.steps)]
+                     for c in cfgs])  # (K, S)  # fmt: skip
     opt = MemberAdamW(model, as_t([c.weight_decay for c in cfgs]))
     rotary = rotary_tables(L, cfgs[0].d_model // cfgs[0].n_heads, device=dev)
     block_mask = member_block_mask(model.masks) if dev.type == "cuda" else None
@@ -421,7 +428,7 @@ def _train_population(
     memory_step = min(2, min(rungs))
 
     def drop(positions: list[int]) -> None:
-        nonlocal dropout, attn_dropout, smoothing, block_mask
+        nonlocal dropout, attn_dropout, smoothing, block_mask, rows_table, lr_table
         keep = [j for j, k in enumerate(alive) if k not in positions]
         alive[:] = [alive[j] for j in keep]
         if not alive:
@@ -429,20 +436,16 @@ def _train_population(
         index = torch.tensor(keep, device=dev, dtype=torch.long)
         model.keep(index)
         opt.keep(index)
-        dropout, attn_dropout, smoothing = (t.index_select(0, index) for t in (dropout, attn_dropout, smoothing))
+        dropout, attn_dropout, smoothing, rows_table, lr_table = (
+            t.index_select(0, index) for t in (dropout, attn_dropout, smoothing, rows_table, lr_table)
+        )
         if block_mask is not None:
             block_mask = member_block_mask(model.masks)
 
     for step in range(1, bud.steps + 1):
-        idx = []
-        for k in alive:
-            if cursors[k] + batch > n_train:
-                orders[k], cursors[k] = torch.randperm(n_train, generator=gens[k]), 0
-            idx.append(orders[k][cursors[k] : cursors[k] + batch])
-            cursors[k] += batch
-        rows = torch.stack(idx).to(dev)  # (K, B)
+        rows = rows_table[:, step - 1]  # (K, B)
         xb, yb = x_train[rows], y_train[rows]  # (K, B, L)
-        lr = as_t([base_lr[k] * lr_factor(step - 1, warmup=cfgs[k].warmup_steps, total=bud.steps) for k in alive])
+        lr = lr_table[:, step - 1]  # (K,)
         t0 = time.perf_counter()
 
         def train_step(xb: torch.Tensor = xb, yb: torch.Tensor = yb, lr: torch.Tensor = lr) -> torch.Tensor:
