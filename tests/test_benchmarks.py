@@ -1,0 +1,41 @@
+"""The engine's benchmark scripts run on the CPU path and print what the README says they print
+(the Ray ones: ``tests/test_ray.py``). Figures themselves are not asserted: they are the
+benchmarks' output, not behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from attn_search import PATTERNS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_gpu_throughput_compares_populations_with_one_by_one_in_the_same_run() -> None:
+    report = run(
+        "benchmarks/gpu_throughput.py", "--device", "cpu", "--trials", "3", "--steps", "2", "--sizes", "1", "3"
+    )
+    assert report["device"] == "cpu" and report["baseline_trials_per_hour"] > 0
+    assert set(report["sizes"]) == {"1", "3"}
+    for figures in report["sizes"].values():
+        assert figures["trials_per_hour"] > 0 and figures["peak_mem_mb"] > 0
+        assert abs(figures["speedup"] - figures["trials_per_hour"] / report["baseline_trials_per_hour"]) < 1e-9
+    # population 1 is the one-by-one path: the same proposals, the same seeds, the same accuracy
+    assert report["sizes"]["1"]["mean_accuracy"] == report["baseline_mean_accuracy"]
+
+
+def test_step_overhead_times_every_pattern() -> None:
+    report = run("benchmarks/step_overhead.py", "--device", "cpu", "--steps", "3")
+    assert set(report["patterns"]) == set(PATTERNS)
+    for row in report["patterns"].values():
+        assert row["replan_ms"] > 0 and row["plan_kept_ms"] > 0 and row["speedup"] > 0
