@@ -61,15 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
     args = parser.parse_args()
     device = resolve_device(args.device)
     rows: dict[str, Any] = {}
     print(f"training step of a d_model=32, L=64, batch 8 model on {device}: ms per step")
     for pattern in PATTERNS:
         config = AttentionConfig(d_model=32, n_heads=2, pattern=pattern, batch_size=8, **PARAMS)  # type: ignore[arg-type]
-        # best of 3 alternating rounds: both sides see the same machine noise
+        # best of alternating rounds: both sides see the same machine noise
         replan = kept = float("inf")
-        for _ in range(3):
+        for _ in range(args.rounds):
             replan = min(replan, ms_per_step(config, device, args.steps, keep_plans=False))
             kept = min(kept, ms_per_step(config, device, args.steps, keep_plans=True))
         rows[pattern] = {"replan_ms": replan, "plan_kept_ms": kept, "speedup": replan / kept}
