@@ -348,3 +348,16 @@ def test_the_agent_acts_in_one_environment_per_population_member(tmp_path: Path)
     assert len(trials) == 6 and summary.n_finished == 6  # type: ignore[attr-defined]
     assert sorted(trials["slot"].value_counts()) == [3, 3]
     assert (out / "agent.zip").is_file()
+
+
+def test_a_lookup_that_raises_fails_only_its_own_member(tmp_path: Path) -> None:
+    """--population with an evaluator that raises for some configurations (the contract test's
+    holed table): those members fail with their error, their slot-mates are looked up."""
+    out, summary = search(tmp_path, space="sparse", evaluator="tests.contract_eval:make", trials=12, population=4,
+                          strategy="random", seed=3)  # fmt: skip
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 12 and sorted(trials["slot"].value_counts()) == [4, 4, 4]
+    failed = trials[trials["state"] == "failed"]
+    assert len(failed) >= 1 and failed["reason"].str.startswith("KeyError").all(), trials[["state", "reason"]]
+    holes = (trials["pattern"] != "dense") & (trials["lr"] == 0.006)  # what the holed table cannot look up
+    assert (trials.loc[holes, "state"] == "failed").all() and (trials.loc[~holes, "state"] == "complete").all()

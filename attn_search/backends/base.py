@@ -185,20 +185,19 @@ class TrialRunner:
                 continue
             put(i, "config", configs[i].to_dict())
             on_start(i, configs[i])
-        try:
-            if self.evaluator != "training":  # recorded (or a user's own) results instead of training
-                for i, config in configs.items():
+        if self.evaluator != "training":  # recorded (or a user's own) results instead of training
+            for i, config in configs.items():
+                try:
                     outcomes[i] = self._look_up(config, members[i], attrs[i], functools.partial(put, i))
-            elif configs:
+                except Exception as exc:
+                    outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
+        elif configs:
+            try:
                 self._train(configs, attrs, outcomes, put, on_rungs)
-        except Exception as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
-            for i in configs:
-                if outcomes[i] is None:
-                    for key, value in error_attrs(exc).items():
-                        put(i, key, value)
-                    outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
+            except Exception as exc:
+                for i in configs:
+                    if outcomes[i] is None:
+                        outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
         return [o if o is not None else TrialOutcome(M.FAILED, a) for o, a in zip(outcomes, attrs, strict=True)]
 
     def _look_up(
@@ -255,17 +254,14 @@ class TrialRunner:
                 raise
             # one member's error must not fail its companions: each trains again alone, and only
             # the ones that raise again fail (with their own error)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_device_memory()
             for i in ids:
                 curves[i].clear()
                 compute[i].clear()
                 try:
                     self._train({i: configs[i]}, attrs, outcomes, put, on_rungs)
                 except Exception as exc:
-                    for key, value in error_attrs(exc).items():
-                        put(i, key, value)
-                    outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
+                    outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
             return
         for i, result in zip(ids, results, strict=True):
             if result.state == M.PRUNED and result.curve:
@@ -293,3 +289,16 @@ class TrialRunner:
             attrs["state"] = M.FAILED
             return TrialOutcome(M.FAILED, attrs)
         return TrialOutcome(M.COMPLETE, attrs, values)
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next one
+
+
+def _failed(exc: Exception, attrs: dict[str, Any], put: Callable[[str, Any], None]) -> TrialOutcome:
+    """The outcome of a trial that raised: ``failed``, with the error's attributes (reason, traceback)."""
+    _free_device_memory()
+    for key, value in error_attrs(exc).items():
+        put(key, value)
+    return TrialOutcome(M.FAILED, attrs)
