@@ -58,6 +58,7 @@ class SparseSelfAttention(nn.Module):
         assert config.d_model % config.n_heads == 0, f"n_heads={config.n_heads} must divide d_model={config.d_model}"
         assert config.head_dim % 2 == 0, f"head_dim={config.head_dim} must be even for rotary embeddings"
         self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
         self.pattern = config.pattern
         self.causal = config.causal
         self.params = config.pattern_params()
@@ -78,7 +79,7 @@ class SparseSelfAttention(nn.Module):
                 self.pattern, L, causal=self.causal, backend=self.backend, device=device,
                 dropout_p=self.attn_dropout if self.training else 0.0, training=torch.is_grad_enabled(), **self.params,
             )  # fmt: skip
-            plan = self._plans[key] = (attend, *rotary_tables(L, self.qkv.out_features // 3 // self.n_heads,
+            plan = self._plans[key] = (attend, *rotary_tables(L, self.head_dim,
                                                               device=device))  # fmt: skip
         return plan
 

@@ -147,8 +147,8 @@ class PopulationModel(nn.Module):
         self,
         idx: torch.Tensor,
         *,
-        dropout: torch.Tensor,
-        attn_dropout: torch.Tensor,
+        dropout: torch.Tensor | None,
+        attn_dropout: torch.Tensor | None,
         block_mask: Any = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
@@ -170,7 +170,7 @@ class PopulationModel(nn.Module):
         return self.linear(self.norm(x, "ln_f"), "head")  # (K, B, L, n_classes)
 
     def _attend(
-        self, x: torch.Tensor, i: int, attn_dropout: torch.Tensor, block_mask: Any, cos: torch.Tensor,
+        self, x: torch.Tensor, i: int, attn_dropout: torch.Tensor | None, block_mask: Any, cos: torch.Tensor,
         sin: torch.Tensor, generator: torch.Generator | None,
     ) -> torch.Tensor:  # fmt: skip
         K, B, L, C = x.shape
@@ -180,7 +180,7 @@ class PopulationModel(nn.Module):
             t.view(K, B, L, H, D).permute(0, 1, 3, 2, 4).reshape(K, B * H, L, D) for t in (q, k, v)
         )  # (K, BH, L, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.training and bool((attn_dropout > 0).any()):
+        if self.training and attn_dropout is not None:
             y = _attention_with_dropout(q, k, v, self.masks, attn_dropout, generator)
         elif block_mask is not None:
             y = _flex(q, k, v, block_mask)
@@ -189,9 +189,9 @@ class PopulationModel(nn.Module):
         return y.view(K, B, H, L, D).permute(0, 1, 3, 2, 4).reshape(K, B, L, C)  # (K, B, L, C)
 
 
-def _dropout(x: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout with each member's rate ``p`` ``(K,)``; identity where every rate is 0."""
-    if not torch.is_grad_enabled() or not bool((p > 0).any()):
+def _dropout(x: torch.Tensor, p: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout with each member's rate ``p`` ``(K,)``; ``None`` (no member drops) is the identity."""
+    if p is None or not torch.is_grad_enabled():
         return x
     keep = torch.rand(x.shape, device=x.device, generator=generator) >= p.view(-1, *([1] * (x.dim() - 1)))
     return x * keep / (1.0 - p).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
@@ -396,6 +396,10 @@ def _train_population(
     drop_gen = torch.Generator(device=dev).manual_seed(hash(tuple(c.seed for c in cfgs)) % 2**63)
     as_t = lambda vals: torch.tensor(vals, device=dev, dtype=torch.float32)  # noqa: E731
     dropout, attn_dropout = as_t([c.dropout for c in cfgs]), as_t([c.attn_dropout for c in cfgs])
+    # whether any member drops is known here, not read back from the device in every layer of every
+    # step (on CUDA each such read waits for the GPU); it changes only when members leave
+    active = lambda rates: rates if bool((rates > 0).any()) else None  # noqa: E731
+    drop_p, attn_p = active(dropout), active(attn_dropout)
     smoothing = as_t([c.label_smoothing for c in cfgs])
     lr_table = as_t([[c.lr * lr_factor(s, warmup=c.warmup_steps, total=bud.steps) for s in range(bud.steps)]
                      for c in cfgs])  # (K, S)  # fmt: skip
@@ -412,7 +416,7 @@ def _train_population(
 
     def forward(xb: torch.Tensor) -> torch.Tensor:
         with _autocast(dev):
-            return model(xb, dropout=dropout, attn_dropout=attn_dropout, block_mask=block_mask, rotary=rotary,
+            return model(xb, dropout=drop_p, attn_dropout=attn_p, block_mask=block_mask, rotary=rotary,
                          generator=drop_gen)  # fmt: skip
 
     # latency: a forward pass of `latency_batch` sequences per member, measured once for the population
@@ -428,7 +432,7 @@ def _train_population(
     memory_step = min(2, min(rungs))
 
     def drop(positions: list[int]) -> None:
-        nonlocal dropout, attn_dropout, smoothing, block_mask, rows_table, lr_table
+        nonlocal dropout, attn_dropout, drop_p, attn_p, smoothing, block_mask, rows_table, lr_table
         keep = [j for j, k in enumerate(alive) if k not in positions]
         alive[:] = [alive[j] for j in keep]
         if not alive:
@@ -439,6 +443,7 @@ def _train_population(
         dropout, attn_dropout, smoothing, rows_table, lr_table = (
             t.index_select(0, index) for t in (dropout, attn_dropout, smoothing, rows_table, lr_table)
         )
+        drop_p, attn_p = active(dropout), active(attn_dropout)
         if block_mask is not None:
             block_mask = member_block_mask(model.masks)
 
