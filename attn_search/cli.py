@@ -40,9 +40,30 @@ def _number(kind: type, *, low: float, strict: bool) -> Callable[[str], Any]:
     return parse
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """An argparse type: ``KEY=VALUE`` with VALUE read as YAML (``seq_len=128`` is an int)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (for example seq_len=128)")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not a number, word or list") from None
+
+
 _positive_int = _number(int, low=1, strict=False)
 _positive_float = _number(float, low=0, strict=True)
 _non_negative_float = _number(float, low=0, strict=False)
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """``--task`` and ``--task-param`` (search and record)."""
+    p.add_argument("--task", help="task name (mqar, listops, selective_copy) or module:callable (default: the space's)")
+    p.add_argument("--task-param", dest="task_params", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="task constructor argument, repeatable (e.g. seq_len=128; overrides the space's "
+                   "task.params)")  # fmt: skip
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +96,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=tuple(SEARCH_PRESETS), metavar="NAME",
                    help="smoke (~1 min), default (<10 min on 2 CPU cores) or full")  # fmt: skip
     p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
-    p.add_argument("--task", help="task name (mqar, listops, selective_copy) or module:callable (default: the space's)")
+    add_task_arguments(p)
     p.add_argument("--out", help="run dir (default: runs/<space>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default: 0)")
@@ -98,7 +119,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> SearchOptions:
     fields = SearchOptions.__dataclass_fields__
-    return SearchOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["task_params"] = dict(args.task_params) if args.task_params else None
+    return SearchOptions(**values)
 
 
 def search_main(argv: Sequence[str] | None = None, *, prog: str = "run_search.py") -> int:
@@ -155,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="replace a parameter's grid values (repeatable; one value pins it)")  # fmt: skip
     p_record.add_argument("--preset", default="smoke", choices=tuple(SEARCH_PRESETS), metavar="NAME")
     p_record.add_argument("--steps", type=_positive_int, help="training steps per configuration")
+    add_task_arguments(p_record)
     p_record.add_argument("--seed", type=int, default=0)
     p_record.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME")
     p_record.add_argument("--resume", action="store_true", help="continue an interrupted recording")
@@ -166,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def do_record() -> None:
             print(record(args.space, args.out, bins=args.bins, grid=args.grid, preset=args.preset, steps=args.steps,
-                         seed=args.seed, device=args.device, resume=args.resume, quiet=args.quiet,
+                         task=args.task, task_params=dict(args.task_params or []), seed=args.seed, device=args.device, resume=args.resume, quiet=args.quiet,
                          argv=list(argv) if argv is not None else None))  # fmt: skip
 
         return _run(do_record, prog)

@@ -9,6 +9,7 @@ normalisation of the hypervolume (:func:`attn_search.pareto.normalized_hypervolu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Mapping
@@ -115,7 +116,9 @@ class TableEvaluator:
 
     The table holds one row per configuration of the space discretised with the same ``bins``,
     with the columns of ``trials.csv``. A configuration that is not in the table is an error
-    naming it (record the table with the env's ``bins``).
+    naming it (record the table with the env's ``bins``). Tables recorded with a ``curve`` column
+    (:mod:`attn_search.record`) also give each row's learning curve (:meth:`curve`), so early
+    stopping can be replayed on them.
     """
 
     def __init__(self, path: str | Path, space: SearchSpace) -> None:
@@ -124,9 +127,13 @@ class TableEvaluator:
         frame = frame[frame["state"] == M.COMPLETE]
         self.frame = frame
         self.rows: dict[tuple[Any, ...], dict[str, float]] = {}
+        self.curves: dict[tuple[Any, ...], list[tuple[int, float]]] = {}
         for _, row in frame.iterrows():
             values = {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
-            self.rows[table_key(space, values)] = {m: float(row[m]) for m in M.DIRECTIONS if m in row}
+            key = table_key(space, values)
+            self.rows[key] = {m: float(row[m]) for m in M.DIRECTIONS if m in row}
+            final = [(int(row.get(M.STEPS, 0) or 0), float(row[M.ACCURACY]))]  # a table without curves
+            self.curves[key] = _parse_curve(row.get("curve")) or final
         if not self.rows:
             raise ValueError(f"{self.path}: no complete trials to look up")
         self.space = space
@@ -136,6 +143,14 @@ class TableEvaluator:
         if key not in self.rows:
             raise KeyError(f"{self.path} has no row for {dict(k for k in key if k[1] is not None)}")
         return dict(self.rows[key])
+
+    def curve(self, values: Mapping[str, Any]) -> list[tuple[int, float]]:
+        """``(step, accuracy)`` at every rung of the row's training; the final point alone when the
+        table was recorded without curves."""
+        key = table_key(self.space, values)
+        if key not in self.curves:
+            raise KeyError(f"{self.path} has no row for {dict(k for k in key if k[1] is not None)}")
+        return list(self.curves[key])
 
     def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
         col = self.frame[metric]
@@ -153,6 +168,24 @@ class TableEvaluator:
                 values = [int(v) for v in values] if p.kind == "int" else values
             out.append(values or [p.grid(1)[0]])
         return out
+
+
+def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:
+    """The space with every parameter categorical over the values the evaluator knows (a recorded
+    table's values), so that every proposal is one it can score."""
+    grids = make_evaluator(spec, space).grids(space, 0)
+    params = tuple(
+        dataclasses.replace(p, kind="categorical", choices=tuple(g), low=None, high=None, log=False, step=None)
+        for p, g in zip(space.params, grids, strict=True)
+    )
+    return dataclasses.replace(space, params=params)
+
+
+def _parse_curve(text: Any) -> list[tuple[int, float]]:
+    """A table's ``curve`` cell (``"30:0.25;60:0.5"``, see :mod:`attn_search.record`) as points."""
+    if not isinstance(text, str) or not text.strip():
+        return []
+    return [(int(s), float(a)) for s, a in (item.split(":") for item in text.split(";"))]
 
 
 def make_evaluator(spec: str | Evaluator, space: SearchSpace, **kwargs: Any) -> Evaluator:

@@ -130,18 +130,26 @@ def hypervolume_of(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None =
     ok = _complete(df, space)
     if ok.empty:
         return 0.0
+    return hypervolume_of_points(ok[space.metrics].to_numpy(), space, bounds)
+
+
+def hypervolume_of_points(points: np.ndarray, space: SearchSpace, bounds: Bounds | None = None) -> float:
+    """:func:`hypervolume_of` for the objective vectors of complete trials (``space.metrics`` order)."""
+    points = np.asarray(points, dtype=float)
+    if points.size == 0:
+        return 0.0
     bounds = bounds or {}
     lower, upper = [], []
-    for m in space.metrics:
+    for i, m in enumerate(space.metrics):
         if m == M.ACCURACY:
             lo, hi = 0.0, 1.0
         else:
             fixed = bounds.get(m)
-            lo, hi = fixed if fixed is not None else (0.0, float(ok[m].max()))
+            lo, hi = fixed if fixed is not None else (0.0, float(points[:, i].max()))
             # a point outside a fixed range (a custom evaluator, a rounding) counts at the range's edge
         lower.append(lo)
         upper.append(hi)
-    return normalized_hypervolume(ok[space.metrics].to_numpy(), space.directions, lower=lower, upper=upper)
+    return normalized_hypervolume(points, space.directions, lower=lower, upper=upper)
 
 
 def select_row(df: pd.DataFrame, space: SearchSpace, rule: str) -> pd.Series | None:

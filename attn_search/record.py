@@ -7,7 +7,9 @@ NAME=v1,v2`` replaces a parameter's values (one value pins it), which is how a f
 configurations are kept out of tens of thousands. Recording runs through the ordinary search
 machinery (the configurations are enqueued into an Optuna study in a work dir, pruning off), so
 it is resumable with ``--resume`` and uses the same backends and outputs; the table is that run's
-``trials.csv`` with the command that produced it in a ``#`` header.
+``trials.csv`` with the command that produced it in a ``#`` header, plus a ``curve`` column: the
+held-out accuracy at every rung (``step:accuracy`` pairs separated by ``;``), so that early stopping
+can be replayed on the table and a stopped trial costs only the steps it ran.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from attn_search.evaluators import grids_of
+from attn_search.outputs import load_run
 from attn_search.search import SearchOptions, run_search
 from attn_search.space import SearchSpace, load_space
 
@@ -77,6 +81,8 @@ def record(
     grid: Sequence[str] = (),
     preset: str = "smoke",
     steps: int | None = None,
+    task: str | None = None,
+    task_params: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
     resume: bool = False,
@@ -90,13 +96,23 @@ def record(
     work = out.with_name(out.name + ".run")
     opts = SearchOptions(
         space=space, strategy="random", trials=len(configs), preset=preset, steps=steps, seed=seed, device=device,
-        out=str(work), resume=resume, pruner="none", quiet=quiet, enqueue=configs,
+        task=task, task_params=dict(task_params or {}) or None, out=str(work), resume=resume, pruner="none", quiet=quiet, enqueue=configs,
     )  # fmt: skip
     run_search(opts)
     command = "attn-search record " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    study, _, run = load_run(work)
+    curves = {t.number: format_curve(t.user_attrs.get("curve", [])) for t in study.get_trials(deepcopy=False)}
+    frame = pd.read_csv(work / "trials.csv")
+    frame["curve"] = [curves.get(int(n), "") for n in frame["trial"]]
     header = (
-        f"# attn_search recorded table: {len(configs)} configurations of space {loaded.name!r} "
-        f"(bins={bins}, preset={preset}, steps={steps or 'preset'}, seed={seed})\n# command: {command}\n"
+        f"# attn_search recorded table: {len(configs)} configurations of space {loaded.name!r} on task "
+        f"{run['task']!r} {run['task_params']} (bins={bins}, preset={preset}, steps={steps or 'preset'}, "
+        f"seed={seed})\n# command: {command}\n"
     )
-    out.write_text(header + (work / "trials.csv").read_text())
+    out.write_text(header + frame.to_csv(index=False))
     return out
+
+
+def format_curve(curve: Sequence[Sequence[float]]) -> str:
+    """``[(40, 0.25), (80, 0.5)]`` -> ``"40:0.25;80:0.5"`` (the table's ``curve`` column)."""
+    return ";".join(f"{int(step)}:{float(acc):.6g}" for step, acc in curve)

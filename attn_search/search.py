@@ -39,7 +39,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, resolve_device
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.evaluators import make_evaluator, table_key
+from attn_search.evaluators import make_evaluator, restrict_to_evaluator, table_key
 from attn_search.failures import ERROR_LOG, FailurePolicy, describe, log_error
 from attn_search.outputs import RunOutputs, SearchSummary, parse_selection
 from attn_search.progress import Progress
@@ -47,11 +47,10 @@ from attn_search.pruning import MOASHA
 from attn_search.rundir import RunLock
 from attn_search.space import SearchSpace, load_space
 from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
+from attn_search.strategies.base import ask_new
 
 RUN_FILE = "run.json"
 PRUNERS = ("moasha", "asha", "median", "none")
-MAX_REASKS = 20
-"""Duplicate proposals in a row after which the duplicate runs anyway (see :meth:`SearchLoop._next`)."""
 HEARTBEAT_S = 10
 """Seconds between heartbeats of a running trial; one missed for :data:`GRACE_S` marks it dead."""
 GRACE_S = 60
@@ -109,6 +108,9 @@ class SearchOptions:
     preset: str = "default"
     steps: int | None = None
     task: str | None = None
+    task_params: dict[str, Any] | None = None
+    """Keyword arguments of the task's constructor (``--task-param seq_len=128``); for the space's
+    own task they override the space's ``task.params``."""
     out: str | None = None
     resume: bool = False
     seed: int = 0
@@ -192,17 +194,6 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     return space, SEARCH_PRESETS[opts.preset]
 
 
-def restrict_to_evaluator(space: SearchSpace, spec: str) -> SearchSpace:
-    """The space with every parameter categorical over the values the evaluator knows (a recorded
-    table's values), so that every proposal is one it can score."""
-    grids = make_evaluator(spec, space).grids(space, 0)
-    params = tuple(
-        dataclasses.replace(p, kind="categorical", choices=tuple(g), low=None, high=None, log=False, step=None)
-        for p, g in zip(space.params, grids, strict=True)
-    )
-    return dataclasses.replace(space, params=params)
-
-
 def _constrained(opts: SearchOptions) -> bool:
     return opts.max_flops is not None or opts.max_latency_ms is not None
 
@@ -226,9 +217,10 @@ for whole batches)."""
 
 
 def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
+    given = dict(opts.task_params or {})
     if opts.task is None or opts.task == space.task:
-        return space.task, dict(space.task_params)
-    return opts.task, {}
+        return space.task, {**space.task_params, **given}
+    return opts.task, given
 
 
 def _preflight(opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> optuna.storages.BaseStorage | None:
@@ -543,42 +535,14 @@ class SearchLoop:
                     self._record(event, strategy)
 
     def _next(self, strategy: Strategy) -> optuna.Trial | None:
-        """Waiting trials first (interrupted trials run again, ``--enqueue``), then the strategy's.
-
-        A proposal identical to a trial already run or running (same active values) is not run
-        again: with the same seed it would give the same result. It is told to the study as failed
-        with ``duplicate_of`` (left out of the tables and the trial count), the strategy is told the
-        earlier trial's result, and the strategy is asked again, up to :data:`MAX_REASKS` times in a
-        row; then the duplicate runs (the strategy insists, or the space is exhausted)."""
+        """Waiting trials first (interrupted trials run again, ``--enqueue``), then the strategy's
+        next proposal that repeats no earlier trial (:func:`~attn_search.strategies.base.ask_new`)."""
         if self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             waiting = self.study.ask()
             self.space.suggest(waiting)
             self.seen.setdefault(self._key(waiting), waiting.number)
             return waiting
-        for attempt in range(MAX_REASKS):
-            trial = strategy.ask(self.study)
-            if trial is None:
-                return None
-            key = self._key(trial)
-            if key not in self.seen or attempt == MAX_REASKS - 1:
-                self.seen.setdefault(key, trial.number)
-                return trial
-            self._answer_duplicate(trial, self.seen[key], strategy)
-        return None  # not reached: the last attempt returns
-
-    def _answer_duplicate(self, trial: optuna.Trial, original: int, strategy: Strategy) -> None:
-        earlier = self.study.get_trials(deepcopy=False)[original]  # numbers are list positions
-        state = _state_of(earlier) if earlier.state.is_finished() else M.FAILED
-        metrics = earlier.user_attrs.get("metrics") if earlier.state.is_finished() else None
-        trial.set_user_attr("duplicate_of", original)
-        trial.set_user_attr("reason", f"same configuration as trial {original}: not run again")
-        if getattr(strategy, "duplicates_as_observations", False) and earlier.state == optuna.trial.TrialState.COMPLETE:
-            # a sampler whose proposal is fixed by its data (GP) learns from the repeat: less
-            # uncertainty there moves its next proposal elsewhere
-            self.study.tell(trial, list(earlier.values))
-        else:  # samplers that draw at random are simply asked again
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        strategy.tell(trial.number, self._values(trial), state, metrics)
+        return ask_new(strategy, self.study, self.space, self.seen)
 
     def _key(self, trial: optuna.Trial) -> tuple[Any, ...]:
         return self._key_of(dict(trial.params))
@@ -709,12 +673,6 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards ``--trials`` (see :func:`_counts`)."""
     return sum(_counts(t) for t in study.get_trials(deepcopy=False))
-
-
-def _state_of(t: optuna.trial.FrozenTrial) -> str:
-    return {optuna.trial.TrialState.COMPLETE: M.COMPLETE, optuna.trial.TrialState.PRUNED: M.PRUNED}.get(
-        t.state, M.FAILED
-    )
 
 
 def _replay_rungs(study: optuna.Study, moasha: MOASHA, space: SearchSpace) -> None:

@@ -1,79 +1,184 @@
-"""Strategies compared on a recorded table, at equal trial budgets, through the search loop itself.
+"""Which strategy should a user pick? The field's protocol over the recorded tables.
 
-Every strategy runs ``run_search`` with ``--evaluator table:TABLE`` (each parameter takes the
-values recorded in the table, proposals are looked up instead of trained) and is scored by its
-run's normalised hypervolume (the one definition: accuracy in [0, 1], compute scaled by the
-table's range): ``random``, ``tpe``, ``nsga2``, ``ppo`` from scratch, and ``ppo-pretrained``
-(``--pretrain TABLE``: the agent first trains for ``--pretrain-steps`` env steps on the table).
-Prints median and interquartile range per strategy and budget; the last line is a JSON object of
-the medians.
+Every strategy searches every table (``tables/*.csv``, recorded with ``attn-search record``) by
+replaying it (:mod:`attn_search.replay`: the same strategies and early-stopping rule as a real
+search, proposals looked up instead of trained), with the same seeds for every strategy:
+
+* strategies: ``random``, ``tpe``, ``nsga2``, ``gp``, ``ppo`` from scratch, and the zero-shot
+  ``portfolio`` (the configurations that cover the *other* tables' fronts best, in that order:
+  leave-one-table-out, it never sees the table it is scored on);
+* budgets 10, 20 and 50 trials (prefixes of one 50-trial search for strategies that do not know
+  their budget, random and the portfolio; a search of its own for the others);
+* score: normalised-hypervolume regret, ``1 - HV / the table's best HV`` (HPO-B, YAHPO Gym):
+  median and interquartile range over seeds per table and budget, and the mean rank across tables;
+* cost: training steps each search spent, with MO-ASHA early stopping off and on (the 50-trial
+  searches run again with it), so the compute it saves is measured, and what it cost in regret;
+* discrimination: on each table, random search's median regret at 10 trials (room to be better at
+  the budgets users run: at least 0.10), and the most significant paired difference between two
+  strategies at 20 trials (Wilcoxon signed-rank over seeds; p < 0.05 wanted).
+
+Writes ``strategies.json`` (every regret per seed) and ``strategies.png`` (median regret against
+trials, one panel per table, interquartile band) to ``--out``; prints the tables and its wall time.
 
 Usage::
 
-    python benchmarks/strategies.py --table tables/sparse-smoke.csv
-    python benchmarks/strategies.py --table T.csv --budgets 20 50 --seeds 5
+    python benchmarks/strategies.py                      # the shipped tables, 20 seeds
+    python benchmarks/strategies.py --seeds 5 --jobs 2 --strategies random tpe portfolio
+    python benchmarks/strategies.py --tables T1.csv T2.csv --budgets 10 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import sys
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from attn_search.outputs import RunOutputs, load_run, trials_frame
-from attn_search.search import SearchOptions, run_search
+from attn_search.replay import PORTFOLIO, Table, run_protocol, summarise
+from attn_search.space import load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("mqar-128", "mqar-64", "selective_copy-128", "listops-64")
+"""The shipped tables of the protocol (``tables/README.md``); ``sparse-smoke`` predates curves and
+the protocol (its accuracies span too little to tell strategies apart)."""
+STRATEGIES = ("random", "tpe", "nsga2", "gp", "ppo", PORTFOLIO)
 
 
-def search_hypervolume(table: str, space: str, strategy: str, budget: int, seed: int, out: Path, *,
-                       pretrain_steps: int | None = None) -> float:  # fmt: skip
-    opts = SearchOptions(space=space, strategy=strategy, evaluator=f"table:{table}", trials=budget, seed=seed,
-                         pruner="none", out=str(out), quiet=True)  # fmt: skip
-    if pretrain_steps is not None:
-        opts.pretrain, opts.pretrain_steps = table, pretrain_steps
-    run_search(opts)
-    study, sp, record = load_run(out)
-    return RunOutputs.from_record(out, record, sp).hypervolume(trials_frame(study))
+def discrimination(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per table: random's median regret at the smallest budget, and the pair of strategies whose
+    regrets at the middle budget differ most significantly (Wilcoxon signed-rank, paired by seed)."""
+    from scipy.stats import wilcoxon
+
+    budgets = result["budgets"]
+    small, middle = budgets[0], budgets[len(budgets) // 2] if len(budgets) > 1 else budgets[0]
+    out = {}
+    for table, cells in result["regret"].items():
+        row: dict[str, Any] = {}
+        if "random" in cells[small]:
+            row["random_median_regret"] = float(np.median(cells[small]["random"]))
+            row["random_budget"] = small
+        best: tuple[float, str, str] = (1.0, "", "")
+        names = list(cells[middle])
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                x, y = np.asarray(cells[middle][a]), np.asarray(cells[middle][b])
+                if np.allclose(x, y):
+                    continue
+                p = float(wilcoxon(x, y).pvalue)
+                if p < best[0]:
+                    best = (p, a, b)
+        row.update({"pair_budget": middle, "pair": best[1:], "pair_p": best[0]})
+        out[table] = row
+    return out
 
 
-def main() -> None:
+def print_report(result: dict[str, Any], checks: dict[str, dict[str, Any]]) -> None:
+    strategies, budgets = result["strategies"], result["budgets"]
+    width = 22
+    for table, cells in result["regret"].items():
+        info = result["tables"][table]
+        print(f"\n{table} ({info['rows']} rows, best normalised HV {info['best_hv']:.4f}): median regret [IQR]")
+        print(f"  {'strategy':<10}" + "".join(f"{str(b) + ' trials':>{width}}" for b in budgets))
+        for s in strategies:
+            stats = [summarise({s: cells[b][s]})[s] for b in budgets]
+            print(f"  {s:<10}" + "".join(f"{c['median']:>8.3f} [{c['q1']:.3f},{c['q3']:.3f}]" for c in stats))
+    print(f"\nmean rank across {len(result['regret'])} tables (1 = best median regret)")
+    print(f"  {'strategy':<10}" + "".join(f"{str(b) + ' trials':>12}" for b in budgets))
+    for s in strategies:
+        print(f"  {s:<10}" + "".join(f"{result['ranks'][b][s]:>12.2f}" for b in budgets))
+    top = budgets[-1]
+    print(f"\nearly stopping (MO-ASHA, eta 3) at {top} trials: median training steps and regret, off -> on")
+    for table, per in result["early_stopping"].items():
+        print(f"  {table}")
+        for s in strategies:
+            off_steps = float(np.median(result["steps"][table][top][s]))
+            off_regret = float(np.median(result["regret"][table][top][s]))
+            on_steps, on_regret = float(np.median(per[s]["steps"])), float(np.median(per[s]["regret"]))
+            print(f"    {s:<10} steps {off_steps:>7.0f} -> {on_steps:>7.0f} ({on_steps / off_steps:5.2f}x)   "
+                  f"regret {off_regret:.3f} -> {on_regret:.3f}   pruned {np.median(per[s]['pruned']):.0f}")  # fmt: skip
+    print("\ndiscrimination")
+    for table, row in checks.items():
+        rnd = row.get("random_median_regret")
+        ok1 = "ok" if rnd is not None and rnd >= 0.10 else "FAILS"
+        ok2 = "ok" if row["pair_p"] < 0.05 else "FAILS"
+        rnd_text = f"{rnd:.3f}" if rnd is not None else "n/a"
+        print(f"  {table}: random's median regret at {row.get('random_budget')} trials {rnd_text} (>= 0.10: {ok1}); "
+              f"most different pair at {row['pair_budget']}: {' vs '.join(row['pair'])} p={row['pair_p']:.2g} "
+              f"(< 0.05: {ok2})")  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = list(result["curves"])
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
+    for ax, table in zip(axes[0], tables, strict=True):
+        for s in result["strategies"]:
+            curves = np.asarray(result["curves"][table][s])
+            x = np.arange(1, curves.shape[1] + 1)
+            q1, med, q3 = np.percentile(curves, [25, 50, 75], axis=0)
+            ax.plot(x, med, label=s)
+            ax.fill_between(x, q1, q3, alpha=0.15)
+        ax.set_title(table)
+        ax.set_xlabel("trials")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("normalised-HV regret (median, IQR)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True)
-    parser.add_argument("--space", default="sparse")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--pretrain-steps", type=int, default=3000)
-    args = parser.parse_args()
+    parser.add_argument("--tables", nargs="+", help="table CSVs (default: the shipped tables)")
+    parser.add_argument("--space", default="sparse", help="the space the tables were recorded on")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1, the same for every strategy")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for JSON and plot")
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    strategies = ["random", "tpe", "nsga2", "ppo", "ppo-pretrained"]
-    results: dict[str, dict[int, list[float]]] = {s: {b: [] for b in args.budgets} for s in strategies}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            for budget in args.budgets:
-                for name in strategies:
-                    out = Path(tmp) / f"{name}-{budget}-{seed}"
-                    steps = args.pretrain_steps if name == "ppo-pretrained" else None
-                    strategy = "ppo" if name == "ppo-pretrained" else name
-                    value = search_hypervolume(
-                        args.table, args.space, strategy, budget, seed, out, pretrain_steps=steps
-                    )
-                    results[name][budget].append(value)
-            print(f"seed {seed} done", flush=True)
-    print(f"{'strategy':<15}" + "".join(f"{'budget ' + str(b):>26}" for b in args.budgets))
-    medians: dict[str, dict[str, float]] = {}
-    for name in strategies:
-        cells = []
-        for b in args.budgets:
-            v = np.array(results[name][b])
-            q1, med, q3 = np.percentile(v, [25, 50, 75])
-            medians.setdefault(name, {})[str(b)] = float(med)
-            cells.append(f"{med:.4f} [{q1:.4f}, {q3:.4f}]")
-        print(f"{name:<15}" + "".join(f"{c:>26}" for c in cells))
-    print(json.dumps({"median_hypervolume": medians, "seeds": args.seeds}))
+    paths = [Path(p) for p in args.tables] if args.tables else [ROOT / "tables" / f"{t}.csv" for t in TABLES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"strategies.py: error: no such table: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    space = load_space(args.space)
+    tables = [Table(p, space) for p in paths]
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"  {done}/{total} searches replayed ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    print(f"{len(tables)} tables x {len(args.strategies)} strategies x {args.seeds} seeds, budgets {args.budgets}, "
+          f"{args.jobs} process(es)", flush=True)  # fmt: skip
+    result = run_protocol(tables, args.strategies, args.budgets, list(range(args.seeds)), jobs=args.jobs,
+                          progress=progress)  # fmt: skip
+    checks = discrimination(result)
+    wall = time.perf_counter() - start
+    print_report(result, checks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result["discrimination"] = checks
+    result["wall_seconds"] = wall
+    result["command"] = " ".join(["python", "benchmarks/strategies.py", *(argv if argv is not None else sys.argv[1:])])
+    (out / "strategies.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, out / "strategies.png")
+    print(f"\nwall time {wall:.0f} s; wrote {out / 'strategies.json'} and {out / 'strategies.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

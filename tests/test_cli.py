@@ -40,6 +40,9 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         (["--space", TINY, "--task", "tests.custom_task:targets_out_of_range"], "they must lie in [0, n_classes=2)"),
         (["--space", TINY, "--task", "tests.custom_task:not_a_task"], "lacks the Task protocol"),
         (["--space", TINY, "--storage", "notaurl"], "--storage 'notaurl': ArgumentError"),
+        (["--task-param", "seq_len"], "argument --task-param: 'seq_len' is not KEY=VALUE"),
+        (["--task-param", "lenght=128"], "task 'mqar' has no parameter lenght"),
+        (["--task", "listops", "--task-param", "n_pairs=8"], "task 'listops' has no parameter n_pairs"),
         *([] if torch.cuda.is_available() else [(["--space", TINY, "--device", "cuda"], "no CUDA GPU is visible")]),
     ],
 )

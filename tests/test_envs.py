@@ -42,6 +42,10 @@ def test_recorded_table_covers_the_grid_once(table: Path) -> None:
         table.read_text().startswith("# attn_search recorded table")
         and "# command: attn-search record" in table.read_text()
     )
+    # every row keeps its learning curve: accuracy at each rung, the last one the row's accuracy
+    for curve, acc in zip(df["curve"], df["accuracy"], strict=True):
+        points = [tuple(map(float, item.split(":"))) for item in curve.split(";")]
+        assert [s for s, _ in points] == [2.0, 4.0] and points[-1][1] == pytest.approx(acc, rel=1e-5)
 
 
 def test_env_checkers_pass_without_warnings(table: Path) -> None:

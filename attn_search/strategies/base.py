@@ -14,7 +14,12 @@ from typing import Any, Protocol
 
 import optuna
 
+from attn_search.engine import metrics as M
+from attn_search.evaluators import table_key
 from attn_search.space import SearchSpace
+
+MAX_REASKS = 20
+"""Duplicate proposals in a row after which the duplicate runs anyway (see :func:`ask_new`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,3 +64,52 @@ class Strategy(Protocol):
 
     def close(self) -> None:
         """The search ended (or was interrupted): stop and save what must survive a resume."""
+
+
+def trial_state(t: optuna.trial.FrozenTrial) -> str:
+    """``complete``, ``pruned`` or ``failed``: a finished study trial's state in our words."""
+    return {optuna.trial.TrialState.COMPLETE: M.COMPLETE, optuna.trial.TrialState.PRUNED: M.PRUNED}.get(
+        t.state, M.FAILED
+    )
+
+
+def ask_new(
+    strategy: Strategy, study: optuna.Study, space: SearchSpace, seen: dict[tuple[Any, ...], int]
+) -> optuna.Trial | None:
+    """The strategy's next proposal that repeats no configuration in ``seen`` (key -> trial number).
+
+    A proposal identical to a trial already run or running (same active values) is not run again:
+    with the same seed it would give the same result. It is told to the study as failed with
+    ``duplicate_of`` (left out of the tables and the trial count), the strategy is told the earlier
+    trial's result, and the strategy is asked again, up to :data:`MAX_REASKS` times in a row; then
+    the duplicate runs (the strategy insists, or the space is exhausted). The search loop and the
+    table replay (:mod:`attn_search.replay`) both ask through here. Returns ``None`` when the
+    strategy has nothing to propose until results come back.
+    """
+    for attempt in range(MAX_REASKS):
+        trial = strategy.ask(study)
+        if trial is None:
+            return None
+        key = table_key(space, space.active_values(dict(trial.params)))
+        if key not in seen or attempt == MAX_REASKS - 1:
+            seen.setdefault(key, trial.number)
+            return trial
+        _answer_duplicate(strategy, study, space, trial, seen[key])
+    return None  # not reached: the last attempt returns
+
+
+def _answer_duplicate(
+    strategy: Strategy, study: optuna.Study, space: SearchSpace, trial: optuna.Trial, original: int
+) -> None:
+    earlier = study.get_trials(deepcopy=False)[original]  # numbers are list positions
+    state = trial_state(earlier) if earlier.state.is_finished() else M.FAILED
+    metrics = earlier.user_attrs.get("metrics") if earlier.state.is_finished() else None
+    trial.set_user_attr("duplicate_of", original)
+    trial.set_user_attr("reason", f"same configuration as trial {original}: not run again")
+    if getattr(strategy, "duplicates_as_observations", False) and earlier.state == optuna.trial.TrialState.COMPLETE:
+        # a sampler whose proposal is fixed by its data (GP) learns from the repeat: less
+        # uncertainty there moves its next proposal elsewhere
+        study.tell(trial, list(earlier.values))
+    else:  # samplers that draw at random are simply asked again
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    strategy.tell(trial.number, space.active_values(dict(trial.params)), state, metrics)

@@ -1,0 +1,359 @@
+"""Strategies replayed on recorded tables: the fast path of the strategy benchmark.
+
+A replay is a search whose trials are looked up in a table (``attn-search record``) instead of
+trained. It asks the same strategies the same way as the search loop
+(:func:`~attn_search.strategies.base.ask_new`: duplicates are answered, not run), stops trials
+early with the same rule (:class:`~attn_search.pruning.MOASHA`, replayed on each row's learning
+curve, so a stopped trial costs only the steps it ran) and scores the front with the one
+hypervolume definition (:func:`~attn_search.outputs.hypervolume_of_points`, with the table's
+compute range).
+
+Why not the search loop itself: it writes every trial to SQLite and rewrites the run dir after
+each one (about 135 ms a trial), so that a crash loses nothing. A replay has nothing to lose and a
+benchmark runs tens of thousands of replayed trials, so it keeps the study in memory and writes
+nothing. What a replay returns is the hypervolume and the training steps spent after every trial,
+so that every budget up to ``trials`` is a prefix of one replay (for strategies that do not know
+their budget).
+
+The zero-shot portfolio (:func:`portfolio`) is the transfer baseline: the configurations that
+cover other tables' fronts best, greedily, proposed in that order (:class:`PortfolioStrategy`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from attn_search.engine import metrics as M
+from attn_search.evaluators import TableEvaluator, restrict_to_evaluator, table_key
+from attn_search.outputs import hypervolume_of_points
+from attn_search.pruning import MOASHA
+from attn_search.space import SearchSpace
+from attn_search.strategies import StrategyContext, make_strategy
+from attn_search.strategies.base import ask_new
+
+PORTFOLIO = "portfolio"
+
+
+class Table:
+    """A recorded table ready for replays: lookups, curves, compute range and best hypervolume."""
+
+    def __init__(self, path: str | Path, space: SearchSpace) -> None:
+        self.path = Path(path)
+        self.name = self.path.stem
+        self.lookup = TableEvaluator(self.path, space)
+        self.space = space = restrict_to_evaluator(space, self.lookup)  # proposals stay on the table's grid
+        self.lookup.space = space
+        self.compute = space.metrics[1]
+        lo, hi = float(self.lookup.frame[self.compute].min()), float(self.lookup.frame[self.compute].max())
+        self.bounds: dict[str, tuple[float, float] | None] = {self.compute: (lo, hi)}
+        self.keys = list(self.lookup.rows)
+        self.best_hv = self.hypervolume([self.point(k) for k in self.keys])
+        if self.best_hv <= 0:
+            raise ValueError(f"{self.path}: every row has accuracy 0, so no hypervolume to compare against")
+
+    def point(self, key: tuple[Any, ...]) -> tuple[float, float]:
+        row = self.lookup.rows[key]
+        return row[M.ACCURACY], row[self.compute]
+
+    def values(self, key: tuple[Any, ...]) -> dict[str, Any]:
+        """The active parameter values of a row (as a strategy would propose them)."""
+        return {name: value for name, value in key if value is not None}
+
+    def hypervolume(self, points: Sequence[Sequence[float]]) -> float:
+        return hypervolume_of_points(np.asarray(points, dtype=float).reshape(-1, 2), self.space, self.bounds)
+
+    def regret(self, hv: float) -> float:
+        """Normalised-hypervolume regret: ``1 - hv / best``, 0 for a search that found the table's front."""
+        return 1.0 - hv / self.best_hv
+
+
+@dataclasses.dataclass
+class Replay:
+    """One replayed search: after trial ``i`` (0-based), ``hypervolume[i]`` and ``steps[i]``
+    (training steps spent so far; a stopped trial counts the steps it ran)."""
+
+    strategy: str
+    table: str
+    seed: int
+    trials: int
+    early_stopping: bool
+    hypervolume: list[float]
+    steps: list[int]
+    pruned: int = 0
+    proposed: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    """The table key of each trial's configuration, in order."""
+
+    def at(self, budget: int) -> tuple[float, int]:
+        """Hypervolume and steps after ``budget`` trials (the last if the search ran fewer)."""
+        i = min(budget, len(self.hypervolume)) - 1
+        return (self.hypervolume[i], self.steps[i]) if i >= 0 else (0.0, 0)
+
+
+class PortfolioStrategy:
+    """Proposes a fixed list of configurations in order, then at random (a :class:`Strategy`)."""
+
+    name = PORTFOLIO
+
+    def __init__(self, configurations: Sequence[dict[str, Any]], space: SearchSpace, seed: int) -> None:
+        self.queue = list(configurations)
+        self.space = space
+        self._sampler = optuna.samplers.RandomSampler(seed=seed)
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        return self._sampler
+
+    def start(self, study: optuna.Study) -> str | None:
+        return None
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        if self.queue:
+            study.enqueue_trial(self.queue.pop(0))  # study.ask takes it; suggest reads it back
+        trial = study.ask()
+        self.space.suggest(trial)
+        return trial
+
+    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def portfolio(tables: Sequence[Table], size: int) -> list[dict[str, Any]]:
+    """Up to ``size`` configurations chosen greedily to maximise the mean, over ``tables``, of the
+    hypervolume they reach as a fraction of each table's best (configurations every table holds)."""
+    if not tables:
+        raise ValueError("a portfolio needs at least one table to learn from")
+    common = [k for k in tables[0].keys if all(k in t.lookup.rows for t in tables[1:])]
+    chosen: list[tuple[Any, ...]] = []
+    fronts: list[list[tuple[float, float]]] = [[] for _ in tables]
+    while len(chosen) < min(size, len(common)):
+        best_key, best_score = None, -1.0
+        for key in common:
+            if key in chosen:
+                continue
+            gains = [t.hypervolume([*f, t.point(key)]) / t.best_hv for t, f in zip(tables, fronts, strict=True)]
+            score = float(np.mean(gains))
+            if score > best_score + 1e-12:
+                best_key, best_score = key, score
+        assert best_key is not None
+        chosen.append(best_key)
+        for t, f in zip(tables, fronts, strict=True):
+            f.append(t.point(best_key))
+    return [tables[0].values(k) for k in chosen]
+
+
+def replay(
+    table: Table,
+    strategy: str,
+    *,
+    trials: int,
+    seed: int,
+    early_stopping: bool = False,
+    eta: float = 3.0,
+    portfolio_configs: Sequence[dict[str, Any]] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Replay:
+    """Run ``strategy`` (a strategy name, or :data:`PORTFOLIO` with ``portfolio_configs``) for
+    ``trials`` trials on ``table``; see the module docstring."""
+    space = table.space
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="attn-replay-") as run_dir:
+        if strategy == PORTFOLIO:
+            proposer: Any = PortfolioStrategy(portfolio_configs or [], space, seed)
+        else:
+            context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
+                                      resume=False, evaluator=f"table:{table.path.resolve()}",
+                                      compute=table.compute, options=dict(options or {}))  # fmt: skip
+            proposer = make_strategy(strategy, context)
+        study = optuna.create_study(directions=space.directions, sampler=proposer.sampler())  # type: ignore[arg-type]
+        proposer.start(study)
+        rungs = sorted({s for c in table.lookup.curves.values() for s, _ in c})
+        rule = MOASHA(space.directions, eta=eta, grace_period=rungs[1] if len(rungs) > 1 else 0)
+        seen: dict[tuple[Any, ...], int] = {}
+        front: list[tuple[float, float]] = []
+        out = Replay(strategy, table.name, seed, trials, early_stopping, [], [])
+        spent = 0
+        try:
+            while len(out.hypervolume) < trials:
+                trial = ask_new(proposer, study, space, seen)
+                if trial is None:
+                    raise RuntimeError(f"strategy {strategy} proposed nothing with no trial running")
+                values = space.active_values(dict(trial.params))
+                key = table_key(space, values)
+                acc, compute = table.point(key)
+                curve = table.lookup.curve(values)
+                state, ran, reached = M.COMPLETE, curve[-1][0], acc
+                if early_stopping:
+                    for step, at_rung in curve[:-1]:  # never stopped after its last step
+                        if not rule.report(trial.number, step, [at_rung, compute]):
+                            state, ran, reached = M.PRUNED, step, at_rung
+                            break
+                spent += ran
+                out.proposed.append(key)
+                metrics = {**table.lookup.rows[key], M.ACCURACY: reached, M.STEPS: float(ran)}
+                trial.set_user_attr("metrics", metrics)  # what a duplicate of it is told
+                if state == M.COMPLETE:
+                    study.tell(trial, [acc, compute])
+                    front.append((acc, compute))
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    out.pruned += 1
+                proposer.tell(trial.number, values, state, metrics)
+                out.hypervolume.append(table.hypervolume(front) if front else 0.0)
+                out.steps.append(spent)
+        finally:
+            proposer.close()
+    return out
+
+
+def rank_with_ties(values: Sequence[float]) -> list[float]:
+    """Ranks from 1 (lowest value) with tied values sharing their mean rank."""
+    arr = np.asarray(values, dtype=float)
+    order = np.argsort(arr, kind="stable")
+    ranks = np.empty(len(arr))
+    i = 0
+    while i < len(arr):
+        j = i
+        while j + 1 < len(arr) and arr[order[j + 1]] == arr[order[i]]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks.tolist()
+
+
+def summarise(regrets: dict[Hashable, Sequence[float]]) -> dict[Hashable, dict[str, float]]:
+    """Median and interquartile range of each strategy's regrets."""
+    out = {}
+    for name, values in regrets.items():
+        q1, med, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+        out[name] = {"median": float(med), "q1": float(q1), "q3": float(q3)}
+    return out
+
+
+# -- the protocol ------------------------------------------------------------------------------------
+BUDGET_AWARE = ("tpe", "nsga2", "gp", "cmaes", "qmc", "ppo", "a2c")
+"""Strategies whose behaviour depends on the trial budget (startup trials, population size, the
+agent's episode length): each budget is a search of its own. The others' budgets are prefixes of
+one search of the largest budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One replayed search of the protocol."""
+
+    table: int
+    strategy: str
+    seed: int
+    trials: int
+    early_stopping: bool
+
+
+def _run_job(tables: Sequence[Table], portfolios: Sequence[list[dict[str, Any]]], job: Job) -> Replay:
+    table = tables[job.table]
+    configs = [c for c in portfolios[job.table] if table_key(table.space, c) in table.lookup.rows]
+    return replay(table, job.strategy, trials=job.trials, seed=job.seed, early_stopping=job.early_stopping,
+                  portfolio_configs=configs)  # fmt: skip
+
+
+def protocol_jobs(n_tables: int, strategies: Sequence[str], budgets: Sequence[int], seeds: Sequence[int]) -> list[Job]:
+    """Every search the protocol runs: each strategy, table and seed at each budget without early
+    stopping (one search of the largest budget where budgets are prefixes), and once more at the
+    largest budget with MO-ASHA, for the compute it saves."""
+    top = max(budgets)
+    jobs = []
+    for t in range(n_tables):
+        for name in strategies:
+            runs = budgets if name in BUDGET_AWARE else [top]
+            for seed in seeds:
+                jobs += [Job(t, name, seed, b, False) for b in runs]
+                jobs.append(Job(t, name, seed, top, True))
+    return jobs
+
+
+def run_protocol(
+    tables: Sequence[Table],
+    strategies: Sequence[str],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    jobs: int = 1,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Replay every strategy on every table (leave-one-table-out for the portfolio) and score it.
+
+    Returns ``{"regret": {table: {budget: {strategy: [per seed]}}}, "steps": ..., "curves": ...,
+    "early_stopping": ...}``: normalised-hypervolume regret (``1 - HV / table's best HV``) and
+    training steps per seed, the regret after every trial of the largest budget's searches, and
+    the same largest-budget searches with MO-ASHA.
+    """
+    budgets = sorted(budgets)
+    top = budgets[-1]
+    portfolios = [portfolio([u for j, u in enumerate(tables) if j != i], top) if len(tables) > 1 else []
+                  for i in range(len(tables))]  # fmt: skip
+    if PORTFOLIO in strategies and len(tables) < 2:
+        raise ValueError("the portfolio is learnt leave-one-table-out: it needs at least two tables")
+    todo = protocol_jobs(len(tables), strategies, budgets, seeds)
+    results: list[Replay] = []
+    if jobs > 1:
+        import concurrent.futures
+        import functools
+        import multiprocessing
+
+        run = functools.partial(_run_job, tables, portfolios)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for i, r in enumerate(pool.map(run, todo, chunksize=1)):
+                results.append(r)
+                if progress:
+                    progress(i + 1, len(todo))
+    else:
+        for i, job in enumerate(todo):
+            results.append(_run_job(tables, portfolios, job))
+            if progress:
+                progress(i + 1, len(todo))
+    out: dict[str, Any] = {"regret": {}, "steps": {}, "curves": {}, "early_stopping": {}, "budgets": budgets,
+                           "seeds": list(seeds), "strategies": list(strategies),
+                           "tables": {t.name: {"path": str(t.path), "rows": len(t.keys), "best_hv": t.best_hv}
+                                      for t in tables}}  # fmt: skip
+    for job, r in zip(todo, results, strict=True):
+        table = tables[job.table]
+        if job.early_stopping:
+            es = out["early_stopping"].setdefault(table.name, {}).setdefault(job.strategy, {})
+            es.setdefault("regret", []).append(table.regret(r.hypervolume[-1]))
+            es.setdefault("steps", []).append(r.steps[-1])
+            es.setdefault("pruned", []).append(r.pruned)
+            continue
+        for b in budgets if job.strategy not in BUDGET_AWARE else [job.trials]:
+            hv, steps = r.at(b)
+            out["regret"].setdefault(table.name, {}).setdefault(b, {}).setdefault(job.strategy, []).append(
+                table.regret(hv)
+            )
+            out["steps"].setdefault(table.name, {}).setdefault(b, {}).setdefault(job.strategy, []).append(steps)
+        if job.trials == top:
+            curve = [table.regret(h) for h in r.hypervolume]
+            out["curves"].setdefault(table.name, {}).setdefault(job.strategy, []).append(curve)
+    out["ranks"] = mean_ranks(out["regret"], budgets, strategies)
+    return out
+
+
+def mean_ranks(
+    regret: dict[str, dict[int, dict[str, list[float]]]], budgets: Sequence[int], strategies: Sequence[str]
+) -> dict[int, dict[str, float]]:
+    """Per budget, each strategy's rank by median regret on each table (1 = best, ties share the
+    mean rank), averaged over the tables."""
+    out: dict[int, dict[str, float]] = {}
+    for b in budgets:
+        per_table = []
+        for cells in regret.values():
+            medians = [float(np.median(cells[b][s])) for s in strategies]
+            per_table.append(rank_with_ties(medians))
+        mean = np.mean(np.asarray(per_table), axis=0)
+        out[b] = {s: float(m) for s, m in zip(strategies, mean, strict=True)}
+    return out
