@@ -1,159 +1,126 @@
 """Export the chosen configuration to training code.
 
 ``yaml``/``json``: the config with its metrics and provenance (``attn_search.load_config`` reads
-it back). ``python``: one self-contained module that needs only torch. It defines
-``SparseSelfAttention(d_model, n_heads)``, a drop-in layer ``(B, L, d_model) -> (B, L, d_model)``
-with the chosen pattern and its parameters as defaults, and ``build_model()`` returning the whole
-small model with the same parameter names as :func:`attn_search.build_model`, so trained weights
-load into it. The generated attention is the dense masked ``scaled_dot_product_attention`` path
-(the ``reference`` backend): simple and portable; attn_search's block-sparse kernels are for
-training speed, not for a file a user copies into their code.
+it back). ``python``: one self-contained module that needs only torch, written from the engine's
+own source (:data:`ENGINE_MODULES`, copied verbatim with their imports of each other removed), so
+it cannot drift from what the search trained and measured. It defines ``CONFIG`` (the chosen
+:class:`AttentionConfig`), ``SearchedAttention(d_model, n_heads)``, a drop-in self-attention layer
+``(B, L, d_model) -> (B, L, d_model)`` with the chosen pattern and its parameters baked in, and
+``build_model()`` returning the whole searched model, the engine's own class, so trained weights
+load into it. Both run on the engine's sparse paths (``backend="auto"``): FlexAttention with the
+pattern's ``BlockMask`` on CUDA, the block-sparse kernel on CPU where the pattern skips enough
+tiles, so a user's model saves the compute the search counted. Pattern parameters are absolute
+positions (a window of 46 keys stays 46 at any sequence length).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
-import textwrap
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from attn_search.engine import attention, model, patterns
+from attn_search.engine import config as config_module
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.model import apply_rotary, rotary_tables
-from attn_search.engine.patterns import PATTERN_PARAMS, bigbird_block_table
 from attn_search.engine.tasks import make_task
 from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, select_row, trials_frame
 
 FORMATS = ("yaml", "json", "python")
+ENGINE_MODULES: tuple[ModuleType, ...] = (patterns, attention, config_module, model)
+"""The engine modules the exported file carries, in the order they import each other."""
 
-_RULES = {
-    "dense": "torch.ones_like(q - kv, dtype=torch.bool)",
-    "window": "(q - kv).abs() < window",
-    "dilated": "((q - kv).abs() < window * dilation) & ((q - kv) % dilation == 0)",
-    "strided": "((q - kv).abs() < stride) | ((q - kv) % stride == 0)",
-    "bigbird": "_bigbird_table(seq_len)[q // block_size, kv // block_size]",
-    "longformer": "((q - kv).abs() < window) | (q < n_global) | (kv < n_global)",
-}
+
+_REPLACED = {"build_model"}
+"""Engine functions the exported file defines its own way (``build_model()`` needs no task object)."""
+
+
+def _split_module(module: ModuleType) -> tuple[list[str], str]:
+    """``module``'s import statements (not ``__future__`` nor attn_search's) and its body without
+    docstring and imports."""
+    source = inspect.getsource(module)
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    drop: set[int] = set()
+    imports: list[str] = []
+    for i, node in enumerate(tree.body):
+        span = range(node.lineno - 1, node.end_lineno or node.lineno)
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            drop.update(span)  # the docstring
+        elif getattr(node, "name", None) in _REPLACED:
+            drop.update(range(min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1,
+                              node.end_lineno or node.lineno))  # fmt: skip
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            drop.update(span)
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("attn_search", "__future__"))):
+                imports.append("\n".join(lines[n] for n in span))
+    body = "\n".join(line for n, line in enumerate(lines) if n not in drop).strip()
+    return imports, f"# {'-' * 30} {module.__name__.replace('.', '/')}.py {'-' * 30}\n{body}\n"
+
+
+def engine_source() -> str:
+    """The source of :data:`ENGINE_MODULES` as one module: their imports once, then their bodies."""
+    imports: list[str] = []
+    bodies = []
+    for module in ENGINE_MODULES:
+        found, body = _split_module(module)
+        imports += [line for line in found if line not in imports]
+        bodies.append(body)
+    return "\n".join(imports) + "\n\n\n" + "\n\n".join(bodies)
 
 
 def python_module(config: AttentionConfig, *, vocab_size: int, n_classes: int, max_len: int, header: str = "") -> str:
     """Source of the self-contained torch module for ``config`` (see module docstring)."""
-    params = {name: getattr(config, name) for name in PATTERN_PARAMS[config.pattern]}
-    param_sig = "".join(f", {k}: int = {v}" for k, v in params.items())
-    param_args = ", ".join(params)
-    bigbird = ""
-    if config.pattern == "bigbird":
-        bigbird = inspect.getsource(bigbird_block_table) + textwrap.dedent(f"""
-
-            @functools.lru_cache(maxsize=8)
-            def _bigbird_table(seq_len: int) -> torch.Tensor:
-                n_blocks = math.ceil(seq_len / {config.block_size})
-                return bigbird_block_table(n_blocks, n_global={config.n_global}, n_random={config.n_random},
-                                           seed={config.seed}, causal={config.causal})
-            """)
-    # the model's own rotary code, copied verbatim so the export cannot drift from it
-    rotary = inspect.getsource(rotary_tables) + "\n\n" + inspect.getsource(apply_rotary) + "\n"
+    params = ", ".join(f"{k}={v}" for k, v in config.pattern_params().items()) or "none"
     return f'''"""Attention layer and model exported by attn_search. Needs only torch.
 
 {header}
-Configuration: {config.describe()}, causal={config.causal}.
-``SparseSelfAttention(d_model, n_heads)`` is a drop-in self-attention layer, (B, L, d_model) in and
-out, with the pattern below baked in; ``build_model()`` returns the searched model (token and
+Configuration: {config.describe()}, causal={config.causal}; pattern parameters ({params}) are
+absolute positions, the same at any sequence length.
+
+``SearchedAttention(d_model, n_heads)`` is a drop-in self-attention layer, (B, L, d_model) in and
+out, with this pattern baked in; ``build_model()`` returns the searched model (token and
 previous-token embeddings, {config.n_layers} pre-LayerNorm block(s) with rotary positions, a
 per-position classifier) with attn_search's parameter names, so its state_dict loads here.
+Attention runs on the sparse paths the search measured (``backend="auto"``): FlexAttention with the
+pattern's BlockMask on CUDA, the block-sparse kernel on CPU where the pattern skips enough tiles.
+Pass ``backend="reference"`` for the dense masked path (any device, the slowest).
+
+What follows is attn_search's engine source, verbatim; the searched configuration is at the end.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+{engine_source()}
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-CONFIG = {config.to_dict()!r}
+# {"-" * 30} the searched configuration {"-" * 30}
+CONFIG = AttentionConfig.from_dict({config.to_dict()!r})
 VOCAB_SIZE = {vocab_size}
 N_CLASSES = {n_classes}
 MAX_LEN = {max_len}
-PATTERN = {config.pattern!r}
-
-{bigbird}
-
-@functools.lru_cache(maxsize=8)
-def pattern_mask(seq_len: int, causal: bool = {config.causal}{param_sig}, device: str = "cpu") -> torch.Tensor:
-    """(L, L) bool mask of the {config.pattern} pattern: True where query i may attend key j."""
-    q = torch.arange(seq_len, device=device)[:, None]
-    kv = torch.arange(seq_len, device=device)[None, :]
-    mask = {_RULES[config.pattern]}
-    return mask & (kv <= q) if causal else mask
+PATTERN = CONFIG.pattern
 
 
-{rotary}
-class SparseSelfAttention(nn.Module):
-    """Multi-head self-attention restricted to the {config.pattern} pattern. (B, L, C) -> (B, L, C)."""
+class SearchedAttention(SparseSelfAttention):
+    """Self-attention with the searched pattern and its parameters: ``(B, L, d_model) -> (B, L, d_model)``.
 
-    def __init__(self, d_model: int = {config.d_model}, n_heads: int = {config.n_heads}, *, causal: bool = {config.causal},
-                 attn_dropout: float = {config.attn_dropout}, dropout: float = {config.dropout}{param_sig}) -> None:
-        super().__init__()
-        assert d_model % n_heads == 0 and (d_model // n_heads) % 2 == 0, "n_heads must divide d_model into even heads"
-        self.n_heads = n_heads
-        self.causal = causal
-        self.attn_dropout = attn_dropout
-        self.pattern_params = dict({", ".join(f"{k}={k}" for k in params)})
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.resid_drop = nn.Dropout(dropout)
+    ``d_model`` and ``n_heads`` fit it into your model (``d_model // n_heads`` must be even, for
+    rotary positions); ``overrides`` change any other field of ``CONFIG`` (``dropout``, ``causal``).
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, L, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
-        cos, sin = rotary_tables(L, C // self.n_heads, device=x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = pattern_mask(L, self.causal, **self.pattern_params, device=str(x.device))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, C)))
+    def __init__(self, d_model: int = CONFIG.d_model, n_heads: int = CONFIG.n_heads, *, backend: str = "auto",
+                 **overrides: Any) -> None:
+        super().__init__(CONFIG.replace(d_model=d_model, n_heads=n_heads, **overrides), backend=backend)
 
 
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SparseSelfAttention(d_model, n_heads, dropout=dropout)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+def build_model(backend: str = "auto", max_len: int = MAX_LEN) -> AttentionModel:
+    """The searched model, untrained (load a state_dict from attn_search.build_model to reuse weights);
+    ``max_len``: the longest sequence it accepts (rotary positions have no limit of their own)."""
+    return AttentionModel(CONFIG, vocab_size=VOCAB_SIZE, n_classes=N_CLASSES, max_len=max_len, backend=backend)
 
 
-class AttentionModel(nn.Module):
-    def __init__(self, vocab_size: int = VOCAB_SIZE, n_classes: int = N_CLASSES, d_model: int = {config.d_model},
-                 n_layers: int = {config.n_layers}, n_heads: int = {config.n_heads}, dropout: float = {config.dropout}) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.prev_emb = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(d_model, n_heads, dropout) for _ in range(n_layers)])
-        self.ln_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, n_classes)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(idx[:, :-1], (1, 0))
-        x = self.drop(self.tok_emb(idx) + self.prev_emb(prev))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
-def build_model() -> AttentionModel:
-    """The searched model, untrained (load a state_dict from attn_search.build_model to reuse weights)."""
-    return AttentionModel()
-
-
-__all__ = ["CONFIG", "PATTERN", "AttentionModel", "SparseSelfAttention", "build_model", "pattern_mask"]
-# pattern parameters baked in as defaults: {param_args or "none"}
+__all__ = ["CONFIG", "PATTERN", "AttentionModel", "SearchedAttention", "SparseSelfAttention", "build_model"]
 '''
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def load_module(path: Path, name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does (the exported file defines dataclasses)
     spec.loader.exec_module(module)
     return module
 
@@ -115,8 +117,9 @@ def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
     config = load_config(out / "best_config.yaml")
     task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
     assert_exported_matches(module, config, task, n=4)
-    layer = module.SparseSelfAttention(16, 2)
+    layer = module.SearchedAttention(16, 2)
     assert layer(torch.randn(2, 32, 16)).shape == (2, 32, 16)
+    assert (layer.pattern, layer.params) == (config.pattern, config.pattern_params())
 
 
 @pytest.mark.parametrize("pattern", ["dense", "window", "dilated", "strided", "bigbird", "longformer"])
@@ -294,6 +297,45 @@ def test_a_custom_task_search_exports_that_tasks_model(tmp_path: Path) -> None:
     assert (task.vocab_size, task.n_classes, task.seq_len) == (module.VOCAB_SIZE, module.N_CLASSES, module.MAX_LEN)
     assert_exported_matches(module, config, task, n=4)
     assert "tests.custom_task:make" in (out / "report.html").read_text()
+
+
+def test_the_exported_layer_runs_on_the_block_sparse_path_on_cpu(tmp_path: Path, monkeypatch: Any) -> None:
+    """A user's layer built from the export computes only the pattern's tiles (not dense attention
+    with a mask), and gives the dense masked reference's output, forward and gradients."""
+    from attn_search.export import python_module
+
+    config = AttentionConfig(d_model=32, n_heads=2, pattern="window", window=8)
+    path = tmp_path / "m_sparse.py"
+    path.write_text(python_module(config, vocab_size=8, n_classes=4, max_len=512))
+    module = load_module(path, "m_sparse")
+    calls = []
+    blocked = module._blocked
+    monkeypatch.setattr(module, "_blocked", lambda *a: calls.append(1) or blocked(*a))
+    layer = module.SearchedAttention()
+    reference = module.SearchedAttention(backend="reference")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 512, 32, requires_grad=True)
+    y = layer(x)
+    assert calls, "the exported window layer did not run the block-sparse path"
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = reference(x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(gx, gx_ref, atol=1e-4)
+
+
+def test_task_params_override_the_spaces_and_reach_the_trials(tmp_path: Path) -> None:
+    """--task-param seq_len=48 trains at length 48: the run names it and the FLOPs are counted there."""
+    import json
+
+    from attn_search.engine.cost import model_flops
+
+    out, _ = search(tmp_path, trials=1, steps=2, task_params={"seq_len": 48})
+    run = json.loads((out / "run.json").read_text())
+    assert run["task"] == "mqar" and run["task_params"] == {"seq_len": 48, "n_pairs": 4, "n_keys": 8, "n_values": 8}
+    row = pd.read_csv(out / "trials.csv").iloc[0]
+    config = load_config(out / "best_config.yaml")
+    task = make_task("mqar", **run["task_params"])
+    assert row["flops"] == model_flops(config, seq_len=48, n_classes=task.n_classes)
 
 
 def test_runs_share_one_storage_with_their_own_named_studies(tmp_path: Path) -> None:

@@ -95,6 +95,20 @@ def test_default_budget_learns_the_default_task() -> None:
     assert r.metrics["accuracy"] > 0.9, r.curve
 
 
+def test_training_learns_recall_that_only_a_long_enough_reach_can_do() -> None:
+    """A few seconds of real training in the default suite: on a tiny MQAR whose key-query
+    distances are uniform over the sequence, dense attention learns recall and a 4-key window,
+    shorter than almost every distance, stays near chance (1/16)."""
+    task = {"seq_len": 64, "n_pairs": 8, "n_keys": 16, "n_values": 16, "distance": "uniform"}
+    budget = Budget(steps=120, rungs=2, n_eval=256, latency_batch=2)
+    dense, window = (
+        evaluate(AttentionConfig(d_model=32, n_heads=2, lr=0.01, **c), budget=budget, device="cpu", task_kwargs=task)
+        for c in ({"pattern": "dense"}, {"pattern": "window", "window": 4})
+    )
+    assert dense.metrics["accuracy"] > 0.9, dense.curve
+    assert window.metrics["accuracy"] < 0.2, window.curve
+
+
 def test_evaluate_leaves_the_callers_random_state_alone() -> None:
     """An RL agent samples its actions from torch's global generator: a trial seeding and drawing
     from it would make the agent repeat itself (it proposed 2 distinct configurations in 12)."""

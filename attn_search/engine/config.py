@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from attn_search.engine.patterns import PATTERN_PARAMS, PATTERNS
 
 
@@ -122,6 +120,8 @@ class AttentionConfig:
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (``.json``); returns the path."""
+        import yaml  # here, not at the top: the exported model file carries this module and needs only torch
+
         path = Path(path)
         fmt = _format_of(path)
         text = (
@@ -136,6 +136,8 @@ class AttentionConfig:
     @classmethod
     def load(cls, path: str | Path) -> AttentionConfig:
         """Read a file written by :meth:`save` (or by ``attn-search export``)."""
+        import yaml
+
         path = Path(path)
         fmt = _format_of(path)
         try:

@@ -1,0 +1,106 @@
+"""Does the exported layer save the compute the search counted?
+
+Writes the exported Python module (``attn-search export --format python``, here through
+:func:`attn_search.export.python_module`) for each pattern, loads it as a user would, and times
+``SearchedAttention`` (the drop-in layer) forward and forward+backward at a long length against
+the same layer exported for dense attention (PyTorch's ``scaled_dot_product_attention``). Prints
+the FLOP ratio (attention FLOPs of dense over the pattern's kept entries), the speedups, and the
+backend the layer ran on. Timings interleaved, medians; the last line is one JSON object.
+
+Usage::
+
+    python benchmarks/export_speed.py                       # L=4096, d_model 256, 4 heads, on CPU
+    python benchmarks/export_speed.py --device cuda --seq-len 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from attn_search import AttentionConfig
+from attn_search.engine.attention import choose_backend
+from attn_search.engine.patterns import pattern_entries
+from attn_search.export import python_module
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sparse_vs_dense import median_times
+
+PATTERNS: dict[str, dict[str, Any]] = {
+    "window(46)": {"pattern": "window", "window": 46},
+    "window(256)": {"pattern": "window", "window": 256},
+    "bigbird": {"pattern": "bigbird", "block_size": 64, "n_global": 2, "n_random": 3},
+    "longformer": {"pattern": "longformer", "window": 256, "n_global": 16},
+}
+
+
+def load_export(config: AttentionConfig, folder: Path, name: str, seq_len: int) -> ModuleType:
+    path = folder / f"{name}.py"
+    path.write_text(python_module(config, vocab_size=16, n_classes=4, max_len=seq_len))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    L, dev = args.seq_len, torch.device(args.device)
+    x = torch.randn(args.batch, L, args.d_model, device=dev)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        layers = {}
+        for name, params in {"dense": {"pattern": "dense"}, **PATTERNS}.items():
+            config = AttentionConfig(d_model=args.d_model, n_heads=args.heads, causal=True, **params)
+            module = load_export(config, Path(tmp), f"export_{len(layers)}", L)
+            layers[name] = (config, module.SearchedAttention().to(dev))
+
+        def forward(layer: torch.nn.Module) -> Any:
+            def run() -> None:
+                with torch.no_grad():
+                    layer(x)
+
+            return run
+
+        def train(layer: torch.nn.Module) -> Any:
+            def run() -> None:
+                layer(x).sum().backward()
+
+            return run
+
+        fwd = median_times({n: forward(m) for n, (_, m) in layers.items()}, args.repeats)
+        bwd = median_times({n: train(m) for n, (_, m) in layers.items()}, args.repeats)
+    dense_entries = pattern_entries("dense", L, causal=True)
+    print(f"exported SearchedAttention at L={L}, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
+          f"on {dev.type}: speedup over the dense export")  # fmt: skip
+    print(f"{'pattern':<12} {'flop_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} {'train_x':>7}  backend")
+    for name, (config, _) in layers.items():
+        ratio = dense_entries / pattern_entries(config.pattern, L, causal=True, **config.pattern_params())
+        backend = choose_backend(config.pattern, L, device=dev, training=False, causal=True, **config.pattern_params())
+        row = {"flop_ratio": ratio, "forward_ms": fwd[name] * 1e3, "forward_speedup": fwd["dense"] / fwd[name],
+               "train_ms": bwd[name] * 1e3, "train_speedup": bwd["dense"] / bwd[name], "backend": backend}  # fmt: skip
+        results[name] = row
+        print(f"{name:<12} {ratio:>10.1f} {row['forward_ms']:>8.1f} {row['forward_speedup']:>6.2f} "
+              f"{row['train_ms']:>9.1f} {row['train_speedup']:>7.2f}  {backend}")  # fmt: skip
+    print(json.dumps({"seq_len": L, "device": dev.type, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
