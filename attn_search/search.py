@@ -399,6 +399,7 @@ class SearchLoop:
         self.live: dict[int, optuna.Trial] = {}
         self.curves: dict[int, list[tuple[int, float]]] = {}
         self.trial_seconds = 0.0
+        self.population_fallbacks = 0
         self.aborted: str | None = None
         self.deadline: float | None = None
 
@@ -596,6 +597,9 @@ class SearchLoop:
             if "traceback" in attrs:
                 log_error(self.outputs.run_dir, trial.number, attrs)
                 del attrs["traceback"]
+            fallback = attrs.pop("population_error", None)
+            if fallback is not None:
+                self._population_fell_back(trial.number, fallback)
             if state == M.PRUNED:
                 attrs["reason"] = f"pruned by {self.rule.name} at step {attrs.get('curve', [[0]])[-1][0]}"
             attrs.setdefault("node", socket.gethostname())
@@ -621,6 +625,17 @@ class SearchLoop:
             message = self.policy.observe(state, attrs)
             if message is not None and self.aborted is None:
                 self.aborted = message
+
+    def _population_fell_back(self, number: int, error: dict[str, Any]) -> None:
+        """A population raised and its members retrained one at a time: errors.log gets why, the
+        console one line per search, and ``run.json``'s readers the count (``population_fallbacks``)."""
+        reason = (
+            f"population of {error.get('members')} (slot {number}) raised, members retrained alone: {error['reason']}"
+        )
+        log_error(self.outputs.run_dir, f"{number} (population)", {"reason": reason, "traceback": error["traceback"]})
+        self.population_fallbacks += 1
+        if self.population_fallbacks == 1:
+            self.progress.note(f"  warning: {reason} (traceback in {ERROR_LOG}; later fallbacks logged there only)")
 
 
 # -- trials in storage -------------------------------------------------------------------------------

@@ -249,11 +249,16 @@ class TrialRunner:
                 list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
                 task_kwargs=self.task_kwargs, on_compute=on_compute,
             )  # fmt: skip
-        except Exception:
+        except Exception as exc:
             if len(ids) == 1:
                 raise
             # one member's error must not fail its companions: each trains again alone, and only
-            # the ones that raise again fail (with their own error)
+            # the ones that raise again fail (with their own error). The population's error travels
+            # with the first member (the loop writes it to errors.log and says so on the console):
+            # a fallback is never silent, since on a GPU it costs most of the population's speed.
+            error = error_attrs(exc)
+            put(ids[0], "population_error", {"reason": error["reason"], "traceback": error["traceback"],
+                                             "members": len(ids)})  # fmt: skip
             _free_device_memory()
             for i in ids:
                 curves[i].clear()
