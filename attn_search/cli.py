@@ -104,7 +104,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME", help="auto, cpu or cuda"
     )
     p.add_argument("--select", default="knee",
-                   help="best_config.yaml rule: knee, max-accuracy, min-compute, max-accuracy-under-flops=N")  # fmt: skip
+                   help="best_config.yaml rule (default: knee, the front's knee among points within 95%% of the "
+                   "best accuracy; knee=F sets that floor): knee, max-accuracy, min-compute, "
+                   "max-accuracy-under-flops=N")  # fmt: skip
     p.add_argument("--compute", default="flops", choices=(*COMPUTE_OBJECTIVES, "none"), metavar="NAME",
                    help="compute objective: flops, latency, memory, params, or none (accuracy only)")  # fmt: skip
     p.add_argument("--max-flops", type=_positive_float, help="constraint: forward FLOPs per sequence at most this")
@@ -165,11 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_export.add_argument("run_dir")
     p_export.add_argument("--format", default="yaml", choices=("yaml", "json", "python"), metavar="NAME",
                           help="yaml, json or python (a self-contained torch module)")  # fmt: skip
-    p_export.add_argument("--select", help="selection rule (default: the run's)")
+    p_export.add_argument("--select", help="selection rule (default: the run's); it becomes the run's rule")
     p_export.add_argument("--out", help="file to write (default: in the run dir)")
     p_report = sub.add_parser("report", help="rebuild a run's tables, plots and report.html")
     p_report.add_argument("run_dir")
-    p_report.add_argument("--select", help="selection rule for best_config.yaml (default: the run's)")
+    p_report.add_argument("--select", help="selection rule for best_config.yaml (default: the run's); it becomes "
+                          "the run's rule, so a later export agrees")  # fmt: skip
     p_record = sub.add_parser("record", help="train every configuration of a discretised space into a table")
     p_record.add_argument("--space", default="sparse", help="space name or PATH.yaml")
     p_record.add_argument("--out", required=True, help="table to write (CSV); the work dir is OUT.run")

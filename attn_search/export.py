@@ -25,7 +25,7 @@ from attn_search.engine import attention, model, patterns
 from attn_search.engine import config as config_module
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import make_task
-from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, select_row, trials_frame
+from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row, trials_frame
 
 FORMATS = ("yaml", "json", "python")
 ENGINE_MODULES: tuple[ModuleType, ...] = (patterns, attention, config_module, model)
@@ -131,6 +131,9 @@ def export_run(
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     study, space, record = load_run(run_dir)
+    if select is not None and select != record.get("options", {}).get("select", "knee"):
+        rebuild(run_dir, select=select)  # the run's outputs follow the new rule, so they agree with this export
+        study, space, record = load_run(run_dir)
     outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
     rule = outputs.select
     row = select_row(trials_frame(study), space, rule)

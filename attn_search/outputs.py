@@ -38,10 +38,24 @@ TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device"
 population the trial trained in (``--population``; its own number when it trained alone)."""
 
 
+KNEE_MIN_ACCURACY = 0.95
+"""``knee`` chooses among front points with at least this fraction of the best accuracy: the
+knee of a front whose compute axis spans little would otherwise give up large accuracy for small
+savings (a window at 0.67 chosen over BigBird at 0.91-1.00 for 14-20% more FLOPs)."""
+
+
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
-    """``knee``, ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|latency|memory|params>=N``."""
+    """``knee`` (``knee=F``: accuracy floor F of the best, default :data:`KNEE_MIN_ACCURACY`),
+    ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|latency|memory|params>=N``."""
     if rule in SELECTIONS:
-        return rule, None, None
+        return rule, None, KNEE_MIN_ACCURACY if rule == "knee" else None
+    if rule.startswith("knee="):
+        try:
+            floor = float(rule[len("knee=") :])
+        except ValueError:
+            floor = -1.0
+        if 0 <= floor <= 1:
+            return "knee", None, floor
     prefix = "max-accuracy-under-"
     if rule.startswith(prefix) and "=" in rule:
         name, _, value = rule[len(prefix) :].partition("=")
@@ -51,9 +65,22 @@ def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
             except ValueError:
                 pass
     raise ValueError(
-        f"--select {rule!r} is unknown: use knee, max-accuracy, min-compute or "
+        f"--select {rule!r} is unknown: use knee (or knee=F, F in [0, 1]), max-accuracy, min-compute or "
         "max-accuracy-under-flops=N (also -latency=, -memory=, -params=)"
     )
+
+
+def describe_selection(rule: str) -> str:
+    """One sentence saying what ``rule`` chooses (for the report)."""
+    kind, metric, limit = parse_selection(rule)
+    if kind == "knee":
+        return (
+            f"the knee of the front (the point farthest from the line joining its extremes, both axes "
+            f"normalised over the front) among points with at least {limit:.0%} of the best accuracy"
+        )
+    if kind == "under":
+        return f"the most accurate complete trial with {metric} at most {limit:g}"
+    return {"max-accuracy": "the most accurate front point", "min-compute": "the cheapest front point"}[kind]
 
 
 def _state(t: optuna.trial.FrozenTrial) -> str:
@@ -171,8 +198,10 @@ def select_row(df: pd.DataFrame, space: SearchSpace, rule: str) -> pd.Series | N
         return ok.sort_values([M.ACCURACY, metric], ascending=[False, True]).iloc[0]
     if len(space.metrics) == 1:
         return front.iloc[0]
-    pos = knee_point(front[space.metrics].to_numpy(), space.directions)
-    return front.iloc[pos]
+    assert limit is not None
+    near_best = front[front[M.ACCURACY] >= limit * front[M.ACCURACY].max()]
+    pos = knee_point(near_best[space.metrics].to_numpy(), space.directions)
+    return near_best.iloc[pos]
 
 
 def _atomic_write(path: Path, text: str | bytes) -> None:
@@ -455,7 +484,8 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
     if best is not None:
         cfg = row_config(best)
         best_html = (
-            f"<p>Chosen by <code>--select {html.escape(select)}</code>: trial {int(best['trial'])}, "
+            f"<p>Chosen by <code>--select {html.escape(select)}</code> ({html.escape(describe_selection(select))}): "
+            f"trial {int(best['trial'])}, "
             f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}, {compute} {best[compute]:.4g}. "
             "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
             "turns it into a torch module.</p>"
@@ -514,8 +544,15 @@ def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, dict[str, 
 
 
 def rebuild(run_dir: str | Path, *, select: str | None = None) -> Path:
-    """Write every output of ``run_dir`` again from its study; returns the report's path."""
+    """Write every output of ``run_dir`` again from its study; returns the report's path.
+
+    A ``select`` rule becomes the run's own (saved in ``run.json``), so that ``best_config.yaml``,
+    the report and a later ``attn-search export`` without ``--select`` agree on one configuration."""
     study, space, record = load_run(run_dir)
+    if select is not None:
+        parse_selection(select)
+        record.setdefault("options", {})["select"] = select
+        _atomic_write(Path(run_dir) / "run.json", json.dumps(record, indent=2, default=str))
     outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
     outputs.write_all(study)
     return Path(run_dir) / "report.html"

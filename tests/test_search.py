@@ -405,3 +405,30 @@ def test_a_lookup_that_raises_fails_only_its_own_member(tmp_path: Path) -> None:
     assert len(failed) >= 1 and failed["reason"].str.startswith("KeyError").all(), trials[["state", "reason"]]
     holes = (trials["pattern"] != "dense") & (trials["lr"] == 0.006)  # what the holed table cannot look up
     assert (trials.loc[holes, "state"] == "failed").all() and (trials.loc[~holes, "state"] == "complete").all()
+
+
+def test_the_default_pick_does_not_give_up_large_accuracy_for_small_compute() -> None:
+    """The knee of a front whose compute spans 30% would take 0.665 over 0.912 and 1.000; ``knee``
+    chooses among points within 95% of the best accuracy, ``knee=0`` is the plain knee."""
+    from attn_search.outputs import describe_selection, parse_selection, select_row
+
+    space = load_space("sparse")
+    front = pd.DataFrame({"trial": [0, 1, 2, 3], "state": "complete", "feasible": True,
+                          "accuracy": [0.35, 0.665, 0.912, 1.0], "flops": [2.67e7, 2.70e7, 3.08e7, 3.24e7]})  # fmt: skip
+    assert int(select_row(front, space, "knee=0")["trial"]) == 1
+    assert int(select_row(front, space, "knee")["trial"]) == 3
+    assert int(select_row(front, space, "knee=0.6")["trial"]) == 2  # the knee of the three points above 0.6
+    assert "95% of the best accuracy" in describe_selection("knee")
+    with pytest.raises(ValueError, match="knee=F"):
+        parse_selection("knee=1.5")
+
+
+def test_report_select_and_a_later_export_agree(tmp_path: Path) -> None:
+    out, _ = search(tmp_path, trials=5, pruner="none")
+    rebuild(out, select="max-accuracy")
+    chosen = yaml.safe_load((out / "best_config.yaml").read_text())
+    exported = yaml.safe_load(export_run(out).read_text())  # no --select: the run's rule, now max-accuracy
+    assert exported["trial"] == chosen["trial"] and exported["selected_by"] == "max-accuracy"
+    export_run(out, select="min-compute", out=tmp_path / "cheap.yaml")  # a new rule becomes the run's too
+    assert yaml.safe_load((out / "best_config.yaml").read_text())["selected_by"] == "min-compute"
+    assert "min-compute" in (out / "report.html").read_text()
