@@ -226,6 +226,8 @@ class SearchSummary:
     hypervolume: float
     wall_seconds: float
     trial_seconds: float
+    stopped_by: str = ""
+    """Why the search ended, for the console (``--trials reached``, the time budget, ...)."""
 
     @property
     def overhead_fraction(self) -> float:

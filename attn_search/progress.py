@@ -128,7 +128,8 @@ class Progress:
 
     def finish(self, summary: Any) -> None:
         self._print(
-            f"done: {summary.n_finished} trials ({summary.n_complete} complete, {summary.n_pruned} pruned, "
+            f"done{': ' + summary.stopped_by if summary.stopped_by else ''}: {summary.n_finished} trials "
+            f"({summary.n_complete} complete, {summary.n_pruned} pruned, "
             f"{summary.n_failed} failed), Pareto front of {summary.front_size}, normalised hypervolume "
             f"{summary.hypervolume:.3f} (see report.html for its definition)"
         )

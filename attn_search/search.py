@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import optuna
 
 from attn_search.backends import BACKENDS, Backend, Finished, Job, Note, TrialRunner, make_backend
+from attn_search.backends.base import CUT_SHORT
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import check_task, make_task
@@ -498,12 +499,22 @@ class SearchLoop:
         wall = time.perf_counter() - start
         self.outputs.write_all(study, wall_seconds=wall, trial_seconds=self.trial_seconds, options=opts)
         summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
+        summary.stopped_by = self._stopped_by()
         if interrupted:
             raise KeyboardInterrupt
         if self.aborted is not None:
             raise SearchAborted(f"{self.aborted} (tracebacks in {self.outputs.run_dir / ERROR_LOG})")
         self.progress.finish(summary)
         return summary
+
+    def _stopped_by(self) -> str:
+        """Why the search ended (the console's last word on it)."""
+        if self.finished >= self.trials:
+            return f"all {self.trials} trials ran"
+        if self.deadline is not None and time.time() >= self.deadline:
+            return (f"the time budget of {self.time_budget:g} s ran out after {self.finished} of {self.trials} trials "
+                    "(raise --time-budget or give --trials to run them all)")  # fmt: skip
+        return f"{self.finished} of {self.trials} trials ran"
 
     def _asking(self) -> bool:
         if self.aborted is not None or self.finished + len(self.live) >= self.trials:
@@ -600,7 +611,7 @@ class SearchLoop:
             fallback = attrs.pop("population_error", None)
             if fallback is not None:
                 self._population_fell_back(trial.number, fallback)
-            if state == M.PRUNED:
+            if state == M.PRUNED and not str(attrs.get("reason", "")).startswith(CUT_SHORT):
                 attrs["reason"] = f"pruned by {self.rule.name} at step {attrs.get('curve', [[0]])[-1][0]}"
             attrs.setdefault("node", socket.gethostname())
             attrs["backend"] = self.backend.name

@@ -432,3 +432,16 @@ def test_report_select_and_a_later_export_agree(tmp_path: Path) -> None:
     export_run(out, select="min-compute", out=tmp_path / "cheap.yaml")  # a new rule becomes the run's too
     assert yaml.safe_load((out / "best_config.yaml").read_text())["selected_by"] == "min-compute"
     assert "min-compute" in (out / "report.html").read_text()
+
+
+def test_a_trial_cut_short_by_the_time_budget_is_not_complete_and_the_end_says_why(tmp_path: Path) -> None:
+    import io
+
+    stream = io.StringIO()
+    opts = SearchOptions(space=TINY, trials=50, steps=100_000, time_budget=3, pruner="none", out=str(tmp_path / "r"))
+    summary = run_search(opts, stream=stream)
+    trials = pd.read_csv(tmp_path / "r" / "trials.csv")
+    cut = trials[trials["reason"].fillna("").str.startswith("cut short by the time budget at step")]
+    assert len(cut) >= 1 and (cut["state"] == "pruned").all() and (cut["steps"] < 100_000).all()
+    assert summary.front_size == 0  # type: ignore[attr-defined]  # nothing trained its budget
+    assert "the time budget of 3 s ran out after" in stream.getvalue()

@@ -31,6 +31,8 @@ the trial. Backends call it while the trial runs (from any thread)."""
 OnRungs = Callable[[int, Sequence[tuple[int, float, dict[str, float]]]], Sequence[bool]]
 """``on_rungs(step, [(i, accuracy, compute), ...])``: every rung of one step of a population, one
 stop flag back for each (see :meth:`TrialRunner.run_many`)."""
+CUT_SHORT = "cut short by the time budget"
+"""Reason of a trial whose training the search's time budget ended (recorded ``pruned``)."""
 OnStart = Callable[[int, AttentionConfig], None]
 """``on_start(number, config)``: a trial began (progress)."""
 
@@ -271,6 +273,12 @@ class TrialRunner:
         for i, result in zip(ids, results, strict=True):
             if result.state == M.PRUNED and result.curve:
                 result.reason = f"stopped early at step {result.curve[-1][0]}"
+            ran = int(result.metrics.get(M.STEPS, budget.steps) or 0)
+            if result.state == M.COMPLETE and ran < self.budget.steps:
+                # cut short by the search's time budget: its accuracy is not the budget's, so it must
+                # not sit on the front as if it were; it keeps its metrics and says why
+                result.state = M.PRUNED
+                result.reason = f"{CUT_SHORT} at step {ran} of {self.budget.steps}"
             for key, value in (("metrics", result.metrics), ("state", result.state), ("device", result.device),
                                ("task", result.task)):  # fmt: skip
                 put(i, key, value)
