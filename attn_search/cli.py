@@ -75,7 +75,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluator", default="training", metavar="SPEC",
                    help="training (default), table:PATH to look results up in a recorded table, or module:callable")  # fmt: skip
     p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
-    p.add_argument("--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table")
+    p.add_argument(
+        "--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table (default: 2000)"
+    )
     p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")
     p.add_argument("--backend", default="local", choices=BACKENDS, metavar="NAME",
                    help="where trials run: local (this process, default) or ray (Ray Tune: local cores, GPUs, a cluster)")  # fmt: skip
@@ -90,33 +92,45 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--population", type=_positive_int, metavar="K",
                    help="trials trained together as one fused model per slot; 1: one at a time "
                         "(default: 16 on CUDA, 1 on CPU and with --evaluator table:/module:)")  # fmt: skip
-    p.add_argument("--trials", type=_positive_int, help="number of trials (default: from --preset)")
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        help="number of trials, a total on --resume (default: from --preset: smoke 6, default 24, full 100)",
+    )
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="start no new trial after this many seconds (default: from --preset)")  # fmt: skip
     p.add_argument("--preset", default="default", choices=tuple(SEARCH_PRESETS), metavar="NAME",
-                   help="smoke (~1 min), default (<10 min on 2 CPU cores) or full")  # fmt: skip
+                   help="smoke (~1 min), default (<10 min on 2 CPU cores) or full (default: default)")  # fmt: skip
     p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
     add_task_arguments(p)
     p.add_argument("--out", help="run dir (default: runs/<space>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial (default: 0)")
     p.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME", help="auto, cpu or cuda"
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        metavar="NAME",
+        help="auto (CUDA when torch sees one, default), cpu or cuda",
     )
     p.add_argument("--select", default="knee",
                    help="best_config.yaml rule (default: knee, the front's knee among points within 95%% of the "
                    "best accuracy; knee=F sets that floor): knee, max-accuracy, min-compute, "
                    "max-accuracy-under-flops=N")  # fmt: skip
     p.add_argument("--compute", default="flops", choices=(*COMPUTE_OBJECTIVES, "none"), metavar="NAME",
-                   help="compute objective: flops, latency, memory, params, or none (accuracy only)")  # fmt: skip
-    p.add_argument("--max-flops", type=_positive_float, help="constraint: forward FLOPs per sequence at most this")
-    p.add_argument("--max-latency-ms", type=_positive_float, help="constraint: forward latency at most this")
+                   help="compute objective: flops (default), latency, memory, params, or none (accuracy only)")  # fmt: skip
+    p.add_argument(
+        "--max-flops", type=_positive_float, help="constraint: forward FLOPs per sequence at most this (default: none)"
+    )
+    p.add_argument(
+        "--max-latency-ms", type=_positive_float, help="constraint: forward latency in ms at most this (default: none)"
+    )
     p.add_argument("--pruner", choices=PRUNERS, metavar="NAME",
                    help="early stopping: moasha (default with two objectives), asha (default with one), median, none")  # fmt: skip
     p.add_argument("--eta", type=float, default=3.0, help="successive-halving reduction factor (default: 3)")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run dir); runs can share one")
     p.add_argument("--study-name", metavar="NAME", help="the run's study in --storage (default: from the run dir)")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--quiet", action="store_true", help="print nothing (default: one line per trial and a summary)")
 
 
 def _options(args: argparse.Namespace) -> SearchOptions:
@@ -144,6 +158,12 @@ def _run(fn: object, prog: str, *, bad_input: tuple[type[Exception], ...] = (Usa
     # Optuna's experimental/accuracy notes are for library users; the CLI reports what matters.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", module="optuna")
+    import os
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # `--task mymodule:fn` (and --evaluator) finds mymodule.py in the current directory, as
+        # `python -m` would; a console script's sys.path does not hold it
+        sys.path.insert(0, os.getcwd())
     try:
         fn()  # type: ignore[operator]
     except bad_input as exc:

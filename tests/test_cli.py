@@ -144,3 +144,14 @@ def test_search_then_export_and_report(tmp_path: Path, capsys: pytest.CaptureFix
     assert Path(capsys.readouterr().out.strip()).name == "report.html"
     assert main(["export", str(tmp_path)]) == 2
     assert "not an attn_search run dir" in capsys.readouterr().err
+
+
+def test_a_task_module_in_the_current_directory_is_found_by_the_console_script(tmp_path: Path) -> None:
+    """`attn-search search --task mytask:make` from the folder holding mytask.py, as a user runs it
+    (a console script's sys.path does not hold the current directory by itself)."""
+    (tmp_path / "mytask.py").write_text((ROOT / "tests" / "custom_task.py").read_text())
+    script = Path(sys.executable).parent / "attn-search"
+    r = subprocess.run([str(script), "search", "--space", TINY, "--task", "mytask:make", "--trials", "1", "--steps",
+                        "2", "--out", "run", "--quiet"], capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert pd.read_csv(tmp_path / "run" / "trials.csv")["state"].tolist() == ["complete"]
