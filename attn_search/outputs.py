@@ -465,6 +465,17 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     return str(shown.to_html(index=False, escape=True, border=0, classes="t"))
 
 
+def _other_task_note(outputs: RunOutputs) -> str:
+    """A note when the run searched another task (or task parameters) than its space describes."""
+    space = outputs.space
+    if (outputs.task_name, outputs.task_kwargs) == (space.task, dict(space.task_params)):
+        return ""
+    return (
+        f" (That describes the space's own task, {space.task} {json.dumps(dict(space.task_params))}; this run "
+        "searched the task below.)"
+    )
+
+
 def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: RunOutputs, best: pd.Series | None,
                  timing: dict[str, Any]) -> None:  # fmt: skip
     """``report.html``: summary, the front, the plots, parameter importances, every trial."""
@@ -499,8 +510,8 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>attn_search report: {html.escape(space.name)}</title>
 <style>{css}</style></head><body>
 <h1>attn_search report: {html.escape(space.name)}</h1>
-<p>{html.escape(space.description)}</p>
-<p>Task <code>{html.escape(outputs.task_name)}</code> {html.escape(json.dumps(outputs.task_kwargs))};
+<p>{html.escape(space.description)}{html.escape(_other_task_note(outputs))}</p>
+<p>Task searched: <code>{html.escape(outputs.task_name)}</code> {html.escape(json.dumps(outputs.task_kwargs))};
 objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.
 Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
 {outputs.hypervolume(df):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import importlib.util
 import math
 import sys
@@ -335,6 +336,8 @@ def test_task_params_override_the_spaces_and_reach_the_trials(tmp_path: Path) ->
     run = json.loads((out / "run.json").read_text())
     assert run["task"] == "mqar" and run["task_params"] == {"seq_len": 48, "n_pairs": 4, "n_keys": 8, "n_values": 8}
     row = pd.read_csv(out / "trials.csv").iloc[0]
+    report = html.unescape((out / "report.html").read_text())
+    assert "this run searched the task below" in report and '"seq_len": 48' in report
     config = load_config(out / "best_config.yaml")
     task = make_task("mqar", **run["task_params"])
     assert row["flops"] == model_flops(config, seq_len=48, n_classes=task.n_classes)
