@@ -465,6 +465,26 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     return str(shown.to_html(index=False, escape=True, border=0, classes="t"))
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 20
+"""Complete trials below which the report shows no importance table: with fewer, PED-ANOVA's
+ranking mostly reflects which values the sampler happened to try (after 9 trials it ranked a
+sparse space's window at 0.000 and weight decay at 0.334)."""
+
+
+def importance_rows(study: optuna.Study, n_complete: int) -> str:
+    """The report's importance table, with the number of trials behind it, or why there is none."""
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return (f"<p>Not shown: {n_complete} complete trial(s), fewer than the {MIN_TRIALS_FOR_IMPORTANCE} an "
+                "importance estimate needs to mean more than which values were tried.</p>")  # fmt: skip
+    try:
+        # PED-ANOVA (Optuna's default, no scikit-learn needed) explains *low* targets: negate accuracy.
+        imp = optuna.importance.get_param_importances(study, target=lambda t: -t.values[0])
+    except (RuntimeError, ValueError, ZeroDivisionError, ImportError) as exc:  # too uniform trials
+        return f"<p>Not available: {html.escape(str(exc))}</p>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in imp.items())
+    return f'<p>From {n_complete} complete trials.</p><table class="t">{rows}</table>'
+
+
 def _other_task_note(outputs: RunOutputs) -> str:
     """A note when the run searched another task (or task parameters) than its space describes."""
     space = outputs.space
@@ -485,14 +505,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
     counts = df["state"].value_counts().to_dict()
     wall = sum(s["wall_seconds"] for s in timing.get("sessions", []))
     inside = sum(s["trial_seconds"] or 0.0 for s in timing.get("sessions", []))
-    importances = ""
-    try:
-        if (df["state"] == M.COMPLETE).sum() >= 4:
-            # PED-ANOVA (Optuna's default, no scikit-learn needed) explains *low* targets: negate accuracy.
-            imp = optuna.importance.get_param_importances(study, target=lambda t: -t.values[0])
-            importances = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in imp.items())
-    except (RuntimeError, ValueError, ZeroDivisionError, ImportError) as exc:  # too few or too uniform trials
-        importances = f"<tr><td colspan=2>not available: {html.escape(str(exc))}</td></tr>"
+    importances = importance_rows(study, int((df["state"] == M.COMPLETE).sum()))
     best_html = "<p>No complete trial yet.</p>"
     if best is not None:
         cfg = row_config(best)
@@ -522,7 +535,7 @@ framework overhead {overhead}.</p>
 <h2>Pareto front</h2>{_table(front, ["trial", M.ACCURACY, M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
 <h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
 <p>{html.escape(HYPERVOLUME_DEFINITION)} {html.escape(_bounds_text(space, outputs.bounds))}</p>
-<h2>Parameter importances for accuracy (Optuna's PED-ANOVA)</h2><table class="t">{importances}</table>
+<h2>Parameter importances for accuracy (Optuna's PED-ANOVA)</h2>{importances}
 <h2>All trials</h2>{_table(df, ["trial", "state", M.ACCURACY, compute, M.STEPS, "duration_s", "device", "pattern", "n_heads", "window", "lr", "reason"])}
 </body></html>"""
     _atomic_write(run_dir / "report.html", page)

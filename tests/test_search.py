@@ -448,3 +448,19 @@ def test_a_trial_cut_short_by_the_time_budget_is_not_complete_and_the_end_says_w
     assert len(cut) >= 1 and (cut["state"] == "pruned").all() and (cut["steps"] < 100_000).all()
     assert summary.front_size == 0  # type: ignore[attr-defined]  # nothing trained its budget
     assert "the time budget of 3 s ran out after" in stream.getvalue()
+
+
+def test_importances_say_how_many_trials_are_behind_them_and_need_enough() -> None:
+    import optuna
+
+    from attn_search.outputs import MIN_TRIALS_FOR_IMPORTANCE, importance_rows
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(MIN_TRIALS_FOR_IMPORTANCE):
+        t = study.ask()
+        x, y = t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)
+        study.tell(t, [x + 0.01 * y, 1.0])
+    assert "Not shown: 19 complete trial(s)" in importance_rows(study, MIN_TRIALS_FOR_IMPORTANCE - 1)
+    table = importance_rows(study, MIN_TRIALS_FOR_IMPORTANCE)
+    assert f"From {MIN_TRIALS_FOR_IMPORTANCE} complete trials" in table
+    assert table.index("<td>x</td>") < table.index("<td>y</td>")  # x drives accuracy: ranked first
