@@ -263,19 +263,34 @@ def _run_job(tables: Sequence[Table], portfolios: Sequence[list[dict[str, Any]]]
                   portfolio_configs=configs)  # fmt: skip
 
 
-def protocol_jobs(n_tables: int, strategies: Sequence[str], budgets: Sequence[int], seeds: Sequence[int]) -> list[Job]:
+SLOW = ("gp", "ppo", "a2c", "tpe")
+"""Strategies whose searches take seconds rather than milliseconds: scheduled first, so that
+parallel workers finish together."""
+
+
+def protocol_jobs(
+    n_tables: int,
+    strategies: Sequence[str],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    early_stopping: Sequence[str] | None = None,
+) -> list[Job]:
     """Every search the protocol runs: each strategy, table and seed at each budget without early
     stopping (one search of the largest budget where budgets are prefixes), and once more at the
-    largest budget with MO-ASHA, for the compute it saves."""
+    largest budget with MO-ASHA for the strategies in ``early_stopping`` (default: all), for the
+    compute it saves. Slow strategies first."""
     top = max(budgets)
+    with_es = strategies if early_stopping is None else early_stopping
     jobs = []
     for t in range(n_tables):
         for name in strategies:
             runs = budgets if name in BUDGET_AWARE else [top]
             for seed in seeds:
                 jobs += [Job(t, name, seed, b, False) for b in runs]
-                jobs.append(Job(t, name, seed, top, True))
-    return jobs
+                if name in with_es:
+                    jobs.append(Job(t, name, seed, top, True))
+    return sorted(jobs, key=lambda j: (j.strategy not in SLOW, SLOW.index(j.strategy) if j.strategy in SLOW else 0,
+                                       -j.trials))  # fmt: skip
 
 
 def run_protocol(
@@ -285,6 +300,7 @@ def run_protocol(
     seeds: Sequence[int],
     *,
     jobs: int = 1,
+    early_stopping: Sequence[str] | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Replay every strategy on every table (leave-one-table-out for the portfolio) and score it.
@@ -292,7 +308,8 @@ def run_protocol(
     Returns ``{"regret": {table: {budget: {strategy: [per seed]}}}, "steps": ..., "curves": ...,
     "early_stopping": ...}``: normalised-hypervolume regret (``1 - HV / table's best HV``) and
     training steps per seed, the regret after every trial of the largest budget's searches, and
-    the same largest-budget searches with MO-ASHA.
+    the same largest-budget searches with MO-ASHA (for the strategies in ``early_stopping``,
+    default all).
     """
     budgets = sorted(budgets)
     top = budgets[-1]
@@ -300,7 +317,7 @@ def run_protocol(
                   for i in range(len(tables))]  # fmt: skip
     if PORTFOLIO in strategies and len(tables) < 2:
         raise ValueError("the portfolio is learnt leave-one-table-out: it needs at least two tables")
-    todo = protocol_jobs(len(tables), strategies, budgets, seeds)
+    todo = protocol_jobs(len(tables), strategies, budgets, seeds, early_stopping)
     results: list[Replay] = []
     if jobs > 1:
         import concurrent.futures
