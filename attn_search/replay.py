@@ -39,6 +39,9 @@ from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import ask_new
 
 PORTFOLIO = "portfolio"
+META = "ppo-meta"
+"""The PPO agent meta-trained on the other tables (leave-one-table-out), then searching as ``ppo``
+with ``--agent`` (:func:`~attn_search.strategies.agent.meta_train`)."""
 
 
 class Table:
@@ -239,7 +242,7 @@ def summarise(regrets: dict[Hashable, Sequence[float]]) -> dict[Hashable, dict[s
 
 
 # -- the protocol ------------------------------------------------------------------------------------
-BUDGET_AWARE = ("tpe", "nsga2", "gp", "cmaes", "qmc", "ppo", "a2c")
+BUDGET_AWARE = ("tpe", "nsga2", "gp", "cmaes", "qmc", "ppo", "a2c", META)
 """Strategies whose behaviour depends on the trial budget (startup trials, population size, the
 agent's episode length): each budget is a search of its own. The others' budgets are prefixes of
 one search of the largest budget."""
@@ -256,14 +259,21 @@ class Job:
     early_stopping: bool
 
 
-def _run_job(tables: Sequence[Table], portfolios: Sequence[list[dict[str, Any]]], job: Job) -> Replay:
+def _run_job(
+    tables: Sequence[Table], portfolios: Sequence[list[dict[str, Any]]], agents: Sequence[str | None], job: Job
+) -> Replay:
     table = tables[job.table]
+    if job.strategy == META:
+        out = replay(table, "ppo", trials=job.trials, seed=job.seed, early_stopping=job.early_stopping,
+                     options={"agent": agents[job.table]})  # fmt: skip
+        out.strategy = META
+        return out
     configs = [c for c in portfolios[job.table] if table_key(table.space, c) in table.lookup.rows]
     return replay(table, job.strategy, trials=job.trials, seed=job.seed, early_stopping=job.early_stopping,
                   portfolio_configs=configs)  # fmt: skip
 
 
-SLOW = ("gp", "ppo", "a2c", "tpe")
+SLOW = ("gp", META, "ppo", "a2c", "tpe")
 """Strategies whose searches take seconds rather than milliseconds: scheduled first, so that
 parallel workers finish together."""
 
@@ -301,6 +311,8 @@ def run_protocol(
     *,
     jobs: int = 1,
     early_stopping: Sequence[str] | None = None,
+    meta_steps: int = 100_000,
+    agents_dir: str | Path | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Replay every strategy on every table (leave-one-table-out for the portfolio) and score it.
@@ -315,8 +327,11 @@ def run_protocol(
     top = budgets[-1]
     portfolios = [portfolio([u for j, u in enumerate(tables) if j != i], top) if len(tables) > 1 else []
                   for i in range(len(tables))]  # fmt: skip
-    if PORTFOLIO in strategies and len(tables) < 2:
-        raise ValueError("the portfolio is learnt leave-one-table-out: it needs at least two tables")
+    if (PORTFOLIO in strategies or META in strategies) and len(tables) < 2:
+        raise ValueError("the portfolio and the meta-trained agent learn leave-one-table-out: give at least two tables")
+    agents: list[str | None] = [None] * len(tables)
+    if META in strategies:
+        agents = meta_train_loo(tables, steps=meta_steps, folder=agents_dir, jobs=jobs, progress=progress)
     todo = protocol_jobs(len(tables), strategies, budgets, seeds, early_stopping)
     results: list[Replay] = []
     if jobs > 1:
@@ -324,7 +339,7 @@ def run_protocol(
         import functools
         import multiprocessing
 
-        run = functools.partial(_run_job, tables, portfolios)
+        run = functools.partial(_run_job, tables, portfolios, agents)
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for i, r in enumerate(pool.map(run, todo, chunksize=1)):
                 results.append(r)
@@ -332,7 +347,7 @@ def run_protocol(
                     progress(i + 1, len(todo))
     else:
         for i, job in enumerate(todo):
-            results.append(_run_job(tables, portfolios, job))
+            results.append(_run_job(tables, portfolios, agents, job))
             if progress:
                 progress(i + 1, len(todo))
     out: dict[str, Any] = {"regret": {}, "steps": {}, "curves": {}, "early_stopping": {}, "budgets": budgets,
@@ -357,6 +372,42 @@ def run_protocol(
             curve = [table.regret(h) for h in r.hypervolume]
             out["curves"].setdefault(table.name, {}).setdefault(job.strategy, []).append(curve)
     out["ranks"] = mean_ranks(out["regret"], budgets, strategies)
+    return out
+
+
+def _meta_train_one(paths: Sequence[str], space: SearchSpace, steps: int, out: str) -> str:
+    from attn_search.strategies.agent import meta_train
+
+    meta_train(paths, space, steps=steps, out=out)
+    return out
+
+
+def meta_train_loo(
+    tables: Sequence[Table], *, steps: int, folder: str | Path | None = None, jobs: int = 1, progress: Any = None
+) -> list[str | None]:
+    """One agent per table, meta-trained on every other table (``folder/loo-<table>.zip``; an
+    existing file is reused, so a stopped benchmark does not train it again)."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="attn-meta-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    base = tables[0].lookup.space  # the space the tables were loaded with (restricted to their grid)
+    todo = {}
+    out: list[str | None] = []
+    for i, t in enumerate(tables):
+        path = folder / f"loo-{t.name}.zip"
+        out.append(str(path))
+        if not path.is_file():
+            todo[i] = ([str(u.path) for j, u in enumerate(tables) if j != i], str(path))
+    if jobs > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(
+            min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            list(pool.map(_meta_train_one, *zip(*[(paths, base, steps, o) for paths, o in todo.values()], strict=True)))
+    else:
+        for paths, o in todo.values():
+            _meta_train_one(paths, base, steps, o)
     return out
 
 

@@ -4,9 +4,10 @@ Every strategy searches every table (``tables/*.csv``, recorded with ``attn-sear
 replaying it (:mod:`attn_search.replay`: the same strategies and early-stopping rule as a real
 search, proposals looked up instead of trained), with the same seeds for every strategy:
 
-* strategies: ``random``, ``tpe``, ``nsga2``, ``gp``, ``ppo`` from scratch, and the zero-shot
-  ``portfolio`` (the configurations that cover the *other* tables' fronts best, in that order:
-  leave-one-table-out, it never sees the table it is scored on);
+* strategies: ``random``, ``tpe``, ``nsga2``, ``gp``, ``ppo`` from scratch, ``ppo-meta`` (PPO
+  meta-trained on the *other* tables, then searching with ``--agent``), and the zero-shot
+  ``portfolio`` (the configurations that cover the other tables' fronts best, in that order).
+  Whatever learns from tables is leave-one-table-out: it never sees the table it is scored on;
 * budgets 10, 20 and 50 trials (prefixes of one 50-trial search for strategies that do not know
   their budget, random and the portfolio; a search of its own for the others);
 * score: normalised-hypervolume regret, ``1 - HV / the table's best HV`` (HPO-B, YAHPO Gym):
@@ -41,14 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from attn_search.replay import PORTFOLIO, Table, run_protocol, summarise
+from attn_search.replay import META, PORTFOLIO, Table, run_protocol, summarise
 from attn_search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("mqar-128", "mqar-64", "selective_copy-128", "listops-64")
 """The shipped tables of the protocol (``tables/README.md``); ``sparse-smoke`` predates curves and
 the protocol (its accuracies span too little to tell strategies apart)."""
-STRATEGIES = ("random", "tpe", "nsga2", "gp", "ppo", PORTFOLIO)
+STRATEGIES = ("random", "tpe", "nsga2", "gp", "ppo", META, PORTFOLIO)
 
 
 def discrimination(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                         "whose 50-trial search costs half a minute and adds no new kind of proposer)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1, the same for every strategy")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
+    parser.add_argument("--meta-steps", type=int, default=100_000, help="ppo-meta: environment steps of meta-training")
+    parser.add_argument("--agents", default=None, help="ppo-meta: folder for the leave-one-table-out agents "
+                        "(default: OUT/agents; an agent already there is reused)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for JSON and plot")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -169,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(tables)} tables x {len(args.strategies)} strategies x {args.seeds} seeds, budgets {args.budgets}, "
           f"{args.jobs} process(es)", flush=True)  # fmt: skip
     es = args.early_stopping if args.early_stopping is not None else [s for s in args.strategies if s != "gp"]
+    agents = args.agents or str(Path(args.out) / "agents")
     result = run_protocol(tables, args.strategies, args.budgets, list(range(args.seeds)), jobs=args.jobs,
-                          early_stopping=es, progress=progress)  # fmt: skip
+                          early_stopping=es, meta_steps=args.meta_steps, agents_dir=agents, progress=progress)  # fmt: skip
     checks = discrimination(result)
     wall = time.perf_counter() - start
     print_report(result, checks)

@@ -17,7 +17,8 @@ recording has a single bin). A dimension whose parameter is inactive under the c
 ``when`` condition fails) is ignored.
 
 ## Observation Space
-``Box(0, 1, shape=(k + m + 3,), float32)``:
+``Box(0, 1, shape=(k + m + 3 + 2 * B,), float32)`` with ``B`` the total number of bins over all
+action dimensions (``sum(action_space.nvec)``):
 
 | index | meaning |
 |---|---|
@@ -26,11 +27,19 @@ recording has a single bin). A dimension whose parameter is inactive under the c
 | ``k+m`` | normalised hypervolume of the running Pareto front |
 | ``k+m+1`` | remaining budget (fraction of trials left) |
 | ``k+m+2`` | 1 if the last trial completed, 0 if it failed (or none ran yet) |
+| next ``B`` | the episode's history, per dimension and bin: trials that chose it, as a fraction of the budget |
+| last ``B`` | per dimension and bin: the best accuracy of those trials relative to the episode's best (0: none) |
+
+The history makes the search so far visible to a memoryless policy (what was tried, which values
+led to the best results), in terms that transfer across tasks: counts and relative accuracies,
+no task identity. (Before the history was added the observation had ``k + m + 3`` entries, so an
+agent saved then does not load into this env.)
 
 ## Rewards
 The increase of the running front's normalised hypervolume (accuracy in [0, 1], compute
 normalised with fixed bounds, reference at the worst corner), so an episode's return is its final
-normalised hypervolume.
+normalised hypervolume, times ``reward_scale`` (1 by default; meta-training divides by a table's
+best hypervolume so that every task weighs alike).
 
 ## Starting State
 An empty front, all-zero last action and metrics, full budget.
@@ -42,7 +51,7 @@ An empty front, all-zero last action and metrics, full budget.
 ``space`` (name or YAML path), ``evaluator`` (``"training"``, ``"table:PATH"`` or an
 :class:`Evaluator`), ``budget`` (trials per episode), ``bins`` (values per numeric parameter),
 ``compute`` (``flops``, ``latency``, ``memory``, ``params``), ``preset`` (per-trial training
-budget of the ``training`` evaluator), ``device``.
+budget of the ``training`` evaluator), ``device``, ``reward_scale``.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         compute: str = "flops",
         preset: str = "smoke",
         device: str = "auto",
+        reward_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if budget < 1:
@@ -82,6 +92,7 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         self.evaluator = make_evaluator(evaluator, self.space, **kwargs)
         self.grids = self.evaluator.grids(self.space, bins)
         self.budget = budget
+        self.reward_scale = reward_scale
         self.metrics = self.space.metrics
         self.directions = self.space.directions
         lo, hi = [0.0], [1.0]
@@ -93,11 +104,15 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         k, m = len(self.grids), len(self.metrics)
         self._nvec = np.array([len(g) for g in self.grids], dtype=np.int64)
         self.action_space = gym.spaces.MultiDiscrete(self._nvec)
-        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(k + m + 3,), dtype=np.float32)
+        self._offsets = np.concatenate([[0], np.cumsum(self._nvec)[:-1]]).astype(np.int64)  # first bin of each dim
+        self._n_obs = k + m + 3 + 2 * int(self._nvec.sum())
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(self._n_obs,), dtype=np.float32)
         self._points: list[list[float]] = []
         self._used = 0
         self._hv = 0.0
-        self._obs = np.zeros(k + m + 3, dtype=np.float32)
+        self._tried = np.zeros(int(self._nvec.sum()), dtype=np.float64)  # trials per (dimension, bin)
+        self._best = np.zeros(int(self._nvec.sum()), dtype=np.float64)  # best accuracy per (dimension, bin)
+        self._obs = np.zeros(self._n_obs, dtype=np.float32)
 
     def _normalise(self, values: list[float]) -> list[float]:
         out = []
@@ -112,8 +127,10 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         self._points = []
         self._used = 0
         self._hv = 0.0
-        self._obs = np.zeros(self.observation_space.shape, dtype=np.float32)  # type: ignore[arg-type]
-        self._obs[-2] = 1.0
+        self._tried[:] = 0.0
+        self._best[:] = 0.0
+        self._obs = np.zeros(self._n_obs, dtype=np.float32)
+        self._obs[len(self.grids) + len(self.metrics) + 1] = 1.0  # the whole budget is left
         return self._obs.copy(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -123,13 +140,16 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         metrics = self.evaluator(config, values)
         self._used += 1
         k, m = len(self.grids), len(self.metrics)
-        obs = np.zeros(k + m + 3, dtype=np.float32)
+        obs = np.zeros(self._n_obs, dtype=np.float32)
         obs[:k] = action / np.maximum(1, self._nvec - 1)
+        chosen = self._offsets + action  # this trial's bin in every dimension
+        self._tried[chosen] += 1
         if metrics is not None:
             point = [metrics[name] for name in self.metrics]
             self._points.append(point)
             obs[k : k + m] = self._normalise(point)
-            obs[-1] = 1.0
+            obs[k + m + 2] = 1.0
+            self._best[chosen] = np.maximum(self._best[chosen], float(np.clip(point[0], 0.0, 1.0)))
         hv = (
             normalized_hypervolume(self._points, self.directions, lower=self.lower, upper=self.upper)
             if self._points
@@ -139,7 +159,11 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         self._hv = hv
         obs[k + m] = hv
         obs[k + m + 1] = 1.0 - self._used / self.budget
+        n_bins = len(self._tried)
+        obs[k + m + 3 : k + m + 3 + n_bins] = np.minimum(1.0, self._tried / self.budget)
+        top = self._best.max()
+        obs[k + m + 3 + n_bins :] = self._best / top if top > 0 else 0.0
         self._obs = obs
         terminated = self._used >= self.budget
         info = {"config": config.to_dict(), "values": values, "metrics": metrics, "hypervolume": hv}
-        return obs.copy(), float(reward), terminated, False, info
+        return obs.copy(), float(reward * self.reward_scale), terminated, False, info

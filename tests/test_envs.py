@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from attn_search.envs import ENV_ID
 from attn_search.envs.attention_search import AttentionSearchEnv
 from gymnasium.utils.env_checker import check_env as gym_check_env
@@ -202,3 +203,48 @@ def test_table_evaluator_serves_every_strategy(tmp_path: Path, table: Path, stra
         if t["pattern"] != "dense":
             same = same[same["window"] == t["window"]]
         assert t["accuracy"] in set(same["accuracy"])
+
+
+def test_the_observation_carries_the_episodes_history(table: Path) -> None:
+    """Per dimension and bin: how often it was tried (fraction of the budget) and the best accuracy
+    it led to relative to the episode's best, so a memoryless policy sees its search so far."""
+    env = make(table)
+    obs, _ = env.reset(seed=0)
+    k, m, n_bins = len(env.grids), len(env.metrics), int(env.action_space.nvec.sum())
+    assert obs.shape == (k + m + 3 + 2 * n_bins,) and not obs[k + m + 3 :].any()
+    first, second = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    second[1] = 1  # the second dimension (pattern) at its second value, the rest as the first trial
+    obs, *_ = env.step(first)
+    obs, _, _, _, info = env.step(second)
+    tried, best = obs[k + m + 3 : k + m + 3 + n_bins], obs[k + m + 3 + n_bins :]
+    offsets = np.concatenate([[0], np.cumsum(env.action_space.nvec)[:-1]])
+    assert tried[offsets[0]] == pytest.approx(2 / 6) and tried[offsets[1]] == pytest.approx(1 / 6)
+    assert tried[offsets[1] + 1] == pytest.approx(1 / 6) and tried.sum() == pytest.approx(2 * k / 6)
+    assert best.max() == pytest.approx(1.0) and best[offsets[0]] == pytest.approx(1.0)  # both trials chose it
+    assert env.observation_space.contains(obs)
+
+
+def test_meta_training_on_a_table_beats_the_untrained_agent_there(table: Path) -> None:
+    from stable_baselines3 import PPO
+
+    from attn_search.strategies.agent import meta_train
+
+    space = load_space(TINY)
+
+    def mean_return(agent: PPO) -> float:
+        torch.manual_seed(0)  # the policy samples from torch's global generator: same draws for both
+        env = AttentionSearchEnv(TINY, f"table:{table}", budget=4)
+        total = 0.0
+        for episode in range(20):
+            obs, _ = env.reset(seed=episode)
+            done = False
+            while not done:
+                action, _ = agent.predict(obs, deterministic=False)
+                obs, reward, done, _, _ = env.step(action)
+                total += reward
+        return total / 20
+
+    untrained = PPO("MlpPolicy", AttentionSearchEnv(TINY, f"table:{table}", budget=4), seed=0, device="cpu")
+    trained = meta_train([table], space, steps=3000, budgets=(4,), seed=0)
+    before, after = mean_return(untrained), mean_return(trained)
+    assert after > before + 0.01, (before, after)

@@ -14,7 +14,7 @@ import pytest
 
 from attn_search.evaluators import TableEvaluator
 from attn_search.pareto import pareto_front
-from attn_search.replay import PORTFOLIO, Table, mean_ranks, portfolio, rank_with_ties, replay, run_protocol
+from attn_search.replay import META, PORTFOLIO, Table, mean_ranks, portfolio, rank_with_ties, replay, run_protocol
 from attn_search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +108,10 @@ def test_ranks_share_ties_and_average_over_tables() -> None:
     assert mean_ranks(regret, [10], ["a", "b"]) == {10: {"a": 1.25, "b": 1.75}}
 
 
-def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[Table]) -> None:
-    strategies = ["random", "tpe", "nsga2", "gp", "ppo", PORTFOLIO]
-    result = run_protocol(tables, strategies, [3, 6], [0, 1])
+def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[Table], tmp_path: Path) -> None:
+    strategies = ["random", "tpe", "nsga2", "gp", "ppo", META, PORTFOLIO]
+    result = run_protocol(tables, strategies, [3, 6], [0, 1], meta_steps=300, agents_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loo-a.zip", "loo-b.zip"]  # one agent per held-out table
     for table in ("a", "b"):
         for budget in (3, 6):
             for s in strategies:
@@ -126,7 +127,7 @@ def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[
             assert all(st <= 6 * 120 for st in result["early_stopping"][table][s]["steps"])
             assert len(result["curves"][table][s][0]) == 6
     expected = mean_ranks(result["regret"], [3, 6], strategies)
-    assert result["ranks"] == expected and sum(expected[6].values()) == pytest.approx(21)  # ranks 1..6
+    assert result["ranks"] == expected and sum(expected[6].values()) == pytest.approx(28)  # ranks 1..7
 
 
 def test_the_benchmark_script_writes_its_results_and_plot(tables: list[Table], tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.envs.attention_search import AttentionSearchEnv
 from attn_search.evaluators import Evaluator, TableEvaluator, TrainingEvaluator, decode, make_evaluator
+from attn_search.pareto import normalized_hypervolume
 from attn_search.space import SearchSpace
 from attn_search.strategies.base import StrategyContext
 
@@ -66,12 +67,16 @@ def agent_kwargs(name: str, *, episode: int, seed: int | None) -> dict[str, Any]
 def make_agent(
     name: str, env: Any, *, episode: int = EPISODE, seed: int | None = None, path: str | Path | None = None
 ) -> Any:
-    """A new agent, or one loaded from an SB3 ``.zip`` (``path``) and attached to ``env``."""
+    """A new agent, or one loaded from an SB3 ``.zip`` (``path``) and attached to ``env``; a loaded
+    agent updates once per ``episode`` trials per environment (its rollout length is set to it)."""
     from stable_baselines3 import A2C, PPO
 
     cls = PPO if name == "ppo" else A2C
     if path is not None and Path(path).is_file():
-        return cls.load(str(path), env=env, device="cpu")
+        rollout: dict[str, Any] = {"n_steps": episode}
+        if cls is PPO:
+            rollout["batch_size"] = max(2, episode * env.num_envs)
+        return cls.load(str(path), env=env, device="cpu", custom_objects=rollout)
     return cls("MlpPolicy", env, **agent_kwargs(name, episode=episode, seed=seed))
 
 
@@ -143,8 +148,12 @@ class AgentStrategy:
         grid_from = self._grid_from(space)
         n_envs = max(1, self.context.slots)
         # at least three updates in a search: one env, 12 trials: updates after trials 4, 8 and 12
-        # (a rollout is `episode` steps of every env, so more envs mean shorter episodes)
+        # (a rollout is `episode` steps of every env, so more envs mean shorter episodes). An agent
+        # given with --agent (a meta-trained one) sees the whole search as one episode, as it was
+        # trained to, and updates at its end.
         episode = max(2, min(EPISODE, self.context.trials // (3 * n_envs)))
+        if options.get("agent"):  # (also on --resume, which continues that agent from agent.zip)
+            episode = max(2, -(-self.context.trials // n_envs))
         envs = [
             AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
             for _ in range(n_envs)
@@ -284,3 +293,57 @@ class AgentStrategy:
 
 def _same(value: Any) -> Any:
     return value
+
+
+# -- meta-training on recorded tables --------------------------------------------------------------
+META_BUDGETS = (10, 20, 50)
+"""Search lengths a meta-trained agent practises (one environment per table and length)."""
+
+
+def meta_kwargs(seed: int | None) -> dict[str, Any]:
+    """PPO hyperparameters for meta-training over many table environments: a rollout is one
+    50-trial search of every environment, returns are final hypervolumes (no discount)."""
+    return {"seed": seed, "verbose": 0, "device": "cpu", "gamma": 1.0, "gae_lambda": 0.95, "n_steps": 50,
+            "batch_size": 100, "n_epochs": 5, "learning_rate": 1e-3, "ent_coef": 0.01,
+            "policy_kwargs": {"net_arch": [128, 128]}}  # fmt: skip
+
+
+def meta_train(
+    tables: Sequence[str | Path],
+    space: SearchSpace,
+    *,
+    steps: int,
+    seed: int = 0,
+    budgets: Sequence[int] = META_BUDGETS,
+    compute: str = "flops",
+    out: str | Path | None = None,
+) -> Any:
+    """A PPO agent trained across recorded tables: one environment per table and search length,
+    each episode a whole search of that table, rewards the hypervolume gain divided by the table's
+    best hypervolume (so every task counts alike). ``steps``: environment steps in all. Saved to
+    ``out`` when given. Every table must have the same grid (the agent's action space)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    lookups = [TableEvaluator(t, space) for t in tables]
+    grids = [lk.grids(space, 0) for lk in lookups]
+    for path, grid in zip(tables[1:], grids[1:], strict=True):
+        if grid != grids[0]:
+            raise ValueError(f"{path} was recorded on another grid than {tables[0]}: the agent's actions would differ")
+    factories: list[Any] = []
+    for lookup in lookups:
+        scale = _table_best_hypervolume(lookup, space, compute)
+        for b in budgets:
+            factories.append(functools.partial(AttentionSearchEnv, space, lookup, budget=b, compute=compute,
+                                               reward_scale=1.0 / scale))  # fmt: skip
+    agent = PPO("MlpPolicy", DummyVecEnv(factories), **meta_kwargs(seed))
+    agent.learn(total_timesteps=steps)
+    if out is not None:
+        agent.save(str(out))
+    return agent
+
+
+def _table_best_hypervolume(lookup: TableEvaluator, space: SearchSpace, compute: str) -> float:
+    env = AttentionSearchEnv(space, lookup, budget=1, compute=compute)
+    points = [[row[m] for m in env.metrics] for row in lookup.rows.values()]
+    return float(normalized_hypervolume(points, env.directions, lower=env.lower, upper=env.upper)) or 1.0
