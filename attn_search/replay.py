@@ -284,20 +284,24 @@ def protocol_jobs(
     budgets: Sequence[int],
     seeds: Sequence[int],
     early_stopping: Sequence[str] | None = None,
+    max_budget: dict[str, int] | None = None,
 ) -> list[Job]:
     """Every search the protocol runs: each strategy, table and seed at each budget without early
     stopping (one search of the largest budget where budgets are prefixes), and once more at the
     largest budget with MO-ASHA for the strategies in ``early_stopping`` (default: all), for the
-    compute it saves. Slow strategies first."""
+    compute it saves. ``max_budget``: a strategy searched only up to this budget (its larger
+    budgets are left out of the results). Slow strategies first."""
     top = max(budgets)
     with_es = strategies if early_stopping is None else early_stopping
+    limit = max_budget or {}
     jobs = []
     for t in range(n_tables):
         for name in strategies:
             runs = budgets if name in BUDGET_AWARE else [top]
+            runs = [b for b in runs if b <= limit.get(name, top)]
             for seed in seeds:
                 jobs += [Job(t, name, seed, b, False) for b in runs]
-                if name in with_es:
+                if name in with_es and top <= limit.get(name, top):
                     jobs.append(Job(t, name, seed, top, True))
     return sorted(jobs, key=lambda j: (j.strategy not in SLOW, SLOW.index(j.strategy) if j.strategy in SLOW else 0,
                                        -j.trials))  # fmt: skip
@@ -313,6 +317,7 @@ def run_protocol(
     early_stopping: Sequence[str] | None = None,
     meta_steps: int = 100_000,
     agents_dir: str | Path | None = None,
+    max_budget: dict[str, int] | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Replay every strategy on every table (leave-one-table-out for the portfolio) and score it.
@@ -332,7 +337,7 @@ def run_protocol(
     agents: list[str | None] = [None] * len(tables)
     if META in strategies:
         agents = meta_train_loo(tables, steps=meta_steps, folder=agents_dir, jobs=jobs, progress=progress)
-    todo = protocol_jobs(len(tables), strategies, budgets, seeds, early_stopping)
+    todo = protocol_jobs(len(tables), strategies, budgets, seeds, early_stopping, max_budget)
     results: list[Replay] = []
     if jobs > 1:
         import concurrent.futures
@@ -362,13 +367,14 @@ def run_protocol(
             es.setdefault("steps", []).append(r.steps[-1])
             es.setdefault("pruned", []).append(r.pruned)
             continue
-        for b in budgets if job.strategy not in BUDGET_AWARE else [job.trials]:
+        prefixes = [b for b in budgets if b <= (max_budget or {}).get(job.strategy, top)]
+        for b in prefixes if job.strategy not in BUDGET_AWARE else [job.trials]:
             hv, steps = r.at(b)
             out["regret"].setdefault(table.name, {}).setdefault(b, {}).setdefault(job.strategy, []).append(
                 table.regret(hv)
             )
             out["steps"].setdefault(table.name, {}).setdefault(b, {}).setdefault(job.strategy, []).append(steps)
-        if job.trials == top:
+        if job.trials == max(prefixes):
             curve = [table.regret(h) for h in r.hypervolume]
             out["curves"].setdefault(table.name, {}).setdefault(job.strategy, []).append(curve)
     out["ranks"] = mean_ranks(out["regret"], budgets, strategies)
@@ -415,13 +421,14 @@ def mean_ranks(
     regret: dict[str, dict[int, dict[str, list[float]]]], budgets: Sequence[int], strategies: Sequence[str]
 ) -> dict[int, dict[str, float]]:
     """Per budget, each strategy's rank by median regret on each table (1 = best, ties share the
-    mean rank), averaged over the tables."""
+    mean rank), averaged over the tables; among the strategies searched at that budget."""
     out: dict[int, dict[str, float]] = {}
     for b in budgets:
+        present = [s for s in strategies if all(s in cells.get(b, {}) for cells in regret.values())]
         per_table = []
         for cells in regret.values():
-            medians = [float(np.median(cells[b][s])) for s in strategies]
+            medians = [float(np.median(cells[b][s])) for s in present]
             per_table.append(rank_with_ties(medians))
         mean = np.mean(np.asarray(per_table), axis=0)
-        out[b] = {s: float(m) for s, m in zip(strategies, mean, strict=True)}
+        out[b] = {s: float(m) for s, m in zip(present, mean, strict=True)}
     return out

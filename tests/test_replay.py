@@ -152,3 +152,15 @@ def test_a_recorded_table_gives_its_curves(tables: list[Table]) -> None:
     assert [s for s, _ in curve] == list(STEPS) and curve[-1][1] == pytest.approx(0.9)
     with pytest.raises(KeyError, match="no row"):
         lookup.curve({**values, "lr": 0.005})
+
+
+def test_protocol_jobs_give_budget_aware_strategies_a_search_per_budget_and_respect_a_cap() -> None:
+    from attn_search.replay import protocol_jobs
+
+    jobs = protocol_jobs(2, ["random", "tpe", "gp"], [10, 20, 50], [0, 1], early_stopping=["random", "gp"],
+                         max_budget={"gp": 20})  # fmt: skip
+    by = {(j.strategy, j.trials, j.early_stopping) for j in jobs}
+    assert {t for s, t, es in by if s == "random" and not es} == {50}  # budgets are prefixes of one search
+    assert {t for s, t, es in by if s == "tpe" and not es} == {10, 20, 50}  # TPE's startup depends on its budget
+    assert {t for s, t, es in by if s == "gp"} == {10, 20} and ("random", 50, True) in by  # capped, no 50-trial ES
+    assert jobs[0].strategy == "gp" and len(jobs) == 2 * 2 * (1 + 1 + 3 + 2)
