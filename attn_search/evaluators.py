@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -181,8 +181,13 @@ def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSp
     return dataclasses.replace(space, params=params)
 
 
+def format_curve(curve: Sequence[Sequence[float]]) -> str:
+    """``[(40, 0.25), (80, 0.5)]`` -> ``"40:0.25;80:0.5"``: a recorded table's ``curve`` cell."""
+    return ";".join(f"{int(step)}:{float(acc):.6g}" for step, acc in curve)
+
+
 def _parse_curve(text: Any) -> list[tuple[int, float]]:
-    """A table's ``curve`` cell (``"30:0.25;60:0.5"``, see :mod:`attn_search.record`) as points."""
+    """Inverse of :func:`format_curve` (an empty or missing cell is an empty curve)."""
     if not isinstance(text, str) or not text.strip():
         return []
     return [(int(s), float(a)) for s, a in (item.split(":") for item in text.split(";"))]

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from attn_search.evaluators import grids_of
+from attn_search.evaluators import format_curve, grids_of
 from attn_search.outputs import load_run
 from attn_search.search import SearchOptions, run_search
 from attn_search.space import SearchSpace, load_space
@@ -111,8 +111,3 @@ def record(
     )
     out.write_text(header + frame.to_csv(index=False))
     return out
-
-
-def format_curve(curve: Sequence[Sequence[float]]) -> str:
-    """``[(40, 0.25), (80, 0.5)]`` -> ``"40:0.25;80:0.5"`` (the table's ``curve`` column)."""
-    return ";".join(f"{int(step)}:{float(acc):.6g}" for step, acc in curve)
