@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv search test test-all lint format imports bench clean
+.PHONY: venv search test test-all lint format imports bench agent clean
 
 # torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
 # CUDA packages; constraints.txt keeps every other package at the versions tested here.
@@ -48,6 +48,12 @@ bench: venv
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/ray_overhead.py
 	$(PY) benchmarks/gpu_packing.py
+
+## The shipped agent (the default of --strategy ppo): PPO meta-trained on the shipped tables.
+AGENT_TABLES := tables/mqar-128.csv tables/mqar-64.csv tables/selective_copy-128.csv tables/listops-64.csv
+agent: venv
+	$(PY) -m attn_search.cli meta-train --space sparse --tables $(AGENT_TABLES) --steps 100000 \
+		--out attn_search/strategies/agents/sparse-ppo.zip
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -56,6 +56,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 _positive_int = _number(int, low=1, strict=False)
 _positive_float = _number(float, low=0, strict=True)
 _non_negative_float = _number(float, low=0, strict=False)
+_non_negative_int = _number(int, low=0, strict=False)
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +79,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table (default: 2000)"
     )
-    p.add_argument("--agent", metavar="PATH", help="ppo/a2c: start from this SB3 .zip (the run saves agent.zip)")
+    p.add_argument("--agent", metavar="PATH",
+                   help="ppo/a2c: start from this SB3 .zip, or none to train from scratch (default: ppo on a space "
+                   "the shipped meta-trained agent fits starts from it; the run saves agent.zip)")  # fmt: skip
     p.add_argument("--backend", default="local", choices=BACKENDS, metavar="NAME",
                    help="where trials run: local (this process, default) or ray (Ray Tune: local cores, GPUs, a cluster)")  # fmt: skip
     p.add_argument("--address", metavar="ADDR",
@@ -102,6 +105,12 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=tuple(SEARCH_PRESETS), metavar="NAME",
                    help="smoke (~1 min), default (<10 min on 2 CPU cores) or full (default: default)")  # fmt: skip
     p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
+    p.add_argument("--confirm", type=_non_negative_int, metavar="K",
+                   help="after the search, train each front point again with K more seeds; its accuracy becomes the "
+                   "mean (default: 0 for --preset smoke, 2 for default, 3 for full)")  # fmt: skip
+    p.add_argument("--target-len", type=_positive_int, metavar="L",
+                   help="report compute (FLOPs, latency, memory) at sequence length L, the one you deploy; accuracy "
+                   "is still trained at the task's length (default: the space's target_len, else the task's length)")  # fmt: skip
     add_task_arguments(p)
     p.add_argument("--out", help="run dir (default: runs/<space>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -178,6 +187,43 @@ def _run(fn: object, prog: str, *, bad_input: tuple[type[Exception], ...] = (Usa
     return 0
 
 
+def _confirm(args: argparse.Namespace) -> None:
+    from attn_search.confirm import confirm_scale, confirm_seeds
+
+    if args.seq_len is None:
+        if any(v is not None for v in (args.d_model, args.n_layers, args.steps, args.top)):
+            raise ValueError("--d-model, --n-layers, --steps and --top belong to the scale check: add --seq-len L")
+        confirm_seeds(args.run_dir, seeds=args.seeds, device=args.device)
+    else:
+        confirm_scale(args.run_dir, seq_len=args.seq_len, d_model=args.d_model, n_layers=args.n_layers,
+                      steps=args.steps, top=args.top, device=args.device)  # fmt: skip
+    print(f"rewrote the outputs of {args.run_dir} (report.html)")
+
+
+def _meta_train(args: argparse.Namespace) -> str:
+    import time
+    from pathlib import Path
+
+    from attn_search.space import load_space
+    from attn_search.strategies.agent import meta_train
+
+    missing = [t for t in args.tables if not Path(t).is_file()]
+    if missing:
+        raise UsageError(f"--tables: no such table: {', '.join(missing)}")
+    try:
+        space = load_space(args.space)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"meta-training PPO on {len(args.tables)} table(s) for {args.steps} environment steps", flush=True)
+    start = time.perf_counter()
+    try:
+        meta_train(args.tables, space, steps=args.steps, seed=args.seed, out=args.out)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(str(exc)) from exc
+    out = Path(args.out).with_suffix(".zip")
+    return f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - start:.0f} s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="attn-search", description="attn_search: accuracy/compute optimal attention configurations.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -206,8 +252,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_record.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME")
     p_record.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     p_record.add_argument("--quiet", action="store_true")
+    p_meta = sub.add_parser("meta-train", help="meta-train the PPO agent on recorded tables (how the shipped agent "
+                            "is made: make agent)")  # fmt: skip
+    p_meta.add_argument("--tables", nargs="+", required=True, metavar="CSV",
+                        help="recorded tables of one grid (attn-search record)")  # fmt: skip
+    p_meta.add_argument("--out", required=True, help="agent to write (.zip, with its grid in a .json beside it)")
+    p_meta.add_argument("--space", default="sparse", help="the space the tables were recorded on (default: sparse)")
+    p_meta.add_argument("--steps", type=_positive_int, default=100_000,
+                        help="environment steps in all (default: 100000, the shipped agent's)")  # fmt: skip
+    p_meta.add_argument("--seed", type=int, default=0)
+    p_confirm = sub.add_parser("confirm", help="retrain a finished run's front with more seeds, or at a larger scale")
+    p_confirm.add_argument("run_dir")
+    p_confirm.add_argument("--seeds", type=_positive_int, default=2,
+                           help="more seeds per front point (default: 2); the front and selection use the mean")  # fmt: skip
+    p_confirm.add_argument("--seq-len", type=_positive_int, metavar="L",
+                           help="scale check instead: train the front at sequence length L and report Kendall's tau "
+                           "between the proxy's and the scale's accuracies")  # fmt: skip
+    p_confirm.add_argument("--d-model", type=_positive_int, help="scale check: model width (default: the run's)")
+    p_confirm.add_argument("--n-layers", type=_positive_int, help="scale check: layers (default: the run's)")
+    p_confirm.add_argument("--steps", type=_positive_int, help="scale check: training steps (default: the run's)")
+    p_confirm.add_argument("--top", type=_positive_int, metavar="K",
+                           help="scale check: only the K most accurate front points (default: the whole front)")  # fmt: skip
+    p_confirm.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME",
+                           help="auto (default), cpu or cuda")  # fmt: skip
     args = parser.parse_args(argv)
     prog = f"attn-search {args.command}"
+    if args.command == "confirm":
+        return _run(lambda: _confirm(args), prog)
+    if args.command == "meta-train":
+        return _run(lambda: print(_meta_train(args)), prog, bad_input=(UsageError,))
     if args.command == "record":
         from attn_search.record import record
 

@@ -23,7 +23,7 @@ from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import model_flops
 from attn_search.engine.tasks import make_task
-from attn_search.engine.trainer import evaluate
+from attn_search.engine.trainer import PRESETS, evaluate
 from attn_search.space import SearchSpace
 
 
@@ -55,10 +55,11 @@ def decode(space: SearchSpace, grids: list[list[Any]], action: np.ndarray) -> di
 def table_key(space: SearchSpace, values: Mapping[str, Any]) -> tuple[Any, ...]:
     """Hashable key of a configuration's active values (floats rounded to 6 significant digits)."""
     active = space.active_values(values)
-    return tuple((p.name, _canon(active.get(p.name))) for p in space.params)
+    return tuple((p.name, canonical(active.get(p.name))) for p in space.params)
 
 
-def _canon(value: Any) -> Any:
+def canonical(value: Any) -> Any:
+    """A value in the form table keys compare (floats to 6 significant digits, numpy scalars as Python)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bool | str):
@@ -87,8 +88,12 @@ class TrainingEvaluator:
         self.preset = preset
         self.device = device
 
+        self.target_len = space.target_len
+
     def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
-        result = evaluate(config, self.task, budget=self.preset, device=self.device, task_kwargs=self.task_kwargs)
+        base = PRESETS[self.preset] if isinstance(self.preset, str) else self.preset
+        budget = dataclasses.replace(base, target_len=self.target_len)
+        result = evaluate(config, self.task, budget=budget, device=self.device, task_kwargs=self.task_kwargs)
         return result.metrics if result.state == M.COMPLETE else None
 
     def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
@@ -98,13 +103,14 @@ class TrainingEvaluator:
         if metric not in (M.FLOPS, M.PARAMS):
             raise ValueError(f"the training evaluator knows bounds for flops and params only, not {metric}")
         task = make_task(self.task, **self.task_kwargs)
+        length = self.target_len or task.seq_len  # compute is reported at the target length
         rng = np.random.default_rng(0)
         values = []
         for _ in range(256):  # analytic, so a sample of the grid gives the range cheaply
             action = np.array([rng.integers(len(g)) for g in grids])
             config = space.make_config(decode(space, grids, action))
             if metric == M.FLOPS:
-                values.append(model_flops(config, seq_len=task.seq_len, n_classes=task.n_classes))
+                values.append(model_flops(config, seq_len=length, n_classes=task.n_classes))
             else:
                 d, L = config.d_model, config.n_layers
                 values.append(2 * task.vocab_size * d + L * 12 * d * d + d * task.n_classes)
@@ -162,9 +168,9 @@ class TableEvaluator:
         for p in space.params:
             present = self.frame[p.name].dropna().unique().tolist() if p.name in self.frame else []
             if p.kind == "categorical":
-                values = [c for c in p.choices if any(_canon(c) == _canon(v) for v in present)]
+                values = [c for c in p.choices if any(canonical(c) == canonical(v) for v in present)]
             else:
-                values = sorted({_canon(v) for v in present})
+                values = sorted({canonical(v) for v in present})
                 values = [int(v) for v in values] if p.kind == "int" else values
             out.append(values or [p.grid(1)[0]])
         return out

@@ -25,7 +25,7 @@ from attn_search.engine import attention, model, patterns
 from attn_search.engine import config as config_module
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import make_task
-from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row, trials_frame
+from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row
 
 FORMATS = ("yaml", "json", "python")
 ENGINE_MODULES: tuple[ModuleType, ...] = (patterns, attention, config_module, model)
@@ -136,7 +136,7 @@ def export_run(
         study, space, record = load_run(run_dir)
     outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
     rule = outputs.select
-    row = select_row(trials_frame(study), space, rule)
+    row = select_row(outputs.frame(study), space, rule)
     if row is None:
         raise ValueError(f"{run_dir}: no complete trial satisfies --select {rule}")
     suffix = {"yaml": "yaml", "json": "json", "python": "py"}[fmt]

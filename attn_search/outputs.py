@@ -29,7 +29,7 @@ from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
 from attn_search.space import SearchSpace, parse_space
 
 METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
-                  M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS]  # fmt: skip
+                  M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS, M.LATENCY_SPREAD]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
 TRIAL_COLUMNS = ["trial", "state", "completed", "reason", "duration_s", "device", "node", "slot", *METRIC_COLUMNS,
@@ -122,6 +122,60 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["feasible"] = all(c <= 0 for c in t.constraints.values())  # Optuna's Trial.set_constraint
         rows.append(row)
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+
+
+CONFIRM_FILE = "confirm.csv"
+"""A run's confirmation retrains (``--confirm K``, ``attn-search confirm``): one row per trial and
+extra seed, appended as each finishes (:mod:`attn_search.confirm`)."""
+CONFIRM_COLUMNS = ["trial", "seed", "state", M.ACCURACY, M.STEPS, "seconds"]
+SCALE_FILE = "scale.csv"
+"""A run's scale check (``attn-search confirm RUN --seq-len L``): one row per retrained front point;
+its summary with Kendall's tau is ``scale.json``."""
+
+
+def with_confirmations(df: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """``df`` with each confirmed trial's accuracy replaced by its mean over every seed (the
+    search's and the confirmation's, complete runs only), and the columns ``accuracy_search`` (the
+    search's own run), ``accuracy_sd`` (standard deviation over seeds) and ``seeds``; unchanged
+    when the run has no confirmations. The front, the hypervolume and the selection then use the
+    mean."""
+    path = run_dir / CONFIRM_FILE
+    if not path.is_file():
+        return df
+    extra = pd.read_csv(path)
+    extra = extra[extra["state"] == M.COMPLETE]
+    if extra.empty:
+        return df
+    out = df.copy()
+    out["accuracy_search"] = out[M.ACCURACY]
+    out["accuracy_sd"] = math.nan
+    out["seeds"] = (out["state"] == M.COMPLETE).astype(int)
+    for trial, rows in extra.groupby("trial"):
+        at = out.index[(out["trial"] == trial) & (out["state"] == M.COMPLETE)]
+        if len(at) == 0:
+            continue
+        values = np.concatenate([[out.at[at[0], M.ACCURACY]], rows[M.ACCURACY].to_numpy(dtype=float)])
+        out.loc[at[0], [M.ACCURACY, "accuracy_sd", "seeds"]] = [values.mean(), values.std(ddof=1), len(values)]
+    return out
+
+
+def mark_noise(front: pd.DataFrame) -> pd.DataFrame:
+    """The front (best accuracy first) with ``within_noise_of``: the next front point (in accuracy
+    order) whose mean accuracy differs from this one's by less than the larger of their standard
+    deviations over seeds, so their order is not settled; empty where the gap is larger, or where
+    either point has one seed only."""
+    if "accuracy_sd" not in front.columns or front.empty:
+        return front
+    front = front.copy()
+    marks = [""] * len(front)
+    acc, sd, trial = front[M.ACCURACY].to_numpy(), front["accuracy_sd"].to_numpy(), front["trial"].to_numpy()
+    for i in range(len(front) - 1):
+        if math.isnan(sd[i]) or math.isnan(sd[i + 1]):
+            continue
+        if abs(acc[i] - acc[i + 1]) < max(sd[i], sd[i + 1]):
+            marks[i] = f"trial {int(trial[i + 1])}"
+    front["within_noise_of"] = marks
+    return front
 
 
 def front_rows(df: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
@@ -274,7 +328,7 @@ class RunOutputs:
 
     def stats(self, study: optuna.Study, df: pd.DataFrame | None = None) -> dict[str, Any]:
         """Counts, best accuracy, front size and hypervolume (``df``: the trials table, if built)."""
-        df = trials_frame(study) if df is None else df
+        df = self.frame(study) if df is None else df
         counted = df[df["state"] != "interrupted"]
         front = front_rows(df, self.space)
         return {
@@ -289,11 +343,15 @@ class RunOutputs:
             "hypervolume": self.hypervolume(df),
         }
 
+    def frame(self, study: optuna.Study) -> pd.DataFrame:
+        """The trials table, with the run's confirmations merged (:func:`with_confirmations`)."""
+        return with_confirmations(trials_frame(study), self.run_dir)
+
     def write_tables(self, study: optuna.Study) -> pd.DataFrame:
         """``trials.csv`` and ``pareto.csv`` (rewritten atomically after every trial)."""
-        df = trials_frame(study)
+        df = self.frame(study)
         _atomic_write(self.run_dir / "trials.csv", df.to_csv(index=False))
-        _atomic_write(self.run_dir / "pareto.csv", front_rows(df, self.space).to_csv(index=False))
+        _atomic_write(self.run_dir / "pareto.csv", mark_noise(front_rows(df, self.space)).to_csv(index=False))
         return df
 
     def write_best(self, df: pd.DataFrame) -> pd.Series | None:
@@ -338,12 +396,15 @@ def export_dict(row: pd.Series, outputs: RunOutputs, select: str) -> dict[str, A
     config = row_config(row)
     return {
         "config": config.to_dict(),
-        "metrics": {m: _plain(row[m]) for m in METRIC_COLUMNS if not pd.isna(row[m])},
+        "metrics": {
+            m: _plain(row[m]) for m in [*METRIC_COLUMNS, "accuracy_sd", "seeds"] if m in row and not pd.isna(row[m])
+        },
         "trial": int(row["trial"]),
         "selected_by": select,
         "space": outputs.space.name,
         "task": outputs.task_name,
         "task_params": outputs.task_kwargs,
+        **({"target_len": outputs.space.target_len} if outputs.space.target_len is not None else {}),
     }
 
 
@@ -352,6 +413,9 @@ def export_text(row: pd.Series, outputs: RunOutputs, select: str, *, fmt: str) -
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     header = f"# attn_search: trial {data['trial']} selected by --select {select} from space {outputs.space.name!r}\n"
+    if outputs.space.target_len is not None:
+        header += (f"# metrics: compute at sequence length {outputs.space.target_len} (target_len), accuracy at the "
+                   "task's; pattern parameters are absolute (a window stays the same width at any length)\n")  # fmt: skip
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -500,7 +564,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
                  timing: dict[str, Any]) -> None:  # fmt: skip
     """``report.html``: summary, the front, the plots, parameter importances, every trial."""
     space, select = outputs.space, outputs.select
-    front = front_rows(df, space)
+    front = mark_noise(front_rows(df, space))
     compute = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS
     counts = df["state"].value_counts().to_dict()
     wall = sum(s["wall_seconds"] for s in timing.get("sessions", []))
@@ -512,7 +576,8 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
         best_html = (
             f"<p>Chosen by <code>--select {html.escape(select)}</code> ({html.escape(describe_selection(select))}): "
             f"trial {int(best['trial'])}, "
-            f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}, {compute} {best[compute]:.4g}. "
+            f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}{_spread(best)}, {compute} "
+            f"{best[compute]:.4g}. "
             "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
             "turns it into a torch module.</p>"
         )
@@ -525,20 +590,79 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
 <h1>attn_search report: {html.escape(space.name)}</h1>
 <p>{html.escape(space.description)}{html.escape(_other_task_note(outputs))}</p>
 <p>Task searched: <code>{html.escape(outputs.task_name)}</code> {html.escape(json.dumps(outputs.task_kwargs))};
-objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.
+objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.{html.escape(target_note(space))}
 Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
 {outputs.hypervolume(df):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
-framework overhead {overhead}.</p>
+framework overhead {overhead}.{_latency_note(df)}</p>
 <h2>Chosen configuration</h2>{best_html}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
-<h2>Pareto front</h2>{_table(front, ["trial", M.ACCURACY, M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
+<h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
+{_scale_section(run_dir)}
 <h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
 <p>{html.escape(HYPERVOLUME_DEFINITION)} {html.escape(_bounds_text(space, outputs.bounds))}</p>
 <h2>Parameter importances for accuracy (Optuna's PED-ANOVA)</h2>{importances}
 <h2>All trials</h2>{_table(df, ["trial", "state", M.ACCURACY, compute, M.STEPS, "duration_s", "device", "pattern", "n_heads", "window", "lr", "reason"])}
 </body></html>"""
     _atomic_write(run_dir / "report.html", page)
+
+
+def _scale_section(run_dir: Path) -> str:
+    """The scale check's table and Kendall's tau ('' before ``attn-search confirm --seq-len``)."""
+    path = (run_dir / SCALE_FILE).with_suffix(".json")
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    tau = data["kendall_tau"]
+    verdict = (f"<b>Warning: weak (below {data['weak_below']})</b>: the proxy does not rank these configurations as "
+               "the larger scale does; prefer the scale's accuracies" if data["weak"] else "the proxy's ranking holds")  # fmt: skip
+    rows = pd.DataFrame(data["points"])
+    return (f"<h2>Scale check</h2><p>The front retrained at seq_len {data['seq_len']}, d_model {data['d_model']}, "
+            f"n_layers {data['n_layers']}, {data['steps']} steps ({html.escape(data['task'])}). Kendall's tau between "
+            f"proxy and scale accuracies: {tau:.2f}: {verdict}.</p>"
+            f"{_table(rows, ['trial', 'config', 'accuracy_proxy', 'accuracy_scale'])}")  # fmt: skip
+
+
+def _latency_note(df: pd.DataFrame) -> str:
+    """Which trials' latency is unreliable: their timed runs varied more than ``LATENCY_SPREAD_WARN``."""
+    if M.LATENCY_SPREAD not in df.columns:
+        return ""
+    noisy = df[df[M.LATENCY_SPREAD] > M.LATENCY_SPREAD_WARN]
+    if noisy.empty:
+        return ""
+    listed = ", ".join(f"{int(t)} ({s:.1f}x)" for t, s in zip(noisy["trial"], noisy[M.LATENCY_SPREAD], strict=True))
+    return (
+        f" <b>Latency unreliable</b> for trial(s) {html.escape(listed)}: their timed forward passes varied more "
+        f"than {M.LATENCY_SPREAD_WARN:g}x (slowest over fastest), so the machine was busy while they were timed."
+    )
+
+
+def _spread(row: pd.Series) -> str:
+    """`` ± 0.012 over 3 seeds`` for a confirmed row ('' otherwise)."""
+    if "seeds" not in row or pd.isna(row.get("accuracy_sd")):
+        return ""
+    return f" ± {row['accuracy_sd']:.3f} (mean over {int(row['seeds'])} seeds)"
+
+
+def _confirm_note(front: pd.DataFrame) -> str:
+    if "seeds" not in front.columns:
+        return ("<p>Each accuracy is one training run (one seed); <code>attn-search confirm RUN --seeds K</code> "
+                "retrains the front with more seeds.</p>")  # fmt: skip
+    noisy = int((front.get("within_noise_of", pd.Series(dtype=str)) != "").sum())
+    return (f"<p>Confirmed: each front point was retrained with more seeds; <i>accuracy</i> is the mean over "
+            f"<i>seeds</i> runs, <i>accuracy_sd</i> their standard deviation, <i>accuracy_search</i> the search's own "
+            f"run. The front and the selection use the mean. {noisy} point(s) are <i>within noise</i> of the next: "
+            "their accuracies differ by less than the larger standard deviation, so their order is not settled."
+            "</p>")  # fmt: skip
+
+
+def target_note(space: SearchSpace) -> str:
+    """What ``target_len`` means for the compute figures ('' without one)."""
+    if space.target_len is None:
+        return ""
+    return (f" Compute objectives (FLOPs; latency and memory of a forward pass) are at sequence length "
+            f"{space.target_len}, the target length; accuracy was trained at the task's length. Pattern parameters "
+            "are absolute: a window of 46 covers 46 positions at any length.")  # fmt: skip
 
 
 def _bounds_text(space: SearchSpace, bounds: Bounds) -> str:

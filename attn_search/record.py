@@ -97,6 +97,7 @@ def record(
     opts = SearchOptions(
         space=space, strategy="random", trials=len(configs), preset=preset, steps=steps, seed=seed, device=device,
         task=task, task_params=dict(task_params or {}) or None, out=str(work), resume=resume, pruner="none", quiet=quiet, enqueue=configs,
+        confirm=0,  # a table holds one training run per configuration, as a search's trial is
     )  # fmt: skip
     run_search(opts)
     command = "attn-search record " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))

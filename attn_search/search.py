@@ -76,14 +76,17 @@ class SearchPreset:
     trials: int
     budget: str
     time_budget: float | None
+    confirm: int = 0
+    """Extra seeds each front point is retrained with after the search (``--confirm``)."""
 
 
 SEARCH_PRESETS = {
     "smoke": SearchPreset(trials=6, budget="smoke", time_budget=None),
     # 25-90 s trials on 2 CPU cores; the cap (which also cuts the last trial's training short)
-    # keeps the default run under 10 minutes, outputs included.
-    "default": SearchPreset(trials=24, budget="default", time_budget=540.0),
-    "full": SearchPreset(trials=100, budget="full", time_budget=None),
+    # keeps the search under 10 minutes, outputs included; confirming the front's 3-6 points with 2
+    # more seeds each adds a few minutes after it.
+    "default": SearchPreset(trials=24, budget="default", time_budget=540.0, confirm=2),
+    "full": SearchPreset(trials=100, budget="full", time_budget=None, confirm=3),
 }
 
 
@@ -131,6 +134,11 @@ class SearchOptions:
     pretrain: str | None = None
     pretrain_steps: int = 2000
     agent: str | None = None
+    target_len: int | None = None
+    """Report the compute objectives at this sequence length (overrides the space's ``target_len``)."""
+    confirm: int | None = None
+    """Retrain each front point with this many more seeds after the search (none: the preset's;
+    only with real training)."""
     enqueue: list[dict[str, Any]] | None = None
     """Configurations (searched values) to evaluate first, in order (``attn-search record``)."""
 
@@ -159,6 +167,11 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
     if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
         raise UsageError(f"--compute {opts.compute!r} is unknown: use one of {', '.join(M.COMPUTE_OBJECTIVES)} or none")
+    if opts.confirm is not None and opts.confirm < 0:
+        raise UsageError(f"--confirm {opts.confirm} is invalid: give 0 (no confirmation) or more seeds")
+    if opts.confirm and opts.evaluator != "training":
+        raise UsageError(f"--confirm {opts.confirm}: needs --evaluator training (a table or your evaluator gives "
+                         "one result per configuration)")  # fmt: skip
     for flag, count in (("--steps", opts.steps), ("--trials", opts.trials), ("--population", opts.population)):
         if count is not None and count < 1:
             raise UsageError(f"{flag} {count} is invalid: it must be at least 1")
@@ -177,6 +190,13 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     space = space.with_compute(None if opts.compute == "none" else opts.compute)
+    if opts.target_len is not None:
+        if opts.target_len < 1:
+            raise UsageError(f"--target-len {opts.target_len} is invalid: it must be a sequence length >= 1")
+        space = dataclasses.replace(space, target_len=opts.target_len)
+    if space.target_len is not None and opts.evaluator != "training":
+        raise UsageError(f"--target-len {space.target_len}: needs --evaluator training (a table's or your evaluator's "
+                         "compute is what it recorded, at its own length)")  # fmt: skip
     if opts.evaluator != "training":
         try:
             space = restrict_to_evaluator(space, opts.evaluator)
@@ -270,6 +290,7 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     first trials all failed the same way (see :mod:`attn_search.failures`).
     """
     stream = stream or sys.stdout
+    opts = _resumed_defaults(opts)
     space, preset = _check(opts)
     task, task_kwargs = _task(space, opts)
     user_storage = _preflight(opts, task, task_kwargs)
@@ -292,6 +313,19 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         if created and not (out / "trials.csv").exists():  # refused before any trial: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
+    """On ``--resume``, what the run was started with where a flag is not given again
+    (``--target-len``: the compute objectives must be measured alike)."""
+    run_file = Path(opts.out) / RUN_FILE if opts.out else None
+    if not opts.resume or run_file is None or not run_file.is_file() or opts.target_len is not None:
+        return opts
+    try:
+        started = json.loads(run_file.read_text()).get("options", {})
+    except (OSError, ValueError):
+        return opts  # the resume check reports the broken run file
+    return dataclasses.replace(opts, target_len=started.get("target_len"))
 
 
 def _hypervolume_bounds(space: SearchSpace, opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> dict:
@@ -323,7 +357,7 @@ def _run_locked(
         raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
     trials = opts.trials or preset.trials
     time_budget = opts.time_budget if opts.time_budget is not None else (None if opts.trials else preset.time_budget)
-    budget = PRESETS[preset.budget]
+    budget = dataclasses.replace(PRESETS[preset.budget], target_len=space.target_len)
     if opts.steps is not None:
         budget = dataclasses.replace(budget, steps=opts.steps)
     if not opts.resume:
@@ -345,8 +379,16 @@ def _run_locked(
                         compute_metric=space.metrics[1] if len(space.metrics) > 1 else M.FLOPS)  # fmt: skip
     loop = SearchLoop(opts, space=space, runner=runner, backend=backend, outputs=outputs, progress=progress,
                       storage=storage, study_name=record.get("study_name", "attn_search"), trials=trials,
-                      time_budget=time_budget, population=population)  # fmt: skip
+                      time_budget=time_budget, population=population,
+                      confirm=_confirm_count(opts, preset))  # fmt: skip
     return loop.run()
+
+
+def _confirm_count(opts: SearchOptions, preset: SearchPreset) -> int:
+    """``--confirm``, else the preset's (real training only: a lookup gives one result per configuration)."""
+    if opts.confirm is not None:
+        return opts.confirm
+    return preset.confirm if opts.evaluator == "training" else 0
 
 
 def _absolute(spec: str) -> str:
@@ -388,7 +430,7 @@ class SearchLoop:
     def __init__(
         self, opts: SearchOptions, *, space: SearchSpace, runner: TrialRunner, backend: Backend,
         outputs: RunOutputs, progress: Progress, storage: optuna.storages.BaseStorage, study_name: str,
-        trials: int, time_budget: float | None, population: int | None = 1,
+        trials: int, time_budget: float | None, population: int | None = 1, confirm: int = 0,
     ) -> None:  # fmt: skip
         self.opts, self.space, self.runner, self.backend = opts, space, runner, backend
         self.outputs, self.progress, self.storage, self.study_name = outputs, progress, storage, study_name
@@ -403,6 +445,8 @@ class SearchLoop:
         self.population_fallbacks = 0
         self.aborted: str | None = None
         self.deadline: float | None = None
+        self.confirm = confirm
+        self._warned_latency = False
 
     # -- set up --------------------------------------------------------------------------------
     def _study(self, strategy: Strategy) -> optuna.Study:
@@ -480,6 +524,9 @@ class SearchLoop:
             how = "--population" if self._population_given else f"the default on {self.backend.device_kind()}"
             self.progress.note(f"  populations: up to {self.population} trials train together per slot ({how}; "
                                "--population 1 trains one at a time)")  # fmt: skip
+        if self.confirm > 0:
+            self.progress.note(f"  then the front is confirmed: each point trained again with {self.confirm} more "
+                               "seed(s), its accuracy the mean (--confirm 0 skips this)")  # fmt: skip
         note = strategy.start(study)
         if note:
             self.progress.note(note)
@@ -498,12 +545,18 @@ class SearchLoop:
             self.progress.close()
         wall = time.perf_counter() - start
         self.outputs.write_all(study, wall_seconds=wall, trial_seconds=self.trial_seconds, options=opts)
-        summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
-        summary.stopped_by = self._stopped_by()
+        stopped_by = self._stopped_by()
         if interrupted:
             raise KeyboardInterrupt
         if self.aborted is not None:
             raise SearchAborted(f"{self.aborted} (tracebacks in {self.outputs.run_dir / ERROR_LOG})")
+        if self.confirm > 0:  # (a kill here loses no retrain: --resume runs no trial and continues it)
+            from attn_search.confirm import confirm_seeds
+
+            confirm_seeds(self.outputs.run_dir, seeds=self.confirm, device=opts.device,
+                          say=lambda text: self.progress.note(text))  # fmt: skip
+        summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
+        summary.stopped_by = stopped_by
         self.progress.finish(summary)
         return summary
 
@@ -633,9 +686,20 @@ class SearchLoop:
             stats = self.outputs.stats(self.study, df)
             label = AttentionConfig.from_dict(attrs["config"]).describe() if "config" in attrs else ""
             self.progress.trial_done(trial.number, state, metrics or {}, label, stats)
+            self._check_latency(trial.number, metrics or {})
             message = self.policy.observe(state, attrs)
             if message is not None and self.aborted is None:
                 self.aborted = message
+
+    def _check_latency(self, number: int, metrics: dict[str, Any]) -> None:
+        """One console line, the first time a trial's timed runs varied too much to trust its latency
+        (the report lists every such trial)."""
+        spread = float(metrics.get(M.LATENCY_SPREAD, 1.0) or 1.0)
+        if spread > M.LATENCY_SPREAD_WARN and not self._warned_latency:
+            self._warned_latency = True
+            self.progress.note(f"  warning: trial {number}'s timed forward passes varied {spread:.1f}x (slowest over "
+                               "fastest): something else loaded the machine, so latency_ms figures are unreliable "
+                               "(trials.csv: latency_spread; the report lists such trials)")  # fmt: skip
 
     def _population_fell_back(self, number: int, error: dict[str, Any]) -> None:
         """A population raised and its members retrained one at a time: errors.log gets why, the

@@ -7,6 +7,7 @@ Format (see ``search_spaces/sparse.yaml``)::
     task: {name: mqar, params: {seq_len: 256}}      # default task (a name or module:callable)
     objectives: {accuracy: maximize, flops: minimize}
     fixed: {d_model: 64, n_layers: 1}              # AttentionConfig fields held constant
+    target_len: 4096                                # optional: compute objectives at this length
     params:                                         # searched AttentionConfig fields, in order
       n_heads: {type: categorical, choices: [2, 4, 8]}
       pattern: {type: categorical, choices: [dense, window, longformer]}
@@ -93,6 +94,9 @@ class SearchSpace:
     task_params: Mapping[str, Any]
     description: str = ""
     source: str = "<dict>"
+    target_len: int | None = None
+    """Sequence length the compute objectives are reported at (the length the user deploys);
+    ``None``: the task's. Accuracy is trained at the task's length either way."""
 
     @property
     def directions(self) -> list[str]:
@@ -150,6 +154,7 @@ class SearchSpace:
                 "objectives": self.objectives,
                 "task": self.task,
                 "task_params": dict(self.task_params),
+                **({"target_len": self.target_len} if self.target_len is not None else {}),
             },
             sort_keys=True,
             default=str,
@@ -179,6 +184,7 @@ class SearchSpace:
             "objectives": dict(self.objectives),
             "fixed": dict(self.fixed),
             "params": params,
+            **({"target_len": self.target_len} if self.target_len is not None else {}),
         }
 
 
@@ -204,7 +210,7 @@ def load_space(spec: str | Path) -> SearchSpace:
     return parse_space(data, source=str(path))
 
 
-_TOP_KEYS = {"name", "description", "task", "objectives", "fixed", "params"}
+_TOP_KEYS = {"name", "description", "task", "objectives", "fixed", "params", "target_len"}
 _PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 
 
@@ -283,8 +289,13 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
             raise fail(f"{key}.{bad[0]}", f"unknown key; valid keys are {', '.join(sorted(_PARAM_KEYS))}")
         params.append(_parse_param(name, spec, key, fail, [p.name for p in params], {p.name: p for p in params}))
 
+    target_len = data.get("target_len")
+    if target_len is not None and (isinstance(target_len, bool) or not isinstance(target_len, int) or target_len < 1):
+        raise fail("target_len", f"{target_len!r} must be a positive integer (a sequence length)")
+
     space = SearchSpace(
         name=str(data.get("name", Path(source).stem)),
+        target_len=target_len,
         params=tuple(params),
         fixed=dict(fixed),
         objectives=tuple(objectives),

@@ -86,7 +86,7 @@ def main() -> None:
                 concurrent = min(k, cores)
             out = Path(tmp) / f"pack{k}"
             opts = SearchOptions(space=str(space), strategy="random", backend="ray", trials=args.trials,
-                                 preset=args.preset, steps=args.steps, pruner="none", out=str(out), quiet=True, population=1,
+                                 preset=args.preset, steps=args.steps, pruner="none", out=str(out), quiet=True, population=1, confirm=0,
                                  device="cuda" if gpus else "cpu", max_concurrent=concurrent, **resources)  # fmt: skip
             start = time.perf_counter()
             run_search(opts)

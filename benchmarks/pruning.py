@@ -41,7 +41,7 @@ def main() -> None:
                 out = Path(tmp) / f"{pruner}-{seed}"
                 opts = SearchOptions(
                     space=args.space, strategy=args.strategy, seed=seed, pruner=pruner, preset=args.preset,
-                    trials=10_000, time_budget=args.time_budget, out=str(out), quiet=True, population=1,
+                    trials=10_000, time_budget=args.time_budget, out=str(out), quiet=True, population=1, confirm=0,
                 )  # fmt: skip
                 run_search(opts)
                 study, space, record = load_run(out)

@@ -37,7 +37,8 @@ from attn_search.search import SearchOptions, run_search
 def run(backend: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     extra = {"max_concurrent": args.concurrent, "cpus_per_trial": 1.0} if backend == "ray" else {}
     opts = SearchOptions(space=args.space, strategy="random", backend=backend, trials=args.trials, steps=args.steps,
-                         seed=args.seed, pruner="none", out=str(out), quiet=True, device="cpu", population=1, **extra)  # fmt: skip
+                         seed=args.seed, pruner="none", out=str(out), quiet=True, device="cpu", population=1, confirm=0,
+                         **extra)  # fmt: skip
     start = time.perf_counter()
     summary = run_search(opts)
     wall = time.perf_counter() - start

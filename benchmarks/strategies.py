@@ -80,6 +80,36 @@ def discrimination(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def paired_tests(result: dict[str, Any], subject: str, others: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``subject`` against each of ``others`` per table and budget, paired by seed: the median of
+    the regret differences (negative: ``subject`` is better), its wins and losses over seeds and the
+    Wilcoxon signed-rank p-value (two-sided; 1.0 where every pair ties)."""
+    from scipy.stats import wilcoxon
+
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for table, cells in result["regret"].items():
+        for b, row in cells.items():
+            if subject not in row:
+                continue
+            x = np.asarray(row[subject])
+            for other in [o for o in others if o in row and o != subject]:
+                d = x - np.asarray(row[other])
+                p = 1.0 if np.allclose(d, 0) else float(wilcoxon(d).pvalue)
+                out.setdefault(table, {}).setdefault(b, {})[other] = {
+                    "median_diff": float(np.median(d)), "wins": int((d < 0).sum()), "losses": int((d > 0).sum()),
+                    "p": p}  # fmt: skip
+    return out
+
+
+def print_paired(subject: str, tests: dict[str, dict[int, dict[str, Any]]]) -> None:
+    print(f"\n{subject} against the others, paired by seed (regret difference: negative = {subject} better; "
+          "Wilcoxon signed-rank p)")  # fmt: skip
+    for table, per_budget in tests.items():
+        for b, row in per_budget.items():
+            cells = [f"{o} {t['median_diff']:+.3f} ({t['wins']}-{t['losses']}, p={t['p']:.2g})" for o, t in row.items()]
+            print(f"  {table:<20} {b:>3} trials: " + "; ".join(cells))
+
+
 def print_report(result: dict[str, Any], checks: dict[str, dict[str, Any]]) -> None:
     strategies, budgets = result["strategies"], result["budgets"]
     width = 22
@@ -153,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         "nsga2 and the portfolio: the cheap ones; the saving is the rule's, whoever proposes)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1, the same for every strategy")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
-    parser.add_argument("--meta-steps", type=int, default=30_000, help="ppo-meta: environment steps of meta-training")
+    parser.add_argument("--meta-steps", type=int, default=100_000, help="ppo-meta: environment steps of meta-training")
     parser.add_argument("--gp-max-budget", type=int, default=20,
                         help="gp is searched up to this budget only (default 20: a 50-trial gp search costs 30 s or "
                         "more on one core, as much as everything else together)")  # fmt: skip
@@ -186,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = discrimination(result)
     wall = time.perf_counter() - start
     print_report(result, checks)
+    if META in args.strategies:  # what the learned proposer is worth, against the baselines it must beat
+        result["paired"] = {META: paired_tests(result, META, ["tpe", PORTFOLIO, "random"])}
+        print_paired(META, result["paired"][META])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result["discrimination"] = checks

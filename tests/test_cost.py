@@ -64,3 +64,24 @@ def test_peak_memory_sees_a_large_temporary() -> None:
     assert small_result == big_result == 1
     assert 150 < big < 260, big
     assert small < 40, small
+
+
+def test_latency_is_a_median_and_its_spread_flags_a_busy_machine() -> None:
+    """One slow run among the timed ones (another process took the core) moves the median little
+    and shows in the spread, which the search reports above ``LATENCY_SPREAD_WARN``."""
+    import time
+
+    from attn_search.engine import metrics as M
+    from attn_search.engine.cost import measure_latency
+
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.030 if len(calls) == 4 else 0.002)  # the 2nd timed run after 2 warm-ups is slow
+
+    ms, spread = measure_latency(fn, device=torch.device("cpu"), warmup=2, repeats=5)
+    assert ms < 10 and spread > M.LATENCY_SPREAD_WARN
+    calls.clear()
+    _, quiet = measure_latency(lambda: time.sleep(0.005), device=torch.device("cpu"), warmup=1, repeats=5)
+    assert quiet < M.LATENCY_SPREAD_WARN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -248,3 +249,88 @@ def test_meta_training_on_a_table_beats_the_untrained_agent_there(table: Path) -
     trained = meta_train([table], space, steps=3000, budgets=(4,), seed=0)
     before, after = mean_return(untrained), mean_return(trained)
     assert after > before + 0.01, (before, after)
+
+
+# -- the shipped, meta-trained agent ------------------------------------------------------------
+SHIPPED_SPACES = ("sparse", "dense", "full")
+
+
+def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(tmp_path: Path) -> None:
+    """The agent meta-trained on the shipped tables (package data) is the default of ``--strategy
+    ppo`` where it fits: it loads, says so, and proposes configurations of the space on its grid;
+    ``--resume`` continues it (more environment steps, the same grid)."""
+    from attn_search.outputs import load_run
+    from attn_search.search import SearchOptions, run_search
+    from attn_search.strategies.agent import agent_info, grid_for, shipped_agent
+
+    fits = {name: shipped_agent("ppo", load_space(name)) is not None for name in SHIPPED_SPACES}
+    assert fits["sparse"], "the shipped agent must fit the sparse space (make agent)"
+    for name in [n for n, ok in fits.items() if ok]:
+        space = load_space(name)
+        path, info = shipped_agent("ppo", space)  # type: ignore[misc]
+        assert path.stat().st_size < 5e6 and info["tables"] and info["steps"] > 0
+        out = tmp_path / name
+        opts = SearchOptions(space=name, strategy="ppo", trials=3, steps=2, pruner="none", confirm=0, out=str(out),
+                             quiet=True)  # fmt: skip
+        assert run_search(opts).n_finished == 3
+        grid = dict(zip([p.name for p in space.params], grid_for(space, info), strict=True))  # type: ignore[arg-type]
+        study = load_run(out)[0]
+        assert len(study.trials) == 3
+        for trial in study.trials:  # proposed by the agent, on its grid, a valid configuration of the space
+            assert trial.user_attrs.get("proposed_by") == "ppo"
+            for key, value in trial.params.items():
+                assert any(value == pytest.approx(v) for v in grid[key]), (key, value, grid[key])
+            space.make_config(trial.params)
+        assert agent_info(out / "agent.zip") == info  # the run remembers the agent's grid for --resume
+        from stable_baselines3 import PPO
+
+        before = PPO.load(out / "agent.zip", device="cpu").num_timesteps
+        assert before > info["steps"]  # the shipped agent's steps and this search's
+        assert run_search(dataclasses.replace(opts, trials=5, resume=True)).n_finished == 5
+        assert PPO.load(out / "agent.zip", device="cpu").num_timesteps > before  # it went on learning
+        again = load_run(out)[0]
+        assert all(t.user_attrs.get("proposed_by") == "ppo" for t in again.trials)
+        assert {t.params["n_heads"] for t in again.trials} <= set(grid["n_heads"])
+
+
+def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from attn_search.search import SearchOptions, run_search
+
+    base = SearchOptions(space="sparse", strategy="ppo", trials=2, steps=2, pruner="none", confirm=0,
+                         out=str(tmp_path / "a"))  # fmt: skip
+    run_search(base)
+    said = capsys.readouterr().out
+    assert "the shipped agent sparse-ppo.zip, meta-trained on" in said and "searching its grid: n_heads 2/4/8" in said
+    run_search(dataclasses.replace(base, agent="none", out=str(tmp_path / "b")))
+    said = capsys.readouterr().out
+    assert "ppo: a new agent (0 environment steps so far)" in said and "shipped agent" not in said
+    assert not (tmp_path / "b" / "agent.json").exists()
+    # on a space with other parameters it starts untrained, in one line, and does not fail
+    run_search(dataclasses.replace(base, space=TINY, out=str(tmp_path / "c")))
+    said = capsys.readouterr().out
+    lines = [line for line in said.splitlines() if "shipped ppo agent" in line]
+    assert len(lines) == 1 and "starts untrained" in lines[0]
+
+
+def test_meta_train_command_writes_an_agent_that_searches_on_its_grid(tmp_path: Path, table: Path) -> None:
+    from attn_search.cli import main
+    from attn_search.search import SearchOptions, UsageError, run_search
+    from attn_search.strategies.agent import agent_info
+
+    agent = tmp_path / "meta.zip"
+    assert main(["meta-train", "--space", TINY, "--tables", str(table), "--steps", "200", "--out", str(agent)]) == 0
+    info = agent_info(agent)
+    assert info is not None and info["tables"] == [table.stem] and info["steps"] == 200
+    assert info["grid"]["lr"] == sorted(set(pd.read_csv(table, comment="#")["lr"].round(6)))
+    out = tmp_path / "run"
+    run_search(SearchOptions(space=TINY, strategy="ppo", trials=3, steps=2, agent=str(agent), out=str(out), quiet=True))
+    proposed = pd.read_csv(out / "trials.csv")
+    assert set(proposed["lr"].round(6)) <= set(info["grid"]["lr"])  # the agent's grid, not the space's 5 bins
+    # an agent made for other parameters, or a missing file, is refused before anything runs
+    with pytest.raises(UsageError, match="meta-trained on other parameters"):
+        run_search(SearchOptions(space="sparse", strategy="ppo", agent=str(agent), out=str(tmp_path / "x"), quiet=True))
+    with pytest.raises(UsageError, match="no such file"):
+        run_search(SearchOptions(space=TINY, strategy="ppo", agent="nope.zip", out=str(tmp_path / "y"), quiet=True))
+    assert main(["meta-train", "--tables", "nope.csv", "--out", str(agent)]) == 2

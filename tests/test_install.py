@@ -69,3 +69,16 @@ def test_run_search_from_the_clone_root_with_a_regular_install(venv: Path, tmp_p
     where = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert where.returncode == 0, where.stderr
     assert str(ROOT / "envs") in where.stdout and str(ROOT / "search_spaces") in where.stdout, where.stdout
+
+
+def test_the_installed_package_ships_the_meta_trained_agent(venv: Path, tmp_path: Path) -> None:
+    """``--strategy ppo`` in a regular install, from another directory, loads the shipped agent
+    (package data) and says so."""
+    r = subprocess.run([str(venv / "bin" / "attn-search"), "search", "--space", "sparse", "--strategy", "ppo",
+                        "--preset", "smoke", "--trials", "2", "--steps", "2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if "ppo:" in x and "shipped agent" in x)
+    assert "sparse-ppo.zip, meta-trained on mqar-128" in line
+    info = (tmp_path / "run" / "agent.json").read_text()
+    assert '"tables"' in info and (tmp_path / "run" / "agent.zip").stat().st_size > 0

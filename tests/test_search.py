@@ -464,3 +464,91 @@ def test_importances_say_how_many_trials_are_behind_them_and_need_enough() -> No
     table = importance_rows(study, MIN_TRIALS_FOR_IMPORTANCE)
     assert f"From {MIN_TRIALS_FOR_IMPORTANCE} complete trials" in table
     assert table.index("<td>x</td>") < table.index("<td>y</td>")  # x drives accuracy: ranked first
+
+
+# -- compute at the deployment length (--target-len) --------------------------------------------
+def test_target_length_flops_equal_model_flops_there_and_accuracy_is_unchanged() -> None:
+    from attn_search import evaluate
+    from attn_search.engine.cost import model_flops
+
+    space = load_space(TINY)
+    task = make_task(space.task, **space.task_params)
+    config = space.make_config({"n_heads": 2, "pattern": "window", "window": 4, "lr": 3e-3}, seed=0)
+    budget = dataclasses.replace(PRESETS["smoke"], steps=4)
+    at_task = evaluate(config, task, budget=budget)
+    at_target = evaluate(config, task, budget=dataclasses.replace(budget, target_len=1024))
+    assert at_target.metrics["flops"] == model_flops(config, seq_len=1024, n_classes=task.n_classes)
+    assert at_task.metrics["flops"] == model_flops(config, seq_len=task.seq_len, n_classes=task.n_classes)
+    assert at_target.metrics["params"] == at_task.metrics["params"]
+    assert at_target.metrics["accuracy"] == at_task.metrics["accuracy"]  # trained at the task's length alike
+    assert at_target.curve == at_task.curve
+
+
+def test_measured_latency_and_memory_grow_with_the_target_length() -> None:
+    from attn_search.engine.trainer import measure_at_length
+
+    space = load_space(TINY)
+    task = make_task(space.task, **space.task_params)
+    dense = space.make_config({"n_heads": 2, "pattern": "dense", "lr": 3e-3}, seed=0)
+    short = measure_at_length(dense, task, 64, device=torch.device("cpu"), batch=1)
+    long = measure_at_length(dense, task, 4096, device=torch.device("cpu"), batch=1)
+    # 64x the length: the linear layers alone do 64x the work (attention 4096x); a busy machine
+    # cannot close that gap
+    assert long["latency_ms"] > 4 * short["latency_ms"], (short, long)
+    assert long["flops"] > 64 * short["flops"] * 0.99
+
+
+@pytest.mark.parametrize("population", [1, 2])
+def test_a_search_reports_compute_at_the_target_length_and_resume_keeps_it(tmp_path: Path, population: int) -> None:
+    import json
+
+    from attn_search.engine.cost import model_flops
+
+    out, _ = search(tmp_path, trials=2, steps=2, target_len=512, population=population, pruner="none")
+    space = load_space(TINY)
+    task = make_task(space.task, **space.task_params)
+    trials = pd.read_csv(out / "trials.csv")
+
+    def assert_flops_at_512(df: pd.DataFrame) -> None:
+        for _, t in df.iterrows():
+            values = {k: t[k] for k in ("n_heads", "pattern", "window", "lr") if not pd.isna(t[k])}
+            assert t["flops"] == model_flops(space.make_config(values), seq_len=512, n_classes=task.n_classes)
+
+    assert_flops_at_512(trials)
+    record = json.loads((out / "run.json").read_text())
+    low, high = record["hypervolume_bounds"]["flops"]
+    assert low <= trials["flops"].min() and trials["flops"].max() <= high * (1 + 1e-9)  # ranges at 512 too
+    assert "sequence length 512" in (out / "report.html").read_text()
+    assert "compute at sequence length 512" in (out / "best_config.yaml").read_text()
+    # --resume without the flag keeps measuring at 512 (the run's space includes its target length)
+    run_search(SearchOptions(space=TINY, trials=3, steps=2, out=str(out), resume=True, quiet=True, pruner="none"))
+    again = pd.read_csv(out / "trials.csv")
+    assert len(again) == 3
+    assert_flops_at_512(again)
+
+
+def test_target_length_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs --evaluator training"):
+        run_search(SearchOptions(space=TINY, target_len=512, evaluator="table:tables/sparse-smoke.csv",
+                                 out=str(tmp_path / "a"), quiet=True))  # fmt: skip
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(TINY).read_text() + "target_len: -3\n")
+    with pytest.raises(UsageError, match="target_len: -3 must be a positive integer"):
+        run_search(SearchOptions(space=str(bad), out=str(tmp_path / "b"), quiet=True))
+    good = tmp_path / "good.yaml"
+    good.write_text(Path(TINY).read_text() + "target_len: 300\n")
+    assert load_space(str(good)).target_len == 300
+
+
+def test_a_trial_timed_on_a_busy_machine_is_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from attn_search.engine import trainer
+
+    real = trainer.measure_latency
+    monkeypatch.setattr(trainer, "measure_latency", lambda fn, **kw: (real(fn, **kw)[0], 3.5))
+    out, _ = search(tmp_path, trials=2, steps=2, quiet=False, pruner="none")
+    said = capsys.readouterr().out
+    assert len([line for line in said.splitlines() if "varied 3.5x" in line]) == 1  # once per search
+    assert (pd.read_csv(out / "trials.csv")["latency_spread"] == 3.5).all()
+    assert "Latency unreliable" in (out / "report.html").read_text()

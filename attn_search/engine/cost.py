@@ -11,7 +11,7 @@
   ``P V`` summed over heads. Embeddings, LayerNorm, softmax and GELU are not counted (as
   ``torch.utils.flop_counter`` does not count them either). Checked against ``FlopCounterMode``
   on the dense path in tests.
-* :func:`measure_latency_ms` — median wall time of forward passes after warm-up.
+* :func:`measure_latency` — median wall time of forward passes after warm-up, and their spread.
 * :func:`peak_memory_mb` — peak memory a callable adds: on CUDA, ``max_memory_allocated`` above
   the memory allocated before; on Linux CPUs, the growth of the process's peak resident set
   (``VmHWM``, reset through ``/proc/self/clear_refs``) above its resident set before the call,
@@ -60,8 +60,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_latency_ms(fn: Callable[[], Any], *, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time in milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def measure_latency(
+    fn: Callable[[], Any], *, device: torch.device, warmup: int = 2, repeats: int = 5
+) -> tuple[float, float]:
+    """Median wall time in milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and
+    the spread of those runs (slowest over fastest; see ``metrics.LATENCY_SPREAD``)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -71,7 +74,12 @@ def measure_latency_ms(fn: Callable[[], Any], *, device: torch.device, warmup: i
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), max(times) / max(min(times), 1e-12)
+
+
+def measure_latency_ms(fn: Callable[[], Any], *, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time in milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    return measure_latency(fn, device=device, warmup=warmup, repeats=repeats)[0]
 
 
 _STATUS = Path("/proc/self/status")

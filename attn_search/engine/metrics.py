@@ -7,6 +7,11 @@ FLOPS = "flops"
 PARAMS = "params"
 LATENCY_MS = "latency_ms"
 PEAK_MEM_MB = "peak_mem_mb"
+LATENCY_SPREAD = "latency_spread"
+"""The slowest of a latency measurement's timed runs over the fastest: near 1 on a quiet machine;
+well above it when something else loaded the machine while the trial was timed."""
+LATENCY_SPREAD_WARN = 2.0
+"""A spread above this is reported (console, report): that trial's latency is not trustworthy."""
 TRAIN_SECONDS = "train_seconds"
 EVAL_SECONDS = "eval_seconds"
 MEASURE_SECONDS = "measure_seconds"

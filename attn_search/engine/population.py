@@ -42,7 +42,7 @@ from torch import nn
 from attn_search.engine import metrics as M
 from attn_search.engine.attention import _flex
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import measure_latency_ms, model_flops, peak_memory_mb, training_state_mb
+from attn_search.engine.cost import measure_latency, model_flops, peak_memory_mb, training_state_mb
 from attn_search.engine.model import AttentionModel, apply_rotary, build_model, rotary_tables
 from attn_search.engine.patterns import pattern_mask
 from attn_search.engine.tasks import IGNORE, Task, make_task
@@ -53,7 +53,9 @@ from attn_search.engine.trainer import (
     _autocast,
     _resolve_budget,
     lr_factor,
+    measure_at_length,
     resolve_device,
+    target_batch,
 )
 
 MemberReporter = Callable[[int, int, float], "bool | None"]
@@ -423,11 +425,17 @@ def _train_population(
     model.eval()
     lat_x = x_eval[: bud.latency_batch].unsqueeze(0).expand(K0, -1, -1)
     with torch.no_grad():
-        latency = measure_latency_ms(lambda: forward(lat_x), device=dev) / K0
+        latency, spread = measure_latency(lambda: forward(lat_x), device=dev)
+        latency /= K0
     model.train()
     compute = [{M.FLOPS: float(model_flops(c, seq_len=L, n_classes=the_task.n_classes)),
-                M.PARAMS: float(sum(p[0].numel() for p in model.parameters())), M.LATENCY_MS: latency}
+                M.PARAMS: float(sum(p[0].numel() for p in model.parameters())), M.LATENCY_MS: latency,
+                M.LATENCY_SPREAD: spread}
                for c in cfgs]  # fmt: skip
+    if bud.target_len is not None:  # each member alone at the user's length (its own pattern's cost)
+        for c, figures in zip(cfgs, compute, strict=True):
+            figures.update(measure_at_length(c, the_task, bud.target_len, device=dev,
+                                             batch=target_batch(bud, L)))  # fmt: skip
     state_mb = training_state_mb(models[0])
     memory_step = min(2, min(rungs))
 
@@ -464,7 +472,8 @@ def _train_population(
         if step == memory_step:
             losses, peak = peak_memory_mb(train_step, device=dev)
             for k in alive:
-                compute[k][M.PEAK_MEM_MB] = state_mb + (0.0 if math.isnan(peak) else peak / len(alive))
+                if bud.target_len is None:  # (at a target length: each member's forward pass, measured above)
+                    compute[k][M.PEAK_MEM_MB] = state_mb + (0.0 if math.isnan(peak) else peak / len(alive))
                 if on_compute is not None:
                     on_compute(ids[k], dict(compute[k]))
         else:

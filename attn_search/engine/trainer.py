@@ -21,7 +21,7 @@ import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import measure_latency_ms, model_flops, peak_memory_mb, training_state_mb
+from attn_search.engine.cost import measure_latency, model_flops, peak_memory_mb, training_state_mb
 from attn_search.engine.model import AttentionModel, build_model, count_params, loss_fn
 from attn_search.engine.tasks import IGNORE, Task, make_task
 
@@ -49,10 +49,16 @@ class Budget:
     """Sequences per timed forward pass for ``latency_ms``."""
     time_limit_s: float | None = None
     """Stop training (as if the budget ended) once this much wall time has passed."""
+    target_len: int | None = None
+    """Report compute at this sequence length instead of the task's (the length a user deploys):
+    ``flops`` at it, ``latency_ms`` and ``peak_mem_mb`` measured on a forward pass at it (see
+    :func:`measure_at_length`). Accuracy is still trained and measured at the task's length."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rungs < 1 or self.n_eval < 1 or self.latency_batch < 1:
             raise ValueError(f"budget {self} is invalid: steps, rungs, n_eval and latency_batch must be >= 1")
+        if self.target_len is not None and self.target_len < 1:
+            raise ValueError(f"budget {self} is invalid: target_len must be >= 1")
 
     def rung_steps(self) -> list[int]:
         """Steps after which accuracy is evaluated and reported."""
@@ -239,13 +245,17 @@ def _evaluate(
     # Latency does not depend on the weights: measured before training, so it is known at rungs.
     t0 = time.perf_counter()
     model.eval()
-    latency = measure_latency_ms(forward, device=dev)
-    measure_s = time.perf_counter() - t0
+    latency, spread = measure_latency(forward, device=dev)
     compute = {
         M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
         M.PARAMS: float(count_params(model)),
         M.LATENCY_MS: latency,
+        M.LATENCY_SPREAD: spread,
     }
+    if bud.target_len is not None:  # compute where the user deploys; accuracy where it trains
+        compute.update(measure_at_length(cfg, the_task, bud.target_len, device=dev, backend=backend,
+                                         batch=target_batch(bud, the_task.seq_len)))  # fmt: skip
+    measure_s = time.perf_counter() - t0
     rungs = set(bud.rung_steps())
     # Step 2 (after step 1 allocated the optimizer state and warmed up), but never after the first
     # rung: the compute figures must be known when the first accuracy is reported.
@@ -282,7 +292,8 @@ def _evaluate(
         t0 = time.perf_counter()
         if step == memory_step:
             last_loss, step_peak_mb = peak_memory_mb(functools.partial(train_step, xb, yb), device=dev)
-            compute[M.PEAK_MEM_MB] = training_state_mb(model) + (0.0 if math.isnan(step_peak_mb) else step_peak_mb)
+            if bud.target_len is None:  # (at a target length: the forward pass's, measured above)
+                compute[M.PEAK_MEM_MB] = training_state_mb(model) + (0.0 if math.isnan(step_peak_mb) else step_peak_mb)
             if on_compute is not None:
                 on_compute(dict(compute))
         else:
@@ -325,6 +336,37 @@ def _evaluate(
     return TrialResult(
         config=cfg, metrics=metrics, curve=curve, state=state, reason=reason, device=str(dev), task=the_task.name
     )
+
+
+def measure_at_length(
+    config: AttentionConfig, task: Task, length: int, *, device: torch.device, batch: int, backend: str = "auto"
+) -> dict[str, float]:
+    """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
+    analytic ``flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
+    (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` with the
+    attention backend a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
+    Pattern parameters are absolute: a window of 46 stays 46 at any length."""
+    torch.manual_seed(config.seed)
+    model = AttentionModel(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=length,
+                           backend=backend).to(device).eval()  # fmt: skip
+    x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
+
+    def forward() -> None:
+        with torch.no_grad(), _autocast(device):
+            model(x)
+
+    latency, spread = measure_latency(forward, device=device)
+    _, peak = peak_memory_mb(forward, device=device)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return {M.FLOPS: float(model_flops(config, seq_len=length, n_classes=task.n_classes)), M.LATENCY_MS: latency,
+            M.LATENCY_SPREAD: spread, M.PEAK_MEM_MB: weights_mb + (0.0 if math.isnan(peak) else peak)}  # fmt: skip
+
+
+def target_batch(bud: Budget, seq_len: int) -> int:
+    """Sequences per timed forward pass at ``bud.target_len``: the tokens of ``latency_batch``
+    sequences of the task's length, at least one sequence."""
+    assert bud.target_len is not None
+    return max(1, bud.latency_batch * seq_len // bud.target_len)
 
 
 def _resolve_budget(budget: Budget | str | int | None) -> Budget:

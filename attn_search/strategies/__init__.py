@@ -8,6 +8,7 @@ loop drives any of them on any backend. A new strategy is a class with the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from attn_search.engine import metrics as M
@@ -40,6 +41,16 @@ def check_strategy(
         raise ValueError(f"--strategy {name!r} is unknown: use one of {', '.join(STRATEGIES)}")
     if (options.get("pretrain") or options.get("agent")) and name not in AGENT_STRATEGIES:
         raise ValueError("--pretrain and --agent apply to --strategy ppo or a2c")
+    agent = options.get("agent")
+    if agent and agent != "none":
+        from attn_search.strategies.agent import agent_info, grid_for
+
+        if not Path(agent).is_file():
+            raise ValueError(f"--agent {agent!r}: no such file (an SB3 .zip, or none to train from scratch)")
+        info = agent_info(agent)
+        if info is not None and grid_for(space, info) is None:
+            raise ValueError(f"--agent {agent} was meta-trained on other parameters ({', '.join(info.get('grid', {}))}) "
+                             f"than this space's: use it with --space {info.get('space')}, or drop --agent")  # fmt: skip
     if name in AGENT_STRATEGIES:
         if len(space.objectives) < 2:
             raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")

@@ -29,8 +29,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,14 @@ import optuna
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.envs.attention_search import AttentionSearchEnv
-from attn_search.evaluators import Evaluator, TableEvaluator, TrainingEvaluator, decode, make_evaluator
+from attn_search.evaluators import (
+    Evaluator,
+    TableEvaluator,
+    TrainingEvaluator,
+    canonical,
+    decode,
+    make_evaluator,
+)
 from attn_search.pareto import normalized_hypervolume
 from attn_search.space import SearchSpace
 from attn_search.strategies.base import StrategyContext
@@ -50,6 +59,66 @@ AGENTS = ("ppo", "a2c")
 EPISODE = 10
 AGENT_FILE = "agent.zip"
 _ASK_TIMEOUT_S = 600.0
+NO_AGENT = "none"
+"""``--agent none``: train the agent from scratch, never the shipped one."""
+SHIPPED_AGENTS = Path(__file__).with_name("agents")
+"""Agents meta-trained on the shipped tables (package data; ``make agent`` rebuilds them): an SB3
+``.zip`` beside a ``.json`` that names its grid (see :func:`agent_info`)."""
+
+
+# -- agents that carry their grid ----------------------------------------------------------------
+def agent_info(path: str | Path) -> dict[str, Any] | None:
+    """What a meta-trained agent's sidecar (``AGENT.json`` beside ``AGENT.zip``) says: ``algo``,
+    ``space``, ``grid`` (the values each parameter's action selects, in the space's order),
+    ``tables``, ``steps``, ``seconds``; ``None`` for an agent without one (its grid is then the
+    evaluator's, as for an agent trained in a search)."""
+    side = Path(path).with_suffix(".json")
+    return json.loads(side.read_text()) if side.is_file() else None
+
+
+def grid_for(space: SearchSpace, info: Mapping[str, Any]) -> list[list[Any]] | None:
+    """The agent's grid in ``space``'s terms, or ``None`` when the agent does not fit the space:
+    other parameters (the action and observation shapes would differ), or a value the space cannot
+    take."""
+    grid = info.get("grid") or {}
+    if [p.name for p in space.params] != list(grid):
+        return None
+    out = []
+    for p in space.params:
+        values = []
+        for v in grid[p.name]:
+            if p.kind == "categorical":
+                match = [c for c in p.choices if canonical(c) == canonical(v)]
+                if not match:
+                    return None
+                values.append(match[0])
+            else:
+                assert p.low is not None and p.high is not None
+                if not p.low * (1 - 1e-9) <= float(v) <= p.high * (1 + 1e-9):
+                    return None
+                values.append(int(v) if p.kind == "int" else float(v))
+        out.append(values)
+    return out
+
+
+def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped agent of algorithm ``name`` that fits ``space`` (:func:`grid_for`) and was
+    trained against the ``compute`` objective, if any."""
+    for side in sorted(SHIPPED_AGENTS.glob("*.json")):
+        info = json.loads(side.read_text())
+        fits = grid_for(space, info) is not None and info.get("compute", M.FLOPS) == compute
+        if info.get("algo") == name and side.with_suffix(".zip").is_file() and fits:
+            return side.with_suffix(".zip"), info
+    return None
+
+
+def describe_grid(space: SearchSpace, grids: Sequence[Sequence[Any]]) -> str:
+    """``n_heads 2/4/8, lr 0.003/0.008; fixed: dropout=0`` (what an agent's grid searches)."""
+    searched = [f"{p.name} {'/'.join(f'{v:g}' if isinstance(v, float) else str(v) for v in g)}"
+                for p, g in zip(space.params, grids, strict=True) if len(g) > 1]  # fmt: skip
+    fixed = [f"{p.name}={g[0]:g}" if isinstance(g[0], float) else f"{p.name}={g[0]}"
+             for p, g in zip(space.params, grids, strict=True) if len(g) == 1]  # fmt: skip
+    return ", ".join(searched) + (f"; fixed: {', '.join(fixed)}" if fixed else "")
 
 
 def agent_kwargs(name: str, *, episode: int, seed: int | None) -> dict[str, Any]:
@@ -98,6 +167,23 @@ class _Handed:
         return self.grid_from.grids(space, bins)
 
 
+class _OnGrid:
+    """An evaluator whose action grid is a meta-trained agent's (bounds over that grid)."""
+
+    def __init__(self, base: Evaluator, grids: list[list[Any]]) -> None:
+        self.base = base
+        self._grids = grids
+
+    def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
+        return self.base(config, values)
+
+    def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
+        return self.base.bounds(space, metric, grids)
+
+    def grids(self, space: SearchSpace, bins: int) -> list[list[Any]]:
+        return [list(g) for g in self._grids]
+
+
 class _Stop(Exception):
     """Ends the agent's learning loop (the search is over)."""
 
@@ -140,19 +226,50 @@ class AgentStrategy:
             return make_evaluator(self.context.evaluator, space)
         return TrainingEvaluator(space, task=self.context.task, task_kwargs=self.context.task_kwargs)
 
+    def _starting_agent(self, space: SearchSpace) -> tuple[str | Path | None, dict[str, Any] | None, str]:
+        """Which agent the search starts from: the run's own on ``--resume``, ``--agent PATH``, a
+        new one (``--agent none``, ``--pretrain``), or the shipped meta-trained agent where it
+        fits the space and the search really trains; with its sidecar info and a description."""
+        options = self.context.options
+        if self.context.resume and self.path.is_file():
+            return self.path, agent_info(self.path), f"continuing from {self.path}"
+        given = options.get("agent")
+        if given == NO_AGENT or options.get("pretrain"):
+            return None, None, "a new agent"
+        if given:  # (check_strategy refused a file that is missing or made for other parameters)
+            return given, agent_info(given), f"starting from {given}"
+        if self.context.evaluator != "training":
+            return None, None, "a new agent"  # a replay compares agents: the shipped one only on request
+        shipped = shipped_agent(self.name, space, self.context.compute)
+        if shipped is None:
+            if any(json.loads(f.read_text()).get("algo") == self.name for f in SHIPPED_AGENTS.glob("*.json")):
+                return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained on other "
+                                    "parameters or another compute objective than this search's, so this one "
+                                    "starts untrained")  # fmt: skip
+            return None, None, "a new agent"
+        path, info = shipped
+        tables = ", ".join(info.get("tables", [])) or "recorded tables"
+        return path, info, (f"the shipped agent {path.name}, meta-trained on {tables} ({info.get('steps')} "
+                            f"environment steps; --agent none to train one from scratch)")  # fmt: skip
+
     def start(self, study: optuna.Study) -> str | None:
         from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.vec_env import DummyVecEnv
 
         space, options = self.context.space, self.context.options
+        resume_from, info, how = self._starting_agent(space)
         grid_from = self._grid_from(space)
+        grids = grid_for(space, info) if info is not None else None
+        if grids is not None:  # a meta-trained agent acts on its tables' grid: its action space
+            grid_from = _OnGrid(grid_from, grids)
+            self.path.with_suffix(".json").write_text(json.dumps(info, indent=1))  # --resume reads it
         n_envs = max(1, self.context.slots)
         # at least three updates in a search: one env, 12 trials: updates after trials 4, 8 and 12
         # (a rollout is `episode` steps of every env, so more envs mean shorter episodes). An agent
-        # given with --agent (a meta-trained one) sees the whole search as one episode, as it was
+        # started from a file (a meta-trained one) sees the whole search as one episode, as it was
         # trained to, and updates at its end.
         episode = max(2, min(EPISODE, self.context.trials // (3 * n_envs)))
-        if options.get("agent"):  # (also on --resume, which continues that agent from agent.zip)
+        if info is not None or options.get("agent") not in (None, NO_AGENT):  # (also on --resume)
             episode = max(2, -(-self.context.trials // n_envs))
         envs = [
             AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
@@ -172,7 +289,6 @@ class AgentStrategy:
                 return super().step_wait()
 
         vec = HandshakeVecEnv([functools.partial(_same, e) for e in envs])
-        resume_from = self.path if self.context.resume and self.path.is_file() else options.get("agent")
         if options.get("pretrain") and resume_from is None:
             table_env: Any = DummyVecEnv([functools.partial(
                 AttentionSearchEnv, space, grid_from, budget=episode, bins=self.bins, compute=self.context.compute,
@@ -204,11 +320,13 @@ class AgentStrategy:
 
         self._thread = threading.Thread(target=learn, name=f"{self.name}-agent", daemon=True)
         self._thread.start()
-        how = f"continuing from {resume_from}" if resume_from is not None else "a new agent"
         if options.get("pretrain") and resume_from is None:
             how += f", pretrained for {options.get('pretrain_steps')} steps on {options['pretrain']}"
-        return (f"  {self.name}: {how} ({self.agent.num_timesteps} environment steps so far), acting in "
-                f"{n_envs} environment(s); saved to {self.path} after every rollout")  # fmt: skip
+        message = (f"  {self.name}: {how} ({self.agent.num_timesteps} environment steps so far), acting in "
+                   f"{n_envs} environment(s); saved to {self.path} after every rollout")  # fmt: skip
+        if grids is not None:
+            message += f"\n  {self.name}: searching its grid: {describe_grid(space, grids)}"
+        return message
 
     # -- the agent's side (its thread) ---------------------------------------------------------
     def _exchange(self, proposals: list[dict[str, Any]]) -> list[Mapping[str, float] | None]:
@@ -304,7 +422,7 @@ def meta_kwargs(seed: int | None) -> dict[str, Any]:
     """PPO hyperparameters for meta-training over many table environments: a rollout is one
     50-trial search of every environment, returns are final hypervolumes (no discount)."""
     return {"seed": seed, "verbose": 0, "device": "cpu", "gamma": 1.0, "gae_lambda": 0.95, "n_steps": 50,
-            "batch_size": 100, "n_epochs": 5, "learning_rate": 1e-3, "ent_coef": 0.01,
+            "batch_size": 150, "n_epochs": 5, "learning_rate": 1e-3, "ent_coef": 0.01,
             "policy_kwargs": {"net_arch": [128, 128]}}  # fmt: skip
 
 
@@ -321,7 +439,9 @@ def meta_train(
     """A PPO agent trained across recorded tables: one environment per table and search length,
     each episode a whole search of that table, rewards the hypervolume gain divided by the table's
     best hypervolume (so every task counts alike). ``steps``: environment steps in all. Saved to
-    ``out`` when given. Every table must have the same grid (the agent's action space)."""
+    ``out`` when given, with the sidecar ``out.json`` naming its grid (:func:`agent_info`), so a
+    search with ``--agent out.zip`` acts on that grid. Every table must have the same grid (the
+    agent's action space)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -336,10 +456,20 @@ def meta_train(
         for b in budgets:
             factories.append(functools.partial(AttentionSearchEnv, space, lookup, budget=b, compute=compute,
                                                reward_scale=1.0 / scale))  # fmt: skip
-    agent = PPO("MlpPolicy", DummyVecEnv(factories), **meta_kwargs(seed))
+    kwargs = meta_kwargs(seed)
+    buffer = kwargs["n_steps"] * len(factories)  # mini-batches that divide the rollout: none truncated
+    kwargs["batch_size"] = max(d for d in range(1, kwargs["batch_size"] + 1) if buffer % d == 0)
+    agent = PPO("MlpPolicy", DummyVecEnv(factories), **kwargs)
+    start = time.perf_counter()
     agent.learn(total_timesteps=steps)
     if out is not None:
+        out = Path(out).with_suffix(".zip")
         agent.save(str(out))
+        info = {"algo": "ppo", "space": space.name, "tables": [Path(t).stem for t in tables], "steps": steps,
+                "seed": seed, "budgets": list(budgets), "compute": compute,
+                "seconds": round(time.perf_counter() - start, 1),
+                "grid": {p.name: [canonical(v) for v in g] for p, g in zip(space.params, grids[0], strict=True)}}  # fmt: skip
+        out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return agent
 
 
