@@ -107,7 +107,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
     p.add_argument("--confirm", type=_non_negative_int, metavar="K",
                    help="after the search, train each front point again with K more seeds; its accuracy becomes the "
-                   "mean (default: 0 for --preset smoke, 2 for default, 3 for full)")  # fmt: skip
+                   "mean (default: 0 for --preset smoke, 1 for default, 2 for full)")  # fmt: skip
     p.add_argument("--target-len", type=_positive_int, metavar="L",
                    help="report compute (FLOPs, latency, memory) at sequence length L, the one you deploy; accuracy "
                    "is still trained at the task's length (default: the space's target_len, else the task's length)")  # fmt: skip
