@@ -19,6 +19,7 @@ dense causal has density ``(L + 1) / (2 L)``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -224,8 +225,14 @@ def pattern_mask(
 
 def pattern_density(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> float:
     """Exact fraction of ``True`` entries of :func:`pattern_mask`, counted in row chunks so memory
-    stays ``O(seq_len)`` per chunk even for long sequences."""
-    rule = pattern_rule(pattern, seq_len, causal=causal, **params)
+    stays ``O(seq_len)`` per chunk even for long sequences. Cached: counting costs ``O(seq_len**2)``
+    (seconds at 16K, where a search's FLOPs ranges and every trial's FLOPs ask for it)."""
+    return _density(pattern, seq_len, causal, tuple(sorted(params.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _density(pattern: str, seq_len: int, causal: bool, params: tuple[tuple[str, Any], ...]) -> float:
+    rule = pattern_rule(pattern, seq_len, causal=causal, **dict(params))
     chunk = max(1, (1 << 22) // seq_len)
     kept = sum(int(_rows(rule, s, min(s + chunk, seq_len), seq_len).sum()) for s in range(0, seq_len, chunk))
     return kept / (seq_len * seq_len)
