@@ -78,9 +78,13 @@ def _append(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _train(configs: list[AttentionConfig], task: str, budget: Budget, device: str, task_kwargs: dict[str, Any]
-           ) -> list[TrialResult]:  # fmt: skip
-    if resolve_device(device).type == "cuda" and len(configs) > 1:  # one population of the seeds
+def retrain(configs: list[AttentionConfig], task: str, budget: Budget, device: str, task_kwargs: dict[str, Any],
+            *, together: bool | None = None) -> list[TrialResult]:  # fmt: skip
+    """Train ``configs`` (seeds of one configuration): as one population where ``together`` (default:
+    on CUDA, where a population costs about what one trial does), else one after another."""
+    if together is None:
+        together = resolve_device(device).type == "cuda"
+    if together and len(configs) > 1:
         return evaluate_many(configs, task, budget=budget, device=device, task_kwargs=task_kwargs)
     return [evaluate(c, task, budget=budget, device=device, task_kwargs=task_kwargs) for c in configs]
 
@@ -119,7 +123,7 @@ def confirm_seeds(
             trial = int(row["trial"])
             configs = [row_config(row).replace(seed=s) for s in new]
             t0 = time.perf_counter()
-            results = _train(configs, outputs.task_name, budget, device, outputs.task_kwargs)
+            results = retrain(configs, outputs.task_name, budget, device, outputs.task_kwargs)
             seconds = (time.perf_counter() - t0) / len(configs)
             for s, r in zip(new, results, strict=True):
                 _append(path, CONFIRM_COLUMNS, {"trial": trial, "seed": s, "state": r.state,
@@ -193,7 +197,7 @@ def confirm_scale(
     proxy = {int(r["trial"]): float(r[M.ACCURACY]) for _, r in front.iterrows()}
     for trial in todo:
         t0 = time.perf_counter()
-        (result,) = _train([configs[trial]], outputs.task_name, budget, device, task_kwargs)
+        (result,) = retrain([configs[trial]], outputs.task_name, budget, device, task_kwargs)
         row = {"trial": trial, **key, "state": result.state, M.ACCURACY: result.metrics.get(M.ACCURACY, math.nan),
                "accuracy_proxy": proxy[trial], "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
         _append(path, SCALE_COLUMNS, row)
