@@ -346,10 +346,11 @@ def measure_at_length(
     (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` with the
     attention backend a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
     Pattern parameters are absolute: a window of 46 stays 46 at any length."""
-    torch.manual_seed(config.seed)
-    model = AttentionModel(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=length,
-                           backend=backend).to(device).eval()  # fmt: skip
-    x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the trial's draws stay its own
+        torch.manual_seed(config.seed)
+        model = AttentionModel(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=length,
+                               backend=backend).to(device).eval()  # fmt: skip
+        x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
 
     def forward() -> None:
         with torch.no_grad(), _autocast(device):
