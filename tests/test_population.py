@@ -184,3 +184,27 @@ def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -
     assert torch.equal(cpu_rule(members, members, qs, kvs), masks)
     assert torch.equal(cpu_rule(torch.tensor([2]), torch.tensor([0]), torch.tensor([90]), torch.tensor([63])),
                        masks[2, 63, 63].reshape(1))  # fmt: skip
+
+
+def test_training_reads_losses_from_the_device_at_checks_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA every read of a tensor's value (``tolist``, ``item``) makes the host wait for the GPU.
+    A population must not read its losses at every step: counted here on the CPU, over 120 steps
+    with 2 rungs, the reads stay a handful (rungs, the end, every SYNC_EVERY steps)."""
+    from attn_search.engine.population import SYNC_EVERY
+
+    reads = {"n": 0}
+    for name in ("tolist", "item"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: object, _real: object = real, **k: object) -> object:
+            reads["n"] += 1
+            return _real(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    configs = member_configs()[:3]
+    steps = 120
+    results = evaluate_many(configs, "mqar", budget=Budget(steps=steps, rungs=2, n_eval=32, latency_batch=2),
+                            task_kwargs=TASK, device="cpu")  # fmt: skip
+    assert all(r.state == "complete" and r.metrics["steps"] == steps for r in results)
+    checks = 2 + steps // SYNC_EVERY + 1
+    assert reads["n"] <= 3 * checks + 10, f"{reads['n']} reads of device values in {steps} steps"

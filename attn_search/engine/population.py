@@ -58,6 +58,10 @@ from attn_search.engine.trainer import (
     target_batch,
 )
 
+SYNC_EVERY = 50
+"""Steps between reads of the members' losses from the device besides rungs (a diverged member is
+failed at the next read; until then it trains on, alone, on non-finite weights)."""
+
 MemberReporter = Callable[[int, int, float], "bool | None"]
 """``reporter(member, step, accuracy)``: ``member`` indexes the ``configs`` given to
 :func:`evaluate_many`; returning ``True`` (or raising :class:`StopTrial`) stops that member."""
@@ -439,8 +443,16 @@ def _train_population(
     state_mb = training_state_mb(models[0])
     memory_step = min(2, min(rungs))
 
+    # Losses stay on the device between checks (a rung, the end, the time limit, every SYNC_EVERY
+    # steps): reading them at every step made the host wait for the GPU at every step. What a check
+    # needs is kept per member: the last loss, and the first step whose loss was not finite.
+    last_dev = torch.full((K0,), math.nan, device=dev)
+    bad_step = torch.zeros(K0, device=dev)  # 0: every loss so far finite
+    bad_loss = torch.zeros(K0, device=dev)
+
     def drop(positions: list[int]) -> None:
         nonlocal dropout, attn_dropout, drop_p, attn_p, smoothing, block_mask, rows_table, lr_table
+        nonlocal last_dev, bad_step, bad_loss
         keep = [j for j, k in enumerate(alive) if k not in positions]
         alive[:] = [alive[j] for j in keep]
         if not alive:
@@ -448,8 +460,9 @@ def _train_population(
         index = torch.tensor(keep, device=dev, dtype=torch.long)
         model.keep(index)
         opt.keep(index)
-        dropout, attn_dropout, smoothing, rows_table, lr_table = (
-            t.index_select(0, index) for t in (dropout, attn_dropout, smoothing, rows_table, lr_table)
+        dropout, attn_dropout, smoothing, rows_table, lr_table, last_dev, bad_step, bad_loss = (
+            t.index_select(0, index)
+            for t in (dropout, attn_dropout, smoothing, rows_table, lr_table, last_dev, bad_step, bad_loss)
         )
         drop_p, attn_p = active(dropout), active(attn_dropout)
         if block_mask is not None:
@@ -479,18 +492,25 @@ def _train_population(
         else:
             losses = train_step()
         train_s += (time.perf_counter() - t0) * 1.0
-        values = losses.tolist()
-        diverged = []
-        for j, k in enumerate(alive):
-            last_loss[k], steps_done[k] = values[j], step
-            if not math.isfinite(values[j]):
-                state[k], reason[k] = M.FAILED, f"non-finite training loss ({values[j]}) at step {step}"
-                diverged.append(k)
-        if diverged:
-            drop(diverged)
-        if not alive:
-            break
+        first_bad = ~torch.isfinite(losses) & (bad_step == 0)
+        bad_step = torch.where(first_bad, float(step), bad_step)
+        bad_loss = torch.where(first_bad, losses, bad_loss)
+        last_dev = losses
         out_of_time = bud.time_limit_s is not None and time.perf_counter() - wall_start > bud.time_limit_s
+        if step in rungs or out_of_time or step == bud.steps or step % SYNC_EVERY == 0:
+            values, bad_steps, bad_losses = torch.stack([last_dev, bad_step, bad_loss]).tolist()  # one sync
+            diverged = []
+            for j, k in enumerate(alive):
+                last_loss[k], steps_done[k] = values[j], step
+                if bad_steps[j] > 0:
+                    at = int(bad_steps[j])
+                    last_loss[k], steps_done[k] = bad_losses[j], at
+                    state[k], reason[k] = M.FAILED, f"non-finite training loss ({bad_losses[j]}) at step {at}"
+                    diverged.append(k)
+            if diverged:
+                drop(diverged)
+            if not alive:
+                break
         if step in rungs or out_of_time:
             t0 = time.perf_counter()
             accs = _accuracies(forward, model, x_eval, y_eval, len(alive))
