@@ -425,21 +425,19 @@ def _train_population(
             return model(xb, dropout=drop_p, attn_dropout=attn_p, block_mask=block_mask, rotary=rotary,
                          generator=drop_gen)  # fmt: skip
 
-    # latency: a forward pass of `latency_batch` sequences per member, measured once for the population
-    model.eval()
-    lat_x = x_eval[: bud.latency_batch].unsqueeze(0).expand(K0, -1, -1)
-    with torch.no_grad():
-        latency, spread = measure_latency(lambda: forward(lat_x), device=dev)
-        latency /= K0
-    model.train()
-    compute = [{M.FLOPS: float(model_flops(c, seq_len=L, n_classes=the_task.n_classes)),
-                M.PARAMS: float(sum(p[0].numel() for p in model.parameters())), M.LATENCY_MS: latency,
-                M.LATENCY_SPREAD: spread}
-               for c in cfgs]  # fmt: skip
-    if bud.target_len is not None:  # each member alone at the user's length (its own pattern's cost)
-        for c, figures in zip(cfgs, compute, strict=True):
-            figures.update(measure_at_length(c, the_task, bud.target_len, device=dev,
-                                             batch=target_batch(bud, L)))  # fmt: skip
+    params = float(sum(p[0].numel() for p in model.parameters()))
+    if bud.target_len is None:
+        # latency: a forward pass of `latency_batch` sequences per member, measured once for the population
+        model.eval()
+        lat_x = x_eval[: bud.latency_batch].unsqueeze(0).expand(K0, -1, -1)
+        with torch.no_grad():
+            latency, spread = measure_latency(lambda: forward(lat_x), device=dev)
+        model.train()
+        compute = [{M.FLOPS: float(model_flops(c, seq_len=L, n_classes=the_task.n_classes)), M.PARAMS: params,
+                    M.LATENCY_MS: latency / K0, M.LATENCY_SPREAD: spread} for c in cfgs]  # fmt: skip
+    else:  # each member alone at the user's length (its own pattern's cost)
+        compute = [{M.PARAMS: params, **measure_at_length(c, the_task, bud.target_len, device=dev,
+                                                          batch=target_batch(bud, L))} for c in cfgs]  # fmt: skip
     state_mb = training_state_mb(models[0])
     memory_step = min(2, min(rungs))
 

@@ -245,14 +245,12 @@ def _evaluate(
     # Latency does not depend on the weights: measured before training, so it is known at rungs.
     t0 = time.perf_counter()
     model.eval()
-    latency, spread = measure_latency(forward, device=dev)
-    compute = {
-        M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
-        M.PARAMS: float(count_params(model)),
-        M.LATENCY_MS: latency,
-        M.LATENCY_SPREAD: spread,
-    }
-    if bud.target_len is not None:  # compute where the user deploys; accuracy where it trains
+    compute: dict[str, float] = {M.PARAMS: float(count_params(model))}
+    if bud.target_len is None:
+        latency, spread = measure_latency(forward, device=dev)
+        compute.update({M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
+                        M.LATENCY_MS: latency, M.LATENCY_SPREAD: spread})  # fmt: skip
+    else:  # compute where the user deploys; accuracy where it trains
         compute.update(measure_at_length(cfg, the_task, bud.target_len, device=dev, backend=backend,
                                          batch=target_batch(bud, the_task.seq_len)))  # fmt: skip
     measure_s = time.perf_counter() - t0

@@ -101,14 +101,18 @@ def grid_for(space: SearchSpace, info: Mapping[str, Any]) -> list[list[Any]] | N
     return out
 
 
+def shipped_agents(name: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The shipped agents of algorithm ``name``, with their sidecar info."""
+    found = [(side.with_suffix(".zip"), agent_info(side)) for side in sorted(SHIPPED_AGENTS.glob("*.json"))]
+    return [(path, info) for path, info in found if info and info.get("algo") == name and path.is_file()]
+
+
 def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tuple[Path, dict[str, Any]] | None:
     """The shipped agent of algorithm ``name`` that fits ``space`` (:func:`grid_for`) and was
     trained against the ``compute`` objective, if any."""
-    for side in sorted(SHIPPED_AGENTS.glob("*.json")):
-        info = json.loads(side.read_text())
-        fits = grid_for(space, info) is not None and info.get("compute", M.FLOPS) == compute
-        if info.get("algo") == name and side.with_suffix(".zip").is_file() and fits:
-            return side.with_suffix(".zip"), info
+    for path, info in shipped_agents(name):
+        if grid_for(space, info) is not None and info.get("compute", M.FLOPS) == compute:
+            return path, info
     return None
 
 
@@ -242,7 +246,7 @@ class AgentStrategy:
             return None, None, "a new agent"  # a replay compares agents: the shipped one only on request
         shipped = shipped_agent(self.name, space, self.context.compute)
         if shipped is None:
-            if any(json.loads(f.read_text()).get("algo") == self.name for f in SHIPPED_AGENTS.glob("*.json")):
+            if shipped_agents(self.name):
                 return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained on other "
                                     "parameters or another compute objective than this search's, so this one "
                                     "starts untrained")  # fmt: skip
