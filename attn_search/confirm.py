@@ -41,8 +41,7 @@ import pandas as pd
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.population import evaluate_many
-from attn_search.engine.trainer import Budget, TrialResult, evaluate, resolve_device
+from attn_search.engine.trainer import Budget, TrialResult, evaluate, evaluate_many, resolve_device
 from attn_search.outputs import (
     CONFIRM_COLUMNS,
     CONFIRM_FILE,

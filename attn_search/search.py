@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import optuna
 
 from attn_search.backends import BACKENDS, Backend, Finished, Job, Note, TrialRunner, make_backend
-from attn_search.backends.base import CUT_SHORT
+from attn_search.backends.base import CUT_SHORT, Event
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import check_task, make_task
@@ -448,6 +448,7 @@ class SearchLoop:
         self.deadline: float | None = None
         self.confirm = confirm
         self._warned_latency = False
+        self._slot: int | None = None  # the first trial of the population being filled
 
     # -- set up --------------------------------------------------------------------------------
     def _study(self, strategy: Strategy) -> optuna.Study:
@@ -499,7 +500,8 @@ class SearchLoop:
         # no decision at the first rung (grace period): see attn_search.pruning
         moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
-        self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start)
+        self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start,
+                           ask=lambda: self._ask_job(strategy), record=lambda event: self._event(event, strategy))  # fmt: skip
         if not self._population_given:
             self.population = (
                 DEFAULT_POPULATION[self.backend.device_kind()] if self.runner.evaluator == "training" else 1
@@ -580,25 +582,41 @@ class SearchLoop:
             while self.backend.capacity() > 0 and self._asking():
                 jobs: list[Job] = []
                 with self.lock:  # a slot: up to `population` proposals, trained together
-                    while len(jobs) < self.population and self._asking():
-                        trial = self._next(strategy)
-                        if trial is None:
+                    self._slot = None
+                    while len(jobs) < self.population:
+                        job = self._ask_job(strategy)
+                        if job is None:
                             break
-                        trial.set_user_attr("owner", self.owner)  # see recover_interrupted
-                        self.live[trial.number] = trial
-                        jobs.append(Job(trial.number, self._values(trial)))
-                    for job in jobs:  # trials.csv's `slot`: the population it trained in
-                        self.live[job.number].set_user_attr("slot", jobs[0].number)
+                        jobs.append(job)
                 if not jobs:
                     break
                 self.backend.submit(jobs)
             if not self.live:
                 return  # nothing running and nothing more to run
             for event in self.backend.wait(timeout=1.0):
-                if isinstance(event, Note):
-                    self.progress.note(event.text)
-                elif isinstance(event, Finished):
-                    self._record(event, strategy)
+                self._event(event, strategy)
+
+    def _ask_job(self, strategy: Strategy) -> Job | None:
+        """The next proposal as a job, live from now on; ``None`` when the budget allows no more.
+        Also what a population asks when a member's slot frees (the local backend's refill)."""
+        with self.lock:
+            if not self._asking():
+                return None
+            trial = self._next(strategy)
+            if trial is None:
+                return None
+            trial.set_user_attr("owner", self.owner)  # see recover_interrupted
+            if self._slot is None:
+                self._slot = trial.number
+            trial.set_user_attr("slot", self._slot)  # trials.csv's `slot`: the population it trained in
+            self.live[trial.number] = trial
+            return Job(trial.number, self._values(trial))
+
+    def _event(self, event: Event, strategy: Strategy) -> None:
+        if isinstance(event, Note):
+            self.progress.note(event.text)
+        elif isinstance(event, Finished):
+            self._record(event, strategy)
 
     def _next(self, strategy: Strategy) -> optuna.Trial | None:
         """Waiting trials first (interrupted trials run again, ``--enqueue``), then the strategy's

@@ -36,3 +36,11 @@ def test_step_overhead_times_every_pattern() -> None:
     assert set(report["patterns"]) == set(PATTERNS)
     for row in report["patterns"].values():
         assert row["replan_ms"] > 0 and row["plan_kept_ms"] > 0 and row["speedup"] > 0
+
+
+def test_launch_count_counts_ops_per_member_one_by_one_and_in_populations() -> None:
+    report = run("benchmarks/launch_count.py", "--sizes", "2", "--trials", "4")
+    one, pop = report["one_by_one"], report["populations"]["2"]
+    assert one["step"] > 100 and one["per_trial"] > report["steps"] * one["step"]
+    assert pop["per_member_step"] == pop["step"] / 2 and pop["refill"] > 0
+    assert abs(pop["trial_ratio"] - one["per_trial"] / pop["per_trial"]) < 1e-9

@@ -1,127 +1,156 @@
-"""Population training: a fused member equals its unfused twin, and a population reproduces the
-one-by-one trials of its members (CPU, float32)."""
+"""Populations: one model with a member axis trains K configurations as one. A fused member equals
+its unfused twin (whatever its head count), the optimiser equals torch's AdamW, a population
+reproduces its members' one-by-one trials, freed slots are refilled while the others train on,
+and the steps between rungs read nothing from the device (CPU, float32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
-from attn_search import PATTERNS, AttentionConfig, Budget, build_model, evaluate, make_task
-from attn_search.engine.population import MemberAdamW, PopulationModel, _mask, evaluate_many
-from attn_search.engine.trainer import make_optimizer
+from attn_search import PATTERNS, AttentionConfig, Budget, build_model, evaluate, evaluate_many, make_task
+from attn_search.engine import attention
+from attn_search.engine import trainer as trainer_module
+from attn_search.engine.attention import member_mask_mod
+from attn_search.engine.model import member_losses
+from attn_search.engine.patterns import pattern_mask
+from attn_search.engine.trainer import MemberAdamW
 
 TASK = {"seq_len": 64, "n_pairs": 8, "n_keys": 16, "n_values": 8}
 PARAMS = {"window": 6, "dilation": 2, "stride": 5, "block_size": 8, "n_global": 1, "n_random": 1}
+HEADS = (2, 4, 8)
 
 
 def member_configs(**common: object) -> list[AttentionConfig]:
-    """One member per pattern, each with its own lr, weight decay, label smoothing and seed."""
+    """One member per pattern, each with its own head count, lr, weight decay, label smoothing and seed."""
     out = []
     for i, pattern in enumerate(PATTERNS):
-        out.append(AttentionConfig(d_model=32, n_heads=2, pattern=pattern, lr=3e-3 + 1e-3 * i,
+        out.append(AttentionConfig(d_model=32, n_heads=HEADS[i % 3], pattern=pattern, lr=3e-3 + 1e-3 * i,
                                    weight_decay=0.01 * i, label_smoothing=0.02 * i, warmup_steps=2 + i, seed=i,
                                    batch_size=8, **PARAMS, **common))  # type: ignore[arg-type]  # fmt: skip
     return out
 
 
-def population(configs: list[AttentionConfig], L: int) -> tuple[PopulationModel, list[torch.nn.Module]]:
-    task = make_task("mqar", **TASK)
-    models = []
-    for c in configs:
-        torch.manual_seed(c.seed)
-        models.append(build_model(c, task, backend="reference"))
-    masks = torch.stack([_mask(c, L) for c in configs])
-    return PopulationModel(models, masks), models
-
-
 def test_a_fused_member_equals_its_unfused_twin() -> None:
+    """Every pattern and head count 2, 4 and 8 in one model: each member's logits are those of the
+    model of its configuration alone (the single-pattern attention paths), to float32 rounding.
+    A member reading another's mask row, head layout, scale or rotary table would be far off."""
     configs = member_configs()
-    pop, models = population(configs, 64)
-    x, _ = make_task("mqar", **TASK).data("eval", 3)
-    zero = torch.zeros(len(configs))
+    task = make_task("mqar", **TASK)
+    fused = build_model(configs, task).eval()
+    x, _ = task.data("eval", 3)
     with torch.no_grad():
-        fused = pop.eval()(x.unsqueeze(0).expand(len(configs), -1, -1), dropout=zero, attn_dropout=zero)
-        for k, m in enumerate(models):
-            assert torch.allclose(fused[k], m.eval()(x), atol=1e-5), configs[k].pattern
+        out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))  # (K, B, L, n)
+        for k, c in enumerate(configs):
+            alone = build_model(c, task).eval()(x)
+            assert alone.abs().max() > 1e-3
+            assert torch.allclose(out[k], alone, atol=2e-6), (c.pattern, c.n_heads, (out[k] - alone).abs().max())
 
 
-def test_one_step_of_member_adamw_equals_torch_adamw() -> None:
-    configs = member_configs()
-    pop, models = population(configs, 64)
-    x, y = make_task("mqar", **TASK).data("train", 4)
+def test_member_adamw_equals_torch_adamw_with_clipping() -> None:
+    """Given the same gradients, each member's update is torch's AdamW (weight decay on matrices
+    only) after ``clip_grad_norm_(1.0)``, with the member's own lr and weight decay, step after step."""
+    configs = member_configs()[:4]
+    task = make_task("mqar", **TASK)
+    x, y = task.data("train", 4)
     K = len(configs)
-    opt = MemberAdamW(pop, torch.tensor([c.weight_decay for c in configs]))
-    from attn_search.engine.model import loss_fn
-    from attn_search.engine.population import _clip_per_member, _member_loss
-
-    for _ in range(2):
-        zero = torch.zeros(K)
-        losses = _member_loss(pop(x.unsqueeze(0).expand(K, -1, -1), dropout=zero, attn_dropout=zero),
-                              y.unsqueeze(0).expand(K, -1, -1), torch.tensor([c.label_smoothing for c in configs]))  # fmt: skip
+    fused = build_model(configs, task, backend="reference")
+    opt = MemberAdamW(fused)
+    twins, twin_opts = [], []
+    for c in configs:
+        model = build_model(c, task, backend="reference")
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 3 and "emb" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() >= 3 and "emb" not in n)]
+        twins.append(model)
+        twin_opts.append(torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                                            {"params": rest, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.98)))  # fmt: skip
+    for _ in range(3):
+        losses = member_losses(fused(x.expand(K, -1, -1)), y.expand(K, -1, -1),
+                               torch.tensor([c.label_smoothing for c in configs]))  # fmt: skip
         opt.zero_grad()
         losses.sum().backward()
-        _clip_per_member(pop)
+        grads = [p.grad.clone() for p in fused.parameters()]  # type: ignore[union-attr]
         opt.step(torch.tensor([c.lr for c in configs]))
-    for k, (c, m) in enumerate(zip(configs, models, strict=True)):
-        torch_opt = make_optimizer(m, c)
-        for _ in range(2):
-            loss = loss_fn(m(x), y, label_smoothing=c.label_smoothing)
-            torch_opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        for k, (model, torch_opt) in enumerate(zip(twins, twin_opts, strict=True)):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g[k : k + 1].clone()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             torch_opt.step()
-        assert torch.allclose(pop.p("head_w")[k], m.head.weight.t(), atol=1e-5), c.pattern
-        assert torch.allclose(pop.p("qkv0_w")[k], m.blocks[0].attn.qkv.weight.t(), atol=1e-5), c.pattern  # type: ignore[union-attr]
-        assert torch.allclose(pop.tok_emb[k], m.tok_emb.weight, atol=1e-5), c.pattern
+    for k, (c, model) in enumerate(zip(configs, twins, strict=True)):
+        for (name, p), q in zip(model.named_parameters(), fused.parameters(), strict=True):
+            assert torch.allclose(p[0], q[k], atol=1e-7, rtol=1e-5), (c.pattern, name)
+        assert not torch.equal(model.blocks[0].fc.weight, build_model(c, task).blocks[0].fc.weight)  # it trained
 
 
 BUDGET = Budget(steps=60, rungs=3, n_eval=128, latency_batch=2)
 
 
+def assert_same_training(together: object, alone: object) -> None:
+    r, a = together, alone
+    assert r.state == a.state and r.config == a.config  # type: ignore[attr-defined]
+    assert [s for s, _ in r.curve] == [s for s, _ in a.curve]  # type: ignore[attr-defined]
+    for (_, x), (_, y) in zip(r.curve, a.curve, strict=True):  # type: ignore[attr-defined]
+        assert abs(x - y) <= 0.01, (r.config.pattern, r.curve, a.curve)  # type: ignore[attr-defined]
+    assert r.metrics["final_loss"] == pytest.approx(a.metrics["final_loss"], rel=1e-3)  # type: ignore[attr-defined]
+    assert r.metrics["flops"] == a.metrics["flops"] and r.metrics["params"] == a.metrics["params"]  # type: ignore[attr-defined]
+
+
 def test_a_population_reproduces_its_members_one_by_one() -> None:
-    """Every pattern, members with different lr, weight decay, warm-up, label smoothing and seed:
-    accuracy at every rung within 0.03 of the member's own ``evaluate`` (float32, CPU)."""
+    """Every pattern, head counts 2/4/8, members with their own lr, weight decay, warm-up, label
+    smoothing and seed, all in one population: every rung and the final loss as trained alone."""
     configs = member_configs()
     together = evaluate_many(configs, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu")
     for c, r in zip(configs, together, strict=True):
-        alone = evaluate(c, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu")
-        assert r.state == alone.state == "complete" and r.config == c
-        assert [s for s, _ in r.curve] == [s for s, _ in alone.curve]
-        for (_, a), (_, b) in zip(r.curve, alone.curve, strict=True):
-            assert abs(a - b) <= 0.03, (c.pattern, r.curve, alone.curve)
-        assert r.metrics["flops"] == alone.metrics["flops"] and r.metrics["params"] == alone.metrics["params"]
+        assert_same_training(r, evaluate(c, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu"))
+
+
+def test_freed_slots_are_refilled_and_refills_train_as_they_would_alone() -> None:
+    """Continuous batching: a population of 2; member 1 is stopped at its first rung, and the slots
+    freed then and later take the next configurations from step 0 while member 0 trains on. Every
+    member, refilled ones included, trains exactly as it would alone (its own step counter,
+    schedule, data order, rungs and fresh optimiser state), and results arrive as members end."""
+    configs = member_configs()
+    first, more = configs[:2], configs[2:5]
+    queue = list(more)
+    order: list[int] = []
+    seen: list[tuple[int, int]] = []
+
+    def reporter(member: int, step: int, accuracy: float) -> bool:
+        seen.append((member, step))
+        return member == 1
+
+    results = evaluate_many(first, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu", reporter=reporter,
+                            refill=lambda: queue.pop(0) if queue else None,
+                            on_result=lambda member, result: order.append(member))  # fmt: skip
+    assert [r.config for r in results] == [*first, *more]
+    assert order[0] == 1 and sorted(order) == [0, 1, 2, 3, 4]
+    assert results[1].state == "pruned" and results[1].metrics["steps"] == 20
+    assert [s for m, s in seen if m == 2] == [20, 40, 60]  # its own steps, not the population's
+    for i in (0, 2, 3, 4):
+        assert_same_training(results[i], evaluate(results[i].config, "mqar", budget=BUDGET, task_kwargs=TASK,
+                                                  device="cpu"))  # fmt: skip
+
+
+def test_a_refill_of_another_shape_waits_for_its_own_population() -> None:
+    configs = member_configs()[:2]
+    wide = AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8)
+    queue = [wide, configs[0].replace(seed=9)]
+    budget = Budget(steps=4, rungs=1, n_eval=32, latency_batch=2)
+    results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu",
+                            refill=lambda: queue.pop(0) if queue else None)  # fmt: skip
+    assert [r.config for r in results] == [*configs, wide, configs[0].replace(seed=9)]
+    assert all(r.state == "complete" for r in results)
 
 
 def test_dropout_members_agree_statistically() -> None:
-    """Dropout masks come from the population's generator, not each trial's: accuracy agrees
-    within 0.1 at the last rung (the run-to-run spread of dropout on this budget)."""
+    """Dropout masks are drawn for the population, not each trial: accuracy agrees within 0.1 at
+    the last rung (the run-to-run spread of dropout on this budget)."""
     configs = [c.replace(dropout=0.1, attn_dropout=0.1) for c in member_configs()[:3]]
     together = evaluate_many(configs, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu")
     for c, r in zip(configs, together, strict=True):
         alone = evaluate(c, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu")
         assert abs(r.metrics["accuracy"] - alone.metrics["accuracy"]) <= 0.1, (c.pattern, r.curve, alone.curve)
-
-
-def test_a_member_stopped_by_the_reporter_leaves_and_the_others_go_on() -> None:
-    configs = member_configs()[:3]
-    seen: list[tuple[int, int]] = []
-
-    def reporter(member: int, step: int, accuracy: float) -> bool:
-        seen.append((member, step))
-        return member == 1  # stop the second member at its first rung
-
-    results = evaluate_many(configs, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu", reporter=reporter)
-    assert [r.state for r in results] == ["complete", "pruned", "complete"]
-    assert results[1].metrics["steps"] == 20 and results[0].metrics["steps"] == 60
-    assert [s for m, s in seen if m == 1] == [20] and [s for m, s in seen if m == 0] == [20, 40, 60]
-
-
-def test_members_of_other_shapes_form_their_own_populations_in_order() -> None:
-    configs = [*member_configs()[:2], AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8)]
-    results = evaluate_many(configs, "mqar", budget=Budget(steps=4, rungs=1, n_eval=32, latency_batch=2),
-                            task_kwargs=TASK, device="cpu")  # fmt: skip
-    assert [r.config for r in results] == configs
-    assert all(r.state == "complete" for r in results)
 
 
 def test_evaluate_many_leaves_the_callers_random_state_alone() -> None:
@@ -132,38 +161,27 @@ def test_evaluate_many_leaves_the_callers_random_state_alone() -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("bad", [0.0])
-def test_member_dropout_is_identity_at_zero(bad: float) -> None:
-    from attn_search.engine.population import _dropout
-
-    x = torch.randn(3, 2, 4, 5)
-    assert torch.equal(_dropout(x, torch.full((3,), bad), None), x)
-
-
-def test_members_that_diverge_fail_alone_and_a_population_that_all_diverges_ends() -> None:
+def test_members_that_diverge_fail_alone_at_the_step_they_diverged() -> None:
     configs = member_configs()[:3]
     configs[1] = configs[1].replace(lr=1e6)  # diverges
-    results = evaluate_many(configs, "mqar", budget=Budget(steps=20, rungs=2, n_eval=32, latency_batch=2),
-                            task_kwargs=TASK, device="cpu")  # fmt: skip
+    budget = Budget(steps=20, rungs=2, n_eval=32, latency_batch=2)
+    results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu")
     assert [r.state for r in results] == ["complete", "failed", "complete"]
-    assert "non-finite training loss" in str(results[1].reason)
-    every = evaluate_many([c.replace(lr=1e6) for c in configs], "mqar", budget=Budget(steps=20, rungs=2, n_eval=32,
-                          latency_batch=2), task_kwargs=TASK, device="cpu")  # fmt: skip
+    assert "non-finite training loss" in str(results[1].reason) and results[1].metrics["steps"] < 10
+    every = evaluate_many([c.replace(lr=1e6) for c in configs], "mqar", budget=budget, task_kwargs=TASK, device="cpu")
     assert all(r.state == "failed" for r in every) and all(r.metrics["steps"] < 20 for r in every)
 
 
 def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -> None:
-    """The population's mask_mod must lower as a pointwise subgraph on CUDA (no copy, reduction or
+    """The members' mask_mod must lower as a pointwise subgraph on CUDA (no copy, reduction or
     new buffer; the table already on the device): ``meta`` stands in for CUDA, as in test_patterns.
     On CPU the rule must also read the right member's row, clamping positions past the end."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from attn_search.engine.population import member_mask_mod
-
     from .test_patterns import _captured_tensors
 
     configs = member_configs()
-    masks = torch.stack([_mask(c, 64) for c in configs])
+    masks = torch.stack([pattern_mask(c.pattern, 64, **c.pattern_params()) for c in configs])
     rule = member_mask_mod(masks.to("meta"))
     assert [t.device.type for t in _captured_tensors(rule)] == ["meta"]
     calls: list[str] = []
@@ -186,25 +204,64 @@ def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -
                        masks[2, 63, 63].reshape(1))  # fmt: skip
 
 
-def test_training_reads_losses_from_the_device_at_checks_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA every read of a tensor's value (``tolist``, ``item``) makes the host wait for the GPU.
-    A population must not read its losses at every step: counted here on the CPU, over 120 steps
-    with 2 rungs, the reads stay a handful (rungs, the end, every SYNC_EVERY steps)."""
-    from attn_search.engine.population import SYNC_EVERY
+def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA every read of a tensor's value (``tolist``, ``item``, ``bool``, ``float``) makes the
+    host wait for the GPU. Counted on the CPU for a population and for a single trial: every read
+    happens at a check (a rung; every SYNC_EVERY steps), none in the steps between."""
+    steps_done = {"n": 0}
+    reads: list[int] = []
+    real_step = trainer_module._Population.train_step
 
-    reads = {"n": 0}
-    for name in ("tolist", "item"):
+    def counted_step(self: object) -> torch.Tensor:
+        steps_done["n"] += 1
+        return real_step(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module._Population, "train_step", counted_step)
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
         real = getattr(torch.Tensor, name)
 
-        def counted(self: torch.Tensor, *a: object, _real: object = real, **k: object) -> object:
-            reads["n"] += 1
+        def read(self: torch.Tensor, *a: object, _real: object = real, **k: object) -> object:
+            reads.append(steps_done["n"])
             return _real(self, *a, **k)  # type: ignore[operator]
 
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    configs = member_configs()[:3]
-    steps = 120
-    results = evaluate_many(configs, "mqar", budget=Budget(steps=steps, rungs=2, n_eval=32, latency_batch=2),
-                            task_kwargs=TASK, device="cpu")  # fmt: skip
-    assert all(r.state == "complete" and r.metrics["steps"] == steps for r in results)
-    checks = 2 + steps // SYNC_EVERY + 1
-    assert reads["n"] <= 3 * checks + 10, f"{reads['n']} reads of device values in {steps} steps"
+        monkeypatch.setattr(torch.Tensor, name, read)
+    budget = Budget(steps=60, rungs=2, n_eval=32, latency_batch=2)
+    for configs in (member_configs()[:3], member_configs()[1:2]):
+        reads.clear()
+        steps_done["n"] = 0
+        results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu")
+        assert all(r.state == "complete" and r.metrics["steps"] == 60 for r in results)
+        between = [s for s in reads if s > 0 and s not in (30, 50, 60)]
+        assert not between, f"reads of device values after steps {sorted(set(between))}"
+
+
+def test_populations_compile_flex_attention_once_per_shape_including_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlexAttention's member path forced on the CPU (forward only: the evaluation passes), with a
+    counting compiler backend: after the population's first rung no pass compiles again, though
+    slots are refilled with new patterns, parameters and head counts (the mask table, BlockMask and
+    padded head layout keep their shapes)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    compiles = {"n": 0}
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        compiles["n"] += 1
+        return compile_fx(gm, inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", torch.compile(flex_attention, dynamic=False, backend=counting))
+    configs = member_configs()
+    queue = [c.replace(seed=10 + i, window=3 + i, stride=4 + i, n_heads=HEADS[(i + 1) % 3]) for i, c in
+             enumerate(configs)]  # fmt: skip
+    after_first_rung: list[int] = []
+
+    def reporter(member: int, step: int, accuracy: float) -> bool:
+        after_first_rung.append(compiles["n"])
+        return member % 2 == 0  # half of them leave at each rung: refills
+
+    budget = Budget(steps=6, rungs=3, n_eval=16, latency_batch=2)
+    results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", backend="flex",
+                            reporter=reporter, refill=lambda: queue.pop(0) if queue else None)  # fmt: skip
+    assert len(results) == 4 + len(configs) and not queue
+    assert 0 < after_first_rung[0] <= 2  # the timed pass and the evaluation pass
+    assert compiles["n"] == after_first_rung[0], "a refill compiled FlexAttention again"

@@ -360,7 +360,8 @@ def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--population 3: trials go out three to a slot; the early-stopping rule stops one member at
-    its first rung, the others of its population train to the end."""
+    its first rung, the others of its population train to the end, and the freed slot takes the
+    next proposal at once (a refill), which trains its own 12 steps with its own rungs."""
     import attn_search.search as search_module
 
     asked: list[tuple[int, int]] = []
@@ -374,10 +375,13 @@ def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
     enqueue[0].pop("window")
     out, summary = search(tmp_path, trials=6, steps=12, population=3, strategy="random", enqueue=enqueue)
     trials = pd.read_csv(out / "trials.csv").set_index("trial")
-    assert list(trials["slot"]) == [0, 0, 0, 3, 3, 3]
+    assert list(trials["slot"]) == [0] * 6  # one population: every later trial refilled a freed slot
     assert trials.loc[1, "state"] == "pruned" and trials.loc[1, "steps"] == 3  # rungs at steps 3, 6, 9, 12
-    assert (trials.loc[[0, 2], "state"] == "complete").all() and (trials.loc[[0, 2], "steps"] == 12).all()
+    assert (trials.loc[[0, 2, 3, 4, 5], "state"] == "complete").all()
+    assert (trials.loc[[0, 2, 3, 4, 5], "steps"] == 12).all()
     assert [s for n, s in asked if n == 1] == [3] and [s for n, s in asked if n == 0] == [3, 6, 9, 12]
+    assert [s for n, s in asked if n == 3] == [3, 6, 9, 12]  # its own steps: it started when trial 1 stopped
+    assert asked.index((3, 3)) < asked.index((0, 12))  # ... while trial 0 trained on
     # each member is scored as its own trial: the fused run gives what the member's own evaluate gives
     from attn_search import evaluate
 

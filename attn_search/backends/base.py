@@ -19,8 +19,7 @@ import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.population import evaluate_many
-from attn_search.engine.trainer import Budget
+from attn_search.engine.trainer import Budget, TrialResult, evaluate_many
 from attn_search.evaluators import Evaluator, make_evaluator
 from attn_search.failures import error_attrs
 from attn_search.space import SearchSpace
@@ -28,9 +27,12 @@ from attn_search.space import SearchSpace
 OnRung = Callable[[int, int, float, dict[str, float]], bool]
 """``on_rung(number, step, accuracy, compute)``: the loop's early-stopping rule; ``True`` stops
 the trial. Backends call it while the trial runs (from any thread)."""
-OnRungs = Callable[[int, Sequence[tuple[int, float, dict[str, float]]]], Sequence[bool]]
-"""``on_rungs(step, [(i, accuracy, compute), ...])``: every rung of one step of a population, one
-stop flag back for each (see :meth:`TrialRunner.run_many`)."""
+OnRungs = Callable[[Sequence[tuple[int, int, float, dict[str, float]]]], Sequence[bool]]
+"""``on_rungs([(i, step, accuracy, compute), ...])``: the rungs a population's members reached at
+one point of training (each at its own step), one stop flag back for each (see
+:meth:`TrialRunner.run_many`)."""
+Refill = Callable[[], "tuple[int, dict[str, Any]] | None"]
+"""``refill()``: the next proposal ``(number, values)`` for a slot a finished member freed, or ``None``."""
 CUT_SHORT = "cut short by the time budget"
 """Reason of a trial whose training the search's time budget ended (recorded ``pruned``)."""
 OnStart = Callable[[int, AttentionConfig], None]
@@ -85,8 +87,12 @@ class Backend(Protocol):
 
     name: str
 
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart) -> None:
-        """Get ready to run trials with ``runner`` (connect to a cluster, restore an experiment)."""
+    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
+              ask: Callable[[], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
+        """Get ready to run trials with ``runner`` (connect to a cluster, restore an experiment).
+        ``ask()`` gives the loop's next job for a population's freed slot (``None``: none now), and
+        ``record(event)`` records a member that ended before its population did; a backend may use
+        them (the local one does) or not."""
 
     def slots(self) -> int:
         """How many slots run at once."""
@@ -152,7 +158,7 @@ class TrialRunner:
         return self.run_many(
             [values],
             on_attr=lambda i, key, value: on_attr(key, value),
-            on_rungs=lambda step, rungs: [on_rung(step, acc, compute) for _, acc, compute in rungs],
+            on_rungs=lambda rungs: [on_rung(step, acc, compute) for _, step, acc, compute in rungs],
             on_start=lambda i, config: on_start(config),
         )[0]
 
@@ -161,14 +167,19 @@ class TrialRunner:
         members: Sequence[dict[str, Any]],
         *,
         on_attr: Callable[[int, str, Any], None] = lambda i, key, value: None,
-        on_rungs: OnRungs = lambda step, rungs: [False] * len(rungs),
+        on_rungs: OnRungs = lambda rungs: [False] * len(rungs),
         on_start: Callable[[int, AttentionConfig], None] = lambda i, config: None,
+        refill: Refill | None = None,
+        on_outcome: Callable[[int, TrialOutcome], None] | None = None,
     ) -> list[TrialOutcome]:
         """Score several proposals at once, as one population where they share a shape
-        (:func:`~attn_search.engine.population.evaluate_many`); ``i`` in the callbacks indexes
-        ``members``. ``on_rungs(step, [(i, accuracy, compute), ...])`` gets every member's rung of one
-        step in one call and returns a stop flag for each. One outcome per member, in order; as
-        :meth:`run`, never raises for the trials' own failures."""
+        (:func:`~attn_search.engine.trainer.evaluate_many`); ``i`` in the callbacks indexes
+        ``members`` and then the refills. ``on_rungs([(i, step, accuracy, compute), ...])`` gets the
+        rungs reached together in one call and returns a stop flag for each. ``refill()`` gives the
+        next proposal ``(number, values)`` for a freed slot (training only; its ``i`` is the next
+        index), and ``on_outcome(i, outcome)`` hears each member's outcome as soon as it ends.
+        Returns one outcome per member (refills included), in order; as :meth:`run`, never raises
+        for the trials' own failures."""
         attrs: list[dict[str, Any]] = [{} for _ in members]
         outcomes: list[TrialOutcome | None] = [None] * len(members)
 
@@ -176,30 +187,56 @@ class TrialRunner:
             attrs[i][key] = value
             on_attr(i, key, value)
 
-        configs: dict[int, AttentionConfig] = {}
-        for i, values in enumerate(members):
+        def done(i: int, outcome: TrialOutcome) -> None:
+            outcomes[i] = outcome
+            if on_outcome is not None:
+                on_outcome(i, outcome)
+
+        def configure(i: int, values: dict[str, Any]) -> AttentionConfig | None:
             try:
-                configs[i] = self.space.make_config(values, seed=self.seed)
+                config = self.space.make_config(values, seed=self.seed)
             except ValueError as exc:
                 put(i, "reason", f"invalid configuration: {exc}")
                 put(i, "state", M.FAILED)
-                outcomes[i] = TrialOutcome(M.FAILED, attrs[i])
-                continue
-            put(i, "config", configs[i].to_dict())
-            on_start(i, configs[i])
+                done(i, TrialOutcome(M.FAILED, attrs[i]))
+                return None
+            put(i, "config", config.to_dict())
+            on_start(i, config)
+            return config
+
+        configs: dict[int, AttentionConfig] = {}
+        for i, values in enumerate(members):
+            config = configure(i, values)
+            if config is not None:
+                configs[i] = config
+
+        def next_config() -> tuple[int, AttentionConfig] | None:
+            while refill is not None:
+                proposal = refill()
+                if proposal is None:
+                    return None
+                attrs.append({})
+                outcomes.append(None)
+                i = len(attrs) - 1
+                config = configure(i, proposal[1])
+                if config is not None:
+                    configs[i] = config
+                    return i, config
+            return None
+
         if self.evaluator != "training":  # recorded (or a user's own) results instead of training
             for i, config in configs.items():
                 try:
-                    outcomes[i] = self._look_up(config, members[i], attrs[i], functools.partial(put, i))
+                    done(i, self._look_up(config, members[i], attrs[i], functools.partial(put, i)))
                 except Exception as exc:
-                    outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
+                    done(i, _failed(exc, attrs[i], functools.partial(put, i)))
         elif configs:
             try:
-                self._train(configs, attrs, outcomes, put, on_rungs)
+                self._train(configs, attrs, outcomes, put, on_rungs, done, next_config)
             except Exception as exc:
                 for i in configs:
                     if outcomes[i] is None:
-                        outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
+                        done(i, _failed(exc, attrs[i], functools.partial(put, i)))
         return [o if o is not None else TrialOutcome(M.FAILED, a) for o, a in zip(outcomes, attrs, strict=True)]
 
     def _look_up(
@@ -225,52 +262,36 @@ class TrialRunner:
         outcomes: list[TrialOutcome | None],
         put: Callable[[int, str, Any], None],
         on_rungs: OnRungs,
+        done: Callable[[int, TrialOutcome], None],
+        next_config: Callable[[], tuple[int, AttentionConfig] | None] = lambda: None,
     ) -> None:
-        ids = list(configs)  # member j of the population is proposal ids[j]
-        compute: dict[int, dict[str, float]] = {i: {} for i in ids}
-        curves: dict[int, list[tuple[int, float]]] = {i: [] for i in ids}
+        ids = list(configs)  # member j of the population is proposal ids[j]; refills append
+        compute: dict[int, dict[str, float]] = {}
+        curves: dict[int, list[tuple[int, float]]] = {}
 
         def on_compute(j: int, figures: dict[str, float]) -> None:
-            compute[ids[j]].update(figures)
+            compute[ids[j]] = dict(figures)
             put(ids[j], "compute", figures)
 
-        def report_rungs(step: int, rungs: Sequence[tuple[int, float]]) -> list[bool]:
-            for j, accuracy in rungs:
-                curves[ids[j]].append((step, accuracy))
+        def report_rungs(rungs: Sequence[tuple[int, int, float]]) -> list[bool]:
+            for j, step, accuracy in rungs:
+                curves.setdefault(ids[j], []).append((step, accuracy))
                 put(ids[j], "curve", list(curves[ids[j]]))
-            stops = on_rungs(step, [(ids[j], acc, compute[ids[j]]) for j, acc in rungs])  # the rule records every rung
-            return [
-                stop and step < self.budget.steps for stop in stops
-            ]  # stopping after the last step would only discard it
+            stops = on_rungs(
+                [(ids[j], step, acc, compute.get(ids[j], {})) for j, step, acc in rungs]
+            )  # the rule records every rung
+            # stopping after the last step would only discard it
+            return [bool(stop) and step < self.budget.steps for stop, (_, step, _) in zip(stops, rungs, strict=True)]
 
-        budget = self.budget
-        if self.deadline is not None:  # the last trials stop training at the deadline, then evaluate
-            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.time()))
-        try:
-            results = evaluate_many(
-                list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
-                task_kwargs=self.task_kwargs, on_compute=on_compute,
-            )  # fmt: skip
-        except Exception as exc:
-            if len(ids) == 1:
-                raise
-            # one member's error must not fail its companions: each trains again alone, and only
-            # the ones that raise again fail (with their own error). The population's error travels
-            # with the first member (the loop writes it to errors.log and says so on the console):
-            # a fallback is never silent, since on a GPU it costs most of the population's speed.
-            error = error_attrs(exc)
-            put(ids[0], "population_error", {"reason": error["reason"], "traceback": error["traceback"],
-                                             "members": len(ids)})  # fmt: skip
-            _free_device_memory()
-            for i in ids:
-                curves[i].clear()
-                compute[i].clear()
-                try:
-                    self._train({i: configs[i]}, attrs, outcomes, put, on_rungs)
-                except Exception as exc:
-                    outcomes[i] = _failed(exc, attrs[i], functools.partial(put, i))
-            return
-        for i, result in zip(ids, results, strict=True):
+        def refill() -> AttentionConfig | None:
+            found = next_config()
+            if found is None:
+                return None
+            ids.append(found[0])
+            return found[1]
+
+        def on_result(j: int, result: TrialResult) -> None:
+            i = ids[j]
             if result.state == M.PRUNED and result.curve:
                 result.reason = f"stopped early at step {result.curve[-1][0]}"
             ran = int(result.metrics.get(M.STEPS, budget.steps) or 0)
@@ -284,7 +305,36 @@ class TrialRunner:
                 put(i, key, value)
             if result.reason:
                 put(i, "reason", result.reason)
-            outcomes[i] = self._finish(attrs[i], result.metrics, result.state)
+            done(i, self._finish(attrs[i], result.metrics, result.state))
+
+        budget = self.budget
+        if self.deadline is not None:  # the last trials stop training at the deadline, then evaluate
+            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.time()))
+        try:
+            evaluate_many(
+                list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
+                task_kwargs=self.task_kwargs, on_compute=on_compute, refill=refill, on_result=on_result,
+            )  # fmt: skip
+        except Exception as exc:
+            left = [i for i in ids if outcomes[i] is None]
+            if len(ids) == 1:
+                raise
+            # one member's error must not fail its companions: each that had not ended trains again
+            # alone, and only the ones that raise again fail (with their own error). The population's
+            # error travels with the first of them (the loop writes it to errors.log and says so on
+            # the console): a fallback is never silent, since on a GPU it costs most of the speed.
+            error = error_attrs(exc)
+            if left:
+                put(left[0], "population_error", {"reason": error["reason"], "traceback": error["traceback"],
+                                                  "members": len(ids)})  # fmt: skip
+            _free_device_memory()
+            for i in left:
+                curves.pop(i, None)
+                compute.pop(i, None)
+                try:
+                    self._train({i: configs[i]}, attrs, outcomes, put, on_rungs, done)
+                except Exception as exc:
+                    done(i, _failed(exc, attrs[i], functools.partial(put, i)))
 
     def _finish(self, attrs: dict[str, Any], metrics: dict[str, float], state: str) -> TrialOutcome:
         constraints = {}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from attn_search.backends.base import Event, Finished, Job, OnRung, OnStart, TrialRunner
 
 
 class LocalBackend:
     """Runs each slot (one job, or a population of jobs) in this process, in :meth:`wait`, on the
-    device the runner names."""
+    device the runner names. A population's freed slots are refilled with the loop's next
+    proposals (``ask``) while it trains, and each member's outcome is recorded (``record``) as soon
+    as it ends, so the strategy hears it before it proposes again."""
 
     name = "local"
 
@@ -18,9 +20,13 @@ class LocalBackend:
         self._runner: TrialRunner | None = None
         self._on_rung: OnRung = lambda number, step, accuracy, compute: False
         self._on_start: OnStart = lambda number, config: None
+        self._ask: Callable[[], Job | None] | None = None
+        self._record: Callable[[Event], None] | None = None
 
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart) -> None:
+    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
+              ask: Callable[[], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
         self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
+        self._ask, self._record = ask, record
 
     def slots(self) -> int:
         return 1
@@ -41,13 +47,28 @@ class LocalBackend:
         jobs, self._jobs = self._jobs, []
         if not jobs or self._runner is None:
             return []
-        numbers = [job.number for job in jobs]
+        numbers = [job.number for job in jobs]  # member i is trial numbers[i]; refills append
+        recorded: set[int] = set()
+
+        def refill() -> tuple[int, dict] | None:
+            job = self._ask() if self._ask is not None and len(jobs) > 1 else None
+            if job is None:
+                return None
+            numbers.append(job.number)
+            return job.number, job.values
+
+        def on_outcome(i: int, outcome: object) -> None:
+            if self._record is not None:
+                recorded.add(i)
+                self._record(Finished(numbers[i], outcome))  # type: ignore[arg-type]
+
         outcomes = self._runner.run_many(
             [job.values for job in jobs],
-            on_rungs=lambda step, rungs: [self._on_rung(numbers[i], step, acc, compute) for i, acc, compute in rungs],
+            on_rungs=lambda rungs: [self._on_rung(numbers[i], step, acc, compute) for i, step, acc, compute in rungs],
             on_start=lambda i, config: self._on_start(numbers[i], config),
-        )
-        return [Finished(number, outcome) for number, outcome in zip(numbers, outcomes, strict=True)]
+            refill=refill, on_outcome=on_outcome,
+        )  # fmt: skip
+        return [Finished(numbers[i], outcome) for i, outcome in enumerate(outcomes) if i not in recorded]
 
     def close(self) -> None:
         self._jobs = []

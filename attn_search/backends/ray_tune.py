@@ -113,7 +113,10 @@ class RayBackend:
         self._runner: TrialRunner | None = None
 
     # -- the loop's side -----------------------------------------------------------------------
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart) -> None:
+    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart, ask: Any = None,
+              record: Any = None) -> None:  # fmt: skip
+        # (ask/record, the local backend's refills, are not used: a population on a Ray worker
+        # trains the members it was given; its freed slots stay free until it ends)
         global _ACTIVE
         self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
         resources = connect(self.options)
@@ -345,15 +348,17 @@ def _population_trainable(config: dict[str, Any], runner: TrialRunner, board: An
     members = _members(config)
     numbers = [number for number, _ in members]
 
-    def on_rungs(step: int, rungs: Sequence[tuple[int, float, dict[str, float]]]) -> list[bool]:
-        asked = [(numbers[i], accuracy, compute) for i, accuracy, compute in rungs]
+    def on_rungs(rungs: Sequence[tuple[int, int, float, dict[str, float]]]) -> list[bool]:
+        # members start together here (no refill across Ray workers), so their rungs share a step
+        step = rungs[0][1]
+        asked = [(numbers[i], accuracy, compute) for i, _, accuracy, compute in rungs]
         key = f"{ray.get_runtime_context().get_actor_id()}:{numbers[0]}:{step}"
         try:
             stops: list[bool] = ray.get(board.ask.remote(key, step, asked), timeout=RUNG_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             return [False] * len(rungs)  # the driver is gone or stuck: train on, the final result says it all
         if step < runner.budget.steps:  # progress for Tune's loggers (its scheduler ignores it)
-            tune.report({STEP: step, "best_accuracy": max(acc for _, acc, _ in rungs), "members": len(rungs),
+            tune.report({STEP: step, "best_accuracy": max(acc for _, _, acc, _ in rungs), "members": len(rungs),
                          FINAL: False, **place})  # fmt: skip
         return stops
 

@@ -12,9 +12,8 @@ from attn_search.engine.config import AttentionConfig, load_config
 from attn_search.engine.cost import model_flops
 from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_model
 from attn_search.engine.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
-from attn_search.engine.population import evaluate_many
 from attn_search.engine.tasks import TASKS, Task, check_task, make_task
-from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate
+from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate, evaluate_many
 
 __all__ = [
     "BACKENDS",

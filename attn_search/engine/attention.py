@@ -271,14 +271,23 @@ def _flex_fn() -> Any:
     if _FLEX_COMPILED is None:
         import torch._dynamo.config as dynamo_config
 
-        # Every (pattern, parameters, length) is its own mask_mod and so its own kernel; past
-        # dynamo's default of 8 recompiles it silently falls back to eager FlexAttention, which
-        # materialises every score (measured: 0.06x dense SDPA for the 9th pattern). A search
-        # visits many configurations, so allow many kernels.
+        # Patterns are read from tables (TABLE_MASK_MAX_LEN), so a kernel is compiled per length,
+        # head dim and batch shape, not per pattern; past dynamo's default of 8 recompiles it would
+        # silently fall back to eager FlexAttention, which materialises every score (measured:
+        # 0.06x dense SDPA for the 9th). Lengths past the table's limit compile a kernel per
+        # pattern and parameters, so allow many kernels.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _FLEX_KERNELS)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * _FLEX_KERNELS)
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
+
+
+TABLE_MASK_MAX_LEN = 4096
+"""Up to this length FlexAttention's ``mask_mod`` reads the pattern from a boolean table ``(L, L)``
+instead of computing it: every pattern and parameter value is then the same compiled kernel (a
+rule with a window of 6 baked in is another kernel than one with 8, so a search would compile one
+per configuration and reach dynamo's recompile limit). Longer sequences use the computed rule
+(a table would take ``L**2`` bytes)."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -286,14 +295,50 @@ def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
     from torch.nn.attention.flex_attention import create_block_mask
 
     pattern, seq_len, causal, items = key
+    if seq_len <= TABLE_MASK_MAX_LEN:
+        return member_block_mask(_cached_mask(key, device)[None])
     rule = pattern_rule(pattern, seq_len, causal=causal, device=device, **dict(items))  # tables on `device`
     return create_block_mask(
         lambda b, h, q_idx, kv_idx: rule(q_idx, kv_idx), None, None, seq_len, seq_len, device=device
     )
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
-    """FlexAttention with ``block_mask``; head dims below 16 zero-padded (exact, see below)."""
+def member_mask_mod(masks: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """FlexAttention's ``mask_mod`` for members whose patterns are the rows of ``masks`` ``(K, L, L)``:
+    the batch index is the member. Pointwise (one computed index, no copy or reduction), and the
+    table stays on the device ``masks`` lives on, as CUDA's lowering needs. The same code for every
+    table, so a new table (a new pattern, a refilled slot) reuses the compiled kernel."""
+    K, L, _ = masks.shape
+    flat = masks.reshape(-1)  # (K * L * L,)
+    if K == 1:  # one pattern for every batch row
+
+        def one_mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return flat[torch.clamp(q, max=L - 1) * L + torch.clamp(kv, max=L - 1)]
+
+        return one_mask_mod
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        # positions past L (FlexAttention evaluates whole tiles) read the last row/column: masked by padding
+        return flat[b * (L * L) + torch.clamp(q, max=L - 1) * L + torch.clamp(kv, max=L - 1)]
+
+    return mask_mod
+
+
+def member_block_mask(masks: torch.Tensor) -> Any:
+    """One BlockMask for the members whose patterns are the rows of ``masks`` ``(K, L, L)``
+    (:func:`member_mask_mod`); the attention batch index is the member (a single member's mask
+    broadcasts over the batch)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    K, L, _ = masks.shape
+    return create_block_mask(member_mask_mod(masks), K if K > 1 else None, None, L, L, device=str(masks.device))
+
+
+def _flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None = None
+) -> torch.Tensor:
+    """FlexAttention with ``block_mask`` (``scale`` default ``1/sqrt(head dim)``); head dims below
+    16 zero-padded (exact, see below)."""
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -304,12 +349,12 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) ->
         q, k, v = q.detach(), k.detach(), v.detach()
     D = q.shape[-1]
     if D >= FLEX_MIN_HEAD_DIM:
-        return _flex_fn()(q, k, v, block_mask=block_mask)
+        return _flex_fn()(q, k, v, block_mask=block_mask, scale=scale)
     # FlexAttention's kernels need head dim >= 16: zero channels change no score (q . k is the same)
     # and give zero output columns, which are cut off; the scale stays that of the true head dim.
     pad = FLEX_MIN_HEAD_DIM - D
     q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # (B, H, L, 16)
-    out = _flex_fn()(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(D))
+    out = _flex_fn()(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(D) if scale is None else scale)
     return out[..., :D]
 
 

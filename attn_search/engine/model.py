@@ -1,32 +1,135 @@
 """The small attention model a trial trains: a pre-LayerNorm transformer with pattern-sparse
-self-attention and a per-position classification head (nanoGPT's layout)."""
+self-attention and a per-position classification head (nanoGPT's layout), written once with a
+*member axis*: one module holds ``K`` configurations that share a shape (``d_model``, ``n_layers``)
+and trains them as one model (HFTA's fused ops, Wang et al. MLSys 2021). A single trial is a
+population of one (``K = 1``).
+
+* Every parameter is stacked on a leading member axis (``Linear.weight`` is ``(K, in, out)``) and
+  every layer is one batched op for all members (``baddbmm``); shape comments carry the member
+  axis, ``# (K, B, L, C)``.
+* What differs between members lives in per-member tables and is applied in the same ops: the
+  dropout rates, the attention pattern (a row of a ``(K, L, L)`` mask table, which FlexAttention's
+  ``mask_mod`` reads with the batch index as the member), and the head count: members with fewer
+  heads have wider heads, so attention runs in one padded layout of ``max(n_heads)`` heads of
+  ``d_model / min(n_heads)`` channels. A member's heads fill the first rows and channels of it;
+  zero channels add nothing to a score and zero heads give zero outputs, so each member computes
+  exactly its own attention (with its own ``1/sqrt(head_dim)`` scale and rotary frequencies).
+* ``init_member(k, seed)`` and ``set_member(k, config)`` give slot ``k`` a new configuration and
+  fresh weights from its own seed, so a member's weights are those of its one-by-one trial and a
+  slot can be refilled while the others train on (the trainer's continuous batching).
+* With ``K = 1`` attention takes the single-pattern paths of :func:`~attn_search.engine.attention.attention_plan`
+  (the block-sparse kernel on CPU, FlexAttention on CUDA), the paths the exported layer runs.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_search.engine.attention import Attend, attention_plan, dropout_mask
+from attn_search.engine.attention import (
+    Attend,
+    _cached_mask,
+    _flex,
+    _key,
+    attention_plan,
+    dropout_mask,
+    member_block_mask,
+)
 from attn_search.engine.config import AttentionConfig
+from attn_search.engine.patterns import resolve_params
 from attn_search.engine.tasks import Task
+
+Members = AttentionConfig | Sequence[AttentionConfig]
+"""One configuration, or the ``K`` configurations of a population (one per slot)."""
+
+
+def _members(configs: Members) -> list[AttentionConfig]:
+    members = [configs] if isinstance(configs, AttentionConfig) else list(configs)
+    assert members, "a model needs at least one member"
+    return members
+
+
+def _per_member(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(K,)`` viewed to broadcast against ``like`` ``(K, ...)``."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Linear(nn.Module):
+    """``K`` linear layers as one op: ``(K, ..., in) -> (K, ..., out)``; weight ``(K, in, out)``."""
+
+    def __init__(self, K: int, d_in: int, d_out: int, *, std: float = 0.02) -> None:
+        super().__init__()
+        self.std = std  # initial weights: normal(0, std), biases 0 (a model redraws them per member: init_member)
+        self.weight = nn.Parameter(torch.empty(K, d_in, d_out).normal_(0.0, std))
+        self.bias = nn.Parameter(torch.zeros(K, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = x.shape[0]
+        y = torch.baddbmm(self.bias.unsqueeze(1), x.reshape(K, -1, x.shape[-1]), self.weight)  # (K, N, out)
+        return y.view(*x.shape[:-1], -1)
+
+
+class LayerNorm(nn.Module):
+    """``K`` LayerNorms over the last dimension; weight and bias ``(K, C)``."""
+
+    def __init__(self, K: int, C: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(K, C))
+        self.bias = nn.Parameter(torch.zeros(K, C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, ..., C)
+        C = x.shape[-1]
+        if x.shape[0] == 1:  # one member: the fused affine kernel
+            return F.layer_norm(x, (C,), self.weight[0], self.bias[0])
+        shape = (x.shape[0], *([1] * (x.dim() - 2)), C)
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (C,)), self.weight.view(shape))
+
+
+class Embedding(nn.Module):
+    """``K`` embedding tables ``(K, V, C)``: ids ``(K, B, L)`` -> ``(K, B, L, C)``."""
+
+    def __init__(self, K: int, V: int, C: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(K, V, C).normal_(0.0, 0.02))
+        self.offset: torch.Tensor
+        self.register_buffer("offset", (torch.arange(K) * V).view(K, 1, 1), persistent=False)  # member k's rows
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        K, V, C = self.weight.shape
+        if K == 1:
+            return F.embedding(idx, self.weight[0])
+        return F.embedding(idx + self.offset, self.weight.reshape(K * V, C))
 
 
 class Dropout(nn.Module):
-    """Inverted dropout with a uniform-threshold mask (:func:`attn_search.engine.attention.dropout_mask`):
-    the same function as ``nn.Dropout``, several times cheaper on CPU."""
+    """Inverted dropout with each member's own rate, a uniform-threshold mask
+    (:func:`attn_search.engine.attention.dropout_mask`): the same function as ``nn.Dropout``,
+    several times cheaper on CPU. Whether any member drops is known on the host (no device read)."""
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, rates: Sequence[float]) -> None:
         super().__init__()
-        self.p = p
+        self.rates = [float(r) for r in rates]
+        self.p: torch.Tensor
+        self.register_buffer("p", torch.tensor(self.rates), persistent=False)  # (K,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+    def set_member(self, k: int, rate: float) -> None:
+        self.rates[k] = float(rate)
+        with torch.no_grad():
+            self.p[k] = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, ...)
+        if not self.training or not any(self.rates):
             return x
-        return x * dropout_mask(x, self.p) * (1.0 / (1.0 - self.p))
+        if len(self.rates) == 1:
+            p = self.rates[0]
+            return x * dropout_mask(x, p) * (1.0 / (1.0 - p))
+        keep = torch.rand_like(x) >= _per_member(self.p, x)
+        return x * keep / _per_member(1.0 - self.p, x).to(x.dtype)
 
 
 def rotary_tables(
@@ -40,150 +143,301 @@ def rotary_tables(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(x[..., :hs/2], x[..., hs/2:])`` of ``x`` ``(B, nh, L, hs)``."""
+    """Rotate channel pairs ``(x[..., :hs/2], x[..., hs/2:])`` of ``x`` ``(..., L, hs)``."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class _MemberPlan:
+    """What attention over several members needs, built once per (length, device, mode) and
+    rebuilt when a slot changes: the padded head layout, per-member rotary tables and scales, the
+    mask table, the BlockMask (CUDA) and the attention-dropout rates."""
+
+    def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, backend: str,
+                 dropout: bool, layout: tuple[int, int]) -> None:  # fmt: skip
+        C = members[0].d_model
+        heads = [c.n_heads for c in members]
+        self.H, self.D = layout  # the padded layout: H heads of D channels
+        K, D = len(members), self.D
+        self.masks = torch.stack([_cached_mask(_key(c.pattern, L, c.causal, resolve_params(c.pattern,
+                                  **c.pattern_params())), str(device)) for c in members])  # (K, L, L)  # fmt: skip
+        cos = torch.ones(K, L, D // 2, device=device)
+        sin = torch.zeros(K, L, D // 2, device=device)
+        index = torch.empty(K, C, dtype=torch.long)
+        for k, h in enumerate(heads):
+            d = C // h
+            cos[k, :, : d // 2], sin[k, :, : d // 2] = rotary_tables(L, d, device=device)
+            # member channel head*d + j -> padded channel head*D + j (first half) or + D/2 (second half)
+            j = torch.arange(d)
+            slot = torch.where(j < d // 2, j, j - d // 2 + D // 2)
+            index[k] = (torch.arange(h)[:, None] * D + slot[None]).flatten()
+        self.cos, self.sin = cos[:, None], sin[:, None]  # (K, 1, L, D/2)
+        self.scale = torch.tensor([1.0 / math.sqrt(C // h) for h in heads], device=device).view(K, 1, 1, 1)
+        self.index = None if all(h == self.H and C // h == D for h in heads) else index.to(device).view(K, 1, 1, C)
+        rates = [c.attn_dropout for c in members]
+        self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
+        # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
+        # no CPU backward for it): evaluation passes
+        use_flex = (device.type == "cuda" and backend == "auto") or backend == "flex"
+        if device.type == "cpu" and dropout:
+            use_flex = False
+        self.block_mask = member_block_mask(self.masks) if use_flex and self.attn_p is None else None
+
+    def spread(self, t: torch.Tensor) -> torch.Tensor:
+        """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
+        if self.index is None:
+            return t
+        K, B, L, C = t.shape
+        out = t.new_zeros(K, B, L, self.H * self.D)
+        return out.scatter(-1, self.index.expand(K, B, L, C), t)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`spread`."""
+        if self.index is None:
+            return t
+        K, B, L, _ = t.shape
+        return t.gather(-1, self.index.expand(K, B, L, self.index.shape[-1]))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(K, B*H, L, D)`` each, ``q`` already scaled: the member's pattern is row ``member`` of the table."""
+        if self.attn_p is not None:
+            # no fused kernel takes a dropout rate per batch row: scores are materialised
+            s = torch.matmul(q, k.transpose(-1, -2))  # (K, BH, L, L)
+            s = s.masked_fill(~self.masks[:, None], float("-inf"))
+            a = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            keep = torch.rand_like(a) >= _per_member(self.attn_p, a)
+            return torch.matmul(a * keep / _per_member(1.0 - self.attn_p, a).to(a.dtype), v)
+        if self.block_mask is not None:
+            return _flex(q, k, v, self.block_mask, scale=1.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[:, None], scale=1.0)  # (K, 1, L, L)
+
+
 class SparseSelfAttention(nn.Module):
-    """Multi-head self-attention restricted to ``config.pattern``. Input/output ``(B, L, d_model)``.
+    """Multi-head self-attention restricted to each member's pattern. Input/output ``(K, B, L, d_model)``,
+    or ``(B, L, d_model)`` for one member (a drop-in layer).
 
     Positions enter through rotary embeddings on queries and keys: relative offsets are what a
     sparse pattern is about, and they let a head learn "attend to the previous token" in a few
     steps, which associative recall needs (an induction circuit)."""
 
-    def __init__(self, config: AttentionConfig, *, backend: str = "auto") -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto") -> None:
         super().__init__()
-        assert config.d_model % config.n_heads == 0, f"n_heads={config.n_heads} must divide d_model={config.d_model}"
-        assert config.head_dim % 2 == 0, f"head_dim={config.head_dim} must be even for rotary embeddings"
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
-        self.pattern = config.pattern
-        self.causal = config.causal
-        self.params = config.pattern_params()
-        self.attn_dropout = config.attn_dropout
+        self.members = _members(configs)
+        for c in self.members:
+            assert c.d_model % c.n_heads == 0, f"n_heads={c.n_heads} must divide d_model={c.d_model}"
+            assert c.head_dim % 2 == 0, f"head_dim={c.head_dim} must be even for rotary embeddings"
+        K, C = len(self.members), self.members[0].d_model
         self.backend = backend
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
-        self.resid_drop = Dropout(config.dropout)
-        # per (length, device, mode): the attention plan and rotary tables, built on first use so
-        # that a training step resolves, looks up and builds nothing (attention_plan)
-        self._plans: dict[tuple[Any, ...], tuple[Attend, torch.Tensor, torch.Tensor]] = {}
+        self.qkv = Linear(K, C, 3 * C)
+        self.proj = Linear(K, C, C, std=0.02 / math.sqrt(2 * self.members[0].n_layers))  # GPT-2's scaled init
+        self.resid_drop = Dropout([c.dropout for c in self.members])
+        self.layout = (0, 0)  # members' padded head layout: it only grows, so refills keep its shape
+        # per (length, device, mode): what attention needs, built on first use so that a training
+        # step resolves, looks up and builds nothing
+        self._plans: dict[tuple[Any, ...], Any] = {}
 
-    def _plan(self, L: int, device: torch.device) -> tuple[Attend, torch.Tensor, torch.Tensor]:
+    @property
+    def pattern(self) -> str:
+        """The first member's pattern (a single layer's)."""
+        return self.members[0].pattern
+
+    @property
+    def params(self) -> dict[str, int]:
+        """The first member's pattern parameters."""
+        return dict(self.members[0].pattern_params())
+
+    def set_member(self, k: int, config: AttentionConfig) -> None:
+        self.members[k] = config
+        self.resid_drop.set_member(k, config.dropout)
+        self._plans.clear()
+
+    def _plan(self, L: int, device: torch.device) -> Any:
         key = (L, device, self.training, torch.is_grad_enabled())
         plan = self._plans.get(key)
-        if plan is None:
-            attend = attention_plan(
-                self.pattern, L, causal=self.causal, backend=self.backend, device=device,
-                dropout_p=self.attn_dropout if self.training else 0.0, training=torch.is_grad_enabled(), **self.params,
+        if plan is not None:
+            return plan
+        if len(self.members) > 1:
+            C = self.members[0].d_model
+            heads = [c.n_heads for c in self.members]
+            self.layout = (max(self.layout[0], *heads), max(self.layout[1], C // min(heads)))
+            plan = _MemberPlan(self.members, L, device, backend=self.backend,
+                               dropout=self.training and torch.is_grad_enabled(), layout=self.layout)  # fmt: skip
+        else:
+            c = self.members[0]
+            attend: Attend = attention_plan(
+                c.pattern, L, causal=c.causal, backend=self.backend, device=device,
+                dropout_p=c.attn_dropout if self.training else 0.0, training=torch.is_grad_enabled(),
+                **c.pattern_params(),
             )  # fmt: skip
-            plan = self._plans[key] = (attend, *rotary_tables(L, self.head_dim,
-                                                              device=device))  # fmt: skip
+            plan = (attend, *rotary_tables(L, c.head_dim, device=device))
+        self._plans[key] = plan
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, L, C)
-        q, k, v = (t.view(B, L, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
-        attend, cos, sin = self._plan(L, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(q, k, v)  # (B, nh, L, hs)
-        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        if x.dim() == 3:  # (B, L, C): one member
+            return self.forward(x.unsqueeze(0))[0]
+        K, B, L, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (K, B, L, C)
+        plan = self._plan(L, x.device)
+        if K == 1:
+            attend, cos, sin = plan
+            H = self.members[0].n_heads
+            q, k, v = (t[0].view(B, L, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            y = attend(q, k, v).transpose(1, 2).reshape(1, B, L, C)  # (1, B, L, C)
+        else:
+            H, D = plan.H, plan.D
+            q, k, v = (
+                plan.spread(t).view(K, B, L, H, D).permute(0, 1, 3, 2, 4).reshape(K, B * H, L, D) for t in (q, k, v)
+            )  # (K, BH, L, D)
+            q = apply_rotary(q, plan.cos, plan.sin) * plan.scale.to(q.dtype)
+            k = apply_rotary(k, plan.cos, plan.sin)
+            y = plan.attend(q, k, v).view(K, B, H, L, D).permute(0, 1, 3, 2, 4).reshape(K, B, L, H * D)
+            y = plan.gather(y)  # (K, B, L, C)
         return self.resid_drop(self.proj(y))
 
 
 class Block(nn.Module):
-    def __init__(self, config: AttentionConfig, *, backend: str = "auto") -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto") -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = SparseSelfAttention(config, backend=backend)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, 4 * config.d_model),
-            nn.GELU(),
-            nn.Linear(4 * config.d_model, config.d_model),
-            Dropout(config.dropout),
-        )
+        members = _members(configs)
+        K, C = len(members), members[0].d_model
+        self.ln1 = LayerNorm(K, C)
+        self.attn = SparseSelfAttention(members, backend=backend)
+        self.ln2 = LayerNorm(K, C)
+        self.fc = Linear(K, C, 4 * C)
+        self.out = Linear(K, 4 * C, C, std=0.02 / math.sqrt(2 * members[0].n_layers))  # GPT-2's scaled init
+        self.mlp_drop = Dropout([c.dropout for c in members])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_member(self, k: int, config: AttentionConfig) -> None:
+        self.attn.set_member(k, config)
+        self.mlp_drop.set_member(k, config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, L, C)
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp_drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
 class AttentionModel(nn.Module):
     """Token (+ previous-token) embeddings, ``n_layers`` blocks (rotary positions), final
-    LayerNorm, linear head.
+    LayerNorm, linear head; ``K`` members of one shape.
 
-    ``forward(x)`` maps token ids ``(B, L)`` to logits ``(B, L, n_classes)``.
+    ``forward(idx)`` maps token ids ``(K, B, L)`` to logits ``(K, B, L, n_classes)``, or ``(B, L)``
+    to ``(B, L, n_classes)`` for a model of one member.
     """
 
     def __init__(
-        self, config: AttentionConfig, *, vocab_size: int, n_classes: int, max_len: int, backend: str = "auto"
+        self, configs: Members, *, vocab_size: int, n_classes: int, max_len: int, backend: str = "auto"
     ) -> None:
         super().__init__()
-        self.config = config
+        members = _members(configs)
+        first = members[0]
+        for c in members[1:]:
+            assert shape_key(c) == shape_key(first), f"members must share a shape: {shape_key(c)} != {shape_key(first)}"
+        self.members = members
         self.max_len = max_len
-        self.tok_emb = nn.Embedding(vocab_size, config.d_model)
+        K, C = len(members), first.d_model
+        self.tok_emb = Embedding(K, vocab_size, C)
         # Token shift: each position also sees the previous token's (separate) embedding, the
         # simplest of the short causal mixers of modern attention hybrids (RWKV's token shift;
         # Based/Zoology, arXiv:2312.04927, show it is what lets small attention models do
         # associative recall without first growing an induction circuit). Recall accuracy then
         # measures how far attention reaches, which is what a sparsity search trades.
-        self.prev_emb = nn.Embedding(vocab_size, config.d_model)
-        self.drop = Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, backend=backend) for _ in range(config.n_layers)])
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, n_classes)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of residual projections: keeps the residual stream's variance flat in depth.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        self.prev_emb = Embedding(K, vocab_size, C)
+        self.drop = Dropout([c.dropout for c in members])
+        self.blocks = nn.ModuleList([Block(members, backend=backend) for _ in range(first.n_layers)])
+        self.ln_f = LayerNorm(K, C)
+        self.head = Linear(K, C, n_classes)
+        for k, c in enumerate(members):
+            self.init_member(k, c.seed)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @property
+    def config(self) -> AttentionConfig:
+        """The first member's configuration (the only one of a single trial's model)."""
+        return self.members[0]
+
+    @torch.no_grad()
+    def init_member(self, k: int, seed: int) -> None:
+        """Fresh weights for slot ``k`` from ``seed`` alone (whatever the other members are): linear
+        and embedding weights normal(0, 0.02), residual projections GPT-2's 0.02/sqrt(2 n_layers),
+        biases 0, LayerNorms 1 and 0. Drawn on the CPU, so a seed gives the same weights on any device."""
+        gen = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, Linear | Embedding):
+                std = module.std if isinstance(module, Linear) else 0.02
+                w = module.weight
+                w[k].copy_(torch.empty(w.shape[1:]).normal_(0.0, std, generator=gen))
+                if isinstance(module, Linear):
+                    module.bias[k].zero_()
+            elif isinstance(module, LayerNorm):
+                module.weight[k].fill_(1.0)
+                module.bias[k].zero_()
+
+    def set_member(self, k: int, config: AttentionConfig) -> None:
+        """Put ``config`` in slot ``k`` with its fresh weights (a refilled slot)."""
+        assert shape_key(config) == shape_key(self.members[0]), "a refill must share the population's shape"
+        self.members[k] = config
+        self.drop.set_member(k, config.dropout)
+        for block in self.blocks:
+            assert isinstance(block, Block)
+            block.set_member(k, config)
+        self.init_member(k, config.seed)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, L = idx.shape
+        if idx.dim() == 2:  # (B, L): one member
+            return self.forward(idx.unsqueeze(0))[0]
+        K, B, L = idx.shape
         assert self.max_len >= L, f"sequence length {L} exceeds the model's max_len={self.max_len}"
-        prev = F.pad(idx[:, :-1], (1, 0))  # (B, L): token at t-1, 0 at t=0
-        x = self.drop(self.tok_emb(idx) + self.prev_emb(prev))  # (B, L, C)
+        prev = F.pad(idx[..., :-1], (1, 0))  # (K, B, L): token at t-1, 0 at t=0
+        x = self.drop(self.tok_emb(idx) + self.prev_emb(prev))  # (K, B, L, C)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))  # (B, L, n_classes)
+        return self.head(self.ln_f(x))  # (K, B, L, n_classes)
 
     def set_backend(self, backend: str) -> None:
         """Switch every attention layer's backend (``auto``, ``reference``, ``blocked``, ``flex``)."""
         for block in self.blocks:
             assert isinstance(block, Block)
             block.attn.backend = backend
+            block.attn._plans.clear()
 
 
-def build_model(config: AttentionConfig, task: Task, *, backend: str = "auto") -> AttentionModel:
-    """The model ``config`` describes, sized for ``task`` (vocabulary, classes, sequence length).
+def shape_key(config: AttentionConfig) -> tuple[Any, ...]:
+    """What the members of one model must share; everything else (head count, pattern, rates,
+    learning rate, seed) can differ between them."""
+    return (config.d_model, config.n_layers, config.batch_size, config.causal)
 
-    Initialisation is seeded by the caller (``torch.manual_seed(config.seed)`` in the trainer).
-    """
+
+def build_model(configs: Members, task: Task, *, backend: str = "auto") -> AttentionModel:
+    """The model ``configs`` describe (one configuration, or a population's), sized for ``task``
+    (vocabulary, classes, sequence length); each member's weights come from its own seed."""
     return AttentionModel(
-        config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=task.seq_len, backend=backend
+        configs, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=task.seq_len, backend=backend
     )
 
 
 def count_params(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters of one member."""
+    return sum(p[0].numel() for p in model.parameters() if p.requires_grad)
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over scored positions (targets ``-100`` are ignored)."""
+    """Cross-entropy over scored positions (targets ``-100`` are ignored), one member's."""
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+        logits.flatten(0, -2).float(), y.flatten(), ignore_index=-100, label_smoothing=label_smoothing
     )
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float) -> torch.Tensor:
+    """Each member's cross-entropy over its scored positions (targets ``-100`` ignored), with its
+    own label smoothing (``(K,)``, or a float for one member): logits ``(K, B, L, n)``, targets
+    ``(K, B, L)`` -> ``(K,)``."""
+    if not isinstance(smoothing, torch.Tensor):  # one member: the fused kernel
+        return loss_fn(logits, y, label_smoothing=smoothing).unsqueeze(0)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (K, B, L, n)
+    scored = y != -100  # (K, B, L)
+    nll = -logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (K, B, L)
+    eps = smoothing.view(-1, 1, 1)
+    per = ((1 - eps) * nll - eps * logp.mean(-1)) * scored
+    return per.flatten(1).sum(1) / scored.flatten(1).sum(1).clamp(min=1)

@@ -1,7 +1,8 @@
-"""One trial: build the model a config describes, train it on a task for a budget, measure it.
+"""Training: build the model configurations describe, train it on a task for a budget, measure it.
 
-``evaluate(config, task, budget=..., reporter=...)`` is the training evaluator every strategy and
-backend calls. It reports held-out accuracy at rungs to ``reporter(step, accuracy)``, which may
+One loop trains ``K`` members of one model (:mod:`attn_search.engine.model`'s member axis); a
+single trial is a population of one. ``evaluate(config, task, budget=..., reporter=...)`` is the
+training evaluator every strategy and backend calls (:func:`evaluate_many` of one configuration). It reports held-out accuracy at rungs to ``reporter(step, accuracy)``, which may
 stop the trial early (return ``True`` or raise :class:`StopTrial`): an Optuna objective calls
 ``trial.report`` and answers ``trial.should_prune()``; a Ray Tune function reports and is stopped
 by the scheduler. A non-finite loss ends the trial with ``state="failed"`` and a reason.
@@ -10,10 +11,9 @@ by the scheduler. A non-finite loss ends the trial with ``state="failed"`` and a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import measure_latency, model_flops, peak_memory_mb, training_state_mb
-from attn_search.engine.model import AttentionModel, build_model, count_params, loss_fn
+from attn_search.engine.model import AttentionModel, build_model, count_params, member_losses, shape_key
 from attn_search.engine.tasks import IGNORE, Task, make_task
 
 Reporter = Callable[[int, float], "bool | None"]
@@ -134,16 +134,6 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def make_optimizer(model: torch.nn.Module, config: AttentionConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorms or embeddings)."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
-
-
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0.1 at ``total``."""
     if step < warmup:
@@ -152,23 +142,19 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def accuracy(
-    model: AttentionModel, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, batch: int = 256
-) -> float:
-    """Fraction of scored positions (``y != -100``) predicted right."""
-    was_training = model.training
-    model.eval()
-    right = total = 0
-    for i in range(0, len(x), batch):
-        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
-        with _autocast(device):
-            pred = model(xb).argmax(dim=-1)
-        scored = yb != IGNORE
-        right += int((pred[scored] == yb[scored]).sum())
-        total += int(scored.sum())
-    model.train(was_training)
-    return right / max(1, total)
+SYNC_EVERY = 50
+"""Steps between reads of the members' losses from the device besides rungs (a diverged member is
+failed at the next read; until then it trains on, alone, on non-finite weights)."""
+
+Stop = bool | str | None
+"""A reporter's answer: falsy goes on; ``True`` stops; a string stops with that reason."""
+RungReporter = Callable[[Sequence[tuple[int, int, float]]], Sequence[Stop]]
+"""``report_rungs([(member, step, accuracy), ...])``: the rungs members reached at one point of
+training (each at its own step: refilled members started later), in one call; one answer per rung,
+in order. One call lets a remote worker ask the search's early-stopping rule once for all."""
+Refill = Callable[[], "AttentionConfig | None"]
+"""``refill()``: the next configuration for a freed slot, or ``None`` when there is none. Its
+member index is the next after those given (in the order ``refill`` returned them)."""
 
 
 def evaluate(
@@ -183,7 +169,7 @@ def evaluate(
     backend: str = "auto",
     on_compute: Callable[[dict[str, float]], None] | None = None,
 ) -> TrialResult:
-    """Train ``config`` on ``task`` for ``budget`` and measure it.
+    """Train ``config`` on ``task`` for ``budget`` and measure it: :func:`evaluate_many` of one.
 
     Args:
         config: an :class:`AttentionConfig` or a mapping of its fields.
@@ -203,137 +189,434 @@ def evaluate(
         random state (torch's global generators, which an RL agent samples its actions from) is
         left as it was: the trial seeds and draws inside a fork of it.
     """
-    dev = resolve_device(device)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _evaluate(config, task, budget=budget, seed=seed, dev=dev, reporter=reporter,
-                         task_kwargs=task_kwargs, backend=backend, on_compute=on_compute)  # fmt: skip
-
-
-def _evaluate(
-    config: AttentionConfig | Mapping[str, Any],
-    task: str | Task,
-    *,
-    budget: Budget | str | int | None,
-    seed: int | None,
-    dev: torch.device,
-    reporter: Reporter | None,
-    task_kwargs: Mapping[str, Any] | None,
-    backend: str,
-    on_compute: Callable[[dict[str, float]], None] | None,
-) -> TrialResult:
-    wall_start = time.perf_counter()
     cfg = config if isinstance(config, AttentionConfig) else AttentionConfig.from_dict(dict(config))
     if seed is not None:
         cfg = cfg.replace(seed=seed)
+    return evaluate_many(
+        [cfg], task, budget=budget, device=device, task_kwargs=task_kwargs, backend=backend,
+        reporter=(lambda member, step, accuracy: reporter(step, accuracy)) if reporter else None,
+        on_compute=(lambda member, figures: on_compute(figures)) if on_compute else None,
+    )[0]  # fmt: skip
+
+
+def _asking(reporter: Callable[[int, int, float], Stop]) -> RungReporter:
+    def report_rungs(rungs: Sequence[tuple[int, int, float]]) -> list[Stop]:
+        stops: list[Stop] = []
+        for member, step, accuracy in rungs:
+            try:
+                stops.append(bool(reporter(member, step, accuracy)))
+            except StopTrial as exc:
+                stops.append(str(exc) or True)
+        return stops
+
+    return report_rungs
+
+
+def evaluate_many(
+    configs: Sequence[AttentionConfig | Mapping[str, Any]],
+    task: str | Task = "mqar",
+    *,
+    budget: Budget | str | int | None = None,
+    device: str | torch.device = "auto",
+    reporter: Callable[[int, int, float], Stop] | None = None,
+    report_rungs: RungReporter | None = None,
+    task_kwargs: Mapping[str, Any] | None = None,
+    on_compute: Callable[[int, dict[str, float]], None] | None = None,
+    refill: Refill | None = None,
+    on_result: Callable[[int, TrialResult], None] | None = None,
+    backend: str = "auto",
+) -> list[TrialResult]:
+    """Train several configurations at once as populations (one model with a member axis,
+    :mod:`attn_search.engine.model`); returns one :class:`TrialResult` per member in member order,
+    each what training that configuration alone gives (the same initial weights, data order,
+    schedule and optimiser arithmetic).
+
+    Configurations that share :func:`~attn_search.engine.model.shape_key` (whatever their head
+    counts and patterns) train as one population of fixed size. A member that finishes, is stopped
+    or diverges frees its slot, and ``refill()`` (if given) puts the next configuration in it from
+    step 0 while the others go on: members are at different steps, each with its own step counter,
+    schedule and rungs, and the population keeps its shape (no rebuild, no recompile). A refill of
+    another shape waits for a population of its own. The caller's random state is left as it was.
+
+    Args:
+        configs: configurations (or mappings of their fields); member ``i`` is ``configs[i]``.
+        task, budget, device, task_kwargs, backend: as for :func:`evaluate`.
+        reporter: ``reporter(member, step, accuracy)`` at each rung; ``True`` (or
+            :class:`StopTrial`) stops that member.
+        report_rungs: instead of ``reporter``, all rungs reached together in one call (:data:`RungReporter`).
+        on_compute: ``on_compute(member, figures)`` once per member, before its first rung.
+        refill: the next configuration for a freed slot (:data:`Refill`).
+        on_result: ``on_result(member, result)`` as soon as a member ends (before its slot is refilled).
+
+    Time and memory cannot be split exactly between members: ``latency_ms``, ``train_seconds``,
+    ``eval_seconds`` and ``wall_seconds`` are the population's divided by its size, and
+    ``peak_mem_mb`` is a member's training state plus its share of the measured step peak. Dropout
+    masks are drawn for the population, so members with dropout agree with their one-by-one runs
+    only statistically.
+    """
+    if reporter is not None and report_rungs is not None:
+        raise ValueError("give reporter or report_rungs, not both")
+    if reporter is not None:
+        report_rungs = _asking(reporter)
+    dev = resolve_device(device)
     bud = _resolve_budget(budget)
     the_task = make_task(task, **dict(task_kwargs or {}))
+    as_config = lambda c: c if isinstance(c, AttentionConfig) else AttentionConfig.from_dict(dict(c))  # noqa: E731
+    waiting = [(i, as_config(c)) for i, c in enumerate(configs)]
+    results: dict[int, TrialResult] = {}
+    count = len(waiting)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, the_task, backend=backend).to(dev)
-    n_train = min(bud.steps * cfg.batch_size, bud.max_train_examples)
-    x_train, y_train = the_task.data("train", n_train)
-    x_eval, y_eval = the_task.data("eval", bud.n_eval)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=bud.steps))
-    lat_x = x_eval[: bud.latency_batch].to(dev)
+    def ended(member: int, result: TrialResult) -> None:
+        results[member] = result
+        if on_result is not None:
+            on_result(member, result)
 
-    def forward() -> None:
-        with torch.no_grad(), _autocast(dev):
-            model(lat_x)
+    while waiting:
+        key = shape_key(waiting[0][1])
+        members = [w for w in waiting if shape_key(w[1]) == key]
+        waiting = [w for w in waiting if shape_key(w[1]) != key]
+        other: list[tuple[int, AttentionConfig]] = []
 
-    # Latency does not depend on the weights: measured before training, so it is known at rungs.
-    t0 = time.perf_counter()
-    model.eval()
-    compute: dict[str, float] = {M.PARAMS: float(count_params(model))}
-    if bud.target_len is None:
-        latency, spread = measure_latency(forward, device=dev)
-        compute.update({M.FLOPS: float(model_flops(cfg, seq_len=the_task.seq_len, n_classes=the_task.n_classes)),
-                        M.LATENCY_MS: latency, M.LATENCY_SPREAD: spread})  # fmt: skip
-    else:  # compute where the user deploys; accuracy where it trains
-        compute.update(measure_at_length(cfg, the_task, bud.target_len, device=dev, backend=backend,
-                                         batch=target_batch(bud, the_task.seq_len)))  # fmt: skip
-    measure_s = time.perf_counter() - t0
-    rungs = set(bud.rung_steps())
-    # Step 2 (after step 1 allocated the optimizer state and warmed up), but never after the first
-    # rung: the compute figures must be known when the first accuracy is reported.
-    memory_step = min(2, min(rungs))
-    curve: list[tuple[int, float]] = []
-    state, reason = M.COMPLETE, None
-    order = torch.randperm(len(x_train), generator=gen)
-    cursor = 0
-    train_s = eval_s = 0.0
-    step_peak_mb = math.nan
-    last_loss = math.nan
+        def draw(
+            key: tuple[Any, ...] = key, other: list[tuple[int, AttentionConfig]] = other
+        ) -> tuple[int, AttentionConfig] | None:
+            nonlocal count
+            if refill is None or other:  # after a refill of another shape, this population drains
+                return None
+            config = refill()
+            if config is None:
+                return None
+            count += 1
+            if shape_key(config) != key:
+                other.append((count - 1, config))
+                return None
+            return count - 1, config
 
-    def train_step(xb: torch.Tensor, yb: torch.Tensor) -> float:
-        with _autocast(dev):
-            loss = loss_fn(model(xb), yb, label_smoothing=cfg.label_smoothing)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return value
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        return value
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            _Population(members, the_task, bud, dev, backend).run(report_rungs, on_compute, ended, draw)
+        waiting += other
+    return [results[i] for i in sorted(results)]
 
-    model.train()
-    step = 0
-    for step in range(1, bud.steps + 1):
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(x_train), generator=gen), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
+
+class _Population:
+    """One population's training: the model, the optimiser, per-member tables on the device (batch
+    rows and learning rate for every step, rates), and on the host what each slot holds."""
+
+    def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
+                 backend: str) -> None:  # fmt: skip
+        self.start = time.perf_counter()
+        self.task, self.bud, self.dev, self.backend = task, bud, dev, backend
+        cfgs = [c for _, c in members]
+        self.K = K = len(cfgs)
+        self.batch = cfgs[0].batch_size
+        self.n_train = min(bud.steps * self.batch, bud.max_train_examples)
+        x_train, y_train = task.data("train", self.n_train)
+        x_eval, y_eval = task.data("eval", bud.n_eval)
+        self.x_train, self.y_train, self.x_eval, self.y_eval = (t.to(dev) for t in (x_train, y_train, x_eval, y_eval))
+        torch.manual_seed(cfgs[0].seed)  # dropout draws (weights come from each member's own seed)
+        self.model = build_model(cfgs, task, backend=backend).to(dev)
+        self.opt = MemberAdamW(self.model)
+        self.slots: list[int | None] = [i for i, _ in members]  # member id in each slot; None: free
+        self.configs = cfgs
+        # every step's batch rows and learning rate for every slot, on the device before the first
+        # step: a step indexes them with the slots' step counters instead of running Python per member
+        self.rows = torch.stack([_batch_rows(c.seed, self.n_train, self.batch, bud.steps) for c in cfgs]).to(
+            dev
+        )  # (K, S, B)
+        self.lr = torch.stack([self._lrs(c) for c in cfgs]).to(dev)  # (K, S)
+        self.smoothing = torch.tensor([c.label_smoothing for c in cfgs], device=dev)
+        self.step_of = torch.zeros(K, dtype=torch.long, device=dev)  # each slot's next step (0-based)
+        self.live = torch.ones(K, device=dev)  # 0 for a free slot: its learning rate is 0
+        self.steps = [0] * K  # the same counters, on the host
+        self.slot_range = torch.arange(K, device=dev)
+        self.last_loss = torch.full((K,), math.nan, device=dev)
+        self.bad_step = torch.zeros(K, device=dev)  # first step whose loss was not finite; 0: none
+        self.bad_loss = torch.zeros(K, device=dev)
+        self.curves: dict[int, list[tuple[int, float]]] = {i: [] for i, _ in members}
+        self.compute: dict[int, dict[str, float]] = {}
+        self.admitted: dict[int, tuple[float, float, float]] = {i: (self.start, 0.0, 0.0) for i, _ in members}
+        self.train_s = self.eval_s = 0.0  # the population's totals; a member's share is its span / K
+        self.measure_s = 0.0
+        self.pop_figures: dict[str, float] = {}
+
+    def _lrs(self, config: AttentionConfig) -> torch.Tensor:
+        S = self.bud.steps
+        return torch.tensor([config.lr * lr_factor(s, warmup=config.warmup_steps, total=S) for s in range(S)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.dev):
+            return self.model(x)
+
+    # -- compute figures ---------------------------------------------------------------------------
+    def measure(self) -> None:
+        """Latency once for the population (it does not depend on the weights), before training."""
         t0 = time.perf_counter()
-        if step == memory_step:
-            last_loss, step_peak_mb = peak_memory_mb(functools.partial(train_step, xb, yb), device=dev)
-            if bud.target_len is None:  # (at a target length: the forward pass's, measured above)
-                compute[M.PEAK_MEM_MB] = training_state_mb(model) + (0.0 if math.isnan(step_peak_mb) else step_peak_mb)
-            if on_compute is not None:
-                on_compute(dict(compute))
-        else:
-            last_loss = train_step(xb, yb)
-        train_s += time.perf_counter() - t0
-        if not math.isfinite(last_loss):
-            state, reason = M.FAILED, f"non-finite training loss ({last_loss}) at step {step}"
-            break
-        out_of_time = bud.time_limit_s is not None and time.perf_counter() - wall_start > bud.time_limit_s
-        if step in rungs or out_of_time:
-            t0 = time.perf_counter()
-            acc = accuracy(model, x_eval, y_eval, device=dev)
-            eval_s += time.perf_counter() - t0
-            curve.append((step, acc))
-            if reporter is not None:
-                try:
-                    stop = reporter(step, acc)
-                except StopTrial as exc:
-                    state, reason, stop = M.PRUNED, str(exc) or f"stopped by the reporter at step {step}", True
-                else:
-                    if stop:
-                        state, reason = M.PRUNED, f"stopped by the reporter at step {step}"
-                if stop:
-                    break
-        if out_of_time:
-            reason = f"time limit of {bud.time_limit_s}s reached at step {step}"
-            break
+        bud, K = self.bud, self.K
+        self.model.eval()
+        if bud.target_len is None:
+            lat_x = self.x_eval[: bud.latency_batch].unsqueeze(0).expand(K, -1, -1)
+            with torch.no_grad():
+                latency, spread = measure_latency(lambda: self.forward(lat_x), device=self.dev)
+            self.pop_figures = {M.LATENCY_MS: latency / K, M.LATENCY_SPREAD: spread}
+        self.model.train()
+        for k, member in enumerate(self.slots):
+            assert member is not None
+            self.compute[member] = self._figures(self.configs[k])
+        self.measure_s = time.perf_counter() - t0
 
-    compute.setdefault(M.PEAK_MEM_MB, training_state_mb(model))  # failed before the memory step
-    metrics = {
-        M.ACCURACY: curve[-1][1] if curve else math.nan,
-        **compute,
-        M.TRAIN_SECONDS: train_s,
-        M.EVAL_SECONDS: eval_s,
-        M.MEASURE_SECONDS: measure_s,
-        M.FINAL_LOSS: last_loss,
-        M.STEPS: float(step),
-    }
-    metrics[M.WALL_SECONDS] = time.perf_counter() - wall_start
-    return TrialResult(
-        config=cfg, metrics=metrics, curve=curve, state=state, reason=reason, device=str(dev), task=the_task.name
-    )
+    def _figures(self, config: AttentionConfig) -> dict[str, float]:
+        bud, L = self.bud, self.task.seq_len
+        figures = {M.PARAMS: float(count_params(self.model))}
+        if bud.target_len is None:
+            figures.update({M.FLOPS: float(model_flops(config, seq_len=L, n_classes=self.task.n_classes)),
+                            **self.pop_figures})  # fmt: skip
+        else:  # each member alone at the user's length (its own pattern's cost); accuracy where it trains
+            figures.update(measure_at_length(config, self.task, bud.target_len, device=self.dev,
+                                             batch=target_batch(bud, L), backend=self.backend))  # fmt: skip
+        return figures
+
+    # -- training ----------------------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        rows = self.rows[self.slot_range, self.step_of]  # (K, B)
+        xb, yb = self.x_train[rows], self.y_train[rows]  # (K, B, L)
+        lr = self.lr[self.slot_range, self.step_of] * self.live  # (K,)
+        smoothing = self.smoothing if self.K > 1 else self.configs[0].label_smoothing
+        losses = member_losses(self.forward(xb), yb, smoothing)  # (K,)
+        self.opt.zero_grad()
+        losses.sum().backward()  # members share no parameter: each gets its own loss's gradient
+        self.opt.step(lr)
+        losses = losses.detach()
+        first_bad = ~torch.isfinite(losses) & (self.bad_step == 0)
+        self.bad_step = torch.where(first_bad, (self.step_of + 1).float(), self.bad_step)  # the step just run
+        self.bad_loss = torch.where(first_bad, losses, self.bad_loss)
+        self.step_of.add_(1).clamp_(max=self.bud.steps - 1)  # a free slot stays on its last step
+        return losses
+
+    @torch.no_grad()
+    def accuracies(self, batch: int = 256) -> list[float]:
+        """Every slot's fraction of scored eval positions predicted right (one read)."""
+        self.model.eval()
+        K, x, y = self.K, self.x_eval, self.y_eval
+        right = torch.zeros(K, device=self.dev)
+        total = torch.zeros(K, device=self.dev)
+        for i in range(0, len(x), batch):
+            xb, yb = x[i : i + batch], y[i : i + batch]
+            pred = self.forward(xb.unsqueeze(0).expand(K, -1, -1)).argmax(-1)  # (K, b, L)
+            scored = (yb != IGNORE).unsqueeze(0)  # (1, b, L)
+            right += ((pred == yb.unsqueeze(0)) & scored).flatten(1).sum(1)
+            total += scored.flatten(1).sum(1)
+        self.model.train()
+        return (right / total.clamp(min=1)).tolist()
+
+    def run(self, report_rungs: RungReporter | None, on_compute: Callable[[int, dict[str, float]], None] | None,
+            ended: Callable[[int, TrialResult], None], draw: Callable[[], tuple[int, AttentionConfig] | None]) -> None:  # fmt: skip
+        bud = self.bud
+        rungs = set(bud.rung_steps())
+        self.measure()
+        # step 2 (after step 1 allocated the optimiser state), never after the first rung: the
+        # compute figures must be known when the first accuracy is reported
+        memory_step = min(2, min(rungs))
+        state_mb = training_state_mb(self.model) / self.K
+        last_loss: dict[int, float] = {}
+        drawn = True
+        step = 0
+        while any(m is not None for m in self.slots):
+            step += 1
+            t0 = time.perf_counter()
+            if step == memory_step:
+                losses, peak = peak_memory_mb(self.train_step, device=self.dev)
+                self.pop_figures[M.PEAK_MEM_MB] = state_mb + (0.0 if math.isnan(peak) else peak / self.K)
+                for member in self.slots:
+                    if member is not None:
+                        if bud.target_len is None:  # (at a target length: its forward pass, measured above)
+                            self.compute[member][M.PEAK_MEM_MB] = self.pop_figures[M.PEAK_MEM_MB]
+                        if on_compute is not None:
+                            on_compute(member, dict(self.compute[member]))
+            else:
+                losses = self.train_step()
+            self.train_s += time.perf_counter() - t0
+            self.last_loss = losses
+            for k, member in enumerate(self.slots):
+                if member is not None:
+                    self.steps[k] += 1
+            out_of_time = bud.time_limit_s is not None and time.perf_counter() - self.start > bud.time_limit_s
+            at_rung = [k for k, m in enumerate(self.slots) if m is not None and self.steps[k] in rungs]
+            if not (at_rung or out_of_time or step % SYNC_EVERY == 0):
+                continue
+            # a check: one read of the losses; diverged members end, failed, at the step they diverged
+            values, bad_steps, bad_losses = torch.stack([self.last_loss, self.bad_step, self.bad_loss]).tolist()
+            freed: list[int] = []
+            for k, member in enumerate(self.slots):
+                if member is None:
+                    continue
+                last_loss[member] = values[k]
+                if bad_steps[k] > 0:
+                    at = int(bad_steps[k])
+                    last_loss[member] = bad_losses[k]
+                    ended(member, self._result(k, member, M.FAILED, f"non-finite training loss ({bad_losses[k]}) at step {at}",
+                                               last_loss[member], at))  # fmt: skip
+                    freed.append(k)
+            at_rung = [k for k in at_rung if k not in freed]
+            evaluated = (
+                at_rung
+                if not out_of_time
+                else [k for k, m in enumerate(self.slots) if m is not None and k not in freed]
+            )
+            if evaluated:
+                t0 = time.perf_counter()
+                accs = self.accuracies()
+                self.eval_s += time.perf_counter() - t0
+                for k in evaluated:
+                    self.curves[self.slots[k]].append((self.steps[k], accs[k]))  # type: ignore[index]
+                stops: Sequence[Stop] = [None] * len(evaluated)
+                if report_rungs is not None:
+                    stops = report_rungs([(self.slots[k], self.steps[k], accs[k]) for k in evaluated])  # type: ignore[misc]
+                for k, stop in zip(evaluated, stops, strict=True):
+                    member = self.slots[k]
+                    assert member is not None
+                    if stop:
+                        why = stop if isinstance(stop, str) else f"stopped by the reporter at step {self.steps[k]}"
+                        ended(member, self._result(k, member, M.PRUNED, why, last_loss[member], self.steps[k]))
+                        freed.append(k)
+                    elif self.steps[k] == bud.steps or out_of_time:
+                        reason = (
+                            None
+                            if not out_of_time
+                            else f"time limit of {bud.time_limit_s}s reached at step {self.steps[k]}"
+                        )
+                        ended(member, self._result(k, member, M.COMPLETE, reason, last_loss[member], self.steps[k]))
+                        freed.append(k)
+            for k in freed:
+                self.slots[k] = None
+            if out_of_time:
+                break
+            for k in freed:
+                nxt = draw() if drawn else None
+                drawn = nxt is not None
+                if nxt is None:
+                    self._free(k)
+                else:
+                    self._admit(k, *nxt, on_compute)
+
+    def _free(self, k: int) -> None:
+        with torch.no_grad():
+            self.live[k] = 0.0
+
+    def _admit(self, k: int, member: int, config: AttentionConfig,
+               on_compute: Callable[[int, dict[str, float]], None] | None) -> None:  # fmt: skip
+        """Slot ``k`` starts ``config`` from step 0 with fresh weights and optimiser state."""
+        self.slots[k], self.configs[k] = member, config
+        self.model.set_member(k, config)
+        self.opt.reset(k)
+        with torch.no_grad():
+            self.rows[k] = _batch_rows(config.seed, self.n_train, self.batch, self.bud.steps).to(self.dev)
+            self.lr[k] = self._lrs(config).to(self.dev)
+            self.smoothing[k] = config.label_smoothing
+            self.step_of[k] = 0
+            self.live[k] = 1.0
+            self.bad_step[k] = 0.0
+        self.steps[k] = 0
+        self.curves[member] = []
+        self.admitted[member] = (time.perf_counter(), self.train_s, self.eval_s)
+        self.compute[member] = self._figures(config)
+        if self.bud.target_len is None:
+            self.compute[member].setdefault(M.PEAK_MEM_MB, self.pop_figures.get(M.PEAK_MEM_MB, math.nan))
+        if on_compute is not None:
+            on_compute(member, dict(self.compute[member]))
+
+    def _result(self, k: int, member: int, state: str, reason: str | None, loss: float, steps: int) -> TrialResult:
+        since, train0, eval0 = self.admitted[member]
+        curve = self.curves[member]
+        compute = self.compute[member]
+        compute.setdefault(M.PEAK_MEM_MB, training_state_mb(self.model) / self.K)  # ended before the memory step
+        K = self.K
+        metrics = {
+            M.ACCURACY: curve[-1][1] if curve else math.nan,
+            **compute,
+            M.TRAIN_SECONDS: (self.train_s - train0) / K,
+            M.EVAL_SECONDS: (self.eval_s - eval0) / K,
+            M.MEASURE_SECONDS: self.measure_s / K,
+            M.FINAL_LOSS: loss,
+            M.STEPS: float(steps),
+            M.WALL_SECONDS: (time.perf_counter() - since) / K,
+        }
+        return TrialResult(config=self.configs[k], metrics=metrics, curve=list(curve), state=state, reason=reason,
+                           device=str(self.dev), task=self.task.name)  # fmt: skip
+
+
+def _batch_rows(seed: int, n_train: int, batch: int, steps: int) -> torch.Tensor:
+    """The training rows of each step, ``(steps, batch)``: a permutation from a generator seeded
+    with the trial's seed, a new one when the next batch would run past its end."""
+    gen = torch.Generator().manual_seed(seed)
+    order, cursor, out = torch.randperm(n_train, generator=gen), 0, []
+    for _ in range(steps):
+        if cursor + batch > n_train:
+            order, cursor = torch.randperm(n_train, generator=gen), 0
+        out.append(order[cursor : cursor + batch])
+        cursor += batch
+    return torch.stack(out)
+
+
+class MemberAdamW:
+    """AdamW (``torch.optim.AdamW``'s arithmetic, betas 0.9/0.98) with per-member gradient clipping
+    (norm 1, as ``clip_grad_norm_``) for a model whose parameters carry a member axis, each member
+    with its own learning rate, weight decay and step count.
+
+    Why not ``torch.optim.AdamW``: it takes one learning rate and weight decay per parameter group,
+    not one per slice of a tensor, and clipping per member is not ``clip_grad_norm_`` either. Here
+    every parameter is a view into one flat buffer ``(K, P)``, so a step is about a dozen ops on
+    that buffer whatever the number of parameters (on a GPU, a dozen launches; a foreach optimiser
+    launches per parameter when the learning rate is a tensor). Weight decay applies to matrices
+    only (not biases, LayerNorms or embeddings)."""
+
+    def __init__(self, model: AttentionModel, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
+                 max_norm: float = 1.0) -> None:  # fmt: skip
+        named = list(model.named_parameters())
+        self.params = [p for _, p in named]
+        K = self.params[0].shape[0]
+        dev = self.params[0].device
+        self.flat = torch.cat([p.detach().reshape(K, -1) for p in self.params], dim=1)  # (K, P)
+        offset = 0
+        for p in self.params:  # every parameter becomes a view of its columns of the flat buffer
+            n = p[0].numel()
+            p.data = self.flat[:, offset : offset + n].view(p.shape)
+            offset += n
+        decays = [torch.full((p[0].numel(),), float(p.dim() >= 3 and "emb" not in name)) for name, p in named]
+        self.decay = torch.cat(decays).to(dev).view(1, -1)  # (1, P)
+        self.weight_decay = torch.tensor([c.weight_decay for c in model.members], device=dev).view(K, 1)
+        self.m = torch.zeros_like(self.flat)
+        self.v = torch.zeros_like(self.flat)
+        self.t = torch.zeros(K, 1, device=dev)  # each member's step count (bias correction)
+        self.betas, self.eps, self.max_norm = betas, eps, max_norm
+        self.members = model.members
+
+    def reset(self, k: int) -> None:
+        """Slot ``k`` holds a new member: zero state, its weight decay (its weights: ``init_member``)."""
+        with torch.no_grad():
+            self.m[k] = 0.0
+            self.v[k] = 0.0
+            self.t[k] = 0.0
+            self.weight_decay[k] = self.members[k].weight_decay
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        """One update with each member's learning rate ``lr`` ``(K,)``."""
+        K = self.flat.shape[0]
+        g = torch.cat([p.grad.reshape(K, -1) for p in self.params], dim=1).float()  # type: ignore[union-attr]  # (K, P)
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)  # (K, 1)
+        g.mul_(torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
+        b1, b2 = self.betas
+        self.t.add_(1.0)
+        lr = lr.view(K, 1)
+        self.flat.mul_(1.0 - lr * self.weight_decay * self.decay)
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v.sqrt() / (1 - b2**self.t).sqrt()).add_(self.eps)
+        self.flat.sub_(lr / (1 - b1**self.t) * self.m / denom)
 
 
 def measure_at_length(
