@@ -149,6 +149,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+CPU_HEAD_GROUPS = True
+"""On the CPU, members attend per head count (no padding); ``False`` runs the padded layout CUDA
+runs, which tests use to check that layout on the CPU."""
+
+
 class _MemberPlan:
     """What attention over several members needs, built once per (length, device, mode) and
     rebuilt when a slot changes: the padded head layout, per-member rotary tables and scales, the
@@ -183,6 +188,14 @@ class _MemberPlan:
         if device.type == "cpu" and dropout:
             use_flex = False
         self.block_mask = member_block_mask(self.masks) if use_flex and self.attn_p is None else None
+        # On the CPU arithmetic, not launches, bounds a step: members attend per head count, with
+        # no padded heads or channels (4x the attention work for a 2-head member beside 8-head
+        # ones). Where shapes must stay fixed (CUDA, FlexAttention) the padded layout serves all.
+        self.C = C
+        self.groups: list[_HeadGroup] | None = None
+        if device.type == "cpu" and self.block_mask is None and CPU_HEAD_GROUPS:
+            self.groups = [_HeadGroup([k for k, x in enumerate(heads) if x == h], self, h, L, device)
+                           for h in sorted(set(heads))]  # fmt: skip
 
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
@@ -201,16 +214,35 @@ class _MemberPlan:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(K, B*H, L, D)`` each, ``q`` already scaled: the member's pattern is row ``member`` of the table."""
-        if self.attn_p is not None:
-            # no fused kernel takes a dropout rate per batch row: scores are materialised
-            s = torch.matmul(q, k.transpose(-1, -2))  # (K, BH, L, L)
-            s = s.masked_fill(~self.masks[:, None], float("-inf"))
-            a = torch.softmax(s.float(), dim=-1).to(q.dtype)
-            keep = torch.rand_like(a) >= _per_member(self.attn_p, a)
-            return torch.matmul(a * keep / _per_member(1.0 - self.attn_p, a).to(a.dtype), v)
-        if self.block_mask is not None:
+        if self.block_mask is not None and self.attn_p is None:
             return _flex(q, k, v, self.block_mask, scale=1.0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[:, None], scale=1.0)  # (K, 1, L, L)
+        return _rows_attend(q, k, v, self.masks, self.attn_p, scale=1.0)
+
+
+def _rows_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, attn_p: torch.Tensor | None,
+                 scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Attention of ``(K, BH, L, D)`` inputs where member ``k`` sees row ``k`` of ``masks`` ``(K, L, L)``
+    and drops attention with rate ``attn_p[k]`` (``None``: no member drops)."""
+    if attn_p is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, None], scale=scale)  # mask (K, 1, L, L)
+    # no fused kernel takes a dropout rate per batch row: scores are materialised
+    s = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    s = s.masked_fill(~masks[:, None], float("-inf"))  # (K, BH, L, L)
+    a = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    keep = torch.rand_like(a) >= _per_member(attn_p, a)
+    return torch.matmul(a * keep / _per_member(1.0 - attn_p, a).to(a.dtype), v)
+
+
+class _HeadGroup:
+    """The members of one head count, attended without padding (the CPU's members path)."""
+
+    def __init__(self, slots: list[int], plan: _MemberPlan, h: int, L: int, device: torch.device) -> None:
+        self.h = h
+        self.every = len(slots) == plan.masks.shape[0]
+        self.slots = torch.tensor(slots, device=device)
+        self.masks = plan.masks.index_select(0, self.slots)
+        self.attn_p = None if plan.attn_p is None else plan.attn_p.index_select(0, self.slots)
+        self.cos, self.sin = rotary_tables(L, plan.C // h, device=device)
 
 
 class SparseSelfAttention(nn.Module):
@@ -286,6 +318,17 @@ class SparseSelfAttention(nn.Module):
             q, k, v = (t[0].view(B, L, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             y = attend(q, k, v).transpose(1, 2).reshape(1, B, L, C)  # (1, B, L, C)
+        elif plan.groups is not None:
+            y = torch.zeros_like(q) if len(plan.groups) > 1 else q
+            for g in plan.groups:
+                qg, kg, vg = (t if g.every else t.index_select(0, g.slots) for t in (q, k, v))  # (Kg, B, L, C)
+                Kg, h = qg.shape[0], g.h
+                qg, kg, vg = (t.view(Kg, B, L, h, C // h).permute(0, 1, 3, 2, 4).reshape(Kg, B * h, L, C // h)
+                              for t in (qg, kg, vg))  # (Kg, Bh, L, d)  # fmt: skip
+                qg, kg = apply_rotary(qg, g.cos, g.sin), apply_rotary(kg, g.cos, g.sin)
+                yg = _rows_attend(qg, kg, vg, g.masks, g.attn_p)
+                yg = yg.view(Kg, B, h, L, C // h).permute(0, 1, 3, 2, 4).reshape(Kg, B, L, C)
+                y = yg if g.every else y.index_copy(0, g.slots, yg)
         else:
             H, D = plan.H, plan.D
             q, k, v = (
