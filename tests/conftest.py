@@ -40,3 +40,23 @@ def ray_cluster() -> Iterator[tuple[object, str]]:
         yield ns, start_head(ns, 6395, cpus=2)
     finally:
         ns.close()
+
+
+@pytest.fixture
+def flex_compiles(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """FlexAttention compiled through a counting compiler backend: ``["n"]`` counts its compiles."""
+    import torch
+    from torch._inductor.compile_fx import compile_fx
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attn_search.engine import attention
+
+    compiles = {"n": 0}
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        compiles["n"] += 1
+        return compile_fx(gm, inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(attention, "_FLEX_COMPILED", torch.compile(flex_attention, dynamic=False, backend=counting))
+    return compiles

@@ -205,24 +205,12 @@ def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest
     assert seen == [(16, pytest.approx(8**-0.5))] and out.shape == q.shape
 
 
-def test_one_by_one_flex_compiles_once_for_every_pattern_and_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_by_one_flex_compiles_once_for_every_pattern_and_parameter(flex_compiles: dict[str, int]) -> None:
     """A search's one-by-one trials on CUDA run FlexAttention with each trial's pattern: its mask
     rule reads a table (up to TABLE_MASK_MAX_LEN), so new patterns and parameter values reuse the
     compiled kernel instead of compiling one each toward dynamo's recompile limit. Counted with a
     counting compiler backend on the CPU's forward path."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from attn_search.engine import attention
-
-    compiles = {"n": 0}
-
-    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        compiles["n"] += 1
-        return compile_fx(gm, inputs)
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(attention, "_FLEX_COMPILED", torch.compile(flex_attention, dynamic=False, backend=counting))
+    compiles = flex_compiles
     q = torch.randn(2, 2, 128, 16)
     cases = [("window", {"window": 4}), ("window", {"window": 9}), ("dilated", {"window": 8, "dilation": 3}),
              ("strided", {"stride": 7}), ("longformer", {"window": 6, "n_global": 2})]  # fmt: skip

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 from attn_search import PATTERNS, AttentionConfig, Budget, build_model, evaluate, evaluate_many, make_task
-from attn_search.engine import attention
 from attn_search.engine import trainer as trainer_module
 from attn_search.engine.attention import member_mask_mod
 from attn_search.engine.model import member_losses
@@ -240,21 +238,12 @@ def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not between, f"reads of device values after steps {sorted(set(between))}"
 
 
-def test_populations_compile_flex_attention_once_per_shape_including_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_populations_compile_flex_attention_once_per_shape_including_refills(flex_compiles: dict[str, int]) -> None:
     """FlexAttention's member path forced on the CPU (forward only: the evaluation passes), with a
     counting compiler backend: after the population's first rung no pass compiles again, though
     slots are refilled with new patterns, parameters and head counts (the mask table, BlockMask and
     padded head layout keep their shapes)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    compiles = {"n": 0}
-
-    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        compiles["n"] += 1
-        return compile_fx(gm, inputs)
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(attention, "_FLEX_COMPILED", torch.compile(flex_attention, dynamic=False, backend=counting))
+    compiles = flex_compiles
     configs = member_configs()
     queue = [c.replace(seed=10 + i, window=3 + i, stride=4 + i, n_heads=HEADS[(i + 1) % 3]) for i, c in
              enumerate(configs)]  # fmt: skip
