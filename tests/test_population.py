@@ -30,15 +30,15 @@ def member_configs(**common: object) -> list[AttentionConfig]:
     return out
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-head-groups", "padded-layout-of-cuda"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "padded-layout-of-cuda"])
 def test_a_fused_member_equals_its_unfused_twin(grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every pattern and head count 2, 4 and 8 in one model: each member's logits are those of the
     model of its configuration alone (the single-pattern attention paths), to float32 rounding,
-    through the CPU's per-head-count path and through the padded layout CUDA uses. A member
+    through the CPU's per-member path and through the padded layout CUDA uses. A member
     reading another's mask row, head layout, scale or rotary table would be far off."""
     from attn_search.engine import model as model_module
 
-    monkeypatch.setattr(model_module, "CPU_HEAD_GROUPS", grouped)
+    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", grouped)
     configs = member_configs()
     task = make_task("mqar", **TASK)
     fused = build_model(configs, task).eval()

@@ -149,9 +149,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-CPU_HEAD_GROUPS = True
-"""On the CPU, members attend per head count (no padding); ``False`` runs the padded layout CUDA
-runs, which tests use to check that layout on the CPU."""
+CPU_PER_MEMBER = True
+"""On the CPU each member attends on its own single-pattern path (``False``: the padded layout CUDA
+runs, which tests use to check that layout on the CPU)."""
 
 
 class _MemberPlan:
@@ -188,14 +188,17 @@ class _MemberPlan:
         if device.type == "cpu" and dropout:
             use_flex = False
         self.block_mask = member_block_mask(self.masks) if use_flex and self.attn_p is None else None
-        # On the CPU arithmetic, not launches, bounds a step: members attend per head count, with
-        # no padded heads or channels (4x the attention work for a 2-head member beside 8-head
-        # ones). Where shapes must stay fixed (CUDA, FlexAttention) the padded layout serves all.
-        self.C = C
-        self.groups: list[_HeadGroup] | None = None
-        if device.type == "cpu" and self.block_mask is None and CPU_HEAD_GROUPS:
-            self.groups = [_HeadGroup([k for k, x in enumerate(heads) if x == h], self, h, L, device)
-                           for h in sorted(set(heads))]  # fmt: skip
+        # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
+        # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
+        # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
+        # materialised scores). Where shapes must stay fixed (CUDA) the padded layout serves all.
+        self.alone: list[tuple[Attend, torch.Tensor, torch.Tensor]] | None = None
+        if device.type == "cpu" and self.block_mask is None and CPU_PER_MEMBER:
+            alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex: it trains on auto's path)
+            self.alone = [(attention_plan(c.pattern, L, causal=c.causal, backend=alone, device=device,
+                                          dropout_p=c.attn_dropout if dropout else 0.0, training=dropout,
+                                          **c.pattern_params()), *rotary_tables(L, c.head_dim, device=device))
+                          for c in members]  # fmt: skip
 
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
@@ -231,18 +234,6 @@ def _rows_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch
     a = torch.softmax(s.float(), dim=-1).to(q.dtype)
     keep = torch.rand_like(a) >= _per_member(attn_p, a)
     return torch.matmul(a * keep / _per_member(1.0 - attn_p, a).to(a.dtype), v)
-
-
-class _HeadGroup:
-    """The members of one head count, attended without padding (the CPU's members path)."""
-
-    def __init__(self, slots: list[int], plan: _MemberPlan, h: int, L: int, device: torch.device) -> None:
-        self.h = h
-        self.every = len(slots) == plan.masks.shape[0]
-        self.slots = torch.tensor(slots, device=device)
-        self.masks = plan.masks.index_select(0, self.slots)
-        self.attn_p = None if plan.attn_p is None else plan.attn_p.index_select(0, self.slots)
-        self.cos, self.sin = rotary_tables(L, plan.C // h, device=device)
 
 
 class SparseSelfAttention(nn.Module):
@@ -318,17 +309,14 @@ class SparseSelfAttention(nn.Module):
             q, k, v = (t[0].view(B, L, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             y = attend(q, k, v).transpose(1, 2).reshape(1, B, L, C)  # (1, B, L, C)
-        elif plan.groups is not None:
-            y = torch.zeros_like(q) if len(plan.groups) > 1 else q
-            for g in plan.groups:
-                qg, kg, vg = (t if g.every else t.index_select(0, g.slots) for t in (q, k, v))  # (Kg, B, L, C)
-                Kg, h = qg.shape[0], g.h
-                qg, kg, vg = (t.view(Kg, B, L, h, C // h).permute(0, 1, 3, 2, 4).reshape(Kg, B * h, L, C // h)
-                              for t in (qg, kg, vg))  # (Kg, Bh, L, d)  # fmt: skip
-                qg, kg = apply_rotary(qg, g.cos, g.sin), apply_rotary(kg, g.cos, g.sin)
-                yg = _rows_attend(qg, kg, vg, g.masks, g.attn_p)
-                yg = yg.view(Kg, B, h, L, C // h).permute(0, 1, 3, 2, 4).reshape(Kg, B, L, C)
-                y = yg if g.every else y.index_copy(0, g.slots, yg)
+        elif plan.alone is not None:
+            ys = []
+            for m, (attend, cos, sin) in enumerate(plan.alone):
+                h = self.members[m].n_heads
+                qm, km, vm = (t[m].view(B, L, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
+                qm, km = apply_rotary(qm, cos, sin), apply_rotary(km, cos, sin)
+                ys.append(attend(qm, km, vm).transpose(1, 2).reshape(B, L, C))
+            y = torch.stack(ys)  # (K, B, L, C)
         else:
             H, D = plan.H, plan.D
             q, k, v = (
