@@ -85,6 +85,11 @@ def test_smoke_search_on_cuda_end_to_end(tmp_path: Path) -> None:
     assert len(trials) == 6 and not (trials["state"] == "failed").any(), trials[["state", "reason"]]
     assert trials["device"].str.startswith("cuda").all()
     assert trials["slot"].nunique() == 1  # the default population on CUDA (16) takes all 6 trials
+    # a population that raised would have retrained its members one at a time: correct results,
+    # most of the GPU's speed lost; the smoke test must see it
+    errors = out / "errors.log"
+    assert "(population)" not in (errors.read_text() if errors.exists() else ""), errors.read_text()
+    assert "retrained alone" not in r.stdout
 
 
 @pytest.mark.parametrize(("head_dim", "attn_dropout"), [(8, 0.0), (32, 0.1)])  # padded flex; the dropout path
