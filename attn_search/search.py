@@ -501,7 +501,7 @@ class SearchLoop:
         moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
         self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start,
-                           ask=lambda: self._ask_job(strategy), record=lambda event: self._event(event, strategy))  # fmt: skip
+                           ask=lambda slot: self._ask_job(strategy, slot), record=lambda event: self._event(event, strategy))  # fmt: skip
         if not self._population_given:
             self.population = (
                 DEFAULT_POPULATION[self.backend.device_kind()] if self.runner.evaluator == "training" else 1
@@ -596,9 +596,9 @@ class SearchLoop:
             for event in self.backend.wait(timeout=1.0):
                 self._event(event, strategy)
 
-    def _ask_job(self, strategy: Strategy) -> Job | None:
+    def _ask_job(self, strategy: Strategy, slot: int | None = None) -> Job | None:
         """The next proposal as a job, live from now on; ``None`` when the budget allows no more.
-        Also what a population asks when a member's slot frees (the local backend's refill)."""
+        Also what a population (``slot``: its first trial) asks when a member's slot frees (a refill)."""
         with self.lock:
             if not self._asking():
                 return None
@@ -606,9 +606,11 @@ class SearchLoop:
             if trial is None:
                 return None
             trial.set_user_attr("owner", self.owner)  # see recover_interrupted
-            if self._slot is None:
-                self._slot = trial.number
-            trial.set_user_attr("slot", self._slot)  # trials.csv's `slot`: the population it trained in
+            if slot is None:
+                if self._slot is None:
+                    self._slot = trial.number
+                slot = self._slot
+            trial.set_user_attr("slot", slot)  # trials.csv's `slot`: the population it trained in
             self.live[trial.number] = trial
             return Job(trial.number, self._values(trial))
 

@@ -69,6 +69,17 @@ def test_embedded_ray_writes_the_local_backends_outputs(
     from attn_search.export import export_run
 
     assert export_run(out, fmt="python").is_file()
+    # one slot of 2: as its members end, the worker asks the driver for the next trials (refills),
+    # each recorded as it ends; all four train in the one Ray trial
+    refilled = tmp_path / "refilled"
+    done = loopback.run(search_cmd(refilled, "--max-concurrent", "1", "--pruner", "none", "--confirm", "0", trials=4,
+                                   steps=12, population=2))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = rows(refilled)
+    assert len(trials) == 4 and (trials["state"] == "complete").all() and (trials["steps"] == 12).all()
+    assert list(trials["slot"]) == [0, 0, 0, 0]
+    ids = {t.user_attrs["ray_trial_id"] for t in load_study(refilled).trials}  # type: ignore[attr-defined]
+    assert len(ids) == 1
     # a search whose first trials all fail the same way stops after 3 with the error, not in silence
     ns, address = ray_cluster
     broken = ns.run(search_cmd(tmp_path / "broken", "--task", "tests.custom_task:fragile", "--max-concurrent", "1",

@@ -88,11 +88,11 @@ class Backend(Protocol):
     name: str
 
     def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
-              ask: Callable[[], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
+              ask: Callable[[int], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
         """Get ready to run trials with ``runner`` (connect to a cluster, restore an experiment).
-        ``ask()`` gives the loop's next job for a population's freed slot (``None``: none now), and
-        ``record(event)`` records a member that ended before its population did; a backend may use
-        them (the local one does) or not."""
+        ``ask(slot)`` gives the loop's next job for a freed slot of the population whose first
+        trial is ``slot`` (``None``: none now), and ``record(event)`` records a member that ended
+        before its population did (both backends refill)."""
 
     def slots(self) -> int:
         """How many slots run at once."""

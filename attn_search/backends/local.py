@@ -20,11 +20,11 @@ class LocalBackend:
         self._runner: TrialRunner | None = None
         self._on_rung: OnRung = lambda number, step, accuracy, compute: False
         self._on_start: OnStart = lambda number, config: None
-        self._ask: Callable[[], Job | None] | None = None
+        self._ask: Callable[[int], Job | None] | None = None
         self._record: Callable[[Event], None] | None = None
 
     def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
-              ask: Callable[[], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
+              ask: Callable[[int], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
         self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
         self._ask, self._record = ask, record
 
@@ -51,7 +51,7 @@ class LocalBackend:
         recorded: set[int] = set()
 
         def refill() -> tuple[int, dict] | None:
-            job = self._ask() if self._ask is not None and len(jobs) > 1 else None
+            job = self._ask(numbers[0]) if self._ask is not None and len(jobs) > 1 else None
             if job is None:
                 return None
             numbers.append(job.number)

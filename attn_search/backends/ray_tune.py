@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +111,17 @@ class RayBackend:
         self._on_rung: OnRung = lambda number, step, accuracy, compute: False
         self._on_start: OnStart = lambda number, config: None
         self._runner: TrialRunner | None = None
+        self._ask: Callable[[int], Job | None] | None = None
+        self._busy: set[int] = set()  # slots whose Tune trial has not ended (a population refills its own)
+        self._refills: dict[int, list[int]] = {}  # a population's slot -> the trials refilled into it
+        self._reported: set[int] = set()  # members whose outcome came before their population ended
 
     # -- the loop's side -----------------------------------------------------------------------
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart, ask: Any = None,
-              record: Any = None) -> None:  # fmt: skip
-        # (ask/record, the local backend's refills, are not used: a population on a Ray worker
-        # trains the members it was given; its freed slots stay free until it ends)
+    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
+              ask: Callable[[int], Job | None] | None = None, record: Any = None) -> None:  # fmt: skip
         global _ACTIVE
         self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
+        self._ask = ask
         resources = connect(self.options)
         per_trial = per_trial_resources(self.options, resources)
         self._gpus_per_trial = per_trial["gpu"]
@@ -148,10 +151,11 @@ class RayBackend:
         return "cuda" if self._gpus_per_trial > 0 and self.options.device != "cpu" else "cpu"
 
     def capacity(self) -> int:
-        return max(0, self._slots - len(set(self._in_flight.values())))
+        return max(0, self._slots - len(self._busy))
 
     def submit(self, jobs: Sequence[Job]) -> None:
         slot = jobs[0].number
+        self._busy.add(slot)
         self._in_flight.update((job.number, slot) for job in jobs)
         if len(jobs) == 1:  # one trial: Tune's scheduler stops it at a rung
             self._pending.append({**jobs[0].values, NUMBER: slot})
@@ -234,15 +238,36 @@ class RayBackend:
             self._on_start(number, config)
 
     def _serve_rungs(self) -> None:
-        """Answers the rung questions of population trials with the loop's rule (see :class:`_RungBoard`)."""
+        """Answers population trials' questions (see :class:`_RungBoard`): their rungs with the
+        loop's rule, a freed slot with the loop's next job (a refill), and a member's outcome as
+        soon as it ends (recorded at once, so the strategy hears it before it proposes again)."""
         while not self._finishing:
             try:
                 asked = ray.get(self._board.take.remote(1.0), timeout=30)  # waits up to 1 s for a question
             except Exception:  # Ray is shutting down
                 return
-            for key, (step, rungs) in asked.items():
-                stops = [self._on_rung(number, step, accuracy, compute) for number, accuracy, compute in rungs]
-                self._board.answer.remote(key, stops)
+            for key, (kind, payload) in asked.items():
+                self._board.answer.remote(key, self._answer(kind, payload))
+
+    def _answer(self, kind: str, payload: Any) -> Any:
+        if kind == "rungs":
+            step, rungs = payload
+            return [self._on_rung(number, step, accuracy, compute) for number, accuracy, compute in rungs]
+        if kind == "refill":
+            slot = int(payload)
+            job = self._ask(slot) if self._ask is not None and not self._finishing else None
+            if job is None:
+                return None
+            self._in_flight[job.number] = slot
+            self._refills.setdefault(slot, []).append(job.number)
+            if self._runner is not None:
+                with contextlib.suppress(ValueError):
+                    self._on_start(job.number, self._runner.space.make_config(job.values))
+            return [job.number, job.values]
+        number, record = payload  # "done"
+        self._reported.add(int(number))
+        self._events.put(Finished(int(number), _outcome(record)))
+        return True
 
     def rung(self, trial: Any, result: dict[str, Any]) -> bool:
         """A trial's rung: remember it (for a trial stopped here) and ask the loop's rule."""
@@ -259,14 +284,16 @@ class RayBackend:
             return
         result = result or {}
         records = json.loads(result[RECORD]) if result.get(FINAL) else []
-        for (number, _), record in itertools.zip_longest(
-            _members(trial.config), records[: len(_members(trial.config))]
-        ):
-            if record is not None:
-                values = tuple(record["values"]) if record.get("values") is not None else None
-                outcome = TrialOutcome(record["state"], record["attrs"], values)
-            else:
-                outcome = self._unfinished(seen, error)
+        members = [number for number, _ in _members(trial.config)]
+        members += self._refills.pop(int(trial.config[NUMBER]), [])
+        # each record names its trial; a one-trial record does not need to
+        by_number = {int(r.get("number", members[i])): r for i, r in enumerate(records[: len(members)])}
+        for number in members:
+            if number in self._reported:
+                self._reported.discard(number)
+                continue  # recorded when it ended
+            record = by_number.get(number)
+            outcome = _outcome(record) if record is not None else self._unfinished(seen, error)
             for key in PLACE:
                 if key in result:
                     outcome.attrs[key] = result[key]
@@ -274,6 +301,7 @@ class RayBackend:
                     outcome.attrs[key] = seen[key]
             outcome.attrs["ray_trial_id"] = trial.trial_id
             self._events.put(Finished(int(number), outcome))
+        self._busy.discard(int(trial.config[NUMBER]))
 
     def _unfinished(self, seen: dict[str, Any], error: str | None) -> TrialOutcome:
         """A trial that gave no final result: stopped by the scheduler after a rung, or its worker
@@ -297,6 +325,15 @@ class RayBackend:
 
     def note(self, text: str) -> None:
         self._events.put(Note(text))
+
+
+def _outcome(record: dict[str, Any]) -> TrialOutcome:
+    values = tuple(record["values"]) if record.get("values") is not None else None
+    return TrialOutcome(record["state"], record["attrs"], values)
+
+
+def _record(outcome: TrialOutcome, number: int) -> dict[str, Any]:
+    return {"number": number, "state": outcome.state, "attrs": outcome.attrs, "values": outcome.values}
 
 
 def _values(config: dict[str, Any]) -> dict[str, Any]:
@@ -346,50 +383,74 @@ def _trainable(config: dict[str, Any], runner: TrialRunner, board: Any) -> None:
 
 def _population_trainable(config: dict[str, Any], runner: TrialRunner, board: Any, place: dict[str, Any]) -> None:
     members = _members(config)
-    numbers = [number for number, _ in members]
+    numbers = [number for number, _ in members]  # member i is trial numbers[i]; refills append
+    actor = ray.get_runtime_context().get_actor_id()
+    asked = itertools.count()
+
+    def ask(kind: str, payload: Any) -> Any:
+        """A question to the driver (:class:`_RungBoard`); ``None`` if it does not answer in time."""
+        key = f"{actor}:{numbers[0]}:{next(asked)}"
+        try:
+            return ray.get(board.ask.remote(key, kind, payload), timeout=RUNG_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            return None  # the driver is gone or stuck: train on, the final result says it all
 
     def on_rungs(rungs: Sequence[tuple[int, int, float, dict[str, float]]]) -> list[bool]:
-        # members start together here (no refill across Ray workers), so their rungs share a step
-        step = rungs[0][1]
-        asked = [(numbers[i], accuracy, compute) for i, _, accuracy, compute in rungs]
-        key = f"{ray.get_runtime_context().get_actor_id()}:{numbers[0]}:{step}"
-        try:
-            stops: list[bool] = ray.get(board.ask.remote(key, step, asked), timeout=RUNG_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            return [False] * len(rungs)  # the driver is gone or stuck: train on, the final result says it all
-        if step < runner.budget.steps:  # progress for Tune's loggers (its scheduler ignores it)
-            tune.report({STEP: step, "best_accuracy": max(acc for _, _, acc, _ in rungs), "members": len(rungs),
+        by_step: dict[int, list[int]] = {}
+        for j, (_, step, _, _) in enumerate(rungs):  # members refilled later are at other steps
+            by_step.setdefault(step, []).append(j)
+        stops = [False] * len(rungs)
+        for step, js in by_step.items():
+            answer = ask("rungs", (step, [(numbers[rungs[j][0]], rungs[j][2], rungs[j][3]) for j in js]))
+            for j, stop in zip(js, answer or [False] * len(js), strict=True):
+                stops[j] = stop
+        top = max(step for _, step, _, _ in rungs)
+        if top < runner.budget.steps:  # progress for Tune's loggers (its scheduler ignores it)
+            tune.report({STEP: top, "best_accuracy": max(acc for _, _, acc, _ in rungs), "members": len(rungs),
                          FINAL: False, **place})  # fmt: skip
         return stops
 
-    outcomes = runner.run_many([values for _, values in members], on_rungs=on_rungs)
-    records = [{"state": o.state, "attrs": o.attrs, "values": o.values} for o in outcomes]
+    def refill() -> tuple[int, dict[str, Any]] | None:
+        got = ask("refill", numbers[0])
+        if not got:
+            return None
+        numbers.append(int(got[0]))
+        return int(got[0]), dict(got[1])
+
+    def on_outcome(i: int, outcome: TrialOutcome) -> None:
+        record = _record(outcome, numbers[i])
+        record["attrs"] = {**record["attrs"], **place, "ray_trial_id": tune.get_context().get_trial_id()}
+        ask("done", (numbers[i], json.loads(json.dumps(record, default=float))))
+
+    outcomes = runner.run_many([values for _, values in members], on_rungs=on_rungs, refill=refill,
+                               on_outcome=on_outcome)  # fmt: skip
+    records = [_record(o, numbers[i]) for i, o in enumerate(outcomes)]
     step = max(int(o.attrs.get("metrics", {}).get(M.STEPS, 0) or 0) for o in outcomes)
     tune.report({FINAL: True, STEP: step, RECORD: json.dumps(records, default=float), **place})
 
 
 @ray.remote(num_cpus=0)
 class _RungBoard:
-    """Where population trials ask the driver's early-stopping rule about their members: Tune's
-    scheduler can only stop a whole trial, and its answer never reaches the trainable. A trial puts
-    its question and waits; the backend's thread takes the questions, asks the loop's rule and
-    answers (one round trip per rung for the whole population)."""
+    """Where population trials ask the driver: the early-stopping rule about their members (Tune's
+    scheduler can only stop a whole trial, and its answer never reaches the trainable), the next
+    job for a freed slot (a refill), and a member's outcome as it ends. A trial puts its question
+    and waits; the backend's thread takes the questions and answers (one round trip each)."""
 
     def __init__(self) -> None:
-        self._asked: dict[str, tuple[int, list[Any]]] = {}
-        self._answers: dict[str, list[bool]] = {}
+        self._asked: dict[str, tuple[str, Any]] = {}
+        self._answers: dict[str, Any] = {}
         self._ready: dict[str, asyncio.Event] = {}
         self._new = asyncio.Event()
 
-    async def ask(self, key: str, step: int, rungs: list[Any]) -> list[bool]:
+    async def ask(self, key: str, kind: str, payload: Any) -> Any:
         self._ready[key] = asyncio.Event()
-        self._asked[key] = (step, rungs)
+        self._asked[key] = (kind, payload)
         self._new.set()
         await self._ready[key].wait()
         del self._ready[key]
         return self._answers.pop(key)
 
-    async def take(self, wait_s: float) -> dict[str, tuple[int, list[Any]]]:
+    async def take(self, wait_s: float) -> dict[str, tuple[str, Any]]:
         """The questions asked since the last call; waits up to ``wait_s`` for one (no busy polling)."""
         if not self._asked:
             self._new.clear()
@@ -398,8 +459,8 @@ class _RungBoard:
         asked, self._asked = self._asked, {}
         return asked
 
-    async def answer(self, key: str, stops: list[bool]) -> None:
-        self._answers[key] = stops
+    async def answer(self, key: str, answer: Any) -> None:
+        self._answers[key] = answer
         if key in self._ready:
             self._ready[key].set()
 
