@@ -591,8 +591,10 @@ class SearchLoop:
                 if not jobs:
                     break
                 self.backend.submit(jobs)
-            if not self.live:
-                return  # nothing running and nothing more to run
+            if not self.live and self.backend.capacity() >= self.backend.slots():
+                # nothing running and nothing more to run (a Ray population whose members all ended
+                # may still be asking for refills: its slot is taken until its Tune trial ends)
+                return
             for event in self.backend.wait(timeout=1.0):
                 self._event(event, strategy)
 
