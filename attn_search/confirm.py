@@ -20,7 +20,7 @@ again skips what is done) and rewriting the run's outputs at the end:
 
 Both run in this process, on ``--device`` (where the search ran on Ray, the driver's device).
 On CUDA the seeds of one configuration train together as one population
-(:func:`~attn_search.engine.population.evaluate_many`); on the CPU one after another, which is
+(:func:`~attn_search.engine.trainer.evaluate_many`); on the CPU one after another, which is
 faster there (see ``DEFAULT_POPULATION`` in :mod:`attn_search.search`).
 """
 
