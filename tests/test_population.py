@@ -135,6 +135,24 @@ def test_freed_slots_are_refilled_and_refills_train_as_they_would_alone() -> Non
                                                   device="cpu"))  # fmt: skip
 
 
+def test_with_nothing_to_refill_a_population_shrinks_and_its_survivors_train_on_as_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two of three members stopped at the first rung and no refill: their slots are cut out (on
+    the CPU at once) and the survivor trains on exactly as it would alone."""
+    from attn_search.engine.model import AttentionModel
+
+    kept: list[list[int]] = []
+    real = AttentionModel.keep_members
+    monkeypatch.setattr(AttentionModel, "keep_members", lambda self, slots: kept.append(slots) or real(self, slots))
+    configs = member_configs()[:3]
+    results = evaluate_many(configs, "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu",
+                            reporter=lambda member, step, accuracy: member != 1)  # fmt: skip
+    assert [r.state for r in results] == ["pruned", "complete", "pruned"]
+    assert kept == [[1]]
+    assert_same_training(results[1], evaluate(configs[1], "mqar", budget=BUDGET, task_kwargs=TASK, device="cpu"))
+
+
 def test_a_refill_of_another_shape_waits_for_its_own_population() -> None:
     configs = member_configs()[:2]
     wide = AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8)
@@ -253,9 +271,17 @@ def test_populations_compile_flex_attention_once_per_shape_including_refills(fle
         after_first_rung.append(compiles["n"])
         return member % 2 == 0  # half of them leave at each rung: refills
 
+    at_refill: list[int] = []
+
+    def refill() -> AttentionConfig | None:
+        at_refill.append(compiles["n"])
+        return queue.pop(0) if queue else None
+
     budget = Budget(steps=6, rungs=3, n_eval=16, latency_batch=2)
     results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", backend="flex",
-                            reporter=reporter, refill=lambda: queue.pop(0) if queue else None)  # fmt: skip
+                            reporter=reporter, refill=refill)  # fmt: skip
     assert len(results) == 4 + len(configs) and not queue
     assert 0 < after_first_rung[0] <= 2  # the timed pass and the evaluation pass
-    assert compiles["n"] == after_first_rung[0], "a refill compiled FlexAttention again"
+    # every refill (and every rung while slots were refilled) ran on the kernels compiled first; once
+    # nothing is left to refill, the population may shrink (a new size, compiled once more)
+    assert len(at_refill) > len(configs) and set(at_refill) == {after_first_rung[0]}, at_refill

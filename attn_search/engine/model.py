@@ -99,6 +99,10 @@ class Embedding(nn.Module):
         self.offset: torch.Tensor
         self.register_buffer("offset", (torch.arange(K) * V).view(K, 1, 1), persistent=False)  # member k's rows
 
+    def keep_members(self, slots: list[int]) -> None:
+        """(The weights are the optimiser's to re-index.)"""
+        self.offset = (torch.arange(len(slots), device=self.offset.device) * self.weight.shape[1]).view(-1, 1, 1)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         K, V, C = self.weight.shape
         if K == 1:
@@ -121,6 +125,10 @@ class Dropout(nn.Module):
         self.rates[k] = float(rate)
         with torch.no_grad():
             self.p[k] = float(rate)
+
+    def keep_members(self, slots: list[int]) -> None:
+        self.rates = [self.rates[k] for k in slots]
+        self.p = self.p[slots]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, ...)
         if not self.training or not any(self.rates):
@@ -275,6 +283,10 @@ class SparseSelfAttention(nn.Module):
         self.resid_drop.set_member(k, config.dropout)
         self._plans.clear()
 
+    def keep_members(self, slots: list[int]) -> None:
+        self.members = [self.members[k] for k in slots]
+        self._plans.clear()
+
     def _plan(self, L: int, device: torch.device) -> Any:
         key = (L, device, self.training, torch.is_grad_enabled())
         plan = self._plans.get(key)
@@ -404,6 +416,14 @@ class AttentionModel(nn.Module):
             elif isinstance(module, LayerNorm):
                 module.weight[k].fill_(1.0)
                 module.bias[k].zero_()
+
+    def keep_members(self, slots: list[int]) -> None:
+        """Keep only the members in ``slots`` (in that order): every per-member table and list.
+        Parameters are re-indexed where they live (``MemberAdamW.keep``: the flat buffer they view)."""
+        self.members = [self.members[k] for k in slots]
+        for module in self.modules():
+            if isinstance(module, Dropout | Embedding | SparseSelfAttention):
+                module.keep_members(slots)
 
     def set_member(self, k: int, config: AttentionConfig) -> None:
         """Put ``config`` in slot ``k`` with its fresh weights (a refilled slot)."""

@@ -500,6 +500,29 @@ class _Population:
                     self._free(k)
                 else:
                     self._admit(k, *nxt, on_compute)
+            live = [k for k, m in enumerate(self.slots) if m is not None]
+            compiled = self.dev.type == "cuda" or self.backend == "flex"  # (a new size compiles again)
+            if not drawn and live and len(live) < self.K and (not compiled or len(live) <= self.K // 2):
+                self._compact(live)
+
+    def _compact(self, live: list[int]) -> None:
+        """Keep only the slots ``live`` (in order): nothing will refill the free ones, so they stop
+        costing compute. On the CPU at once; where FlexAttention is compiled (CUDA) once half the
+        slots are free (a new size is a new kernel there, so a population shrinks at most log2(K)
+        times)."""
+        index = torch.tensor(live, device=self.dev)
+        self.opt.keep(index)
+        self.model.keep_members(live)
+        self.rows, self.lr, self.smoothing, self.step_of, self.live, self.last_loss, self.bad_step, self.bad_loss = (
+            t.index_select(0, index)
+            for t in (self.rows, self.lr, self.smoothing, self.step_of, self.live, self.last_loss, self.bad_step,
+                      self.bad_loss)
+        )  # fmt: skip
+        self.slots = [self.slots[k] for k in live]
+        self.configs = [self.configs[k] for k in live]
+        self.steps = [self.steps[k] for k in live]
+        self.K = len(live)
+        self.slot_range = torch.arange(self.K, device=self.dev)
 
     def _free(self, k: int) -> None:
         with torch.no_grad():
@@ -579,11 +602,7 @@ class MemberAdamW:
         K = self.params[0].shape[0]
         dev = self.params[0].device
         self.flat = torch.cat([p.detach().reshape(K, -1) for p in self.params], dim=1)  # (K, P)
-        offset = 0
-        for p in self.params:  # every parameter becomes a view of its columns of the flat buffer
-            n = p[0].numel()
-            p.data = self.flat[:, offset : offset + n].view(p.shape)
-            offset += n
+        self._bind()
         decays = [torch.full((p[0].numel(),), float(p.dim() >= 3 and "emb" not in name)) for name, p in named]
         self.decay = torch.cat(decays).to(dev).view(1, -1)  # (1, P)
         self.weight_decay = torch.tensor([c.weight_decay for c in model.members], device=dev).view(K, 1)
@@ -591,7 +610,23 @@ class MemberAdamW:
         self.v = torch.zeros_like(self.flat)
         self.t = torch.zeros(K, 1, device=dev)  # each member's step count (bias correction)
         self.betas, self.eps, self.max_norm = betas, eps, max_norm
-        self.members = model.members
+        self.model = model
+
+    def _bind(self) -> None:
+        """Make every parameter a view of its columns of the flat buffer."""
+        offset = 0
+        K = self.flat.shape[0]
+        for p in self.params:
+            n = p[0].numel()
+            p.data = self.flat[:, offset : offset + n].view(K, *p.shape[1:])
+            offset += n
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the members ``index`` (in that order), weights and state."""
+        self.flat, self.m, self.v, self.t, self.weight_decay = (
+            t.index_select(0, index) for t in (self.flat, self.m, self.v, self.t, self.weight_decay)
+        )
+        self._bind()
 
     def reset(self, k: int) -> None:
         """Slot ``k`` holds a new member: zero state, its weight decay (its weights: ``init_member``)."""
@@ -599,7 +634,7 @@ class MemberAdamW:
             self.m[k] = 0.0
             self.v[k] = 0.0
             self.t[k] = 0.0
-            self.weight_decay[k] = self.members[k].weight_decay
+            self.weight_decay[k] = self.model.members[k].weight_decay
 
     def zero_grad(self) -> None:
         for p in self.params:
