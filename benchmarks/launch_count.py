@@ -7,6 +7,8 @@ backward and optimiser), on a real population of the trainer (``attn_search.engi
 
 * one by one: ``K = 1`` with the backend CUDA would choose counted as one attention op (SDPA;
   FlexAttention is also one op, and its CPU backward does not exist);
+* populations as CUDA runs them: one attention call in the padded head layout, evaluation
+  passes of 256 sequences per member;
 * populations of ``--sizes`` mixed proposals of the sparse space (head counts 2/4/8, every pattern);
 * per step, and per default trial: the timed latency passes, ``steps`` training steps, the rungs'
   evaluation passes and (populations) the refill of each slot, divided by the members.
@@ -32,6 +34,7 @@ import torch
 from gpu_throughput import proposals  # the same seeded draw of sparse-space proposals
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attn_search.engine import model as model_module
 from attn_search.engine import trainer as T
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import make_task
@@ -59,6 +62,7 @@ def count(configs: list[AttentionConfig], budget: T.Budget, device: torch.device
     task = make_task("mqar")
     with torch.random.fork_rng():
         pop = T._Population(list(enumerate(configs)), task, budget, device, backend)
+        pop.eval_batch = 256  # CUDA's evaluation passes (the CPU chunks them by K to save memory)
         measure = ops(pop.measure)
         for _ in range(2):
             pop.train_step()
@@ -78,6 +82,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     device = torch.device("cpu")
+    # what CUDA runs: the padded attention layout for all members (the CPU otherwise attends per
+    # member, which costs ops per member but saves arithmetic there)
+    model_module.CPU_PER_MEMBER = False
     budget = T.PRESETS["default"]
     rungs = len(budget.rung_steps())
     configs = [c for c in proposals(args.trials, args.seed) if c.d_model == proposals(1, args.seed)[0].d_model]

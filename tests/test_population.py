@@ -274,8 +274,10 @@ def test_populations_compile_flex_attention_once_per_shape_including_refills(fle
     at_refill: list[int] = []
 
     def refill() -> AttentionConfig | None:
+        if not queue:
+            return None
         at_refill.append(compiles["n"])
-        return queue.pop(0) if queue else None
+        return queue.pop(0)
 
     budget = Budget(steps=6, rungs=3, n_eval=16, latency_batch=2)
     results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", backend="flex",
@@ -284,4 +286,15 @@ def test_populations_compile_flex_attention_once_per_shape_including_refills(fle
     assert 0 < after_first_rung[0] <= 2  # the timed pass and the evaluation pass
     # every refill (and every rung while slots were refilled) ran on the kernels compiled first; once
     # nothing is left to refill, the population may shrink (a new size, compiled once more)
-    assert len(at_refill) > len(configs) and set(at_refill) == {after_first_rung[0]}, at_refill
+    assert len(at_refill) == len(configs) and set(at_refill) == {after_first_rung[0]}, at_refill
+
+
+def test_one_time_limit_covers_every_population_of_a_call() -> None:
+    """A time limit is the call's, not each population's: a population of another shape that
+    starts after it has passed trains one step and ends (a search's deadline stays a deadline)."""
+    first = member_configs()[0]
+    wide = AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8)
+    budget = Budget(steps=100_000, rungs=2, n_eval=16, latency_batch=2, time_limit_s=1.0)
+    a, b = evaluate_many([first, wide], "mqar", budget=budget, task_kwargs=TASK, device="cpu")
+    assert "time limit" in str(a.reason) and 1 < a.metrics["steps"] < 100_000
+    assert "time limit" in str(b.reason) and b.metrics["steps"] == 1

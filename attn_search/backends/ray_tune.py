@@ -247,7 +247,12 @@ class RayBackend:
             except Exception:  # Ray is shutting down
                 return
             for key, (kind, payload) in asked.items():
-                self._board.answer.remote(key, self._answer(kind, payload))
+                try:
+                    answer = self._answer(kind, payload)
+                except Exception as exc:  # the thread must live on: every population waits on it
+                    self.note(f"  warning: a population's {kind} question failed in the driver: {describe(exc)}")
+                    answer = [False] * len(payload[1]) if kind == "rungs" else None if kind == "refill" else True
+                self._board.answer.remote(key, answer)
 
     def _answer(self, kind: str, payload: Any) -> Any:
         if kind == "rungs":
@@ -302,6 +307,17 @@ class RayBackend:
             outcome.attrs["ray_trial_id"] = trial.trial_id
             self._events.put(Finished(int(number), outcome))
         self._busy.discard(int(trial.config[NUMBER]))
+
+    def lost_refills(self, trial: Any) -> None:
+        """A population's worker died: the retry trains its own members again, not the trials
+        refilled into it, which fail (with why) instead of staying live with no worker."""
+        if NUMBER not in trial.config:
+            return
+        for number in self._refills.pop(int(trial.config[NUMBER]), []):
+            if number in self._reported:
+                continue
+            reason = "its population's Ray worker died after it was refilled into it"
+            self._events.put(Finished(number, TrialOutcome(M.FAILED, {"reason": reason, "state": M.FAILED})))
 
     def _unfinished(self, seen: dict[str, Any], error: str | None) -> TrialOutcome:
         """A trial that gave no final result: stopped by the scheduler after a rung, or its worker
@@ -516,6 +532,7 @@ class _Callback(tune.Callback):  # type: ignore[misc]
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         _backend().note(f"  trial {trial.config.get(NUMBER)}: its worker died; retrying it ({MAX_FAILURES} tries)")
         _backend()._rungs.pop(trial.trial_id, None)
+        _backend().lost_refills(trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = trial.get_error() or "the trial's worker failed"

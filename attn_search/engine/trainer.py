@@ -265,6 +265,8 @@ def evaluate_many(
     waiting = [(i, as_config(c)) for i, c in enumerate(configs)]
     results: dict[int, TrialResult] = {}
     count = len(waiting)
+    # one time limit for the whole call, whichever population trains when
+    deadline = None if bud.time_limit_s is None else time.perf_counter() + bud.time_limit_s
 
     def ended(member: int, result: TrialResult) -> None:
         results[member] = result
@@ -281,7 +283,8 @@ def evaluate_many(
             key: tuple[Any, ...] = key, other: list[tuple[int, AttentionConfig]] = other
         ) -> tuple[int, AttentionConfig] | None:
             nonlocal count
-            if refill is None or other:  # after a refill of another shape, this population drains
+            # other shapes waiting (read now, late-bound on purpose): this population drains first
+            if refill is None or other or waiting:  # noqa: B023
                 return None
             config = refill()
             if config is None:
@@ -293,7 +296,7 @@ def evaluate_many(
             return count - 1, config
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            _Population(members, the_task, bud, dev, backend).run(report_rungs, on_compute, ended, draw)
+            _Population(members, the_task, bud, dev, backend, deadline).run(report_rungs, on_compute, ended, draw)
         waiting += other
     return [results[i] for i in sorted(results)]
 
@@ -303,8 +306,9 @@ class _Population:
     rows and learning rate for every step, rates), and on the host what each slot holds."""
 
     def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
-                 backend: str) -> None:  # fmt: skip
+                 backend: str, deadline: float | None = None) -> None:  # fmt: skip
         self.start = time.perf_counter()
+        self.deadline = deadline
         self.task, self.bud, self.dev, self.backend = task, bud, dev, backend
         cfgs = [c for _, c in members]
         self.K = K = len(cfgs)
@@ -334,10 +338,14 @@ class _Population:
         self.bad_loss = torch.zeros(K, device=dev)
         self.curves: dict[int, list[tuple[int, float]]] = {i: [] for i, _ in members}
         self.compute: dict[int, dict[str, float]] = {}
-        self.admitted: dict[int, tuple[float, float, float]] = {i: (self.start, 0.0, 0.0) for i, _ in members}
-        self.train_s = self.eval_s = 0.0  # the population's totals; a member's share is its span / K
+        # a member's share of the population's time: every interval divided by the members then
+        # training, summed (so a population that shrinks charges its survivors correctly)
+        self.train_s = self.eval_s = self.wall_s = 0.0
+        self.clock = self.start
+        self.admitted: dict[int, tuple[float, float, float]] = {i: (0.0, 0.0, 0.0) for i, _ in members}
         self.measure_s = 0.0
         self.pop_figures: dict[str, float] = {}
+        self.eval_batch: int | None = None  # sequences per member per evaluation pass (None: by device)
 
     def _lrs(self, config: AttentionConfig) -> torch.Tensor:
         S = self.bud.steps
@@ -362,7 +370,7 @@ class _Population:
         for k, member in enumerate(self.slots):
             assert member is not None
             self.compute[member] = self._figures(self.configs[k])
-        self.measure_s = time.perf_counter() - t0
+        self.measure_s = (time.perf_counter() - t0) / self.K  # each initial member's share
 
     def _figures(self, config: AttentionConfig) -> dict[str, float]:
         bud, L = self.bud, self.task.seq_len
@@ -399,7 +407,7 @@ class _Population:
         evaluation needs no more memory than a trial's."""
         self.model.eval()
         K, x, y = self.K, self.x_eval, self.y_eval
-        batch = 256 if self.dev.type == "cuda" else max(16, 256 // K)
+        batch = self.eval_batch or (256 if self.dev.type == "cuda" else max(16, 256 // K))
         right = torch.zeros(K, device=self.dev)
         total = torch.zeros(K, device=self.dev)
         for i in range(0, len(x), batch):
@@ -421,7 +429,6 @@ class _Population:
         memory_step = min(2, min(rungs))
         state_mb = training_state_mb(self.model) / self.K
         last_loss: dict[int, float] = {}
-        drawn = True
         step = 0
         while any(m is not None for m in self.slots):
             step += 1
@@ -437,12 +444,12 @@ class _Population:
                             on_compute(member, dict(self.compute[member]))
             else:
                 losses = self.train_step()
-            self.train_s += time.perf_counter() - t0
+            self.train_s += (time.perf_counter() - t0) / self.K
             self.last_loss = losses
             for k, member in enumerate(self.slots):
                 if member is not None:
                     self.steps[k] += 1
-            out_of_time = bud.time_limit_s is not None and time.perf_counter() - self.start > bud.time_limit_s
+            out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
             at_rung = [k for k, m in enumerate(self.slots) if m is not None and self.steps[k] in rungs]
             if not (at_rung or out_of_time or step % SYNC_EVERY == 0):
                 continue
@@ -468,7 +475,7 @@ class _Population:
             if evaluated:
                 t0 = time.perf_counter()
                 accs = self.accuracies()
-                self.eval_s += time.perf_counter() - t0
+                self.eval_s += (time.perf_counter() - t0) / self.K
                 for k in evaluated:
                     self.curves[self.slots[k]].append((self.steps[k], accs[k]))  # type: ignore[index]
                 stops: Sequence[Stop] = [None] * len(evaluated)
@@ -493,6 +500,7 @@ class _Population:
                 self.slots[k] = None
             if out_of_time:
                 break
+            drawn = True  # (a strategy with nothing now may have a proposal at the next check)
             for k in freed:
                 nxt = draw() if drawn else None
                 drawn = nxt is not None
@@ -510,6 +518,7 @@ class _Population:
         costing compute. On the CPU at once; where FlexAttention is compiled (CUDA) once half the
         slots are free (a new size is a new kernel there, so a population shrinks at most log2(K)
         times)."""
+        self.tick()
         index = torch.tensor(live, device=self.dev)
         self.opt.keep(index)
         self.model.keep_members(live)
@@ -523,6 +532,12 @@ class _Population:
         self.steps = [self.steps[k] for k in live]
         self.K = len(live)
         self.slot_range = torch.arange(self.K, device=self.dev)
+
+    def tick(self) -> None:
+        """Charge the wall time since the last tick to the members training now, in equal shares."""
+        now = time.perf_counter()
+        self.wall_s += (now - self.clock) / self.K
+        self.clock = now
 
     def _free(self, k: int) -> None:
         with torch.no_grad():
@@ -543,7 +558,8 @@ class _Population:
             self.bad_step[k] = 0.0
         self.steps[k] = 0
         self.curves[member] = []
-        self.admitted[member] = (time.perf_counter(), self.train_s, self.eval_s)
+        self.tick()
+        self.admitted[member] = (self.wall_s, self.train_s, self.eval_s)
         self.compute[member] = self._figures(config)
         if self.bud.target_len is None:
             self.compute[member].setdefault(M.PEAK_MEM_MB, self.pop_figures.get(M.PEAK_MEM_MB, math.nan))
@@ -551,20 +567,20 @@ class _Population:
             on_compute(member, dict(self.compute[member]))
 
     def _result(self, k: int, member: int, state: str, reason: str | None, loss: float, steps: int) -> TrialResult:
-        since, train0, eval0 = self.admitted[member]
+        self.tick()
+        wall0, train0, eval0 = self.admitted[member]
         curve = self.curves[member]
         compute = self.compute[member]
         compute.setdefault(M.PEAK_MEM_MB, training_state_mb(self.model) / self.K)  # ended before the memory step
-        K = self.K
         metrics = {
             M.ACCURACY: curve[-1][1] if curve else math.nan,
             **compute,
-            M.TRAIN_SECONDS: (self.train_s - train0) / K,
-            M.EVAL_SECONDS: (self.eval_s - eval0) / K,
-            M.MEASURE_SECONDS: self.measure_s / K,
+            M.TRAIN_SECONDS: self.train_s - train0,
+            M.EVAL_SECONDS: self.eval_s - eval0,
+            M.MEASURE_SECONDS: self.measure_s,
             M.FINAL_LOSS: loss,
             M.STEPS: float(steps),
-            M.WALL_SECONDS: (time.perf_counter() - since) / K,
+            M.WALL_SECONDS: self.wall_s - wall0,
         }
         return TrialResult(config=self.configs[k], metrics=metrics, curve=list(curve), state=state, reason=reason,
                            device=str(self.dev), task=self.task.name)  # fmt: skip
