@@ -162,6 +162,19 @@ CPU_PER_MEMBER = True
 runs, which tests use to check that layout on the CPU)."""
 
 
+Alone = list[tuple[Attend, torch.Tensor, torch.Tensor]]
+"""Per member: its own single-pattern ``attend(q, k, v)`` and rotary cos/sin tables."""
+
+
+def _alone(members: list[AttentionConfig], L: int, device: torch.device, *, backend: str, dropout: bool,
+           training: bool) -> Alone:  # fmt: skip
+    """Each member's single-pattern attention plan (:func:`attention_plan`), the path its trial
+    alone takes, with its rotary tables."""
+    return [(attention_plan(c.pattern, L, causal=c.causal, backend=backend, device=device,
+                            dropout_p=c.attn_dropout if dropout else 0.0, training=training, **c.pattern_params()),
+             *rotary_tables(L, c.head_dim, device=device)) for c in members]  # fmt: skip
+
+
 class _MemberPlan:
     """What attention over several members needs, built once per (length, device, mode) and
     rebuilt when a slot changes: the padded head layout, per-member rotary tables and scales, the
@@ -169,6 +182,23 @@ class _MemberPlan:
 
     def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, backend: str,
                  dropout: bool, layout: tuple[int, int]) -> None:  # fmt: skip
+        # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
+        # no CPU backward for it): evaluation passes
+        rates = [c.attn_dropout for c in members]
+        use_flex = ((device.type == "cuda" and backend == "auto") or backend == "flex") and not (
+            device.type == "cpu" and dropout
+        )
+        use_flex = use_flex and not (dropout and any(rates))  # (FlexAttention has no attention dropout)
+        # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
+        # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
+        # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
+        # materialised scores). Where shapes must stay fixed (CUDA) the padded layout serves all.
+        self.alone: Alone | None = None
+        if device.type == "cpu" and not use_flex and CPU_PER_MEMBER:
+            # (no CPU backward for flex: members train on auto's path)
+            self.alone = _alone(members, L, device, backend="auto" if backend == "flex" else backend,
+                                dropout=dropout, training=dropout)  # fmt: skip
+            return
         C = members[0].d_model
         heads = [c.n_heads for c in members]
         self.H, self.D = layout  # the padded layout: H heads of D channels
@@ -188,25 +218,8 @@ class _MemberPlan:
         self.cos, self.sin = cos[:, None], sin[:, None]  # (K, 1, L, D/2)
         self.scale = torch.tensor([1.0 / math.sqrt(C // h) for h in heads], device=device).view(K, 1, 1, 1)
         self.index = None if all(h == self.H and C // h == D for h in heads) else index.to(device).view(K, 1, 1, C)
-        rates = [c.attn_dropout for c in members]
         self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
-        # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
-        # no CPU backward for it): evaluation passes
-        use_flex = (device.type == "cuda" and backend == "auto") or backend == "flex"
-        if device.type == "cpu" and dropout:
-            use_flex = False
-        self.block_mask = member_block_mask(self.masks) if use_flex and self.attn_p is None else None
-        # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
-        # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
-        # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
-        # materialised scores). Where shapes must stay fixed (CUDA) the padded layout serves all.
-        self.alone: list[tuple[Attend, torch.Tensor, torch.Tensor]] | None = None
-        if device.type == "cpu" and self.block_mask is None and CPU_PER_MEMBER:
-            alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex: it trains on auto's path)
-            self.alone = [(attention_plan(c.pattern, L, causal=c.causal, backend=alone, device=device,
-                                          dropout_p=c.attn_dropout if dropout else 0.0, training=dropout,
-                                          **c.pattern_params()), *rotary_tables(L, c.head_dim, device=device))
-                          for c in members]  # fmt: skip
+        self.block_mask = member_block_mask(self.masks) if use_flex else None
 
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
@@ -225,7 +238,7 @@ class _MemberPlan:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(K, B*H, L, D)`` each, ``q`` already scaled: the member's pattern is row ``member`` of the table."""
-        if self.block_mask is not None and self.attn_p is None:
+        if self.block_mask is not None:
             return _flex(q, k, v, self.block_mask, scale=1.0)
         return _rows_attend(q, k, v, self.masks, self.attn_p, scale=1.0)
 
@@ -280,7 +293,6 @@ class SparseSelfAttention(nn.Module):
 
     def set_member(self, k: int, config: AttentionConfig) -> None:
         self.members[k] = config
-        self.resid_drop.set_member(k, config.dropout)
         self._plans.clear()
 
     def keep_members(self, slots: list[int]) -> None:
@@ -299,13 +311,8 @@ class SparseSelfAttention(nn.Module):
             plan = _MemberPlan(self.members, L, device, backend=self.backend,
                                dropout=self.training and torch.is_grad_enabled(), layout=self.layout)  # fmt: skip
         else:
-            c = self.members[0]
-            attend: Attend = attention_plan(
-                c.pattern, L, causal=c.causal, backend=self.backend, device=device,
-                dropout_p=c.attn_dropout if self.training else 0.0, training=torch.is_grad_enabled(),
-                **c.pattern_params(),
-            )  # fmt: skip
-            plan = (attend, *rotary_tables(L, c.head_dim, device=device))
+            plan = _alone(self.members, L, device, backend=self.backend, dropout=self.training,
+                          training=torch.is_grad_enabled())  # fmt: skip
         self._plans[key] = plan
         return plan
 
@@ -315,20 +322,15 @@ class SparseSelfAttention(nn.Module):
         K, B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (K, B, L, C)
         plan = self._plan(L, x.device)
-        if K == 1:
-            attend, cos, sin = plan
-            H = self.members[0].n_heads
-            q, k, v = (t[0].view(B, L, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            y = attend(q, k, v).transpose(1, 2).reshape(1, B, L, C)  # (1, B, L, C)
-        elif plan.alone is not None:
+        alone = plan if isinstance(plan, list) else plan.alone
+        if alone is not None:  # each member on its own single-pattern path (a trial; the CPU's members)
             ys = []
-            for m, (attend, cos, sin) in enumerate(plan.alone):
+            for m, (attend, cos, sin) in enumerate(alone):
                 h = self.members[m].n_heads
                 qm, km, vm = (t[m].view(B, L, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
                 qm, km = apply_rotary(qm, cos, sin), apply_rotary(km, cos, sin)
                 ys.append(attend(qm, km, vm).transpose(1, 2).reshape(B, L, C))
-            y = torch.stack(ys)  # (K, B, L, C)
+            y = ys[0].unsqueeze(0) if K == 1 else torch.stack(ys)  # (K, B, L, C)
         else:
             H, D = plan.H, plan.D
             q, k, v = (
@@ -352,10 +354,6 @@ class Block(nn.Module):
         self.fc = Linear(K, C, 4 * C)
         self.out = Linear(K, 4 * C, C, std=0.02 / math.sqrt(2 * members[0].n_layers))  # GPT-2's scaled init
         self.mlp_drop = Dropout([c.dropout for c in members])
-
-    def set_member(self, k: int, config: AttentionConfig) -> None:
-        self.attn.set_member(k, config)
-        self.mlp_drop.set_member(k, config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, L, C)
         x = x + self.attn(self.ln1(x))
@@ -429,10 +427,11 @@ class AttentionModel(nn.Module):
         """Put ``config`` in slot ``k`` with its fresh weights (a refilled slot)."""
         assert shape_key(config) == shape_key(self.members[0]), "a refill must share the population's shape"
         self.members[k] = config
-        self.drop.set_member(k, config.dropout)
-        for block in self.blocks:
-            assert isinstance(block, Block)
-            block.set_member(k, config)
+        for module in self.modules():  # every per-member rate and list
+            if isinstance(module, Dropout):
+                module.set_member(k, config.dropout)
+            elif isinstance(module, SparseSelfAttention):
+                module.set_member(k, config)
         self.init_member(k, config.seed)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
