@@ -231,8 +231,8 @@ def default_out(space: str) -> Path:
 
 DEFAULT_POPULATION = {"cpu": 1, "cuda": 16}
 """``--population`` by the device trials run on (README, "Populations"). CPU: 1, because CPU
-training of these models is bound by arithmetic, not launches, and a fused population was slower
-than one-by-one trials in ``benchmarks/gpu_throughput.py`` (0.41x at 4 members). CUDA: 16, where
+training of these models is bound by arithmetic, not launches, and a population was still a little
+slower than one-by-one trials in ``benchmarks/gpu_throughput.py`` (0.94x at 6 members). CUDA: 16, where
 a trial uses a fraction of a percent of the card; not yet measured by that benchmark on a GPU.
 Recorded or user evaluators: 1 (a lookup gains nothing from company, and the strategy would wait
 for whole batches)."""
