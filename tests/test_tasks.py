@@ -30,6 +30,11 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "mqar": {"seq_len": 8, "n_pairs": 2, "n_keys": 4, "n_values": 8},
         "listops": {"seq_len": 8, "max_depth": 2, "max_args": 4, "min_len": 1},
         "selective_copy": {"seq_len": 12, "n_tokens": 2, "n_symbols": 20},
+        "ngram": {"seq_len": 5, "order": 2, "vocab": 5},
+        "delay": {"seq_len": 5, "lag": 2, "vocab": 5},
+        "prefix_key": {"seq_len": 5, "n_keys": 4, "n_symbols": 5},
+        "majority": {"seq_len": 12, "spread": 0.5, "min_pos": 2},
+        "segment_header": {"seq_len": 9, "n_headers": 3, "n_body": 3, "min_seg": 3, "max_seg": 4},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -129,6 +134,48 @@ def test_selective_copy_targets_are_the_data_in_order() -> None:
         assert row[-5:] == [1] * 5
 
 
+def _ngram_rule(x: torch.Tensor, y: torch.Tensor, order: int) -> dict[tuple[int, ...], int]:
+    seen: dict[tuple[int, ...], int] = {}
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[: order - 1] == [IGNORE] * (order - 1)
+        for t in range(order - 1, len(row)):
+            assert seen.setdefault(tuple(row[t - order + 1 : t + 1]), target[t]) == target[t]
+    return seen
+
+
+def test_ngram_labels_are_one_function_of_the_last_tokens() -> None:
+    rule = _ngram_rule(*make_task("ngram", seq_len=64, order=3, vocab=4).data("eval", 200), order=3)
+    assert len(rule) == 4**3 and len(set(rule.values())) > 1  # every context seen, not a constant rule
+    other = _ngram_rule(*make_task("ngram", seq_len=64, order=3, vocab=4, seed=9).data("eval", 200), order=3)
+    assert other == rule, "another data seed draws other sequences under the same rule"
+    changed = _ngram_rule(*make_task("ngram", seq_len=64, order=3, vocab=4, table_seed=1).data("eval", 200), order=3)
+    assert changed != rule
+
+
+def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
+    x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
+    assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
+    x, y = make_task("prefix_key", seq_len=30, n_keys=8, n_symbols=16).data("eval", 20)
+    key = x[:, :1] - 16
+    assert (key >= 0).all() and torch.equal(y[:, 1:], (x[:, 1:] + key) % 16)
+    x, y = make_task("majority", seq_len=30, min_pos=4).data("eval", 20)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:4] == [IGNORE] * 4
+        assert target[4:] == [int(2 * sum(row[: t + 1]) > t + 1) for t in range(4, 30)]
+    task = make_task("segment_header", seq_len=80, n_headers=5, n_body=4)
+    x, y = task.data("eval", 20)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        header = None
+        for t, (tok, lab) in enumerate(zip(row, target, strict=True)):
+            if tok == 0:
+                header = row[t + 1] - 1 if t + 1 < len(row) else None
+                assert lab == IGNORE
+            elif 1 <= tok <= 5:
+                assert row[t - 1] == 0 and lab == IGNORE
+            else:
+                assert lab == (IGNORE if header is None else header)
+
+
 def test_user_task_plugs_in_by_import_path() -> None:
     task = make_task("tests.custom_task:make", seq_len=16, seed=1, unused_kwarg=3)
     assert task.name == "parity" and task.seq_len == 16
@@ -139,7 +186,7 @@ def test_user_task_plugs_in_by_import_path() -> None:
 @pytest.mark.parametrize(
     "spec,kwargs,match",
     [
-        ("mnist", {}, "task 'mnist' is unknown: use one of mqar, listops, selective_copy"),
+        ("mnist", {}, "task 'mnist' is unknown: use one of mqar, listops, selective_copy, ngram"),
         ("mqar", {"length": 5}, "task 'mqar' has no parameter length"),
         ("tests.custom_task:missing", {}, "cannot be imported"),
         ("no_such_module:fn", {}, "cannot be imported"),

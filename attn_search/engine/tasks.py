@@ -357,7 +357,219 @@ class SelectiveCopy(GeneratedTask):
         return x, y
 
 
-TASKS: dict[str, type[GeneratedTask]] = {"mqar": MQAR, "listops": ListOps, "selective_copy": SelectiveCopy}
+@dataclasses.dataclass(frozen=True)
+class NGram(GeneratedTask):
+    """Local n-gram rule: the label at ``t`` is a fixed random function of the last ``order`` tokens.
+
+    Language models spend most attention on the few tokens just before the query (Khandelwal et al.
+    2018, "Sharp Nearby, Fuzzy Far Away", arXiv:1805.04623); this is that regime in its pure form.
+    Tokens are uniform over ``vocab``; the table ``(vocab,) * order -> class`` is drawn from
+    ``table_seed`` (fixed across splits and task seeds, so the rule is one thing to learn). Every
+    position from ``order - 1`` on is scored. A window of ``order`` keys is enough; each extra
+    offset is one more token to tell apart, which is what several heads buy; a dilated window
+    skips the neighbours it needs.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    order: int = 3
+    vocab: int = 8
+    table_seed: int = 0
+
+    name = "ngram"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if self.order < 1 or self.order >= self.seq_len:
+            raise ValueError(f"order={self.order} must lie in [1, seq_len={self.seq_len})")
+        if self.vocab < 2 or self.vocab**self.order > 1 << 20:
+            raise ValueError(
+                f"vocab={self.vocab} with order={self.order} gives a table of {self.vocab**self.order} rows: keep it in [2, 2**20]"
+            )
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        table = np.random.default_rng([self.table_seed, 7]).integers(0, self.vocab, size=self.vocab**self.order)
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len))
+        idx = np.zeros((n, self.seq_len - self.order + 1), dtype=np.int64)
+        for k in range(self.order):  # the token k places back, most significant first
+            idx = idx * self.vocab + x[:, self.order - 1 - k : self.seq_len - k]
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, self.order - 1 :] = table[idx]
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class Delay(GeneratedTask):
+    """Delayed copy: the label at ``t`` is the token ``lag`` positions back.
+
+    A fixed, long offset, as periodic signals have (a season, a bar of music, a line of fixed width):
+    what reaches it is a pattern with the right stride or dilation, or a wide enough window; how
+    many keys a query sees matters less than which. Tokens uniform over ``vocab``; positions
+    ``t >= lag`` are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    lag: int = 24
+    vocab: int = 16
+
+    name = "delay"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lag < self.seq_len:
+            raise ValueError(f"lag={self.lag} must lie in [1, seq_len={self.seq_len})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len))
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, self.lag :] = x[:, : -self.lag]
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixKey(GeneratedTask):
+    """An instruction at the start conditions every position: a Caesar shift read from token 0.
+
+    Position 0 holds one of ``n_keys`` key tokens; every later position holds a symbol ``s`` and is
+    labelled ``(s + key) mod n_symbols``. This is what global tokens are for (a task prefix, a
+    system prompt, BERT's ``[CLS]``): every query must see the first position, however far, and
+    nothing else but itself. Tokens: ``0..n_symbols-1`` symbols, then the keys.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    n_keys: int = 8
+    n_symbols: int = 16
+
+    name = "prefix_key"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.n_symbols + self.n_keys
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.n_symbols
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.n_symbols, size=(n, self.seq_len))
+        key = rng.integers(0, self.n_keys, size=n)
+        x[:, 0] = self.n_symbols + key
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, 1:] = (x[:, 1:] + key[:, None]) % self.n_symbols
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class Majority(GeneratedTask):
+    """Running majority: the label at ``t`` says whether ones outnumber zeros in ``x[0..t]``.
+
+    Aggregation over everything seen so far, which is attention as pooling (a uniform average over
+    the prefix computes it exactly): a window sees only a local majority, right when the sequence
+    leans clearly one way. Each sequence draws its own bias ``p ~ U(0.5 - spread, 0.5 + spread)``
+    and its bits are Bernoulli(p). Positions from ``min_pos`` on are scored (ties count as zero).
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    spread: float = 0.2
+    min_pos: int = 8
+
+    name = "majority"
+    vocab_size = 2
+    n_classes = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.spread <= 0.5:
+            raise ValueError(f"spread={self.spread} must lie in [0, 0.5]")
+        if not 0 <= self.min_pos < self.seq_len:
+            raise ValueError(f"min_pos={self.min_pos} must lie in [0, seq_len={self.seq_len})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        p = rng.uniform(0.5 - self.spread, 0.5 + self.spread, size=(n, 1))
+        x = (rng.random((n, self.seq_len)) < p).astype(np.int64)
+        ones = np.cumsum(x, axis=1)
+        y = (2 * ones > np.arange(1, self.seq_len + 1)).astype(np.int64)
+        y[:, : self.min_pos] = IGNORE
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentHeader(GeneratedTask):
+    """Documents packed into one sequence: every token is labelled with its document's header.
+
+    The sequence is cut into segments of ``min_seg`` to ``max_seg`` tokens (as packed pretraining
+    batches are); each starts with a separator and a header token, and every later token of the
+    segment is labelled with that header. The reach a query needs is its distance to its own
+    segment's start, which varies: nearer headers of other segments must be ignored by content
+    (the separator), not by position. Tokens: 0 separator, ``1..n_headers`` headers, then
+    ``n_body`` body tokens. Classes: the header index.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    n_headers: int = 16
+    n_body: int = 16
+    min_seg: int = 4
+    max_seg: int = 40
+
+    name = "segment_header"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return 1 + self.n_headers + self.n_body
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.n_headers
+
+    def __post_init__(self) -> None:
+        if not 3 <= self.min_seg <= self.max_seg:
+            raise ValueError(f"min_seg={self.min_seg}, max_seg={self.max_seg}: need 3 <= min_seg <= max_seg")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        L = self.seq_len
+        x = 1 + self.n_headers + rng.integers(0, self.n_body, size=(n, L))
+        y = np.full((n, L), IGNORE, dtype=np.int64)
+        for r in range(n):
+            # The first segment began before position 0; its header is unseen, so it is not scored.
+            start = int(rng.integers(0, self.max_seg))
+            while start < L:
+                length = int(rng.integers(self.min_seg, self.max_seg + 1))
+                header = int(rng.integers(0, self.n_headers))
+                x[r, start] = 0
+                if start + 1 < L:
+                    x[r, start + 1] = 1 + header
+                y[r, start + 2 : start + length] = header
+                start += length
+        return x, y
+
+
+TASKS: dict[str, type[GeneratedTask]] = {
+    "mqar": MQAR,
+    "listops": ListOps,
+    "selective_copy": SelectiveCopy,
+    "ngram": NGram,
+    "delay": Delay,
+    "prefix_key": PrefixKey,
+    "majority": Majority,
+    "segment_header": SegmentHeader,
+}
 """Built-in tasks by name."""
 
 DEFAULT_TASK = "mqar"
