@@ -19,5 +19,4 @@ for task in "$@"; do
             sleep 5
         done
     fi
-    fi
 done
