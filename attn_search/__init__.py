@@ -1,7 +1,9 @@
 """attn_search: find accuracy-versus-compute optimal attention configurations by really training a
 small attention model per trial."""
 
+import sys as _sys
 from pathlib import Path as _Path
+from typing import Any as _Any
 
 from attn_search.engine.attention import BACKENDS, choose_backend, sparse_attention
 from attn_search.engine.config import AttentionConfig, load_config
@@ -10,8 +12,6 @@ from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_
 from attn_search.engine.patterns import PATTERNS, block_layout, pattern_density, pattern_mask
 from attn_search.engine.tasks import TASKS, Task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate, evaluate_many
-from attn_search.pareto import hypervolume, pareto_front
-from attn_search.space import SearchSpace, load_space
 
 __version__ = "0.1.0"
 
@@ -25,15 +25,29 @@ if not (_Path(__file__).resolve().parent / "envs").is_dir() and (_clone_root / "
     __path__.append(str(_clone_root))
 
 
-def _register_envs() -> None:
-    from attn_search.envs import register
+# The engine needs torch (and numpy) alone: a CUDA image with nothing else can call
+# evaluate_many. gymnasium, stable-baselines3, optuna and Ray are imported where they are used.
+# The gymnasium env registers when attn_search.envs is imported, and here only if gymnasium is
+# already loaded (``import gymnasium, attn_search`` then ``gym.make(...)`` works as before).
+if _sys.modules.get("gymnasium") is not None:
+    import attn_search.envs  # noqa: F401  (registers attn_search/AttentionSearch-v0)
 
-    register()
+# The search-side names of the top-level API load on first use (PEP 562): yaml, Optuna's
+# neighbours and the report stack stay out of ``import attn_search``.
+_LAZY = {
+    "hypervolume": "attn_search.pareto",
+    "pareto_front": "attn_search.pareto",
+    "SearchSpace": "attn_search.space",
+    "load_space": "attn_search.space",
+}
 
 
-_register_envs()
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        import importlib
 
-# Ray is imported only by the ray backend, when it is used.
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attn_search' has no attribute {name!r}")
 
 __all__ = [
     "BACKENDS",

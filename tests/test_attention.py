@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attn_search import PATTERNS, choose_backend, sparse_attention
 from attn_search.engine.attention import layout_for
@@ -89,8 +90,9 @@ def test_auto_picks_blocked_for_sparse_training_on_cpu_and_reference_for_dense()
     assert choose_backend("window", 128, device="cpu", training=True, window=120) == "reference"
     assert choose_backend("window", 4096, device="cuda", training=True, window=256) == "flex"
     assert choose_backend("bigbird", 256, device="cuda", training=True) == "flex"
-    # CUDA: SDPA's fused kernels apply attention dropout (FlexAttention cannot) and run dense
-    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "reference"
+    # CUDA: attention dropout (DropKey) runs inside FlexAttention's kernel, dense included
+    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "flex"
+    assert choose_backend("dense", 256, device="cuda", training=True, dropout_p=0.1) == "flex"
     assert choose_backend("dense", 4096, device="cuda", training=True, causal=True) == "reference"
     assert choose_backend("dense", 256, device="cpu", training=True, dropout_p=0.1) == "blocked"
     assert choose_backend("dense", 256, device="cpu", training=False, dropout_p=0.1) == "reference"
@@ -110,13 +112,66 @@ def test_blocked_dropout_gradients_are_exact() -> None:
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
-def test_blocked_dropout_drops_and_rescales() -> None:
-    q, k, v = qkv(128, grad=False, B=4, H=4)
-    v = torch.ones_like(v)
-    out = sparse_attention(q, k, v, pattern="window", window=32, backend="blocked", dropout_p=0.5)
-    # rows of P sum to 1, so with v = 1 the output is the kept mass / (1 - p): mean 1, not constant
-    assert out.mean().item() == pytest.approx(1.0, abs=0.05)
-    assert out.std().item() > 0.05
+def _kept_fraction(out_ones: torch.Tensor) -> float:
+    """With q = k = 0 every score is equal, so with v = one-hot keys the output row is the
+    indicator of the keys kept over their number: the kept fraction is mean(out > 0)."""
+    return float((out_ones > 0).float().mean())
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_dropkey_drops_keys_at_the_rate_and_keeps_the_diagonal(backend: str) -> None:
+    L, p = 48, 0.3
+    q = k = torch.zeros(8, 2, L, L)
+    v = torch.eye(L).expand(8, 2, L, L)  # value j is the indicator of key j
+    out = sparse_attention(q, k, v, pattern="dense", backend=backend, tile=16, dropout_p=p)
+    kept = out > 0  # (B, H, L, L): which keys each query kept
+    assert kept.diagonal(dim1=-2, dim2=-1).all(), "a query's own key is never dropped"
+    off = ~torch.eye(L, dtype=torch.bool)
+    assert kept[..., off].float().mean().item() == pytest.approx(1 - p, abs=0.01)
+    # the kept keys share the softmax: rows sum to 1 (renormalised, not rescaled by 1/(1-p))
+    torch.testing.assert_close(out.sum(-1), torch.ones(8, 2, L))
+    # only keys the pattern allows are ever kept, and a fresh call draws fresh drops
+    causal = sparse_attention(q, k, v, pattern="dense", causal=True, backend=backend, tile=16, dropout_p=p)
+    assert not (causal > 0).triu(1).any()
+    again = sparse_attention(q, k, v, pattern="dense", backend=backend, tile=16, dropout_p=p)
+    assert not torch.equal(again > 0, kept)
+
+
+def test_the_dropkey_hash_is_uniform_and_independent_across_its_indices() -> None:
+    from attn_search.engine.attention import hash_uniform
+
+    idx = torch.arange(64)
+    u = hash_uniform(torch.tensor(7), idx[:, None, None, None], idx[None, :4, None, None], idx[None, None, :, None],
+                     idx[None, None, None, :])  # fmt: skip  # (64, 4, 64, 64)
+    assert u.min() >= 0 and u.max() < 1
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert (u < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    flat = u.flatten()
+    # neighbours along every index are uncorrelated
+    for dim in range(4):
+        a, b = u.narrow(dim, 0, u.shape[dim] - 1), u.narrow(dim, 1, u.shape[dim] - 1)
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01, dim
+    assert len(torch.unique(flat)) > 0.95 * len(flat)  # 2**24 levels: ~3% of 2**20 draws collide by chance
+    assert not torch.equal(
+        u[0], hash_uniform(torch.tensor(8), idx[0], idx[:4, None, None], idx[None, :, None], idx[None, None, :])
+    )
+
+
+def test_dropkey_score_mod_matches_its_dense_mask(eager_flex: None) -> None:
+    """The FlexAttention path (CUDA's) drops exactly the keys its hash says, per member."""
+    from attn_search.engine.attention import _flex, dropkey_score_mod, hash_uniform, member_block_mask
+
+    K, BH, L, D = 3, 4, 32, 16
+    q, k, v = (torch.randn(K, BH, L, D) for _ in range(3))
+    masks = torch.ones(K, L, L, dtype=torch.bool).tril()
+    rates, seed = torch.tensor([0.0, 0.2, 0.5]), torch.tensor(11)
+    out = _flex(q, k, v, member_block_mask(masks), score_mod=dropkey_score_mod(rates, seed, per_batch=True))
+    b, h, i, j = (torch.arange(n).view(*([1] * a), n, *([1] * (3 - a))) for a, n in enumerate((K, BH, L, L)))
+    keep = ~((hash_uniform(seed, b, h, i, j) < rates.view(K, 1, 1, 1)) & (i != j)) & masks[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    dropped = (~keep & masks[:, None]).flatten(1).float().sum(1) / masks[:, None].expand_as(keep).flatten(1).sum(1)
+    assert dropped[0] == 0 and 0.1 < dropped[1] < 0.3 and 0.4 < dropped[2] < 0.6
 
 
 def test_layout_is_cached_per_shape() -> None:
@@ -195,7 +250,15 @@ def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest
 
     seen: list[tuple[int, float | None]] = []
 
-    def fake_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: object, scale: float | None = None):  # type: ignore[no-untyped-def]
+    def fake_flex(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        block_mask: object,
+        scale: float | None = None,
+        score_mod: object = None,
+    ):  # type: ignore[no-untyped-def]
         seen.append((q.shape[-1], scale))
         return v
 

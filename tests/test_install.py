@@ -82,3 +82,33 @@ def test_the_installed_package_ships_the_meta_trained_agent(venv: Path, tmp_path
     assert "sparse-ppo.zip, meta-trained on mqar-128" in line
     info = (tmp_path / "run" / "agent.json").read_text()
     assert '"tables"' in info and (tmp_path / "run" / "agent.zip").stat().st_size > 0
+
+
+_BLOCKED = ("gymnasium", "stable_baselines3", "optuna", "ray", "pandas", "yaml", "matplotlib", "plotly")
+
+
+def test_the_engine_imports_and_trains_with_torch_alone() -> None:
+    # A CUDA image with torch (and numpy) and nothing else: every other package is blocked, so an
+    # import of one anywhere on the path from `import attn_search` to evaluate_many fails here.
+    code = (
+        "import sys\n"
+        f"for m in {_BLOCKED!r}: sys.modules[m] = None\n"
+        "import attn_search\n"
+        "from attn_search import AttentionConfig, evaluate, evaluate_many\n"
+        "cfgs = [AttentionConfig(pattern='window', window=8, attn_dropout=0.05),"
+        " AttentionConfig(pattern='dense', n_heads=4)]\n"
+        "rs = evaluate_many(cfgs, 'mqar', budget=3, task_kwargs={'seq_len': 32, 'n_pairs': 4}, device='cpu')\n"
+        "r = evaluate(cfgs[0], 'ngram', budget=2, task_kwargs={'seq_len': 16}, device='cpu')\n"
+        "assert [x.state for x in rs + [r]] == ['complete'] * 3\n"
+        "print(sorted(m for m in " + repr(_BLOCKED) + " if sys.modules.get(m) is not None))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_importing_gymnasium_first_registers_the_env() -> None:
+    code = "import gymnasium, attn_search\nprint('attn_search/AttentionSearch-v0' in gymnasium.registry)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"

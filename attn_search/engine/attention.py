@@ -1,9 +1,7 @@
 """Sparse attention backends that compute the same function.
 
 * ``reference``: dense ``scaled_dot_product_attention`` with the pattern's boolean mask (or
-  ``is_causal`` for dense causal). The ground truth every other backend is tested against, and on
-  CUDA the path for attention dropout: SDPA applies ``dropout_p`` inside its fused kernels
-  (memory-efficient attention with a mask, flash attention for dense causal).
+  ``is_causal`` for dense causal). The ground truth every other backend is tested against.
 * ``blocked``: block-sparse. Queries and keys are cut into tiles; for each query tile only the key
   tiles the pattern touches are gathered and computed (see :class:`~attn_search.engine.patterns.BlockLayout`).
   A hand-written autograd function, so it trains on CPU and GPU, under autocast too (it computes
@@ -13,17 +11,25 @@
   Compiled; trains on CUDA. On CPU it runs forward only (PyTorch has no CPU backward for it). Head
   dims below 16 (which its kernels refuse) are zero-padded to 16 with the scale of the true head
   dim, which is exact: padded channels add 0 to every score and produce discarded output columns.
-* ``auto``: on CUDA ``flex`` for sparse patterns, ``reference`` (SDPA's flash kernel) for dense,
-  and ``reference`` when training with attention dropout (FlexAttention has none: PyTorch issue
-  141784). On CPU ``blocked`` when training with attention dropout; otherwise ``blocked`` when the
-  layout skips enough tiles to pay for its gathers, else ``reference``.
+* ``auto``: on CUDA ``flex`` for sparse patterns and whenever attention dropout trains,
+  ``reference`` (SDPA's flash kernel) for dense without it. On CPU ``blocked`` when training with
+  attention dropout; otherwise ``blocked`` when the layout skips enough tiles to pay for its
+  gathers, else ``reference``.
+
+Attention dropout is DropKey (Li et al., CVPR 2023, arXiv:2304.05939) on every backend: each key
+but the query's own is dropped from a query's softmax with probability ``p`` (its score set to
+``-inf`` before the softmax, which renormalises over the keys kept; nothing is rescaled). It is a
+different regulariser from dropout on the probabilities after the softmax, chosen because it can
+live inside a fused kernel: FlexAttention has no attention dropout (PyTorch issue 141784), but a
+``score_mod`` can drop a score, so on CUDA the drop is a counter-based hash of (seed, batch, head,
+query, key) evaluated in the kernel (:func:`dropkey_score_mod`) and no mask or score tensor is
+ever stored. The CPU's blocked kernel draws the same Bernoulli(p) drops from torch's generator.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -147,14 +153,12 @@ class _BlockSparseAttention(torch.autograd.Function):
             s = torch.matmul(qi, kg.transpose(-1, -2))  # (hb, nt, T, W*T)
             if bucket.bias is not None:
                 s.add_(bucket.bias[t0:t1].to(device=dev, dtype=s.dtype))
+            if dropout_p > 0:  # DropKey: scores dropped before the softmax, a query's own key kept
+                drop = ~dropout_mask(s, dropout_p) & ~_tile_diagonal(bucket, t0, t1, T, dev)
+                s.masked_fill_(drop, float("-inf"))
             p = torch.softmax(s, dim=-1, dtype=_acc(s.dtype)).to(s.dtype)  # at least float32 inside
             del s
-            keep = None
-            if dropout_p > 0:
-                keep = dropout_mask(p, dropout_p)
-                o = torch.matmul(p.masked_fill(~keep, 0.0), vg).mul_(1.0 / (1.0 - dropout_p))
-            else:
-                o = torch.matmul(p, vg)  # (hb, nt, T, D)
+            o = torch.matmul(p, vg)  # (hb, nt, T, D)
             if isinstance(q_sel, slice):
                 out[h0:h1, q_sel] = o
             else:
@@ -162,10 +166,10 @@ class _BlockSparseAttention(torch.autograd.Function):
             if needs_grad:  # inference keeps no score-sized buffers alive
                 # Gathered key/value tiles are not kept: re-gathering them in backward costs ~1% of
                 # the step and saves W copies of K and V per chunk.
+                # (dropped keys have P = 0, so the backward needs no mask of its own)
                 meta.append((h0, h1, q_sel if isinstance(q_sel, slice) else None))
-                tensors += [None if isinstance(q_sel, slice) else q_sel, p, flat, keep]
+                tensors += [None if isinstance(q_sel, slice) else q_sel, p, flat]
         ctx.meta = meta
-        ctx.dropout_p = dropout_p
         ctx.save_for_backward(out, qt, kt, vt, *tensors)
         return out
 
@@ -180,7 +184,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         dk = torch.zeros_like(dout)
         dv = torch.zeros_like(dout)
         for c, (h0, h1, sl) in enumerate(ctx.meta):
-            q_ids, p, flat, keep = tensors[4 * c : 4 * c + 4]
+            q_ids, p, flat = tensors[3 * c : 3 * c + 3]
             q_sel = sl if sl is not None else q_ids
             if isinstance(q_sel, slice):
                 qi, do, dl = qt[h0:h1, q_sel], dout[h0:h1, q_sel], delta[h0:h1, q_sel]
@@ -191,12 +195,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             kg = kt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)  # (hb, nt, W*T, D)
             vg = vt[h0:h1].index_select(1, flat).view(h1 - h0, nt, -1, D)
             dp = torch.matmul(do, vg.transpose(-1, -2))  # (hb, nt, T, W*T)
-            if keep is not None:
-                scale = 1.0 / (1.0 - ctx.dropout_p)
-                dp.masked_fill_(~keep, 0.0).mul_(scale)
-                dv_g = torch.matmul(p.masked_fill(~keep, 0.0).transpose(-1, -2), do).mul_(scale)
-            else:
-                dv_g = torch.matmul(p.transpose(-1, -2), do)  # (hb, nt, W*T, D)
+            dv_g = torch.matmul(p.transpose(-1, -2), do)  # (hb, nt, W*T, D)
             # dS = P * (dP - delta), in place; for bf16/fp16 inputs the difference of two near-equal
             # terms is taken in float32
             ds = dp.sub_(dl).mul_(p) if dp.dtype == acc else dp.to(acc).sub_(dl).mul_(p).to(dp.dtype)
@@ -209,6 +208,16 @@ class _BlockSparseAttention(torch.autograd.Function):
             dk[h0:h1].index_add_(1, flat, dk_g.view(h1 - h0, -1, T, D))
             dv[h0:h1].index_add_(1, flat, dv_g.view(h1 - h0, -1, T, D))
         return dq, dk, dv, None, None
+
+
+def _tile_diagonal(bucket: Any, t0: int, t1: int, T: int, dev: torch.device) -> torch.Tensor:
+    """``(nt, T, W*T)`` boolean: where a gathered key is the query itself (DropKey never drops it,
+    so no query's row is ever empty)."""
+    q_blocks = bucket.q_blocks[t0:t1].to(dev)  # (nt,)
+    kv_blocks = bucket.kv_blocks[t0:t1].to(dev)  # (nt, W)
+    same = (kv_blocks == q_blocks[:, None])[:, None, :, None]  # (nt, 1, W, 1)
+    eye = torch.eye(T, dtype=torch.bool, device=dev)[None, :, None, :]  # (1, T, 1, T)
+    return (same & eye).reshape(len(q_blocks), T, -1)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -335,10 +344,15 @@ def member_block_mask(masks: torch.Tensor) -> Any:
 
 
 def _flex(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Any,
+    scale: float | None = None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """FlexAttention with ``block_mask`` (``scale`` default ``1/sqrt(head dim)``); head dims below
-    16 zero-padded (exact, see below)."""
+    """FlexAttention with ``block_mask`` (``scale`` default ``1/sqrt(head dim)``) and an optional
+    ``score_mod`` (DropKey); head dims below 16 zero-padded (exact, see below)."""
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -349,13 +363,68 @@ def _flex(
         q, k, v = q.detach(), k.detach(), v.detach()
     D = q.shape[-1]
     if D >= FLEX_MIN_HEAD_DIM:
-        return _flex_fn()(q, k, v, block_mask=block_mask, scale=scale)
+        return _flex_fn()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     # FlexAttention's kernels need head dim >= 16: zero channels change no score (q . k is the same)
     # and give zero output columns, which are cut off; the scale stays that of the true head dim.
     pad = FLEX_MIN_HEAD_DIM - D
     q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # (B, H, L, 16)
-    out = _flex_fn()(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(D) if scale is None else scale)
+    out = _flex_fn()(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                     scale=1.0 / math.sqrt(D) if scale is None else scale)  # fmt: skip
     return out[..., :D]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit finaliser (murmur3's fmix32) on int64 tensors holding values in ``[0, 2**32)``:
+    products stay below 2**63 and every step is masked back to 32 bits, so eager torch, Inductor's
+    C++ and Triton give the same bits (no signed overflow anywhere)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(
+    seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
+    """A uniform draw in ``[0, 1)`` per ``(seed, b, h, q, kv)``, pointwise and stateless (a counter-
+    based generator, as Philox is), so a FlexAttention ``score_mod`` can draw DropKey's drops inside
+    its kernel and its backward redraws the same ones. Arguments broadcast; all are integers."""
+    x = _mix32((seed.to(torch.int64) & _M32) ^ 0x9E3779B9)
+    for part in (b, h, q, kv):  # chained, so that no two index tuples share a stream
+        x = _mix32((x + (part.to(torch.int64) & _M32) * 0x27D4EB2F) & _M32)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def dropkey_score_mod(rates: torch.Tensor, seed: torch.Tensor, *, per_batch: bool) -> Callable[..., torch.Tensor]:
+    """FlexAttention ``score_mod`` of DropKey: score ``(b, h, q, kv)`` becomes ``-inf`` with
+    probability ``rates[b]`` (``per_batch``: the batch index is a population's member) or
+    ``rates[0]``, never on the diagonal. ``rates`` and the 0-dim ``seed`` are captured tables on the
+    query's device, read with scalar indices; a caller advances ``seed`` in place each step, so the
+    compiled kernel (and a captured CUDA graph) stays the same."""
+
+    def score_mod(
+        score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        p = rates[b] if per_batch else rates[0]
+        drop = (hash_uniform(seed, b, h, q, kv) < p) & (q != kv)
+        return torch.where(drop, float("-inf"), score)
+
+    return score_mod
+
+
+def dropkey_mask(shape: tuple[int, ...], p: torch.Tensor | float, *, device: torch.device | str) -> torch.Tensor:
+    """Boolean ``(..., L, L)`` mask of the keys DropKey keeps, drawn from torch's generator (the
+    dense paths): each off-diagonal entry is dropped with probability ``p`` (a float, or per leading
+    row ``(K,)``)."""
+    L = shape[-1]
+    u = torch.rand(shape, device=device)
+    if isinstance(p, torch.Tensor):
+        p = p.view(-1, *([1] * (len(shape) - 1)))
+    return (u >= p) | torch.eye(L, dtype=torch.bool, device=device)
 
 
 def choose_backend(
@@ -371,9 +440,9 @@ def choose_backend(
     """The backend ``auto`` resolves to for these arguments (see module docstring)."""
     dev = torch.device(device).type
     if dev == "cuda":
-        if (training and dropout_p > 0) or pattern == "dense":
-            return "reference"  # SDPA's fused kernels: dropout inside them; flash attention for dense
-        return "flex"
+        if training and dropout_p > 0:
+            return "flex"  # DropKey inside the kernel (dense too): no score or mask is stored
+        return "reference" if pattern == "dense" else "flex"  # flash attention for dense
     if training and dropout_p > 0:
         # SDPA with dropout falls back to its math path and a Bernoulli draw per score on CPU,
         # several times slower than the blocked path's threshold mask, whatever the density.
@@ -403,7 +472,8 @@ def sparse_attention(
         pattern: one of :data:`~attn_search.engine.patterns.PATTERNS`.
         causal: also drop keys after the query.
         backend: ``auto``, ``reference``, ``blocked`` or ``flex`` (see module docstring).
-        dropout_p: dropout on the attention probabilities (``flex`` does not support it).
+        dropout_p: DropKey's rate (see the module docstring): each key but the query's own is
+            dropped from a query's softmax with this probability.
         tile: tile size of the ``blocked`` backend (default :data:`DEFAULT_TILE`, capped at the
             sequence length rounded up to a power of two).
         **params: the pattern's parameters (``window``, ``dilation``, ``stride``, ``block_size``,
@@ -452,16 +522,30 @@ def attention_plan(
         backend = choose_backend(pattern, seq_len, device=dev, training=training, dropout_p=dropout_p, causal=causal,
                                  **p)  # fmt: skip
     if backend == "reference":
+        if dropout_p > 0:  # DropKey as a drawn mask (the dense reference materialises it)
+            mask = _cached_mask(key, str(dev))
+            return lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask & dropkey_mask((*q.shape[:2], seq_len, seq_len), dropout_p, device=q.device)
+            )
         if pattern == "dense":
-            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         mask = _cached_mask(key, str(dev))
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "blocked":
         if tile is not None and tile < 1:
             raise ValueError(f"tile={tile} is invalid: it must be >= 1")
         layout = _cached_layout(key, tile or min(DEFAULT_TILE, _pow2_at_least(seq_len)))
         return lambda q, k, v: _blocked(q, k, v, layout, dropout_p)
-    if dropout_p > 0:
-        warnings.warn("backend='flex' ignores attention dropout", stacklevel=3)
     block_mask = _cached_block_mask(key, str(dev))
+    if dropout_p > 0:
+        # the seed starts from torch's generator (a trial's seed fixes it) and advances in place
+        seed = torch.randint(0, 2**31 - 1, (), device=dev)
+        rates = torch.tensor([dropout_p], device=dev)
+        score_mod = dropkey_score_mod(rates, seed, per_batch=False)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            seed.add_(1)
+            return _flex(q, k, v, block_mask, score_mod=score_mod)
+
+        return attend
     return lambda q, k, v: _flex(q, k, v, block_mask)

@@ -48,7 +48,9 @@ class AttentionConfig:
     dropout: float = 0.0
     """Dropout on embeddings, attention output and MLP output."""
     attn_dropout: float = 0.0
-    """Dropout on attention probabilities."""
+    """Attention dropout as DropKey (Li et al. 2023): each key but the query's own is dropped from
+    the query's softmax with this probability, before the softmax (not dropout on the
+    probabilities after it), on every device; on CUDA inside the fused kernel."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices (not on biases, norms or embeddings)."""
     label_smoothing: float = 0.0

@@ -37,6 +37,8 @@ from attn_search.engine.attention import (
     _flex,
     _key,
     attention_plan,
+    dropkey_mask,
+    dropkey_score_mod,
     dropout_mask,
     member_block_mask,
 )
@@ -185,10 +187,10 @@ class _MemberPlan:
         # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
         # no CPU backward for it): evaluation passes
         rates = [c.attn_dropout for c in members]
+        # (attention dropout is DropKey inside the kernel: it does not turn the fused path off)
         use_flex = ((device.type == "cuda" and backend == "auto") or backend == "flex") and not (
             device.type == "cpu" and dropout
         )
-        use_flex = use_flex and not (dropout and any(rates))  # (FlexAttention has no attention dropout)
         # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
         # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
         # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
@@ -220,6 +222,10 @@ class _MemberPlan:
         self.index = None if all(h == self.H and C // h == D for h in heads) else index.to(device).view(K, 1, 1, C)
         self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
         self.block_mask = member_block_mask(self.masks) if use_flex else None
+        self.score_mod = None
+        if self.block_mask is not None and self.attn_p is not None:
+            self.seed = torch.randint(0, 2**31 - 1, (), device=device)  # advanced in place each step
+            self.score_mod = dropkey_score_mod(self.attn_p, self.seed, per_batch=True)
 
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
@@ -239,22 +245,22 @@ class _MemberPlan:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(K, B*H, L, D)`` each, ``q`` already scaled: the member's pattern is row ``member`` of the table."""
         if self.block_mask is not None:
-            return _flex(q, k, v, self.block_mask, scale=1.0)
+            if self.score_mod is not None:
+                self.seed.add_(1)
+            return _flex(q, k, v, self.block_mask, scale=1.0, score_mod=self.score_mod)
         return _rows_attend(q, k, v, self.masks, self.attn_p, scale=1.0)
 
 
 def _rows_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, attn_p: torch.Tensor | None,
                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of ``(K, BH, L, D)`` inputs where member ``k`` sees row ``k`` of ``masks`` ``(K, L, L)``
-    and drops attention with rate ``attn_p[k]`` (``None``: no member drops)."""
+    and drops keys (DropKey) with rate ``attn_p[k]`` (``None``: no member drops). The dense path of
+    the padded layout where FlexAttention cannot run (the CPU): its masks are materialised."""
     if attn_p is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, None], scale=scale)  # mask (K, 1, L, L)
-    # no fused kernel takes a dropout rate per batch row: scores are materialised
-    s = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    s = s.masked_fill(~masks[:, None], float("-inf"))  # (K, BH, L, L)
-    a = torch.softmax(s.float(), dim=-1).to(q.dtype)
-    keep = torch.rand_like(a) >= _per_member(attn_p, a)
-    return torch.matmul(a * keep / _per_member(1.0 - attn_p, a).to(a.dtype), v)
+    K, BH, L, _ = q.shape
+    keep = masks[:, None] & dropkey_mask((K, BH, L, L), attn_p, device=q.device)  # (K, BH, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
 
 
 class SparseSelfAttention(nn.Module):
