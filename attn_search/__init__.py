@@ -49,6 +49,7 @@ def __getattr__(name: str) -> _Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attn_search' has no attribute {name!r}")
 
+
 __all__ = [
     "BACKENDS",
     "PATTERNS",

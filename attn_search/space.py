@@ -115,6 +115,19 @@ class SearchSpace:
         metric = M.COMPUTE_OBJECTIVES[compute]
         return dataclasses.replace(self, objectives=(*acc, (metric, M.DIRECTIONS[metric])))
 
+    def head_range(self) -> tuple[int, int] | None:
+        """The (fewest, most) heads a configuration of this space can have (``None``: unknown), so a
+        population's attention layout can be sized for every refill from the start."""
+        by_name = {p.name: p for p in self.params}
+        if "n_heads" in by_name:
+            p = by_name["n_heads"]
+            values = [int(v) for v in p.choices] if p.kind == "categorical" else [int(p.low), int(p.high)]  # type: ignore[arg-type]
+            d_models = [int(self.fixed.get("d_model", 64))]
+            return (min(values), max(values)) if all(d % max(values) == 0 for d in d_models) else None
+        if "n_heads" in self.fixed:
+            return (int(self.fixed["n_heads"]),) * 2
+        return None
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask an Optuna trial (define-by-run) for every active parameter, in order."""
         values: dict[str, Any] = {}

@@ -330,3 +330,103 @@ def test_one_time_limit_covers_every_population_of_a_call() -> None:
     a, b = evaluate_many([first, wide], "mqar", budget=budget, task_kwargs=TASK, device="cpu")
     assert "time limit" in str(a.reason) and 1 < a.metrics["steps"] < 100_000
     assert "time limit" in str(b.reason) and b.metrics["steps"] == 1
+
+
+@pytest.mark.parametrize("heads", [(2, 8), None], ids=["range-known", "range-unknown"])
+def test_refills_outside_the_first_head_counts_compile_nothing_when_the_range_is_known(
+    flex_compiles: dict[str, int], heads: tuple[int, int] | None
+) -> None:
+    """A population whose first members all have 4 heads, refilled with a 2- and an 8-head member:
+    told the space's head range (``heads=(2, 8)``, what a search passes), its padded layout starts
+    that wide and the refills' first rungs compile nothing; without the range the layout grows to
+    8 heads and that pass compiles again (which is why the search passes the range)."""
+    compiles = flex_compiles
+    first = [c.replace(n_heads=4) for c in member_configs()[:3]]
+    queue = [first[0].replace(n_heads=2, seed=20), first[1].replace(n_heads=8, seed=21)]
+    rungs: dict[tuple[int, int], int] = {}
+
+    def reporter(member: int, step: int, accuracy: float) -> bool:
+        rungs[member, step] = compiles["n"]
+        return member == 0
+
+    evaluate_many(first, "mqar", budget=Budget(steps=4, rungs=2, n_eval=16, latency_batch=2), task_kwargs=TASK,
+                  device="cpu", backend="flex", reporter=reporter, refill=lambda: queue.pop(0) if queue else None,
+                  heads=heads)  # fmt: skip
+    assert not queue
+    first_rung = rungs[0, 2]
+    assert first_rung > 0
+    # members 3 (2 heads) and 4 (8 heads) are the refills; their first rungs ran before any shrink
+    if heads is not None:
+        assert rungs[3, 2] == rungs[4, 2] == first_rung, rungs
+    else:
+        assert rungs[4, 2] > first_rung, rungs
+
+
+def _tensors(obj: object) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in vars(obj).items() if isinstance(t, torch.Tensor)}
+
+
+def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA graph or compiled kernel captured stays valid across refills: the padded layout's
+    tables (masks, rotary, scales, channel index, DropKey rates) and the BlockMask's tensors keep
+    their storage, the plan objects stay cached, and the refilled member computes exactly what its
+    configuration alone computes (so the in-place update wrote the right rows)."""
+    from attn_search.engine import model as model_module
+    from attn_search.engine.model import _BLOCK_MASK_TENSORS, _MemberPlan
+
+    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)
+    monkeypatch.setattr(trainer_module, "SYNC_EVERY", 50)
+    configs = [c.replace(attn_dropout=0.1 * (i % 2)) for i, c in enumerate(member_configs()[:4])]
+    task = make_task("mqar", **TASK)
+    model = build_model(configs, task, heads=(2, 8), backend="flex")
+    x, y = task.data("train", 4)
+    xs = x.unsqueeze(0).expand(len(configs), -1, -1)
+    member_losses(model(xs), y.unsqueeze(0).expand_as(xs), 0.0).sum().backward()  # the training plan
+    model.eval()
+    with torch.no_grad():
+        model(xs)  # the evaluation plan, FlexAttention's BlockMask
+    attn = model.blocks[0].attn
+    plans = dict(attn._plans)
+    assert len(plans) == 2 and all(isinstance(p, _MemberPlan) for p in plans.values())
+
+    def pointers() -> dict[str, int]:
+        out = {}
+        for key, plan in plans.items():
+            out |= {f"{key}.{n}": t.data_ptr() for n, t in _tensors(plan).items()}
+            if plan.block_mask is not None:
+                out |= {f"{key}.bm.{n}": getattr(plan.block_mask, n).data_ptr() for n in _BLOCK_MASK_TENSORS
+                        if getattr(plan.block_mask, n) is not None}  # fmt: skip
+        return out
+
+    before = pointers()
+    assert any(".bm." in k for k in before) and any("attn_p" in k for k in before)
+    new = configs[1].replace(pattern="bigbird", n_heads=8, seed=33, attn_dropout=0.05)  # other heads, pattern
+    model.set_member(1, new)
+    assert attn._plans == plans, "a refill inside the layout rebuilds no plan"
+    assert pointers() == before
+    with torch.no_grad():
+        out = model(xs)[1]
+        alone = build_model(new, task).eval()(x)
+    assert torch.allclose(out, alone, atol=2e-6), (out - alone).abs().max()
+
+
+def test_a_training_step_rebinds_no_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step updates the population's and the optimiser's state in place: the same tensor objects
+    (and storage) before and after, which capturing the step as a CUDA graph requires."""
+    from attn_search.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)
+    configs = member_configs()[:3]
+    task = make_task("mqar", **TASK)
+    pop = trainer_module._Population(list(enumerate(configs)), task, Budget(steps=5, rungs=1, n_eval=8), torch.device("cpu"),
+                                     "auto", heads=(2, 8))  # fmt: skip
+    pop.train_step()  # the first step allocates the gradients and builds the plan
+    owners = {"population": pop, "optimiser": pop.opt}
+    before = {f"{o}.{n}": (t, t.data_ptr()) for o, obj in owners.items() for n, t in _tensors(obj).items()}
+    steps = pop.step_of.clone()
+    pop.train_step()
+    after = {f"{o}.{n}": (t, t.data_ptr()) for o, obj in owners.items() for n, t in _tensors(obj).items()}
+    assert after.keys() == before.keys()
+    moved = [k for k in before if after[k][0] is not before[k][0] or after[k][1] != before[k][1]]
+    assert not moved, moved
+    assert torch.equal(pop.step_of, steps + 1)  # (the step did run and updated the state it kept)

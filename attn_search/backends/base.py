@@ -314,6 +314,7 @@ class TrialRunner:
             evaluate_many(
                 list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
                 task_kwargs=self.task_kwargs, on_compute=on_compute, refill=refill, on_result=on_result,
+                heads=self.space.head_range(),
             )  # fmt: skip
         except Exception as exc:
             left = [i for i in ids if outcomes[i] is None]

@@ -177,6 +177,13 @@ def _alone(members: list[AttentionConfig], L: int, device: torch.device, *, back
              *rotary_tables(L, c.head_dim, device=device)) for c in members]  # fmt: skip
 
 
+_BLOCK_MASK_TENSORS = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)  # fmt: skip
+"""A BlockMask's tensors: a refill copies its member's new blocks into them."""
+
+
 class _MemberPlan:
     """What attention over several members needs, built once per (length, device, mode) and
     rebuilt when a slot changes: the padded head layout, per-member rotary tables and scales, the
@@ -196,30 +203,25 @@ class _MemberPlan:
         # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
         # materialised scores). Where shapes must stay fixed (CUDA) the padded layout serves all.
         self.alone: Alone | None = None
+        self.L, self.device, self.dropout = L, device, dropout
+        self.backend_alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex)
         if device.type == "cpu" and not use_flex and CPU_PER_MEMBER:
-            # (no CPU backward for flex: members train on auto's path)
-            self.alone = _alone(members, L, device, backend="auto" if backend == "flex" else backend,
-                                dropout=dropout, training=dropout)  # fmt: skip
+            self.alone = _alone(members, L, device, backend=self.backend_alone, dropout=dropout, training=dropout)
             return
         C = members[0].d_model
         heads = [c.n_heads for c in members]
         self.H, self.D = layout  # the padded layout: H heads of D channels
+        self.L, self.device, self.dropout = L, device, dropout
         K, D = len(members), self.D
-        self.masks = torch.stack([_cached_mask(_key(c.pattern, L, c.causal, resolve_params(c.pattern,
-                                  **c.pattern_params())), str(device)) for c in members])  # (K, L, L)  # fmt: skip
-        cos = torch.ones(K, L, D // 2, device=device)
-        sin = torch.zeros(K, L, D // 2, device=device)
-        index = torch.empty(K, C, dtype=torch.long)
-        for k, h in enumerate(heads):
-            d = C // h
-            cos[k, :, : d // 2], sin[k, :, : d // 2] = rotary_tables(L, d, device=device)
-            # member channel head*d + j -> padded channel head*D + j (first half) or + D/2 (second half)
-            j = torch.arange(d)
-            slot = torch.where(j < d // 2, j, j - d // 2 + D // 2)
-            index[k] = (torch.arange(h)[:, None] * D + slot[None]).flatten()
-        self.cos, self.sin = cos[:, None], sin[:, None]  # (K, 1, L, D/2)
-        self.scale = torch.tensor([1.0 / math.sqrt(C // h) for h in heads], device=device).view(K, 1, 1, 1)
-        self.index = None if all(h == self.H and C // h == D for h in heads) else index.to(device).view(K, 1, 1, C)
+        self.masks = torch.empty(K, L, L, dtype=torch.bool, device=device)
+        self.cos = torch.empty(K, 1, L, D // 2, device=device)  # (K, 1, L, D/2)
+        self.sin = torch.empty(K, 1, L, D // 2, device=device)
+        self.scale = torch.empty(K, 1, 1, 1, device=device)
+        self.index = torch.empty(K, 1, 1, C, dtype=torch.long, device=device)
+        for k, c in enumerate(members):
+            self._fill(k, c)
+        # (one head count filling the layout: no spreading; a refill with another rebuilds the plan)
+        self.spreads = not all(h == self.H and C // h == D for h in heads)
         self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
         self.block_mask = member_block_mask(self.masks) if use_flex else None
         self.score_mod = None
@@ -227,9 +229,49 @@ class _MemberPlan:
             self.seed = torch.randint(0, 2**31 - 1, (), device=device)  # advanced in place each step
             self.score_mod = dropkey_score_mod(self.attn_p, self.seed, per_batch=True)
 
+    def _fill(self, k: int, c: AttentionConfig) -> None:
+        """Slot ``k``'s rows of every table, written in place."""
+        L, D, C, h = self.L, self.D, c.d_model, c.n_heads
+        d = C // h
+        key = _key(c.pattern, L, c.causal, resolve_params(c.pattern, **c.pattern_params()))
+        self.masks[k].copy_(_cached_mask(key, str(self.device)))
+        cos, sin = rotary_tables(L, d, device=self.device)
+        self.cos[k].fill_(1.0)
+        self.sin[k].fill_(0.0)
+        self.cos[k, 0, :, : d // 2], self.sin[k, 0, :, : d // 2] = cos, sin
+        self.scale[k].fill_(1.0 / math.sqrt(d))
+        # member channel head*d + j -> padded channel head*D + j (first half) or + D/2 (second half)
+        j = torch.arange(d)
+        slot = torch.where(j < d // 2, j, j - d // 2 + D // 2)
+        self.index[k].copy_((torch.arange(h)[:, None] * D + slot[None]).flatten().view(1, 1, C))
+
+    def set_member(self, k: int, c: AttentionConfig) -> bool:
+        """Refill slot ``k`` in place, so every tensor keeps its storage (``data_ptr``) and a
+        captured step or compiled kernel stays valid. ``False`` where the plan cannot hold ``c``
+        (another head layout, attention dropout where none was planned): the caller rebuilds it."""
+        if self.alone is not None:
+            self.alone[k] = _alone([c], self.L, self.device, backend=self.backend_alone, dropout=self.dropout,
+                                   training=self.dropout)[0]  # fmt: skip
+            return True
+        C = c.d_model
+        if C // c.n_heads > self.D or c.n_heads > self.H or (not self.spreads and c.n_heads != self.H):
+            return False
+        if self.dropout and c.attn_dropout > 0 and self.attn_p is None:
+            return False
+        self._fill(k, c)
+        if self.attn_p is not None:
+            self.attn_p[k] = c.attn_dropout if self.dropout else 0.0
+        if self.block_mask is not None:  # the new pattern's blocks, copied into the same tensors
+            fresh = member_block_mask(self.masks)
+            for name in _BLOCK_MASK_TENSORS:
+                old, new = getattr(self.block_mask, name), getattr(fresh, name)
+                if old is not None:
+                    old.copy_(new)
+        return True
+
     def spread(self, t: torch.Tensor) -> torch.Tensor:
         """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
-        if self.index is None:
+        if not self.spreads:
             return t
         K, B, L, C = t.shape
         out = t.new_zeros(K, B, L, self.H * self.D)
@@ -237,7 +279,7 @@ class _MemberPlan:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`spread`."""
-        if self.index is None:
+        if not self.spreads:
             return t
         K, B, L, _ = t.shape
         return t.gather(-1, self.index.expand(K, B, L, self.index.shape[-1]))
@@ -271,7 +313,7 @@ class SparseSelfAttention(nn.Module):
     sparse pattern is about, and they let a head learn "attend to the previous token" in a few
     steps, which associative recall needs (an induction circuit)."""
 
-    def __init__(self, configs: Members, *, backend: str = "auto") -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.members = _members(configs)
         for c in self.members:
@@ -282,7 +324,10 @@ class SparseSelfAttention(nn.Module):
         self.qkv = Linear(K, C, 3 * C)
         self.proj = Linear(K, C, C, std=0.02 / math.sqrt(2 * self.members[0].n_layers))  # GPT-2's scaled init
         self.resid_drop = Dropout([c.dropout for c in self.members])
-        self.layout = (0, 0)  # members' padded head layout: it only grows, so refills keep its shape
+        # members' padded head layout (H heads of D channels): it starts at the head counts refills
+        # may bring (``heads``: the space's range) and only grows, so refills keep its shape and
+        # FlexAttention's kernel
+        self.layout = (0, 0) if heads is None else (max(heads), C // min(heads))
         # per (length, device, mode): what attention needs, built on first use so that a training
         # step resolves, looks up and builds nothing
         self._plans: dict[tuple[Any, ...], Any] = {}
@@ -298,8 +343,12 @@ class SparseSelfAttention(nn.Module):
         return dict(self.members[0].pattern_params())
 
     def set_member(self, k: int, config: AttentionConfig) -> None:
+        """Refill slot ``k``: each member plan is updated in place (its tensors keep their storage),
+        and only a plan that cannot hold ``config`` is dropped and rebuilt on next use."""
         self.members[k] = config
-        self._plans.clear()
+        for key, plan in list(self._plans.items()):
+            if not (isinstance(plan, _MemberPlan) and plan.set_member(k, config)):
+                del self._plans[key]
 
     def keep_members(self, slots: list[int]) -> None:
         self.members = [self.members[k] for k in slots]
@@ -317,7 +366,10 @@ class SparseSelfAttention(nn.Module):
             plan = _MemberPlan(self.members, L, device, backend=self.backend,
                                dropout=self.training and torch.is_grad_enabled(), layout=self.layout)  # fmt: skip
         else:
-            plan = _alone(self.members, L, device, backend=self.backend, dropout=self.training,
+            # (PyTorch has no CPU backward for flex: a population shrunk to one member trains on auto's path)
+            cpu_training = device.type == "cpu" and torch.is_grad_enabled()
+            backend = "auto" if cpu_training and self.backend == "flex" else self.backend
+            plan = _alone(self.members, L, device, backend=backend, dropout=self.training,
                           training=torch.is_grad_enabled())  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -350,12 +402,12 @@ class SparseSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, configs: Members, *, backend: str = "auto") -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None) -> None:
         super().__init__()
         members = _members(configs)
         K, C = len(members), members[0].d_model
         self.ln1 = LayerNorm(K, C)
-        self.attn = SparseSelfAttention(members, backend=backend)
+        self.attn = SparseSelfAttention(members, backend=backend, heads=heads)
         self.ln2 = LayerNorm(K, C)
         self.fc = Linear(K, C, 4 * C)
         self.out = Linear(K, 4 * C, C, std=0.02 / math.sqrt(2 * members[0].n_layers))  # GPT-2's scaled init
@@ -375,7 +427,14 @@ class AttentionModel(nn.Module):
     """
 
     def __init__(
-        self, configs: Members, *, vocab_size: int, n_classes: int, max_len: int, backend: str = "auto"
+        self,
+        configs: Members,
+        *,
+        vocab_size: int,
+        n_classes: int,
+        max_len: int,
+        backend: str = "auto",
+        heads: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         members = _members(configs)
@@ -393,7 +452,7 @@ class AttentionModel(nn.Module):
         # measures how far attention reaches, which is what a sparsity search trades.
         self.prev_emb = Embedding(K, vocab_size, C)
         self.drop = Dropout([c.dropout for c in members])
-        self.blocks = nn.ModuleList([Block(members, backend=backend) for _ in range(first.n_layers)])
+        self.blocks = nn.ModuleList([Block(members, backend=backend, heads=heads) for _ in range(first.n_layers)])
         self.ln_f = LayerNorm(K, C)
         self.head = Linear(K, C, n_classes)
         for k, c in enumerate(members):
@@ -465,11 +524,20 @@ def shape_key(config: AttentionConfig) -> tuple[Any, ...]:
     return (config.d_model, config.n_layers, config.batch_size, config.causal)
 
 
-def build_model(configs: Members, task: Task, *, backend: str = "auto") -> AttentionModel:
+def build_model(
+    configs: Members, task: Task, *, backend: str = "auto", heads: tuple[int, int] | None = None
+) -> AttentionModel:
     """The model ``configs`` describe (one configuration, or a population's), sized for ``task``
-    (vocabulary, classes, sequence length); each member's weights come from its own seed."""
+    (vocabulary, classes, sequence length); each member's weights come from its own seed.
+    ``heads``: the (min, max) head counts refills may bring, which sizes a population's padded
+    attention layout from the start (see :class:`SparseSelfAttention`)."""
     return AttentionModel(
-        configs, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=task.seq_len, backend=backend
+        configs,
+        vocab_size=task.vocab_size,
+        n_classes=task.n_classes,
+        max_len=task.seq_len,
+        backend=backend,
+        heads=heads,
     )
 
 

@@ -225,6 +225,7 @@ def evaluate_many(
     refill: Refill | None = None,
     on_result: Callable[[int, TrialResult], None] | None = None,
     backend: str = "auto",
+    heads: tuple[int, int] | None = None,
 ) -> list[TrialResult]:
     """Train several configurations at once as populations (one model with a member axis,
     :mod:`attn_search.engine.model`); returns one :class:`TrialResult` per member in member order,
@@ -247,6 +248,9 @@ def evaluate_many(
         on_compute: ``on_compute(member, figures)`` once per member, before its first rung.
         refill: the next configuration for a freed slot (:data:`Refill`).
         on_result: ``on_result(member, result)`` as soon as a member ends (before its slot is refilled).
+        heads: the (min, max) head counts the refills may bring (a search space's range): the
+            padded attention layout of CUDA's populations starts that wide, so no refill changes its
+            shape or compiles FlexAttention again.
 
     Time and memory cannot be split exactly between members: ``latency_ms``, ``train_seconds``,
     ``eval_seconds`` and ``wall_seconds`` are the population's divided by its size, and
@@ -296,7 +300,8 @@ def evaluate_many(
             return count - 1, config
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            _Population(members, the_task, bud, dev, backend, deadline).run(report_rungs, on_compute, ended, draw)
+            _Population(members, the_task, bud, dev, backend, deadline, heads).run(report_rungs, on_compute, ended,
+                                                                                 draw)  # fmt: skip
         waiting += other
     return [results[i] for i in sorted(results)]
 
@@ -306,7 +311,7 @@ class _Population:
     rows and learning rate for every step, rates), and on the host what each slot holds."""
 
     def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
-                 backend: str, deadline: float | None = None) -> None:  # fmt: skip
+                 backend: str, deadline: float | None = None, heads: tuple[int, int] | None = None) -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
         self.task, self.bud, self.dev, self.backend = task, bud, dev, backend
@@ -318,7 +323,10 @@ class _Population:
         x_eval, y_eval = task.data("eval", bud.n_eval)
         self.x_train, self.y_train, self.x_eval, self.y_eval = (t.to(dev) for t in (x_train, y_train, x_eval, y_eval))
         torch.manual_seed(cfgs[0].seed)  # dropout draws (weights come from each member's own seed)
-        self.model = build_model(cfgs, task, backend=backend).to(dev)
+        if heads is not None:  # the range must hold the first members too
+            heads = (min(heads[0], *(c.n_heads for c in cfgs)), max(heads[1], *(c.n_heads for c in cfgs)))
+        self.model = build_model(cfgs, task, backend=backend, heads=heads).to(dev)
+        self.timer = _StepTimer(dev)
         self.opt = MemberAdamW(self.model)
         self.slots: list[int | None] = [i for i, _ in members]  # member id in each slot; None: free
         self.configs = cfgs
@@ -393,10 +401,13 @@ class _Population:
         self.opt.zero_grad()
         losses.sum().backward()  # members share no parameter: each gets its own loss's gradient
         self.opt.step(lr)
+        # every piece of state is updated in place (no attribute is rebound), so a captured CUDA graph
+        # of this step stays valid and a refill's copies are seen by it
         losses = losses.detach()
         first_bad = ~torch.isfinite(losses) & (self.bad_step == 0)
-        self.bad_step = torch.where(first_bad, (self.step_of + 1).float(), self.bad_step)  # the step just run
-        self.bad_loss = torch.where(first_bad, losses, self.bad_loss)
+        self.bad_step.copy_(torch.where(first_bad, (self.step_of + 1).float(), self.bad_step))  # the step just run
+        self.bad_loss.copy_(torch.where(first_bad, losses, self.bad_loss))
+        self.last_loss.copy_(losses)
         self.step_of.add_(1).clamp_(max=self.bud.steps - 1)  # a free slot stays on its last step
         return losses
 
@@ -432,9 +443,9 @@ class _Population:
         step = 0
         while any(m is not None for m in self.slots):
             step += 1
-            t0 = time.perf_counter()
+            started = self.timer.start()
             if step == memory_step:
-                losses, peak = peak_memory_mb(self.train_step, device=self.dev)
+                _, peak = peak_memory_mb(self.train_step, device=self.dev)
                 self.pop_figures[M.PEAK_MEM_MB] = state_mb + (0.0 if math.isnan(peak) else peak / self.K)
                 for member in self.slots:
                     if member is not None:
@@ -443,9 +454,8 @@ class _Population:
                         if on_compute is not None:
                             on_compute(member, dict(self.compute[member]))
             else:
-                losses = self.train_step()
-            self.train_s += (time.perf_counter() - t0) / self.K
-            self.last_loss = losses
+                self.train_step()
+            self.timer.stop(started, 1.0 / self.K)
             for k, member in enumerate(self.slots):
                 if member is not None:
                     self.steps[k] += 1
@@ -455,6 +465,7 @@ class _Population:
                 continue
             # a check: one read of the losses; diverged members end, failed, at the step they diverged
             values, bad_steps, bad_losses = torch.stack([self.last_loss, self.bad_step, self.bad_loss]).tolist()
+            self.train_s += self.timer.settle()  # (the read above waited for the device)
             freed: list[int] = []
             for k, member in enumerate(self.slots):
                 if member is None:
@@ -584,6 +595,40 @@ class _Population:
         }
         return TrialResult(config=self.configs[k], metrics=metrics, curve=list(curve), state=state, reason=reason,
                            device=str(self.dev), task=self.task.name)  # fmt: skip
+
+
+class _StepTimer:
+    """Training time of the steps, in each step's per-member share. On the CPU the host clock; on
+    CUDA events recorded around each step and read at the next check (which waits for the device
+    anyway), so the time is the GPU's and no step adds a synchronise of its own."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        self.pending: list[tuple[Any, Any, float]] = []
+        self.done = 0.0
+
+    def start(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started: Any, share: float) -> None:
+        if not self.cuda:
+            self.done += (time.perf_counter() - started) * share
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((started, end, share))
+
+    def settle(self) -> float:
+        """Seconds since the last settle (waits for the last step's end event on CUDA)."""
+        if self.pending:
+            self.pending[-1][1].synchronize()
+        total = self.done + sum(a.elapsed_time(b) / 1000.0 * share for a, b, share in self.pending)
+        self.pending, self.done = [], 0.0
+        return total
 
 
 def _batch_rows(seed: int, n_train: int, batch: int, steps: int) -> torch.Tensor:
