@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv search test test-all lint format imports bench agent clean
+.PHONY: venv search test test-all lint format imports bench agent agent-grid clean
 
 # torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
 # CUDA packages; constraints.txt keeps every other package at the versions tested here.
@@ -49,10 +49,17 @@ bench: venv
 	$(PY) benchmarks/ray_overhead.py
 	$(PY) benchmarks/gpu_packing.py
 
-## The shipped agent (the default of --strategy ppo): PPO meta-trained on the shipped tables.
-AGENT_TABLES := tables/mqar-128.csv tables/mqar-64.csv tables/selective_copy-128.csv tables/listops-64.csv
+## The shipped policy (the default of --strategy ppo): the candidate policy meta-trained on every
+## family's tables (benchmarks/family_out.py scores the recipe on families it never saw).
+POLICY_TABLES := $(filter-out tables/sparse-smoke.csv,$(wildcard tables/*.csv))
 agent: venv
-	$(PY) -m attn_search.cli meta-train --space sparse --tables $(AGENT_TABLES) --steps 100000 \
+	$(PY) -m attn_search.cli meta-train --kind policy --tables $(POLICY_TABLES) --steps 8192 \
+		--out attn_search/strategies/agents/candidate-ppo.zip
+
+## The grid agent of --strategy ppo-grid, meta-trained on the first four tables.
+GRID_TABLES := tables/mqar-128.csv tables/mqar-64.csv tables/selective_copy-128.csv tables/listops-64.csv
+agent-grid: venv
+	$(PY) -m attn_search.cli meta-train --kind grid --space sparse --tables $(GRID_TABLES) --steps 100000 \
 		--out attn_search/strategies/agents/sparse-ppo.zip
 
 clean:

@@ -75,13 +75,17 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"proposer: {', '.join(STRATEGIES)} (default: tpe)")  # fmt: skip
     p.add_argument("--evaluator", default="training", metavar="SPEC",
                    help="training (default), table:PATH to look results up in a recorded table, or module:callable")  # fmt: skip
-    p.add_argument("--pretrain", metavar="TABLE", help="ppo/a2c: train the agent on a recorded table first")
+    p.add_argument("--pretrain", metavar="TABLE", help="ppo-grid/a2c: train the agent on a recorded table first")
     p.add_argument(
-        "--pretrain-steps", type=_positive_int, default=2000, help="ppo/a2c: env steps on the table (default: 2000)"
+        "--pretrain-steps",
+        type=_positive_int,
+        default=2000,
+        help="ppo-grid/a2c: env steps on the table (default: 2000)",
     )
     p.add_argument("--agent", metavar="PATH",
-                   help="ppo/a2c: start from this SB3 .zip, or none to train from scratch (default: ppo on a space "
-                   "the shipped meta-trained agent fits starts from it; the run saves agent.zip)")  # fmt: skip
+                   help="ppo: a meta-trained candidate policy (.zip; default: the shipped one), or none for the "
+                   "untrained acquisition; ppo-grid/a2c: start from this SB3 .zip, or none to train from scratch "
+                   "(the run saves agent.zip)")  # fmt: skip
     p.add_argument("--backend", default="local", choices=BACKENDS, metavar="NAME",
                    help="where trials run: local (this process, default) or ray (Ray Tune: local cores, GPUs, a cluster)")  # fmt: skip
     p.add_argument("--address", metavar="ADDR",
@@ -214,10 +218,16 @@ def _meta_train(args: argparse.Namespace) -> str:
         space = load_space(args.space)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    print(f"meta-training PPO on {len(args.tables)} table(s) for {args.steps} environment steps", flush=True)
+    kind = "the candidate policy (--strategy ppo)" if args.kind == "policy" else "the grid agent (--strategy ppo-grid)"
+    print(f"meta-training {kind} on {len(args.tables)} table(s) for {args.steps} environment steps", flush=True)
     start = time.perf_counter()
     try:
-        meta_train(args.tables, space, steps=args.steps, seed=args.seed, out=args.out)
+        if args.kind == "policy":
+            from attn_search.strategies import candidates
+
+            candidates.meta_train(args.tables, steps=args.steps, seed=args.seed, out=args.out)
+        else:
+            meta_train(args.tables, space, steps=args.steps, seed=args.seed, out=args.out)
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc)) from exc
     out = Path(args.out).with_suffix(".zip")
@@ -252,8 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_record.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME")
     p_record.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     p_record.add_argument("--quiet", action="store_true")
-    p_meta = sub.add_parser("meta-train", help="meta-train the PPO agent on recorded tables (how the shipped agent "
-                            "is made: make agent)")  # fmt: skip
+    p_meta = sub.add_parser("meta-train", help="meta-train PPO on recorded tables (how the shipped agent is made: "
+                            "make agent)")  # fmt: skip
+    p_meta.add_argument("--kind", default="policy", choices=("policy", "grid"),
+                        help="policy: the candidate policy of --strategy ppo, for any space (default); grid: the "
+                        "MultiDiscrete agent of --strategy ppo-grid, on the tables' grid")  # fmt: skip
     p_meta.add_argument("--tables", nargs="+", required=True, metavar="CSV",
                         help="recorded tables of one grid (attn-search record)")  # fmt: skip
     p_meta.add_argument("--out", required=True, help="agent to write (.zip, with its grid in a .json beside it)")

@@ -39,6 +39,9 @@ from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import ask_new
 
 PORTFOLIO = "portfolio"
+PORTFOLIO_GP = "portfolio+gp"
+"""The portfolio's first :data:`PORTFOLIO_HEAD` configurations, then Optuna's GP sampler."""
+PORTFOLIO_HEAD = 5
 META = "ppo-meta"
 """The PPO agent meta-trained on the other tables (leave-one-table-out), then searching as ``ppo``
 with ``--agent`` (:func:`~attn_search.strategies.agent.meta_train`)."""
@@ -100,7 +103,9 @@ class Replay:
 
 
 class PortfolioStrategy:
-    """Proposes a fixed list of configurations in order, then at random (a :class:`Strategy`)."""
+    """Proposes a fixed list of configurations in order, then at random (a :class:`Strategy`).
+    The list (:func:`portfolio`) is greedy while a configuration adds hypervolume on the tables it
+    learns from; once none adds any, the rest of it follows the tables' row order."""
 
     name = PORTFOLIO
 
@@ -131,7 +136,9 @@ class PortfolioStrategy:
 
 def portfolio(tables: Sequence[Table], size: int) -> list[dict[str, Any]]:
     """Up to ``size`` configurations chosen greedily to maximise the mean, over ``tables``, of the
-    hypervolume they reach as a fraction of each table's best (configurations every table holds)."""
+    hypervolume they reach as a fraction of each table's best (configurations every table holds).
+    Once every table's front is covered no configuration adds anything, and the remaining picks
+    are the first unchosen rows in the first table's order (not random)."""
     if not tables:
         raise ValueError("a portfolio needs at least one table to learn from")
     common = [k for k in tables[0].keys if all(k in t.lookup.rows for t in tables[1:])]
@@ -171,12 +178,20 @@ def replay(
     with tempfile.TemporaryDirectory(prefix="attn-replay-") as run_dir:
         if strategy == PORTFOLIO:
             proposer: Any = PortfolioStrategy(portfolio_configs or [], space, seed)
+        elif strategy == PORTFOLIO_GP:
+            context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
+                                      resume=False, evaluator=f"table:{table.path.resolve()}", compute=table.compute)  # fmt: skip
+            proposer = make_strategy("gp", context)
+            head = list(portfolio_configs or [])[:PORTFOLIO_HEAD]
         else:
             context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
                                       resume=False, evaluator=f"table:{table.path.resolve()}",
                                       compute=table.compute, options=dict(options or {}))  # fmt: skip
             proposer = make_strategy(strategy, context)
         study = optuna.create_study(directions=space.directions, sampler=proposer.sampler())  # type: ignore[arg-type]
+        if strategy == PORTFOLIO_GP:
+            for values in head:  # study.ask takes them first; the GP sampler proposes the rest
+                study.enqueue_trial(values)
         proposer.start(study)
         rungs = sorted({s for c in table.lookup.curves.values() for s, _ in c})
         rule = MOASHA(space.directions, eta=eta, grace_period=rungs[1] if len(rungs) > 1 else 0)
@@ -242,7 +257,7 @@ def summarise(regrets: dict[Hashable, Sequence[float]]) -> dict[Hashable, dict[s
 
 
 # -- the protocol ------------------------------------------------------------------------------------
-BUDGET_AWARE = ("tpe", "nsga2", "gp", "cmaes", "qmc", "ppo", "a2c", META)
+BUDGET_AWARE = ("tpe", "nsga2", "gp", "cmaes", "qmc", "ppo", "ppo-grid", "a2c", META)
 """Strategies whose behaviour depends on the trial budget (startup trials, population size, the
 agent's episode length): each budget is a search of its own. The others' budgets are prefixes of
 one search of the largest budget."""
@@ -264,7 +279,7 @@ def _run_job(
 ) -> Replay:
     table = tables[job.table]
     if job.strategy == META:
-        out = replay(table, "ppo", trials=job.trials, seed=job.seed, early_stopping=job.early_stopping,
+        out = replay(table, "ppo-grid", trials=job.trials, seed=job.seed, early_stopping=job.early_stopping,
                      options={"agent": agents[job.table]})  # fmt: skip
         out.strategy = META
         return out
@@ -273,7 +288,7 @@ def _run_job(
                   portfolio_configs=configs)  # fmt: skip
 
 
-SLOW = ("gp", META, "ppo", "a2c", "tpe")
+SLOW = ("gp", META, "ppo", "ppo-grid", "a2c", "tpe")
 """Strategies whose searches take seconds rather than milliseconds: scheduled first, so that
 parallel workers finish together."""
 

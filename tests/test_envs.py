@@ -124,7 +124,7 @@ def test_grid_overrides_are_checked() -> None:
     assert {c["n_heads"] for c in pinned} == {2} and {c["lr"] for c in pinned} == {0.003}
 
 
-@pytest.mark.parametrize("strategy", ["ppo", "a2c"])
+@pytest.mark.parametrize("strategy", ["ppo-grid", "a2c"])
 def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) -> None:
     from attn_search.search import SearchOptions, run_search
 
@@ -144,7 +144,7 @@ def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: P
     run_search(
         SearchOptions(
             space=TINY,
-            strategy="ppo",
+            strategy="ppo-grid",
             trials=3,
             steps=4,
             out=str(first),
@@ -157,7 +157,7 @@ def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: P
     summary = run_search(
         SearchOptions(
             space=TINY,
-            strategy="ppo",
+            strategy="ppo-grid",
             trials=3,
             steps=4,
             out=str(again),
@@ -178,8 +178,10 @@ def test_rl_strategy_errors(tmp_path: Path) -> None:
     from attn_search.search import SearchOptions, UsageError, run_search
 
     with pytest.raises(UsageError, match="needs --compute flops or params"):
-        run_search(SearchOptions(space=TINY, strategy="ppo", compute="latency", out=str(tmp_path / "a"), quiet=True))
-    with pytest.raises(UsageError, match="apply to --strategy ppo or a2c"):
+        run_search(
+            SearchOptions(space=TINY, strategy="ppo-grid", compute="latency", out=str(tmp_path / "a"), quiet=True)
+        )
+    with pytest.raises(UsageError, match="apply to --strategy ppo, ppo-grid or a2c"):
         run_search(SearchOptions(space=TINY, strategy="tpe", agent="x.zip", out=str(tmp_path / "b"), quiet=True))
 
 
@@ -263,14 +265,14 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
     from attn_search.search import SearchOptions, run_search
     from attn_search.strategies.agent import agent_info, grid_for, shipped_agent
 
-    fits = {name: shipped_agent("ppo", load_space(name)) is not None for name in SHIPPED_SPACES}
+    fits = {name: shipped_agent("ppo-grid", load_space(name)) is not None for name in SHIPPED_SPACES}
     assert fits["sparse"], "the shipped agent must fit the sparse space (make agent)"
     for name in [n for n, ok in fits.items() if ok]:
         space = load_space(name)
-        path, info = shipped_agent("ppo", space)  # type: ignore[misc]
+        path, info = shipped_agent("ppo-grid", space)  # type: ignore[misc]
         assert path.stat().st_size < 5e6 and info["tables"] and info["steps"] > 0
         out = tmp_path / name
-        opts = SearchOptions(space=name, strategy="ppo", trials=3, steps=2, pruner="none", confirm=0, out=str(out),
+        opts = SearchOptions(space=name, strategy="ppo-grid", trials=3, steps=2, pruner="none", confirm=0, out=str(out),
                              quiet=True)  # fmt: skip
         assert run_search(opts).n_finished == 3
         grid = dict(zip([p.name for p in space.params], grid_for(space, info), strict=True))  # type: ignore[arg-type]
@@ -278,7 +280,7 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
         ran = [t for t in study.trials if "not run again" not in str(t.user_attrs.get("reason"))]  # (repeats are told)
         assert len(ran) == 3
         for trial in study.trials:  # proposed by the agent, on its grid, a valid configuration of the space
-            assert trial.user_attrs.get("proposed_by") == "ppo"
+            assert trial.user_attrs.get("proposed_by") == "ppo-grid"
             for key, value in trial.params.items():
                 assert any(value == pytest.approx(v) for v in grid[key]), (key, value, grid[key])
             space.make_config(trial.params)
@@ -290,7 +292,7 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
         assert run_search(dataclasses.replace(opts, trials=5, resume=True)).n_finished == 5
         assert PPO.load(out / "agent.zip", device="cpu").num_timesteps > before  # it went on learning
         again = load_run(out)[0]
-        assert all(t.user_attrs.get("proposed_by") == "ppo" for t in again.trials)
+        assert all(t.user_attrs.get("proposed_by") == "ppo-grid" for t in again.trials)
         assert {t.params["n_heads"] for t in again.trials} <= set(grid["n_heads"])
 
 
@@ -299,19 +301,19 @@ def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
 ) -> None:
     from attn_search.search import SearchOptions, run_search
 
-    base = SearchOptions(space="sparse", strategy="ppo", trials=2, steps=2, pruner="none", confirm=0,
+    base = SearchOptions(space="sparse", strategy="ppo-grid", trials=2, steps=2, pruner="none", confirm=0,
                          out=str(tmp_path / "a"))  # fmt: skip
     run_search(base)
     said = capsys.readouterr().out
     assert "the shipped agent sparse-ppo.zip, meta-trained on" in said and "searching its grid: n_heads 2/4/8" in said
     run_search(dataclasses.replace(base, agent="none", out=str(tmp_path / "b")))
     said = capsys.readouterr().out
-    assert "ppo: a new agent (0 environment steps so far)" in said and "shipped agent" not in said
+    assert "ppo-grid: a new agent (0 environment steps so far)" in said and "shipped agent" not in said
     assert not (tmp_path / "b" / "agent.json").exists()
     # on a space with other parameters it starts untrained, in one line, and does not fail
     run_search(dataclasses.replace(base, space=TINY, out=str(tmp_path / "c")))
     said = capsys.readouterr().out
-    lines = [line for line in said.splitlines() if "shipped ppo agent" in line]
+    lines = [line for line in said.splitlines() if "shipped ppo-grid agent" in line]
     assert len(lines) == 1 and "starts untrained" in lines[0]
 
 
@@ -321,17 +323,24 @@ def test_meta_train_command_writes_an_agent_that_searches_on_its_grid(tmp_path: 
     from attn_search.strategies.agent import agent_info
 
     agent = tmp_path / "meta.zip"
-    assert main(["meta-train", "--space", TINY, "--tables", str(table), "--steps", "200", "--out", str(agent)]) == 0
+    assert main(["meta-train", "--kind", "grid", "--space", TINY, "--tables", str(table), "--steps", "200", "--out",
+                 str(agent)]) == 0  # fmt: skip
     info = agent_info(agent)
     assert info is not None and info["tables"] == [table.stem] and info["steps"] == 200
     assert info["grid"]["lr"] == sorted(set(pd.read_csv(table, comment="#")["lr"].round(6)))
     out = tmp_path / "run"
-    run_search(SearchOptions(space=TINY, strategy="ppo", trials=3, steps=2, agent=str(agent), out=str(out), quiet=True))
+    run_search(
+        SearchOptions(space=TINY, strategy="ppo-grid", trials=3, steps=2, agent=str(agent), out=str(out), quiet=True)
+    )
     proposed = pd.read_csv(out / "trials.csv")
     assert set(proposed["lr"].round(6)) <= set(info["grid"]["lr"])  # the agent's grid, not the space's 5 bins
     # an agent made for other parameters, or a missing file, is refused before anything runs
     with pytest.raises(UsageError, match="meta-trained on other parameters"):
-        run_search(SearchOptions(space="sparse", strategy="ppo", agent=str(agent), out=str(tmp_path / "x"), quiet=True))
+        run_search(
+            SearchOptions(space="sparse", strategy="ppo-grid", agent=str(agent), out=str(tmp_path / "x"), quiet=True)
+        )
     with pytest.raises(UsageError, match="no such file"):
-        run_search(SearchOptions(space=TINY, strategy="ppo", agent="nope.zip", out=str(tmp_path / "y"), quiet=True))
+        run_search(
+            SearchOptions(space=TINY, strategy="ppo-grid", agent="nope.zip", out=str(tmp_path / "y"), quiet=True)
+        )
     assert main(["meta-train", "--tables", "nope.csv", "--out", str(agent)]) == 2

@@ -205,6 +205,8 @@ class _MemberPlan:
         self.alone: Alone | None = None
         self.L, self.device, self.dropout = L, device, dropout
         self.backend_alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex)
+        self.block_mask: Any = None
+        self.score_mod: Any = None
         if device.type == "cpu" and not use_flex and CPU_PER_MEMBER:
             self.alone = _alone(members, L, device, backend=self.backend_alone, dropout=dropout, training=dropout)
             return

@@ -16,12 +16,16 @@ from attn_search.space import SearchSpace
 from attn_search.strategies.base import Strategy, StrategyContext
 from attn_search.strategies.samplers import OPTUNA_STRATEGIES, SINGLE_OBJECTIVE_ONLY, SamplerStrategy, make_sampler
 
-AGENT_STRATEGIES = ("ppo", "a2c")
-STRATEGIES = (*OPTUNA_STRATEGIES, *AGENT_STRATEGIES)
+AGENT_STRATEGIES = ("ppo-grid", "a2c")
+"""Agents that act on one space's grid and learn within a search (:mod:`~attn_search.strategies.agent`)."""
+POLICY_STRATEGY = "ppo"
+"""The meta-trained candidate policy (:mod:`~attn_search.strategies.candidates`): any space."""
+STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, *AGENT_STRATEGIES)
 
 __all__ = [
     "AGENT_STRATEGIES",
     "OPTUNA_STRATEGIES",
+    "POLICY_STRATEGY",
     "SINGLE_OBJECTIVE_ONLY",
     "STRATEGIES",
     "SamplerStrategy",
@@ -39,8 +43,21 @@ def check_strategy(
     """Refuse a strategy that cannot serve this search (``ValueError`` saying what to change)."""
     if name not in STRATEGIES:
         raise ValueError(f"--strategy {name!r} is unknown: use one of {', '.join(STRATEGIES)}")
+    if name == POLICY_STRATEGY:
+        if options.get("pretrain"):
+            raise ValueError("--pretrain applies to --strategy ppo-grid or a2c (ppo is meta-trained: make agent)")
+        if len(space.objectives) < 2:
+            raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")
+        if constrained:
+            raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
+        if evaluator == "training" and space.metrics[1] != M.FLOPS:
+            raise ValueError(f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops")
+        agent = options.get("agent")
+        if agent and agent != "none" and not Path(agent).is_file():
+            raise ValueError(f"--agent {agent!r}: no such file (a policy saved by meta-training, or none)")
+        return
     if (options.get("pretrain") or options.get("agent")) and name not in AGENT_STRATEGIES:
-        raise ValueError("--pretrain and --agent apply to --strategy ppo or a2c")
+        raise ValueError("--pretrain and --agent apply to --strategy ppo, ppo-grid or a2c")
     agent = options.get("agent")
     if agent and agent != "none":
         from attn_search.strategies.agent import agent_info, grid_for
@@ -66,6 +83,10 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
     """The strategy called ``name`` (see :data:`STRATEGIES`)."""
     if name in OPTUNA_STRATEGIES:
         return SamplerStrategy(name, context, constrained=constrained)
+    if name == POLICY_STRATEGY:
+        from attn_search.strategies.candidates import CandidateStrategy
+
+        return CandidateStrategy(context)
     if name in AGENT_STRATEGIES:
         from attn_search.strategies.agent import AgentStrategy
 

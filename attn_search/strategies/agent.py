@@ -1,4 +1,8 @@
-"""The RL strategy: a stable-baselines3 agent (PPO or A2C) acting in ``AttentionSearchEnv``.
+"""The grid RL strategies (``ppo-grid``, ``a2c``): a stable-baselines3 agent acting in
+``AttentionSearchEnv``, one ``MultiDiscrete`` action dimension per parameter of one space's grid.
+
+(``--strategy ppo`` is the candidate policy of :mod:`attn_search.strategies.candidates`, which acts
+on any space; these agents act on a fixed grid and learn within one search.)
 
 The agent is a strategy like the Optuna samplers: the search loop asks it for proposals and tells
 it results, on any backend. Inside, the agent keeps its own learning loop (SB3's ``learn``) in a
@@ -55,7 +59,7 @@ from attn_search.pareto import normalized_hypervolume
 from attn_search.space import SearchSpace
 from attn_search.strategies.base import StrategyContext
 
-AGENTS = ("ppo", "a2c")
+AGENTS = ("ppo-grid", "a2c")
 EPISODE = 10
 AGENT_FILE = "agent.zip"
 _ASK_TIMEOUT_S = 600.0
@@ -104,7 +108,9 @@ def grid_for(space: SearchSpace, info: Mapping[str, Any]) -> list[list[Any]] | N
 def shipped_agents(name: str) -> list[tuple[Path, dict[str, Any]]]:
     """The shipped agents of algorithm ``name``, with their sidecar info."""
     found = [(side.with_suffix(".zip"), agent_info(side)) for side in sorted(SHIPPED_AGENTS.glob("*.json"))]
-    return [(path, info) for path, info in found if info and info.get("algo") == name and path.is_file()]
+    algo = {"ppo-grid": "ppo"}.get(name, name)  # (the grid agent's sidecars say "ppo")
+    return [(path, info) for path, info in found if info and info.get("algo") == algo
+            and info.get("kind") != "candidate-policy" and path.is_file()]  # fmt: skip
 
 
 def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tuple[Path, dict[str, Any]] | None:
@@ -129,7 +135,7 @@ def agent_kwargs(name: str, *, episode: int, seed: int | None) -> dict[str, Any]
     """SB3 hyperparameters for search budgets of tens to hundreds of trials."""
     common: dict[str, Any] = {"seed": seed, "verbose": 0, "device": "cpu", "gamma": 0.9,
                               "policy_kwargs": {"net_arch": [64, 64]}}  # fmt: skip
-    if name == "ppo":
+    if name == "ppo-grid":
         return {**common, "n_steps": episode, "batch_size": episode, "n_epochs": 10, "learning_rate": 3e-3,
                 "ent_coef": 0.01}  # fmt: skip
     if name == "a2c":
@@ -144,7 +150,7 @@ def make_agent(
     agent updates once per ``episode`` trials per environment (its rollout length is set to it)."""
     from stable_baselines3 import A2C, PPO
 
-    cls = PPO if name == "ppo" else A2C
+    cls = PPO if name == "ppo-grid" else A2C
     if path is not None and Path(path).is_file():
         rollout: dict[str, Any] = {"n_steps": episode}
         if cls is PPO:

@@ -1,0 +1,274 @@
+"""Is the learned proposer worth choosing on a task family it has never seen?
+
+Leave-one-family-out over the recorded tables (``tables/*.csv``; a family is the task a table was
+recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
+
+* for each held-out family, ``--agents`` candidate policies (``--strategy ppo``) are meta-trained
+  with different seeds on the tables of every *other* family
+  (:func:`attn_search.strategies.candidates.meta_train`), cached in ``--agents-dir`` and reused
+  only when their sidecar's provenance matches (tables, steps, seed, code version, sha256); the
+  script refuses to score an agent whose sidecar lists a table of the held-out family;
+* every strategy replays every table of the held-out family (:func:`attn_search.replay.replay`:
+  the strategies' own ask/tell, duplicates answered, no early stopping) at 10, 20 and 50 trials,
+  with compute counted at the table's task length and at ``--deploy-len`` (analytic FLOPs, a
+  derived copy of the table), seeds paired across strategies;
+* baselines: ``random``, ``tpe``, ``gp`` (up to 20 trials: Optuna's GP costs seconds a trial),
+  ``portfolio`` (the zero-shot list greedily covering the other families' fronts) and
+  ``portfolio+gp`` (its first 5 configurations, then GP);
+* ``ppo``'s searches: agent ``i`` runs search seeds ``i, i + A, ...``, so its ``--seeds``
+  searches pair with the baselines' by seed and spread over the trained agents;
+* score: normalised-hypervolume regret ``1 - HV / the table's best``; per family, length and
+  budget the median and IQR over every (table, seed), mean ranks of the medians over families,
+  and paired Wilcoxon tests of ``ppo`` against each baseline (over tables x seeds); per agent, its
+  median regret (the spread over trained agents) and a sign test over agents against each
+  baseline's median.
+
+Writes ``family_out.json`` to ``--out``; prints the tables and its wall time.
+
+Usage::
+
+    python benchmarks/family_out.py                          # every family, 5 agents, 10 seeds
+    python benchmarks/family_out.py --families delay ngram --agents 2 --seeds 4 --steps 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attn_search.engine import metrics as M
+from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay
+from attn_search.space import load_space
+from attn_search.strategies.candidates import TableTask, family_out_agent, provenance, recorded_task
+
+ROOT = Path(__file__).resolve().parent.parent
+EXCLUDED = ("sparse-smoke",)
+"""Tables outside the protocol (``sparse-smoke`` predates curves; its accuracies span too little)."""
+BASELINES = ("random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP)
+GP_MAX = 20
+
+
+def deploy_table(path: Path, length: int, folder: Path) -> Path:
+    """A copy of the table whose ``flops`` are analytic FLOPs at ``length`` (the deployment length)."""
+    import pandas as pd
+
+    out = folder / f"{path.stem}@{length}.csv"
+    if out.is_file() and out.stat().st_mtime >= path.stat().st_mtime:
+        return out
+    task = TableTask(path, deploy_len=length)
+    lines = path.read_text().splitlines(keepends=True)
+    header = "".join(line for line in lines if line.startswith("#"))
+    frame = pd.read_csv(path, comment="#")
+    complete = frame["state"] == "complete"
+    frame.loc[complete, M.FLOPS] = task.costs["deploy"]
+    folder.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + f"# flops: analytic at L={length} (benchmarks/family_out.py)\n" + frame.to_csv(index=False))
+    return out
+
+
+def train_agent(paths: Sequence[str], held: str, seed: int, steps: int, folder: str, deploy_len: int) -> str:
+    return str(family_out_agent(paths, held, seed=seed, steps=steps, folder=folder, deploy_len=deploy_len))
+
+
+def run_search(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any]]]) -> tuple[float, ...]:
+    path, strategy, seed, trials, options, configs = job
+    warnings.filterwarnings("ignore")
+    table = _table(path)
+    r = replay(table, strategy, trials=trials, seed=seed, options=options, portfolio_configs=configs)
+    return tuple(table.regret(h) for h in r.hypervolume)
+
+
+_TABLES: dict[str, Table] = {}
+
+
+def _table(path: str) -> Table:
+    if path not in _TABLES:
+        _TABLES[path] = Table(path, load_space("sparse"))
+    return _TABLES[path]
+
+
+def correlations(paths: Sequence[Path]) -> dict[str, dict[str, float]]:
+    """Spearman correlation of accuracy between every pair of tables, over the configurations both
+    hold (the grid is the same): tables of different families should correlate below 0.8."""
+    import pandas as pd
+
+    from attn_search.outputs import row_config
+
+    acc = {}
+    for p in paths:
+        frame = pd.read_csv(p, comment="#")
+        frame = frame[frame["state"] == "complete"]
+        keys = [json.dumps(row_config(r).to_dict(), sort_keys=True) for _, r in frame.iterrows()]
+        acc[p.stem] = pd.Series(frame[M.ACCURACY].to_numpy(float), index=keys)
+    matrix = pd.DataFrame(acc).corr(method="spearman")
+    return {a: {b: round(float(matrix.loc[a, b]), 3) for b in matrix.columns} for a in matrix.index}
+
+
+def print_correlations(corr: dict[str, dict[str, float]], family: dict[str, str]) -> None:
+    names = list(corr)
+    print("Spearman correlation of accuracy between tables:")
+    print(" " * 20 + " ".join(f"{n[:9]:>9}" for n in names))
+    for a in names:
+        print(f"{a:<20}" + " ".join(f"{corr[a][b]:>9.2f}" for b in names))
+    cross = [corr[a][b] for i, a in enumerate(names) for b in names[i + 1 :] if family[a] != family[b]]
+    print(f"across families: max {max(cross):.2f}, median {float(np.median(cross)):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", help="held-out families to score (default: every one)")
+    parser.add_argument("--agents", type=int, default=5, help="meta-training seeds per held-out family")
+    parser.add_argument("--seeds", type=int, default=10, help="searches per table and strategy")
+    parser.add_argument("--steps", type=int, default=8192, help="meta-training environment steps per agent")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--deploy-len", type=int, default=4096)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--strategies", nargs="+", default=[*BASELINES, "ppo"])
+    parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    paths = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)
+    family = {str(p): recorded_task(p)[0] for p in paths}
+    families = sorted(set(family.values()))
+    held = args.families or families
+    corr = correlations(paths)
+    print_correlations(corr, {p.stem: family[str(p)] for p in paths})
+    work = Path(args.out) / "family_out_tables"
+    by_length = {"task": {str(p): str(p) for p in paths},
+                 "deploy": {str(p): str(deploy_table(p, args.deploy_len, work)) for p in paths}}  # fmt: skip
+    agents_dir = Path(args.agents_dir)
+    agents_dir.mkdir(parents=True, exist_ok=True)
+    pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    # -- agents: meta-trained on the other families' tables (family_out_agent checks provenance
+    # and refuses one that saw the held-out family); the env counts compute at both lengths
+    train: dict[tuple[str, int], Path] = {}
+    if "ppo" in args.strategies:
+        todo = [(f, s) for f in held for s in range(args.agents)]
+        print(f"meta-training (or reusing) {len(todo)} agents ({args.steps} steps each) ...", flush=True)
+        made = pool.map(train_agent, *zip(*[([str(p) for p in paths], f, s, args.steps, str(agents_dir),
+                                              args.deploy_len) for f, s in todo], strict=True))  # fmt: skip
+        train = {key: Path(p) for key, p in zip(todo, made, strict=True)}
+
+    # -- searches
+    jobs, keys = [], []
+    top = max(args.budgets)
+    for f in held:
+        for length, files in by_length.items():
+            others = [_table(files[p]) for p in map(str, paths) if family[p] != f]
+            configs = portfolio(others, top) if {PORTFOLIO, PORTFOLIO_GP} & set(args.strategies) else []
+            for p in (q for q in map(str, paths) if family[q] == f):
+                for strategy in args.strategies:
+                    for seed in range(args.seeds):
+                        budgets = [top] if strategy in ("random", PORTFOLIO) else args.budgets
+                        for b in budgets:
+                            if strategy in ("gp", PORTFOLIO_GP) and b > GP_MAX:
+                                continue
+                            options = {}
+                            if strategy == "ppo":
+                                options = {"agent": str(train[f, seed % args.agents])}
+                            jobs.append((files[p], strategy, seed, b, options, configs))
+                            keys.append((f, length, Path(p).stem, strategy, seed, b))
+    print(f"{len(jobs)} searches on {args.jobs} processes ...", flush=True)
+    curves = list(pool.map(run_search, jobs, chunksize=4))
+    pool.shutdown()
+
+    regret: dict[str, dict[str, dict[int, dict[str, list[float]]]]] = {}
+    per_agent: dict[str, dict[str, dict[int, dict[int, list[float]]]]] = {}
+    for (f, length, _, strategy, seed, b), curve in zip(keys, curves, strict=True):
+        for budget in args.budgets:
+            if budget > b or (b != budget and strategy not in ("random", PORTFOLIO)):
+                continue
+            value = curve[min(budget, len(curve)) - 1]
+            regret.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(strategy, []).append(
+                value
+            )
+            if strategy == "ppo":
+                per_agent.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(
+                    seed % args.agents, []).append(value)  # fmt: skip
+    report = summarise_family_out(regret, per_agent, args.budgets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"regret": regret, "per_agent": per_agent, "report": report, "budgets": args.budgets,
+              "families": {f: sorted(Path(p).stem for p in map(str, paths) if family[p] == f) for f in families},
+              "agents": {f"{f}/{s}": {**(provenance(p) or {}), "file": p.name} for (f, s), p in train.items()
+                         if "ppo" in args.strategies},
+              "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    (out / "family_out.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print_report(report, args.budgets)
+    print(f"wall time {time.perf_counter() - start:.0f} s; wrote {out / 'family_out.json'}")
+
+
+def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) -> dict[str, Any]:
+    from scipy.stats import binomtest, wilcoxon
+
+    report: dict[str, Any] = {"cells": {}, "ranks": {}, "tests": {}, "agents": {}}
+    for f, lengths in regret.items():
+        for length, cells in lengths.items():
+            for b, by in cells.items():
+                key = f"{f}/{length}/{b}"
+                report["cells"][key] = {s: {"median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
+                                            "q3": float(np.percentile(v, 75)), "n": len(v)} for s, v in by.items()}  # fmt: skip
+                if "ppo" not in by:
+                    continue
+                tests = {}
+                for s, v in by.items():
+                    if s == "ppo" or len(v) != len(by["ppo"]):
+                        continue
+                    d = np.asarray(by["ppo"]) - np.asarray(v)
+                    p = 1.0 if np.allclose(d, 0) else float(wilcoxon(by["ppo"], v).pvalue)
+                    tests[s] = {"mean_diff": float(d.mean()), "p": p}
+                report["tests"][key] = tests
+                agents = per_agent.get(f, {}).get(length, {}).get(b, {})
+                medians = {a: float(np.median(v)) for a, v in agents.items()}
+                signs = {}
+                for s, v in by.items():
+                    if s == "ppo":
+                        continue
+                    base = float(np.median(v))
+                    wins = sum(m < base for m in medians.values())
+                    losses = sum(m > base for m in medians.values())
+                    signs[s] = {"agents_better": wins, "agents_worse": losses,
+                                "p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0}  # fmt: skip
+                report["agents"][key] = {"medians": medians, "sign_tests": signs}
+    for length in ("task", "deploy"):
+        for b in budgets:
+            rows = [report["cells"][k] for k in report["cells"] if k.split("/")[1:] == [length, str(b)]]
+            names = sorted(set.intersection(*(set(r) for r in rows))) if rows else []
+            if not names:
+                continue
+            ranks = []
+            for r in rows:
+                med = np.array([r[s]["median"] for s in names])
+                ranks.append([float((med < m).sum() + ((med == m).sum() + 1) / 2) for m in med])
+            report["ranks"][f"{length}/{b}"] = dict(zip(names, np.mean(ranks, axis=0).round(2).tolist(), strict=True))
+    return report
+
+
+def print_report(report: dict[str, Any], budgets: Sequence[int]) -> None:
+    for key, cells in sorted(report["cells"].items()):
+        tests = report["tests"].get(key, {})
+        line = "  ".join(
+            f"{s} {c['median']:.3f} [{c['q1']:.3f},{c['q3']:.3f}]" + (f" p={tests[s]['p']:.3g}" if s in tests else "")
+            for s, c in sorted(cells.items())
+        )
+        print(f"{key:<28} {line}")
+        agents = report["agents"].get(key)
+        if agents:
+            print(f"{'':<28} ppo per agent: " + " ".join(f"{m:.3f}" for m in agents["medians"].values()))
+    for key, ranks in report["ranks"].items():
+        print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The candidate policy (``--strategy ppo``): descriptors, surrogate, policy, meta-training
+provenance and the family-out guard, and searches on spaces it was never trained on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from attn_search import AttentionConfig
+from attn_search.strategies import candidates as C
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
+
+
+def small_table(tmp: Path, name: str, family_of: str) -> Path:
+    """A 40-row slice of a shipped table (its header names the task), for fast meta-training."""
+    src = ROOT / "tables" / f"{family_of}.csv"
+    lines = src.read_text().splitlines(keepends=True)
+    head = [line for line in lines if line.startswith("#")]
+    frame = pd.read_csv(src, comment="#").iloc[::8].head(40)
+    out = tmp / f"{name}.csv"
+    out.write_text("".join(head) + frame.to_csv(index=False))
+    return out
+
+
+def test_descriptors_name_what_a_mask_computes() -> None:
+    """Two configurations whose masks are identical describe alike (BigBird(32, 4, 3) keeps every
+    causal entry at L=256, as dense does); reach that differs shows in the bands it covers."""
+    dense = AttentionConfig(pattern="dense")
+    bigbird = AttentionConfig(pattern="bigbird", block_size=32, n_global=4, n_random=3)
+    assert np.allclose(C.describe(dense, 256), C.describe(bigbird, 256))
+    window = C.describe(AttentionConfig(pattern="window", window=8), 256)
+    reach = {name: v for name, v in zip(C.DESCRIPTOR, window, strict=True)}
+    assert reach["reach_1"] == 1.0 and reach["reach_8"] == 0.0 and reach["density"] < 0.07
+    strided = dict(zip(C.DESCRIPTOR, C.describe(AttentionConfig(pattern="strided", stride=16), 256), strict=True))
+    assert 0 < strided["reach_32"] < 0.2 and strided["reach_16"] > 0  # every 16th offset beyond the band
+    longformer = dict(zip(C.DESCRIPTOR, C.describe(AttentionConfig(pattern="longformer", window=8), 256), strict=True))
+    assert longformer["global"] == 1.0 and reach["global"] == 0.0
+
+
+def test_the_surrogate_interpolates_what_it_saw_and_is_unsure_far_from_it() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 4))
+    y = x[:, 0] * 0.5 + 0.2
+    gp = C.GP(x, y)
+    mean, sd = gp.predict(x)
+    assert np.abs(mean - y).max() < 0.02 and sd.max() < 0.05
+    far_mean, far_sd = gp.predict(x + 5.0)
+    assert far_sd.min() > 5 * sd.max()
+    assert np.abs(far_mean - y.mean()).max() < 0.05  # back to the prior mean
+
+
+def test_the_policy_scores_candidates_whatever_their_order(tmp_path: Path) -> None:
+    """One network scores each candidate: permuting the candidates permutes the logits; an
+    untrained policy prefers the candidate with the largest optimistic front gain."""
+    from stable_baselines3 import PPO
+
+    task = C.TableTask(small_table(tmp_path, "delay", "delay-64"))
+    env = C.CandidateEnv([task], lengths=("task",))
+    agent = PPO(C._policy_class(), env, seed=0, device="cpu", n_steps=8, batch_size=8)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, *_ = env.step(int(env.action_space.sample()))
+    feats = obs.reshape(C.N_CANDIDATES, -1)
+    perm = np.random.default_rng(1).permutation(C.N_CANDIDATES)
+    scorer = agent.policy.mlp_extractor
+    with torch.no_grad():
+        a = scorer.forward_actor(torch.as_tensor(feats.reshape(1, -1)))[0]
+        b = scorer.forward_actor(torch.as_tensor(feats[perm].reshape(1, -1)))[0]
+    torch.testing.assert_close(a[perm], b)
+    assert C.choose(agent, feats) == int(np.argmax(feats[:, C.GAIN_UCB]))
+
+
+def test_the_candidate_env_passes_the_checker_and_is_deterministic(tmp_path: Path) -> None:
+    task = C.TableTask(small_table(tmp_path, "ngram", "ngram-64"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(C.CandidateEnv([task], lengths=("task",)), skip_render_check=True)
+    rows = []
+    for _ in range(2):
+        env = C.CandidateEnv([task], lengths=("task",))
+        env.reset(seed=3)
+        rows.append([env.step(0)[4]["row"] for _ in range(5)])
+    assert rows[0] == rows[1] and len(set(rows[0])) == 5  # no row proposed twice
+
+
+def test_provenance_records_the_training_and_refuses_a_changed_file(tmp_path: Path) -> None:
+    tables = [small_table(tmp_path, "delay", "delay-64"), small_table(tmp_path, "ngram", "ngram-64")]
+    out = tmp_path / "agent.zip"
+    C.meta_train(tables, steps=128, seed=3, deploy_len=128, out=out, n_envs=2)
+    info = C.provenance(out)
+    assert info is not None
+    assert info["tables"] == ["delay", "ngram"] and info["families"] == ["delay", "ngram"]
+    assert info["steps"] == 128 and info["seed"] == 3 and info["code"] == C.code_version()
+    tampered = tmp_path / "tampered.zip"
+    shutil.copy(out, tampered)
+    shutil.copy(out.with_suffix(".json"), tampered.with_suffix(".json"))
+    with open(tampered, "ab") as fh:
+        fh.write(b"\0")
+    assert C.provenance(tampered) is None
+    side = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**side, "code": "0" * 16}))
+    assert C.provenance(out) is None  # trained by other code: not reused
+
+
+def test_a_family_out_agent_never_saw_its_family(tmp_path: Path) -> None:
+    """The agent scored on a family is trained on the other families only; a cached file that does
+    not match (planted with the held-out table in its sidecar) is trained again, not reused."""
+    tables = [small_table(tmp_path, "delay", "delay-64"), small_table(tmp_path, "ngram", "ngram-64"),
+              small_table(tmp_path, "mqar", "mqar-64")]  # fmt: skip
+    folder = tmp_path / "agents"
+    path = C.family_out_agent(tables, "delay", seed=0, steps=64, folder=folder, deploy_len=128)
+    info = C.provenance(path)
+    assert info is not None and info["tables"] == ["mqar", "ngram"] and "delay" not in info["families"]
+    stamp = path.stat().st_mtime_ns
+    assert C.family_out_agent(tables, "delay", seed=0, steps=64, folder=folder, deploy_len=128) == path
+    assert path.stat().st_mtime_ns == stamp  # a matching cached agent is reused
+    side = path.with_suffix(".json")
+    side.write_text(json.dumps({**json.loads(side.read_text()), "tables": ["delay", "mqar", "ngram"]}))
+    C.family_out_agent(tables, "delay", seed=0, steps=64, folder=folder, deploy_len=128)
+    again = C.provenance(path)
+    assert again is not None and again["tables"] == ["mqar", "ngram"]
+
+
+@pytest.mark.parametrize("space", [TINY, "full"], ids=["custom-yaml", "full"])
+def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
+    tmp_path: Path, space: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from attn_search.outputs import load_run
+    from attn_search.search import SearchOptions, run_search
+
+    assert C.SHIPPED.is_file() and C.provenance(C.SHIPPED) is not None, "make agent"
+    out = tmp_path / "run"
+    run_search(SearchOptions(space=space, strategy="ppo", trials=3, steps=2, pruner="none", confirm=0,
+                             out=str(out)))  # fmt: skip
+    said = capsys.readouterr().out
+    assert "the candidate policy candidate-ppo.zip, meta-trained on" in said and "untrained" not in said
+    study = load_run(out)[0]
+    ran = [t for t in study.trials if t.state.is_finished()]
+    assert len(ran) == 3 and all(t.user_attrs.get("proposed_by") == "ppo" for t in ran)
+    assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 3
