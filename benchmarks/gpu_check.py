@@ -21,6 +21,7 @@ Usage (through ``../shared/gpu/``; see its README)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,11 +143,9 @@ def throughput(device: str, trials: int, steps: int) -> dict[str, Any]:
             entry["warm"] = runs[1]
             entry["compile_s"] = round(runs[0]["seconds"] - runs[1]["seconds"], 1)
         out[name] = entry
-    try:
+    with contextlib.suppress(KeyError):  # (a failed run has no warm figures)
         out["speedup_warm"] = round(out["population_32_pruned"]["warm"]["trials_per_hour"]
                                     / out["one_by_one"]["warm"]["trials_per_hour"], 2)  # fmt: skip
-    except KeyError:
-        pass
     return out
 
 

@@ -220,12 +220,12 @@ def _policy_class() -> type:
         depend on the candidates' order. Plugged in through ``policy=`` (SB3's extension point)."""
 
         def _build_mlp_extractor(self) -> None:
-            self.mlp_extractor = _Scorer(len(FEATURES))
+            self.mlp_extractor = _Scorer(len(FEATURES))  # type: ignore[assignment]
 
         def _build(self, lr_schedule: Any) -> None:
             super()._build(lr_schedule)
             self.action_net = nn.Identity()
-            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     return CandidatePolicy
 
@@ -327,7 +327,7 @@ class CandidateEnv(gym.Env):  # type: ignore[misc]
     ``tables`` (:class:`TableTask` objects; each episode draws one), ``budgets``, ``lengths``.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
 
     def __init__(self, tables: Sequence[TableTask], *, budgets: Sequence[int] = (10, 20, 50),
                  lengths: Sequence[str] = ("task", "deploy")) -> None:  # fmt: skip
@@ -368,7 +368,7 @@ class CandidateEnv(gym.Env):  # type: ignore[misc]
         hv = _hv(np.column_stack([self.table.accuracy[t], self.cost[t]]))
         reward, self.hv = (hv - self.hv) / self.scale, hv
         done = len(self.tried) >= self.budget
-        obs = np.zeros(self.observation_space.shape, np.float32) if done else self._observe()
+        obs = np.zeros(N_CANDIDATES * len(FEATURES), np.float32) if done else self._observe()
         return obs, float(reward), done, False, {"regret": 1.0 - hv / self.scale, "row": row}
 
 
@@ -524,9 +524,13 @@ class CandidateStrategy:
                     dict((k, v) for k, v in key if v is not None), seed=self.context.seed), row[compute])
                     for key, row in lookup.rows.items()]  # fmt: skip
             left = [r for r in self._rows if self._key(r[1]) not in self.tried | set(self.pending.values())]
-            pick = self.rng.choice(len(left), size=min(N_CANDIDATES, len(left)), replace=False) if left else []
-            return [left[int(i)] for i in pick]
-        out = []
+            pick: list[int] = (
+                [int(i) for i in self.rng.choice(len(left), size=min(N_CANDIDATES, len(left)), replace=False)]
+                if left
+                else []
+            )
+            return [left[i] for i in pick]
+        out: list[tuple[dict[str, Any], AttentionConfig, float]] = []
         for _ in range(20 * N_CANDIDATES):
             if len(out) == N_CANDIDATES:
                 break
