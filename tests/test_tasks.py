@@ -34,6 +34,7 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "delay": {"seq_len": 5, "lag": 2, "vocab": 5},
         "prefix_key": {"seq_len": 5, "n_keys": 4, "n_symbols": 5},
         "majority": {"seq_len": 12, "spread": 0.5, "min_pos": 2},
+        "prefix_majority": {"seq_len": 12, "prefix": 3, "spread": 0.5},
         "segment_header": {"seq_len": 9, "n_headers": 3, "n_body": 3, "min_seg": 3, "max_seg": 4},
     }
     task = make_task(name, seed=0, **kwargs[name])
@@ -162,6 +163,11 @@ def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     for row, target in zip(x.tolist(), y.tolist(), strict=True):
         assert target[:4] == [IGNORE] * 4
         assert target[4:] == [int(2 * sum(row[: t + 1]) > t + 1) for t in range(4, 30)]
+    x, y = make_task("prefix_majority", seq_len=40, prefix=7).data("eval", 50)
+    assert (y[:, :7] == IGNORE).all() and torch.equal(
+        y[:, 7:], (2 * x[:, :7].sum(1, keepdims=True) > 7).long().expand(-1, 33)
+    )
+    assert 0.3 < x[:, 7:].float().mean() < 0.7 and len(set(y[:, -1].tolist())) == 2
     task = make_task("segment_header", seq_len=80, n_headers=5, n_body=4)
     x, y = task.data("eval", 20)
     for row, target in zip(x.tolist(), y.tolist(), strict=True):

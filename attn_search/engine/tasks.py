@@ -510,6 +510,40 @@ class Majority(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefixMajority(GeneratedTask):
+    """Aggregate a block of context far away: the label at every position from ``prefix`` on says
+    whether ones outnumber zeros among the first ``prefix`` bits.
+
+    A summary of a whole region (a document's opening paragraph, a prompt), read from everywhere
+    after it: one global token does not hold it, a window does not reach it, but attending a whole
+    block of leading positions does (BigBird's global blocks, or dense). Each sequence draws its
+    bias ``p ~ U(0.5 - spread, 0.5 + spread)`` for its prefix; ``prefix`` is odd, so there are no
+    ties; the bits after the prefix are fair coin flips, so they say nothing about it.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    prefix: int = 15
+    spread: float = 0.25
+
+    name = "prefix_majority"
+    vocab_size = 2
+    n_classes = 2
+
+    def __post_init__(self) -> None:
+        if not (0 < self.prefix < self.seq_len and self.prefix % 2 == 1):
+            raise ValueError(f"prefix={self.prefix} must be odd and lie in (0, seq_len={self.seq_len})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        p = rng.uniform(0.5 - self.spread, 0.5 + self.spread, size=(n, 1))
+        x = (rng.random((n, self.seq_len)) < 0.5).astype(np.int64)
+        x[:, : self.prefix] = rng.random((n, self.prefix)) < p
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, self.prefix :] = (2 * x[:, : self.prefix].sum(1, keepdims=True) > self.prefix).astype(np.int64)
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
 class SegmentHeader(GeneratedTask):
     """Documents packed into one sequence: every token is labelled with its document's header.
 
@@ -568,6 +602,7 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "delay": Delay,
     "prefix_key": PrefixKey,
     "majority": Majority,
+    "prefix_majority": PrefixMajority,
     "segment_header": SegmentHeader,
 }
 """Built-in tasks by name."""
