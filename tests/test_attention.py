@@ -283,3 +283,31 @@ def test_one_by_one_flex_compiles_once_for_every_pattern_and_parameter(flex_comp
             ref = sparse_attention(q, q, q, pattern=pattern, backend="reference", **params)
             assert torch.allclose(out, ref, atol=1e-5), (pattern, params)
     assert compiles["n"] == 1
+
+
+def test_a_sparse_pattern_that_keeps_every_entry_runs_dense_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BigBird(32, 4, 3) keeps every causal entry at L=256: ``auto`` runs it as dense attention
+    (SDPA's fused causal kernel, no mask tensor), the same function; at L=512 it is sparse again."""
+    from attn_search.engine import attention
+    from attn_search.engine.patterns import keeps_everything
+
+    params = {"block_size": 32, "n_global": 4, "n_random": 3}
+    assert keeps_everything("bigbird", 256, causal=True, **params)
+    assert not keeps_everything("bigbird", 512, causal=True, **params)
+    calls: list[dict] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    q, k, v = qkv(256, grad=False)
+    out = sparse_attention(q, k, v, pattern="bigbird", causal=True, **params)
+    assert calls == [{"is_causal": True}]
+    reference = sparse_attention(q, k, v, pattern="bigbird", causal=True, backend="reference", **params)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    q, k, v = qkv(512, grad=False)
+    sparse_attention(q, k, v, pattern="bigbird", causal=True, **params)
+    assert calls != [{"is_causal": True}]

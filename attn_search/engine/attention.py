@@ -36,7 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attn_search.engine.patterns import BlockLayout, block_layout, pattern_mask, pattern_rule, resolve_params
+from attn_search.engine.patterns import (
+    BlockLayout,
+    block_layout,
+    keeps_everything,
+    pattern_mask,
+    pattern_rule,
+    resolve_params,
+)
 
 BACKENDS = ("auto", "reference", "blocked", "flex")
 
@@ -516,6 +523,10 @@ def attention_plan(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     p = resolve_params(pattern, **params)
+    if backend == "auto" and keeps_everything(pattern, seq_len, causal=causal, **p):
+        # a sparse pattern whose mask keeps every entry at this length is dense attention: SDPA's
+        # fused kernels (flash attention on CUDA) instead of a block-sparse pass over a full mask
+        pattern, p = "dense", {}
     key = _key(pattern, seq_len, causal, p)
     dev = torch.device(device)
     if backend == "auto":

@@ -243,6 +243,17 @@ def pattern_entries(pattern: str, seq_len: int, *, causal: bool = False, **param
     return round(pattern_density(pattern, seq_len, causal=causal, **params) * seq_len * seq_len)
 
 
+def keeps_everything(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> bool:
+    """Whether the pattern's mask at ``seq_len`` is dense's (every entry, or every causal one):
+    BigBird with 32-token blocks and 4 global blocks at L=256, a window of 128 at L=64. Every rule
+    keeps a subset of dense's entries, so equal counts mean equal masks."""
+    if pattern == "dense":
+        return True
+    return pattern_entries(pattern, seq_len, causal=causal, **params) == pattern_entries(
+        "dense", seq_len, causal=causal
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TileBucket:
     """Query tiles that share one padded key width (see :class:`BlockLayout`)."""

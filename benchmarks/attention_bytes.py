@@ -1,0 +1,79 @@
+"""Bytes moved per member-step by a population's training step: the padded head layout (what CUDA
+runs) against each member on its own path (no padding), counted on the CPU.
+
+A ``TorchDispatchMode`` sums, for every aten op of one training step (forward, backward,
+optimiser), the bytes of its tensor inputs and outputs: a device-independent proxy of memory
+traffic (a fused kernel would move less; both layouts are counted the same way). The padded
+layout is forced with ``CPU_PER_MEMBER = False``; FlexAttention's kernel is not available for a
+CPU backward, so the padded layout's attention is its dense masked path here, which overstates
+what CUDA moves in attention itself but not the padding of q, k, v and outputs to
+``max heads x widest head`` channels, which is what this measures. Prints per-member-step
+megabytes of both and their ratio; the last line is JSON.
+
+Usage::
+
+    python benchmarks/attention_bytes.py                 # K=8 sparse-space proposals, L=256
+    python benchmarks/attention_bytes.py --members 16 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from gpu_check import proposals  # the same seeded draw of sparse-space proposals (numpy, no Optuna)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attn_search.engine import model as model_module
+from attn_search.engine import trainer as T
+from attn_search.engine.tasks import make_task
+
+
+class ByteCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def per_member_step(configs: list[Any], seq_len: int, padded: bool) -> tuple[float, int]:
+    model_module.CPU_PER_MEMBER = not padded
+    task = make_task("mqar", seq_len=seq_len, n_pairs=seq_len // 8)
+    pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cpu"), "auto",
+                        heads=(2, 8))  # fmt: skip
+    pop.train_step()  # plans built, optimiser state allocated
+    with ByteCounter() as counter:
+        pop.train_step()
+    return counter.bytes / len(configs) / 2**20, counter.ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    configs = [c.replace(attn_dropout=0.0, dropout=0.0) for c in proposals(args.members, args.seed, attn_dropout=False)]
+    heads = sorted({c.n_heads for c in configs})
+    padded, padded_ops = per_member_step(configs, args.seq_len, padded=True)
+    alone, alone_ops = per_member_step(configs, args.seq_len, padded=False)
+    print(f"{args.members} members (heads {heads}), L={args.seq_len}, batch {configs[0].batch_size}")
+    print(f"padded layout  {padded:9.1f} MB per member-step ({padded_ops} ops)")
+    print(f"per member     {alone:9.1f} MB per member-step ({alone_ops} ops)")
+    print(f"ratio          {padded / alone:9.2f}x")
+    print(json.dumps({"members": args.members, "heads": heads, "seq_len": args.seq_len, "padded_mb": round(padded, 1),
+                      "per_member_mb": round(alone, 1), "ratio": round(padded / alone, 2)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
