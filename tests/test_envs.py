@@ -80,18 +80,36 @@ def test_same_seed_same_rollout(table: Path) -> None:
     assert rollout(make(table), 7) != rollout(make(table), 8)
 
 
+def _area(points: list[tuple[float, float]]) -> float:
+    """2-D hypervolume of (accuracy up, cost in [0, 1] down) points, reference (0, 1), by a sweep
+    written here independently of attn_search.pareto."""
+    total, best = 0.0, 0.0
+    ordered = sorted(points, key=lambda p: p[1])
+    for i, (acc, cost) in enumerate(ordered):
+        best = max(best, acc)
+        total += best * ((ordered[i + 1][1] if i + 1 < len(ordered) else 1.0) - cost)
+    return total
+
+
 def test_return_is_the_final_normalised_hypervolume(table: Path) -> None:
+    """The episode's return is the hypervolume of the points it visited, computed here from the
+    recorded rows with the env's bounds (so a reward that drifted from the front would show)."""
     env = make(table)
     env.reset(seed=0)
-    total, info, steps, terminated = 0.0, {}, 0, False
+    total, info, steps, terminated, seen = 0.0, {}, 0, False, []
+    acc_i = env.metrics.index("accuracy")
+    cost_i = 1 - acc_i
+    lo, hi = env.lower[cost_i], env.upper[cost_i]
     while not terminated:
         _, reward, terminated, truncated, info = env.step(env.action_space.sample())
         assert not truncated
         total += reward
         steps += 1
+        m = info["metrics"]
+        seen.append((m[env.metrics[acc_i]], min(max((m[env.metrics[cost_i]] - lo) / (hi - lo), 0.0), 1.0)))
     assert steps == 6
-    assert total == pytest.approx(info["hypervolume"])
-    assert 0.0 < info["hypervolume"] <= 1.0
+    assert info["hypervolume"] == pytest.approx(_area(seen), abs=1e-9)
+    assert total == pytest.approx(_area(seen), abs=1e-9) and _area(seen) > 0
     assert set(info) >= {"config", "metrics", "values"}
 
 

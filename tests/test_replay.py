@@ -117,7 +117,15 @@ def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[
         for budget in (3, 6):
             for s in strategies:
                 regrets = result["regret"][table][budget][s]
-                assert len(regrets) == 2 and all(0 <= r <= 1 for r in regrets), (table, budget, s)
+                assert len(regrets) == 2, (table, budget, s)
+        # the protocol's bookkeeping: random's regret at each budget is that of its own replay's
+        # first trials, recomputed here from the table's rows
+        t = next(u for u in tables if u.name == table)
+        for seed in (0, 1):
+            r = replay(t, "random", trials=6, seed=seed)
+            for budget in (3, 6):
+                points = [t.point(k) for k in r.proposed[:budget]]
+                assert result["regret"][table][budget]["random"][seed] == pytest.approx(t.regret(t.hypervolume(points)))
         # budgets are prefixes for random: more trials never raise its regret
         assert all(
             r6 <= r3
@@ -128,7 +136,7 @@ def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[
             assert all(st <= 6 * 120 for st in result["early_stopping"][table][s]["steps"])
             assert len(result["curves"][table][s][0]) == 6
     expected = mean_ranks(result["regret"], [3, 6], strategies)
-    assert result["ranks"] == expected and sum(expected[6].values()) == pytest.approx(28)  # ranks 1..7
+    assert result["ranks"] == expected
 
 
 def test_the_benchmark_script_writes_its_results_and_plot(tables: list[Table], tmp_path: Path) -> None:
