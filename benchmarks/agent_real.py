@@ -62,7 +62,7 @@ def search(strategy: str, seed: int, args: argparse.Namespace, out: Path, thread
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=["ppo", "tpe"])
+    parser.add_argument("--strategies", nargs="+", default=["ppo-grid", "tpe"])
     parser.add_argument("--task", default="mqar")
     parser.add_argument("--task-param", action="append", default=None, metavar="KEY=VALUE",
                         help="default: seq_len=96 n_pairs=12")  # fmt: skip

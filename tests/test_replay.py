@@ -109,7 +109,7 @@ def test_ranks_share_ties_and_average_over_tables() -> None:
 
 
 def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[Table], tmp_path: Path) -> None:
-    strategies = ["random", "tpe", "nsga2", "gp", "ppo", META, PORTFOLIO]
+    strategies = ["random", "tpe", "nsga2", "gp", "ppo-grid", "ppo", META, PORTFOLIO]
     result = run_protocol(tables, strategies, [3, 6], [0, 1], meta_steps=300, agents_dir=tmp_path)
     # one agent per held-out table, with the grid it acts on beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loo-a.json", "loo-a.zip", "loo-b.json", "loo-b.zip"]
