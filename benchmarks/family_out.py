@@ -152,11 +152,14 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", help="held-out families to score (default: every one)")
     parser.add_argument("--agents", type=int, default=5, help="meta-training seeds per held-out family")
     parser.add_argument("--seeds", type=int, default=10, help="searches per table and strategy")
-    parser.add_argument("--steps", type=int, default=8192, help="meta-training environment steps per agent")
+    parser.add_argument("--gp-seeds", type=int, default=5,
+                        help="searches per table of gp and portfolio+gp (seconds a trial; paired on these seeds)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=4096, help="meta-training environment steps per agent")
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--deploy-len", type=int, default=4096)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--strategies", nargs="+", default=[*BASELINES, "ppo"])
+    parser.add_argument("--strategies", nargs="+", default=["random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, "ppo"],
+                        help=f"default: every baseline but {ACQUISITION} (the untrained ablation), and ppo")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -193,7 +196,7 @@ def main() -> None:
             configs = portfolio(others, top) if {PORTFOLIO, PORTFOLIO_GP} & set(args.strategies) else []
             for p in (q for q in map(str, paths) if family[q] == f):
                 for strategy in args.strategies:
-                    for seed in range(args.seeds):
+                    for seed in range(args.gp_seeds if strategy in ("gp", PORTFOLIO_GP) else args.seeds):
                         budgets = [top] if strategy in ("random", PORTFOLIO) else args.budgets
                         for b in budgets:
                             if strategy in ("gp", PORTFOLIO_GP) and b > GP_MAX:
@@ -225,14 +228,13 @@ def main() -> None:
 
     regret: dict[str, dict[str, dict[int, dict[str, list[float]]]]] = {}
     per_agent: dict[str, dict[str, dict[int, dict[int, list[float]]]]] = {}
-    for (f, length, _, strategy, seed, b), curve in zip(keys, curves, strict=True):
+    for (f, length, table, strategy, seed, b), curve in zip(keys, curves, strict=True):
         for budget in args.budgets:
             if budget > b or (b != budget and strategy not in ("random", PORTFOLIO)):
                 continue
             value = curve[min(budget, len(curve)) - 1]
-            regret.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(strategy, []).append(
-                value
-            )
+            cell = regret.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {})
+            cell.setdefault(strategy, {})[f"{table}#{seed}"] = value  # paired across strategies by table and seed
             if strategy == "ppo":
                 per_agent.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(
                     seed % args.agents, []).append(value)  # fmt: skip
@@ -257,17 +259,20 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
         for length, cells in lengths.items():
             for b, by in cells.items():
                 key = f"{f}/{length}/{b}"
-                report["cells"][key] = {s: {"median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
-                                            "q3": float(np.percentile(v, 75)), "n": len(v)} for s, v in by.items()}  # fmt: skip
+                report["cells"][key] = {s: {"median": float(np.median(list(v.values()))),
+                                            "q1": float(np.percentile(list(v.values()), 25)),
+                                            "q3": float(np.percentile(list(v.values()), 75)), "n": len(v)}
+                                        for s, v in by.items()}  # fmt: skip
                 if "ppo" not in by:
                     continue
                 tests = {}
                 for s, v in by.items():
-                    if s == "ppo" or len(v) != len(by["ppo"]):
+                    pairs = sorted(set(v) & set(by["ppo"]))  # the same tables and seeds
+                    if s == "ppo" or len(pairs) < 2:
                         continue
-                    d = np.asarray(by["ppo"]) - np.asarray(v)
-                    p = 1.0 if np.allclose(d, 0) else float(wilcoxon(by["ppo"], v).pvalue)
-                    tests[s] = {"mean_diff": float(d.mean()), "p": p}
+                    a, b2 = np.array([by["ppo"][k] for k in pairs]), np.array([v[k] for k in pairs])
+                    p = 1.0 if np.allclose(a, b2) else float(wilcoxon(a, b2).pvalue)
+                    tests[s] = {"mean_diff": float((a - b2).mean()), "p": p, "n": len(pairs)}
                 report["tests"][key] = tests
                 agents = per_agent.get(f, {}).get(length, {}).get(b, {})
                 medians = {a: float(np.median(v)) for a, v in agents.items()}
@@ -275,7 +280,7 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
                 for s, v in by.items():
                     if s == "ppo":
                         continue
-                    base = float(np.median(v))
+                    base = float(np.median(list(v.values())))
                     wins = sum(m < base for m in medians.values())
                     losses = sum(m > base for m in medians.values())
                     signs[s] = {"agents_better": wins, "agents_worse": losses,
