@@ -54,7 +54,7 @@ bench: venv
 # (majority-64 correlates 0.85 with selective_copy-128: not a family of its own, see tables/README.md)
 POLICY_TABLES := $(filter-out tables/sparse-smoke.csv tables/majority-64.csv,$(wildcard tables/*.csv))
 agent: venv
-	$(PY) -m attn_search.cli meta-train --kind policy --tables $(POLICY_TABLES) --steps 8192 \
+	$(PY) -m attn_search.cli meta-train --kind policy --tables $(POLICY_TABLES) --steps 4096 \
 		--out attn_search/strategies/agents/candidate-ppo.zip
 
 ## The grid agent of --strategy ppo-grid, meta-trained on the first four tables.
