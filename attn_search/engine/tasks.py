@@ -357,8 +357,22 @@ class SelectiveCopy(GeneratedTask):
         return x, y
 
 
+class _TokensAreLabels:
+    """For tasks whose labels are input tokens: ``vocab_size`` and ``n_classes`` are ``vocab``."""
+
+    vocab: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:
+        return self.vocab
+
+
 @dataclasses.dataclass(frozen=True)
-class NGram(GeneratedTask):
+class NGram(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """Local n-gram rule: the label at ``t`` is a fixed random function of the last ``order`` tokens.
 
     Language models spend most attention on the few tokens just before the query (Khandelwal et al.
@@ -377,14 +391,6 @@ class NGram(GeneratedTask):
     table_seed: int = 0
 
     name = "ngram"
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.vocab
-
-    @property
-    def n_classes(self) -> int:  # type: ignore[override]
-        return self.vocab
 
     def __post_init__(self) -> None:
         if self.order < 1 or self.order >= self.seq_len:
@@ -406,7 +412,7 @@ class NGram(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Delay(GeneratedTask):
+class Delay(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """Delayed copy: the label at ``t`` is the token ``lag`` positions back.
 
     A fixed, long offset, as periodic signals have (a season, a bar of music, a line of fixed width):
@@ -421,14 +427,6 @@ class Delay(GeneratedTask):
     vocab: int = 16
 
     name = "delay"
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.vocab
-
-    @property
-    def n_classes(self) -> int:  # type: ignore[override]
-        return self.vocab
 
     def __post_init__(self) -> None:
         if not 1 <= self.lag < self.seq_len:
