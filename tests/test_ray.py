@@ -95,12 +95,13 @@ def test_embedded_ray_writes_the_local_backends_outputs(
 def test_a_worker_environment_that_cannot_import_the_package_stops_the_search(
     loopback: Loopback, tmp_path: Path
 ) -> None:
-    """Workers whose environment cannot import the package (here: a broken gymnasium first on the
-    worker nodes' PYTHONPATH; the driver's is fine) must stop the search in seconds with their
-    error, not retry every trial in silence."""
-    broken = tmp_path / "shadow" / "gymnasium"
+    """Workers whose environment cannot import the package (here: a broken torch first on the
+    worker nodes' PYTHONPATH; the driver's is fine; the engine needs nothing else, so a broken
+    gymnasium would no longer stop it) must stop the search in seconds with their error, not retry
+    every trial in silence."""
+    broken = tmp_path / "shadow" / "torch"
     broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('this environment has a broken gymnasium')\n")
+    (broken / "__init__.py").write_text("raise ImportError('this environment has a broken torch')\n")
     port = "6391"
     env = {**loopback.env, "PYTHONPATH": f"{broken.parent}:{ROOT}"}
     head = subprocess.run(loopback.wrap(["ray", "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -111,7 +112,7 @@ def test_a_worker_environment_that_cannot_import_the_package_stops_the_search(
     done = loopback.run(search_cmd(tmp_path / "run", "--address", f"127.0.0.1:{port}", trials=4), timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert "Ray workers cannot run attn_search" in last and "broken gymnasium" in last, last
+    assert "Ray workers cannot run attn_search" in last and "broken torch" in last, last
     assert time.time() - start < 120
     assert rows(tmp_path / "run").empty  # no trial was burnt on it
 

@@ -394,7 +394,7 @@ def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
 
 
 def test_the_agent_acts_in_one_environment_per_population_member(tmp_path: Path) -> None:
-    out, summary = search(tmp_path, trials=6, steps=6, population=3, strategy="ppo")
+    out, summary = search(tmp_path, trials=6, steps=6, population=3, strategy="ppo-grid")
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 6 and summary.n_finished == 6  # type: ignore[attr-defined]
     # its second round of proposals refills the first population's slots as they free
