@@ -122,8 +122,8 @@ class SearchSpace:
         if "n_heads" in by_name:
             p = by_name["n_heads"]
             values = [int(v) for v in p.choices] if p.kind == "categorical" else [int(p.low), int(p.high)]  # type: ignore[arg-type]
-            d_models = [int(self.fixed.get("d_model", 64))]
-            return (min(values), max(values)) if all(d % max(values) == 0 for d in d_models) else None
+            d_model = int(self.fixed.get("d_model", 64))
+            return (min(values), max(values)) if d_model % max(values) == 0 else None
         if "n_heads" in self.fixed:
             return (int(self.fixed["n_heads"]),) * 2
         return None

@@ -213,7 +213,6 @@ class _MemberPlan:
         C = members[0].d_model
         heads = [c.n_heads for c in members]
         self.H, self.D = layout  # the padded layout: H heads of D channels
-        self.L, self.device, self.dropout = L, device, dropout
         K, D = len(members), self.D
         self.masks = torch.empty(K, L, L, dtype=torch.bool, device=device)
         self.cos = torch.empty(K, 1, L, D // 2, device=device)  # (K, 1, L, D/2)
