@@ -36,6 +36,8 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "majority": {"seq_len": 12, "spread": 0.5, "min_pos": 2},
         "prefix_majority": {"seq_len": 12, "prefix": 3, "spread": 0.5},
         "segment_header": {"seq_len": 9, "n_headers": 3, "n_body": 3, "min_seg": 3, "max_seg": 4},
+        "grid": {"seq_len": 7, "width": 2, "vocab": 3},
+        "local_count": {"seq_len": 16, "span": 3},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -151,6 +153,26 @@ def test_ngram_labels_are_one_function_of_the_last_tokens() -> None:
     assert other == rule, "another data seed draws other sequences under the same rule"
     changed = _ngram_rule(*make_task("ngram", seq_len=64, order=3, vocab=4, table_seed=1).data("eval", 200), order=3)
     assert changed != rule
+
+
+def test_grid_labels_are_one_function_of_the_cells_above() -> None:
+    x, y = make_task("grid", seq_len=60, width=5, vocab=4).data("eval", 200)
+    assert (y[:, :10] == IGNORE).all()
+    rule: dict[tuple[int, int], int] = {}
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        for t in range(10, 60):
+            assert rule.setdefault((row[t - 5], row[t - 10]), target[t]) == target[t]
+    assert len(rule) == 16 and len(set(rule.values())) > 1
+    x2, y2 = make_task("grid", seq_len=60, width=5, vocab=4, table_seed=3).data("eval", 200)
+    assert any(rule[(a[t - 5], a[t - 10])] != b[t] for a, b in zip(x2.tolist(), y2.tolist()) for t in range(10, 60))
+
+
+def test_local_count_labels_count_the_ones_of_the_last_span() -> None:
+    x, y = make_task("local_count", seq_len=30, span=6).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:5] == [IGNORE] * 5
+        assert target[5:] == [sum(row[t - 5 : t + 1]) for t in range(5, 30)]
+    assert make_task("local_count", span=6).n_classes == 7
 
 
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:

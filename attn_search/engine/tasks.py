@@ -592,6 +592,89 @@ class SegmentHeader(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid(GeneratedTask):
+    """A column of a raster-scanned grid: the label at ``t`` is a fixed random function of the cells
+    one and two rows above it (``t - width`` and ``t - 2 width``).
+
+    Images, tables and spreadsheets are flattened row by row, so a neighbour in the second dimension
+    sits ``width`` positions back: what the Sparse Transformer's strided attention was designed for
+    (Child et al. 2019, arXiv:1904.10509). (The left neighbour is not used: the model's token shift
+    already sees it.) A pattern must reach both offsets at once: a band wider than ``2 width``, a
+    stride or dilation that divides ``width`` with enough reach; a short window misses both, and a
+    dilation that does not divide ``width`` misses them at any reach. The rule ``(vocab, vocab) ->
+    class`` is drawn from ``table_seed`` (fixed across splits and data seeds); positions from
+    ``2 width`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    width: int = 10
+    vocab: int = 8
+    table_seed: int = 0
+
+    name = "grid"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if not 2 <= 2 * self.width < self.seq_len:
+            raise ValueError(f"width={self.width} must lie in [1, seq_len/2={self.seq_len / 2})")
+        if self.vocab < 2:
+            raise ValueError(f"vocab={self.vocab} must be >= 2")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        table = np.random.default_rng([self.table_seed, 11]).integers(0, self.vocab, size=self.vocab**2)
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len))
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        w = self.width
+        y[:, 2 * w :] = table[x[:, w:-w] * self.vocab + x[:, : -2 * w]]
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCount(GeneratedTask):
+    """Count over a fixed recent span: the label at ``t`` is how many ones ``x[t - span + 1 .. t]``
+    holds (``span + 1`` classes).
+
+    Local aggregation with a hard edge (a rate over the last N events, a moving sum): attention
+    computes it as a uniform average over exactly the last ``span`` keys, so a causal window of
+    ``span`` is the exact inductive bias; a longer reach mixes in bits that must be learnt away by
+    position. A dilation of 2 counts every other position, which with the model's token shift (each
+    position also carries its predecessor) is every bit: dilated(8, 2) covers a span of 16 at the
+    cost of a window of 8. Bits are Bernoulli(1/2); positions from ``span - 1`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    span: int = 16
+
+    name = "local_count"
+    vocab_size = 2
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.span + 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.span <= self.seq_len:
+            raise ValueError(f"span={self.span} must lie in [1, seq_len={self.seq_len}]")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = (rng.random((n, self.seq_len)) < 0.5).astype(np.int64)
+        ones = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(x, axis=1)], axis=1)
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        s = self.span
+        y[:, s - 1 :] = ones[:, s:] - ones[:, : self.seq_len - s + 1]
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -602,6 +685,8 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "majority": Majority,
     "prefix_majority": PrefixMajority,
     "segment_header": SegmentHeader,
+    "grid": Grid,
+    "local_count": LocalCount,
 }
 """Built-in tasks by name."""
 
