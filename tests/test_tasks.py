@@ -164,7 +164,11 @@ def test_grid_labels_are_one_function_of_the_cells_above() -> None:
             assert rule.setdefault((row[t - 5], row[t - 10]), target[t]) == target[t]
     assert len(rule) == 16 and len(set(rule.values())) > 1
     x2, y2 = make_task("grid", seq_len=60, width=5, vocab=4, table_seed=3).data("eval", 200)
-    assert any(rule[(a[t - 5], a[t - 10])] != b[t] for a, b in zip(x2.tolist(), y2.tolist()) for t in range(10, 60))
+    assert any(
+        rule[(a[t - 5], a[t - 10])] != b[t]
+        for a, b in zip(x2.tolist(), y2.tolist(), strict=True)
+        for t in range(10, 60)
+    )
 
 
 def test_local_count_labels_count_the_ones_of_the_last_span() -> None:
