@@ -270,9 +270,21 @@ def _preflight(opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> o
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna's RDB storage with heartbeats: a trial whose process died is told apart from a live one
     (see :func:`recover_interrupted`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    import sqlalchemy.exc
+
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Searches started together on a fresh PostgreSQL database race to create Optuna's
+            # schema (CREATE TABLE is not idempotent there); the loser retries once the winner's
+            # tables exist. Optuna's RDBStorage does not retry this itself.
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_name_for(run_dir: Path) -> str:

@@ -60,3 +60,23 @@ def flex_compiles(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_FLEX_COMPILED", torch.compile(flex_attention, dynamic=False, backend=counting))
     return compiles
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server on loopback (see tests/pgserver.py); skips, saying why, where none can be had."""
+    from . import pgserver
+
+    why = pgserver.unavailable()
+    if why:
+        pytest.skip(why)
+    with pgserver.server() as base:
+        yield base
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh database of its own for one test: its ``postgresql://`` URL."""
+    from . import pgserver
+
+    return pgserver.new_database(postgres_server)

@@ -241,14 +241,17 @@ def test_failure_policy() -> None:
     assert p.observe("failed", err("a")) is None and p.observe("failed", err("a")) is None
 
 
-def test_resume_takes_over_only_trials_that_are_really_dead(tmp_path: Path) -> None:
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_resume_takes_over_only_trials_that_are_really_dead(tmp_path: Path, db: str, request: Any) -> None:
+    """The heartbeat rule (a minute in a search; 2 s here), on SQLite and on a real PostgreSQL server."""
     import time
 
     import optuna
 
     from attn_search.search import recover_interrupted
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
+    url = f"sqlite:///{tmp_path / 's.db'}" if db == "sqlite" else request.getfixturevalue("postgres_url")
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, directions=["maximize"])
     ours, theirs_alive, theirs_dead = (study.ask() for _ in range(3))
     ours.set_user_attr("owner", "host:/runs/a")
