@@ -323,6 +323,17 @@ class RunOutputs:
     def task_kwargs(self) -> dict[str, Any]:
         return dict(self.task_params) if self.task is not None else dict(self.space.task_params)
 
+    def task_len(self) -> int | None:
+        """The searched task's sequence length (``None`` where the task cannot be built here)."""
+        if not hasattr(self, "_task_len"):
+            from attn_search.engine.tasks import make_task
+
+            try:
+                self._task_len: int | None = int(make_task(self.task_name, **self.task_kwargs).seq_len)
+            except Exception:  # a user's task module that is not importable here: no picture, no failure
+                self._task_len = None
+        return self._task_len
+
     def hypervolume(self, df: pd.DataFrame) -> float:
         return hypervolume_of(df, self.space, self.bounds)
 
@@ -381,7 +392,7 @@ class RunOutputs:
         if wall_seconds is not None:
             timing["sessions"].append({"wall_seconds": wall_seconds, "trial_seconds": trial_seconds})
             _atomic_write(timing_file, json.dumps(timing, indent=2))
-        write_plots(self.run_dir, df, self.space, self.bounds)
+        write_plots(self.run_dir, df, self.space, self.bounds, best=best, task_len=self.task_len())
         write_report(self.run_dir, study, df, self, best, timing)
 
 
@@ -431,8 +442,11 @@ def _pattern_colors(patterns: Sequence[str]) -> dict[str, Any]:
     return {p: cmap(i % 10) for i, p in enumerate(sorted(set(patterns)))}
 
 
-def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None) -> None:
-    """``pareto.png``, ``hypervolume.png`` and the interactive ``pareto.html``."""
+def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None,
+                best: pd.Series | None = None, task_len: int | None = None) -> None:  # fmt: skip
+    """``pareto.png`` (the chosen point ``best`` starred), ``hypervolume.png``, the interactive
+    ``pareto.html`` and ``pattern.png`` (the chosen pattern's mask at ``task_len`` and at the space's
+    target length)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,30 +456,37 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bou
     done = df[df["state"] == M.COMPLETE]
     front = front_rows(df, space)
     colors = _pattern_colors(list(df["pattern"].dropna()))
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     pruned = df[df["state"] == M.PRUNED]
     if not pruned.empty:
         ax.scatter(pruned[compute], pruned[M.ACCURACY], marker="x", color="0.6", label="pruned (accuracy at stop)")
     for pattern, grp in done.groupby("pattern"):
         ax.scatter(grp[compute], grp[M.ACCURACY], color=colors[pattern], alpha=0.55, label=str(pattern))
+    numbered: list[str] = []
     if not front.empty:
         f = front.sort_values(compute)
         ax.step(f[compute], f[M.ACCURACY], where="post", color="black", lw=1.2, label="Pareto front")
         ax.scatter(f[compute], f[M.ACCURACY], s=90, facecolors="none", edgecolors="black", lw=1.5)
-        mid = (f[compute].min() + f[compute].max()) / 2
-        for _, r in f.iterrows():
-            right = r[compute] > mid  # labels of the right half go left, so none leaves the axes
-            ax.annotate(
-                row_config(r).describe(), (r[compute], r[M.ACCURACY]), textcoords="offset points",
-                xytext=(-8 if right else 8, -10), ha="right" if right else "left", fontsize=7,
-            )  # fmt: skip
+        # Front points carry a number, and the key beside the axes says which configuration each is:
+        # full labels collided wherever several points sat together.
+        for i, (_, r) in enumerate(f.iterrows(), start=1):
+            ax.annotate(str(i), (r[compute], r[M.ACCURACY]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            numbered.append(f"{i}: {row_config(r).describe()} (trial {int(r['trial'])})")
+    if best is not None:
+        ax.scatter([best[compute]], [best[M.ACCURACY]], marker="*", s=260, color="crimson", edgecolors="black",
+                   zorder=5, label="chosen (best_config.yaml)")  # fmt: skip
     ax.set_xlabel(f"{compute} ({'lower is better'})")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"attn_search: {space.name} ({len(done)} complete trials)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing to label before the first complete trial
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="best")
+    if numbered:
+        shown = numbered if len(numbered) <= 30 else [*numbered[:29], f"... {len(numbered) - 29} more in pareto.csv"]
+        fig.text(0.70, 0.93, "Pareto front\n" + "\n".join(shown), fontsize=6.5, va="top", family="monospace")
+        fig.subplots_adjust(left=0.09, right=0.68, top=0.92, bottom=0.11)
+    else:
+        fig.tight_layout()
     fig.savefig(run_dir / "pareto.png", dpi=120)
     plt.close(fig)
 
@@ -501,8 +522,42 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bou
                 x=f[compute], y=f[M.ACCURACY], mode="lines", line={"shape": "hv", "color": "black"}, name="Pareto front"
             )
         )
+    if best is not None:
+        pfig.add_trace(go.Scatter(x=[best[compute]], y=[best[M.ACCURACY]], mode="markers", name="chosen",
+                                  marker={"symbol": "star", "size": 16, "color": "crimson"},
+                                  text=[row_config(best).describe()], hoverinfo="text+x+y"))  # fmt: skip
     pfig.update_layout(title=f"{space.name}: accuracy vs {compute}", xaxis_title=compute, yaxis_title="accuracy")
     pfig.write_html(run_dir / "pareto.html", include_plotlyjs=True, full_html=True)
+    if best is not None and task_len:
+        write_pattern_picture(run_dir / "pattern.png", row_config(best), task_len, space.target_len)
+    elif (run_dir / "pattern.png").exists():
+        (run_dir / "pattern.png").unlink()
+
+
+def write_pattern_picture(path: Path, config: AttentionConfig, task_len: int, target_len: int | None) -> None:
+    """The chosen pattern's mask (which keys each query may attend) at the task's length, and at the
+    target length where one is set (its first 512 queries and keys: a longer picture shows nothing)."""
+    import matplotlib.pyplot as plt
+
+    from attn_search.engine.patterns import pattern_density, pattern_mask
+
+    lengths = [task_len] + ([target_len] if target_len and target_len != task_len else [])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4.4), squeeze=False)
+    params: dict[str, Any] = dict(config.pattern_params())
+    for ax, L in zip(axes[0], lengths, strict=True):
+        shown = min(L, 512)
+        # the rule at L, cut to its first rows and columns (BigBird's blocks depend on L)
+        mask = pattern_mask(config.pattern, L, causal=config.causal, **params)[:shown, :shown]
+        density = pattern_density(config.pattern, L, causal=config.causal, **params)
+        ax.imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
+        cut = "" if shown == L else f", first {shown}"
+        ax.set_title(f"L={L}{cut}: keeps {100 * density:.1f}% of the L x L scores", fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.suptitle(config.describe(), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def hypervolume_history(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None) -> list[float]:
@@ -594,7 +649,7 @@ objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.{html.escape(t
 Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
 {outputs.hypervolume(df):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
 framework overhead {overhead}.{_latency_note(df)}</p>
-<h2>Chosen configuration</h2>{best_html}
+<h2>Chosen configuration</h2>{best_html}{_img(run_dir / "pattern.png")}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
 <h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
