@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from attn_search.engine import metrics as M
-from attn_search.engine.config import AttentionConfig, unused_pattern_fields
+from attn_search.engine.config import AttentionConfig, simplest_equivalent, unused_pattern_fields
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
 from attn_search.space import SearchSpace, parse_space
 
@@ -334,6 +334,13 @@ class RunOutputs:
                 self._task_len = None
         return self._task_len
 
+    def equivalent(self, config: AttentionConfig) -> str | None:
+        """``"dense: ... keeps every entry at L=256"`` where ``config``'s pattern computes dense
+        attention at the lengths that count (the task's and the target length), else ``None``."""
+        lengths = [L for L in (self.task_len(), self.space.target_len) if L]
+        found = simplest_equivalent(config, lengths)
+        return None if found is None else found[1]
+
     def hypervolume(self, df: pd.DataFrame) -> float:
         return hypervolume_of(df, self.space, self.bounds)
 
@@ -405,8 +412,10 @@ def export_dict(row: pd.Series, outputs: RunOutputs, select: str) -> dict[str, A
     """The chosen trial as exported: its config (only the parameters its pattern uses), metrics and
     provenance, with the task actually searched."""
     config = row_config(row)
+    same = outputs.equivalent(config)
     return {
         "config": config.to_dict(),
+        **({"equivalent": same} if same else {}),
         "metrics": {
             m: _plain(row[m]) for m in [*METRIC_COLUMNS, "accuracy_sd", "seeds"] if m in row and not pd.isna(row[m])
         },
@@ -633,7 +642,12 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
             f"trial {int(best['trial'])}, "
             f"<b>{html.escape(cfg.describe())}</b>, accuracy {best[M.ACCURACY]:.3f}{_spread(best)}, {compute} "
             f"{best[compute]:.4g}. "
-            "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
+            + (
+                f"<b>It is {html.escape(same)}</b>: it runs as dense attention (SDPA). "
+                if (same := outputs.equivalent(cfg))
+                else ""
+            )
+            + "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
             "turns it into a torch module.</p>"
         )
     overhead = f"{wall - inside:.1f} s ({100 * (wall - inside) / wall:.1f}%)" if wall else "n/a"

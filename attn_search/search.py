@@ -40,7 +40,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, resolve_device
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.evaluators import make_evaluator, restrict_to_evaluator, table_key
+from attn_search.evaluators import make_evaluator, restrict_to_evaluator
 from attn_search.failures import ERROR_LOG, FailurePolicy, describe, log_error
 from attn_search.outputs import RunOutputs, SearchSummary, parse_selection
 from attn_search.progress import Progress
@@ -48,7 +48,7 @@ from attn_search.pruning import MOASHA
 from attn_search.rundir import RunLock
 from attn_search.space import SearchSpace, load_space
 from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
-from attn_search.strategies.base import ask_new
+from attn_search.strategies.base import ask_new, compute_key
 
 RUN_FILE = "run.json"
 PRUNERS = ("moasha", "asha", "median", "none")
@@ -638,17 +638,23 @@ class SearchLoop:
         """Waiting trials first (interrupted trials run again, ``--enqueue``), then the strategy's
         next proposal that repeats no earlier trial (:func:`~attn_search.strategies.base.ask_new`)."""
         if self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-            waiting = self.study.ask()
+            waiting = (
+                self.study.ask()
+            )  # (asked for by name: runs even where it repeats a trial, as a table's grid does)
             self.space.suggest(waiting)
             self.seen.setdefault(self._key(waiting), waiting.number)
             return waiting
-        return ask_new(strategy, self.study, self.space, self.seen)
+        return ask_new(strategy, self.study, self.space, self.seen, key=self._key_of)
 
     def _key(self, trial: optuna.Trial) -> tuple[Any, ...]:
         return self._key_of(dict(trial.params))
 
     def _key_of(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        return table_key(self.space, self.space.active_values(params))
+        """What makes two proposals one trial: the same active values, or masks identical at the
+        lengths that count (the task's, and the target length), as BigBird(32, 4, 3) and dense
+        are at L=256 (:func:`~attn_search.strategies.base.compute_key`)."""
+        lengths = [L for L in (self.outputs.task_len(), self.space.target_len) if L]
+        return compute_key(self.space, self.space.active_values(params), lengths)
 
     def _values(self, trial: optuna.Trial) -> dict[str, Any]:
         return self.space.active_values(dict(trial.params))

@@ -563,3 +563,76 @@ def test_a_trial_timed_on_a_busy_machine_is_flagged(
     assert len([line for line in said.splitlines() if "varied 3.5x" in line]) == 1  # once per search
     assert (pd.read_csv(out / "trials.csv")["latency_spread"] == 3.5).all()
     assert "Latency unreliable" in (out / "report.html").read_text()
+
+
+BIGBIRD_ALL = {"n_heads": 2, "pattern": "bigbird", "block_size": 32, "n_global": 4, "n_random": 3, "dropout": 0.0,
+               "attn_dropout": 0.0, "weight_decay": 0.01, "label_smoothing": 0.0, "lr": 0.005}  # fmt: skip
+"""BigBird(32, 4, 3): at L=256 (8 blocks) its mask keeps every causal entry, as dense's does."""
+
+
+class _Scripted:
+    """A strategy that proposes ``script`` first (as a strategy proposes: a RUNNING trial it asked
+    for), then what ``inner`` proposes."""
+
+    def __init__(self, inner: Any, space: Any, script: list[dict[str, Any]]) -> None:
+        self.inner, self.space, self.script, self.name = inner, space, list(script), "scripted"
+        self.told: list[tuple[int, str, Any]] = []
+
+    def sampler(self) -> Any:
+        return self.inner.sampler()
+
+    def start(self, study: Any) -> str | None:
+        return self.inner.start(study)
+
+    def ask(self, study: Any) -> Any:
+        if not self.script:
+            return self.inner.ask(study)
+        study.enqueue_trial(self.script.pop(0), skip_if_exists=False)
+        trial = study.ask()
+        self.space.suggest(trial)
+        return trial
+
+    def tell(self, number: int, values: dict[str, Any], state: str, metrics: Any) -> None:
+        self.told.append((number, state, metrics))
+        self.inner.tell(number, values, state, metrics)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_dense(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BigBird(32, 4, 3) proposed after dense at L=256 is not trained: it is dense there, so it is
+    told dense's result. Run alone and chosen, the run dir, the report and the export name it dense."""
+    import optuna
+
+    from attn_search import search as S
+
+    made: list[_Scripted] = []
+    original = S.make_strategy
+
+    def scripted(name: str, context: Any, **kw: Any) -> Any:
+        script = [{**BIGBIRD_ALL, "pattern": "dense"}, BIGBIRD_ALL] if not made else [BIGBIRD_ALL]
+        made.append(_Scripted(original(name, context, **kw), context.space, script))
+        return made[-1]
+
+    monkeypatch.setattr(S, "make_strategy", scripted)
+    out = tmp_path / "both"
+    run_search(SearchOptions(space="sparse", strategy="random", trials=2, steps=4, pruner="none", confirm=0,
+                             out=str(out), quiet=True))  # fmt: skip
+    trials = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
+    assert trials[0].params["pattern"] == "dense" and trials[1].params["pattern"] == "bigbird"
+    assert trials[1].user_attrs["duplicate_of"] == 0  # one trial: BigBird was told dense's result
+    assert made[0].told[1] == (1, "complete", trials[0].user_attrs["metrics"])
+    csv = pd.read_csv(out / "trials.csv")
+    assert len(csv) == 2 and "bigbird" not in set(csv["pattern"])  # the second trial ran something else
+
+    alone = tmp_path / "alone"
+    run_search(SearchOptions(space="sparse", strategy="random", trials=1, steps=4, pruner="none", confirm=0,
+                             out=str(alone), quiet=True))  # fmt: skip
+    named = "dense: bigbird(b=32, g=4, r=3) h=2 keeps every entry at L=256"
+    assert yaml.safe_load((alone / "best_config.yaml").read_text())["equivalent"] == named
+    assert html.escape(named) in (alone / "report.html").read_text()
+    exported = export_run(alone, fmt="python").read_text()
+    assert named in exported

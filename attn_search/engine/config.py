@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attn_search.engine.patterns import PATTERN_PARAMS, PATTERNS
+from attn_search.engine.patterns import PATTERN_PARAMS, PATTERNS, keeps_everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,3 +234,17 @@ def _validate(c: AttentionConfig) -> None:
 def load_config(path: str | Path) -> AttentionConfig:
     """Read an :class:`AttentionConfig` from a YAML or JSON file (a plain config or an export)."""
     return AttentionConfig.load(path)
+
+
+def simplest_equivalent(config: AttentionConfig, lengths: Sequence[int]) -> tuple[AttentionConfig, str] | None:
+    """Dense attention with ``config``'s other fields, and why, where ``config``'s sparse pattern
+    keeps every entry at each of ``lengths`` (BigBird(32, 4, 3) at L=256); ``None`` otherwise."""
+    if config.pattern == "dense" or not lengths:
+        return None
+    params = config.pattern_params()
+    if not all(keeps_everything(config.pattern, int(L), causal=config.causal, **params) for L in lengths):
+        return None
+    at = " and ".join(f"L={int(L)}" for L in sorted(set(lengths)))
+    dense = AttentionConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in PATTERN_FIELDS},
+                                       "pattern": "dense"})  # fmt: skip
+    return dense, f"dense: {config.describe()} keeps every entry at {at}"

@@ -9,12 +9,14 @@ propose until results come back); the loop tells it every finished trial.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
 
 from attn_search.engine import metrics as M
+from attn_search.engine.config import PATTERN_FIELDS, simplest_equivalent
 from attn_search.evaluators import table_key
 from attn_search.space import SearchSpace
 
@@ -74,8 +76,9 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
 
 
 def ask_new(
-    strategy: Strategy, study: optuna.Study, space: SearchSpace, seen: dict[tuple[Any, ...], int]
-) -> optuna.Trial | None:
+    strategy: Strategy, study: optuna.Study, space: SearchSpace, seen: dict[tuple[Any, ...], int],
+    key: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None,
+) -> optuna.Trial | None:  # fmt: skip
     """The strategy's next proposal that repeats no configuration in ``seen`` (key -> trial number).
 
     A proposal identical to a trial already run or running (same active values) is not run again:
@@ -84,18 +87,35 @@ def ask_new(
     trial's result, and the strategy is asked again, up to :data:`MAX_REASKS` times in a row; then
     the duplicate runs (the strategy insists, or the space is exhausted). The search loop and the
     table replay (:mod:`attn_search.replay`) both ask through here. Returns ``None`` when the
-    strategy has nothing to propose until results come back.
+    strategy has nothing to propose until results come back. ``key``: what makes two proposals
+    the same, from their active values (default :func:`table_key`; the search loop's also merges
+    configurations whose masks are identical at the lengths that count, :func:`compute_key`).
     """
+    same_as: Callable[[dict[str, Any]], tuple[Any, ...]] = key or (lambda values: table_key(space, values))
     for attempt in range(MAX_REASKS):
         trial = strategy.ask(study)
         if trial is None:
             return None
-        key = table_key(space, space.active_values(dict(trial.params)))
-        if key not in seen or attempt == MAX_REASKS - 1:
-            seen.setdefault(key, trial.number)
+        same = same_as(space.active_values(dict(trial.params)))
+        if same not in seen or attempt == MAX_REASKS - 1:
+            seen.setdefault(same, trial.number)
             return trial
-        _answer_duplicate(strategy, study, space, trial, seen[key])
+        _answer_duplicate(strategy, study, space, trial, seen[same])
     return None  # not reached: the last attempt returns
+
+
+def compute_key(space: SearchSpace, values: dict[str, Any], lengths: Sequence[int]) -> tuple[Any, ...]:
+    """:func:`table_key`, except that a configuration whose pattern computes dense attention at
+    every length in ``lengths`` (the task's, and the target length where one is set) is keyed as
+    dense: the two train the same model and cost the same there, so they are one trial."""
+    try:
+        config = space.make_config(values, seed=0)
+    except ValueError:
+        return table_key(space, values)
+    if config.pattern != "dense" and simplest_equivalent(config, lengths) is None:
+        return table_key(space, values)
+    fields = {"pattern", *PATTERN_FIELDS}
+    return (*((n, v) for n, v in table_key(space, values) if n not in fields), ("pattern", "dense"))
 
 
 def _answer_duplicate(
