@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Record the task-family tables of the strategy benchmark, one after another, resumably.
 # Usage: OMP_NUM_THREADS=1 tables/record_families.sh TASK [TASK...]   (from the repository root)
+#        PARAMS="width=6" ... passes --task-param width=6 to every recording (a task's variant)
 # Each table is the sparse grid (312 configurations) at L=64, 120 steps, as mqar-64.csv is;
 # an interrupted recording continues from its work dir (tables/TASK-64.csv.run) when rerun.
 set -euo pipefail
@@ -10,7 +11,9 @@ for task in "$@"; do
     [ -f "$out" ] && { echo "$out exists"; continue; }
     resume=()
     [ -d "$out.run" ] && resume=(--resume)
-    $PY -m attn_search.cli record --out "$out" --task "$task" --task-param seq_len=64 --space sparse \
+    extra=()
+    for kv in ${PARAMS:-}; do extra+=(--task-param "$kv"); done
+    $PY -m attn_search.cli record --out "$out" --task "$task" --task-param seq_len=64 "${extra[@]}" --space sparse \
         --preset default --steps 120 --bins 3 --grid dropout=0 --grid attn_dropout=0 --grid weight_decay=0.01 \
         --grid label_smoothing=0 --grid lr=0.003,0.008 --device cpu --quiet "${resume[@]}"
     if [ -n "${COMMIT:-}" ]; then  # one commit per table, of that file alone (retried if the index is busy)
