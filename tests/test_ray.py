@@ -8,6 +8,7 @@ resume) is in ``tests/test_contract.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -235,3 +236,70 @@ def test_ray_benchmarks_run_on_the_cpu_path(loopback: Loopback) -> None:
     assert overhead.returncode == 0, overhead.stderr[-3000:]
     figures = last_json(overhead.stdout)
     assert figures["local_complete"] == figures["ray_complete"] == 2 and figures["speedup"] > 0  # type: ignore[operator]
+
+
+def _ray_workers(ns: Loopback, prefix: str = "ray::ImplicitFunc") -> list[int]:
+    """PIDs of the processes in the namespace ``ns`` whose command line starts with ``prefix``
+    (default: Tune's trainables; ``""``: every process but the namespace's holder)."""
+    mine = os.readlink(f"/proc/{ns.holder.pid}/ns/net")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") != mine:
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(prefix) and int(entry.name) != ns.holder.pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_population_whose_ray_worker_is_killed_loses_and_duplicates_nothing(
+    loopback: Loopback, tmp_path: Path
+) -> None:
+    """A Ray trial training a population of 2 (with refills) loses its worker to SIGKILL: the
+    search completes, the killed population's members are retried or failed with a reason, and no
+    finished trial is lost or counted twice; then the driver itself is killed and ``--resume``
+    continues the run to its trial count."""
+    out = tmp_path / "run"
+    args = ("--max-concurrent", "1", "--pruner", "none", "--confirm", "0")
+    driver = loopback.popen(search_cmd(out, *args, trials=6, steps=400, population=2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for(lambda: len(rows(out).query("state in @FINISHED")) >= 2 and _ray_workers(loopback), 240,
+             "two finished members and a live population worker")  # fmt: skip
+    before = rows(out).query("state in @FINISHED")
+    for pid in _ray_workers(loopback):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    log, _ = driver.communicate(timeout=400)
+    assert driver.returncode == 0, log[-3000:]
+    after = rows(out)
+    assert after["trial"].is_unique and len(after) == 6, after[["trial", "state", "reason"]]
+    assert set(after["state"]) <= {"complete", "failed"}
+    failed = after[after["state"] == "failed"]
+    assert failed["reason"].str.contains("worker").all(), failed["reason"]
+    kept = after.merge(before[["trial", "state", "accuracy"]], on=["trial", "state", "accuracy"])
+    assert len(kept) == len(before)  # no finished member lost or changed
+    assert "its worker died; retrying it" in log
+
+    # the driver killed with SIGKILL mid-search: --resume continues to the trial count
+    again = tmp_path / "resumed"
+    driver = loopback.popen(search_cmd(again, *args, trials=6, steps=400, population=2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(lambda: len(rows(again).query("state in @FINISHED")) >= 2, 240, "two finished members")
+    driver.kill()
+    driver.wait()
+    done_before = rows(again).query("state in @FINISHED")
+    for pid in _ray_workers(loopback, ""):  # the embedded Ray the driver started dies with it, as on a machine reboot
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    resumed = loopback.run(search_cmd(again, *args, "--resume", trials=6, steps=400, population=2), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = rows(again)
+    counted = final[final["state"].isin(FINISHED)]
+    assert counted["trial"].is_unique and len(counted) == 6, final[["trial", "state", "reason"]]
+    kept = final.merge(done_before[["trial", "state", "accuracy"]], on=["trial", "state", "accuracy"])
+    assert len(kept) == len(done_before)
