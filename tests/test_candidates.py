@@ -77,7 +77,7 @@ def test_the_policy_scores_candidates_whatever_their_order(tmp_path: Path) -> No
         a = scorer.forward_actor(torch.as_tensor(feats.reshape(1, -1)))[0]
         b = scorer.forward_actor(torch.as_tensor(feats[perm].reshape(1, -1)))[0]
     torch.testing.assert_close(a[perm], b)
-    assert C.choose(agent, feats) == int(np.argmax(feats[:, C.GAIN_UCB]))
+    assert feats[C.choose(agent, feats), C.GAIN_UCB] == feats[:, C.GAIN_UCB].max()  # (ties: any of them)
 
 
 def test_the_candidate_env_passes_the_checker_and_is_deterministic(tmp_path: Path) -> None:
@@ -148,3 +148,64 @@ def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
     ran = [t for t in study.trials if t.state.is_finished()]
     assert len(ran) == 3 and all(t.user_attrs.get("proposed_by") == "ppo" for t in ran)
     assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 3
+
+
+def test_the_prior_ranks_configurations_as_its_tables_do(tmp_path: Path) -> None:
+    """Scored at a table's own rows, a one-table prior returns the rows' accuracy quantiles (so its
+    ranking is the table's); over two tables it is their mean, and its best-ranked configuration is
+    one both tables rank high."""
+    a = C.TableTask(small_table(tmp_path, "delay", "delay-64"))
+    b = C.TableTask(small_table(tmp_path, "ngram", "ngram-64"))
+    one = C.Prior.from_tables([a]).score(a.descriptors)
+    order = np.argsort(a.accuracy)
+    assert np.all(np.diff(one[order]) >= -1e-9) and one.min() == 0 and one.max() <= 1  # (ties share a rank)
+    two = C.Prior.from_tables([a, b])
+    both = two.score(a.descriptors)
+    assert np.allclose(both, (one + C.Prior.from_tables([b]).score(a.descriptors)) / 2)
+    best = C.describe(AttentionConfig.from_dict(two.ranked[0]), a.seq_len)[None]
+    assert two.score(best)[0] == both.max()
+    saved = tmp_path / "p.prior.json"
+    two.save(saved)
+    assert np.allclose(C.Prior.load(saved).score(a.descriptors), both)
+
+
+def test_a_meta_training_episode_sees_a_prior_of_the_other_families_only(tmp_path: Path) -> None:
+    tasks = [C.TableTask(small_table(tmp_path, n, f"{n}-64")) for n in ("delay", "ngram", "mqar")]
+    env = C.CandidateEnv(tasks, lengths=("task",))
+    for t, scores in zip(tasks, env.prior_scores, strict=True):
+        others = C.Prior.from_tables([o for o in tasks if o.family != t.family])
+        assert scores is not None and np.allclose(scores, others.score(t.descriptors))
+        assert not np.allclose(scores, C.Prior.from_tables(tasks).score(t.descriptors))
+    env.reset(seed=0)
+    # the prior's best of each cost stratum is a candidate (cheap ones too, not only the best overall)
+    edges = np.quantile(env.cost, np.linspace(0, 1, C.COST_STRATA + 1)[1:-1])
+    stratum = np.searchsorted(edges, env.cost, side="right")
+    pool = set(env.pool.tolist())
+    for k in range(C.COST_STRATA):
+        members = np.flatnonzero(stratum == k)
+        assert max(env.prior[i] for i in members if i in pool) == env.prior[members].max()
+
+
+def test_the_prior_s_configurations_are_proposed_in_the_space_s_own_values() -> None:
+    from attn_search.space import load_space
+    from attn_search.strategies import StrategyContext
+
+    space = load_space("sparse")
+    ctx = StrategyContext(
+        space=space, seed=0, trials=10, slots=1, run_dir=Path("."), resume=False, options={"agent": "none"}
+    )
+    strategy = C.CandidateStrategy(ctx)
+    row = {"pattern": "dilated", "window": 32, "dilation": 2, "n_heads": 4, "lr": 0.008, "d_model": 64,
+           "n_layers": 1, "causal": True, "dropout": 0.0, "attn_dropout": 0.0, "weight_decay": 0.01,
+           "label_smoothing": 0.0, "warmup_steps": 30, "batch_size": 32}  # fmt: skip
+    values = strategy._values_of(row)
+    assert values is not None and values["pattern"] == "dilated" and values["dilation"] == 2
+    made = space.make_config(values, seed=0).to_dict()
+    assert {k: made[k] for k in ("pattern", "window", "dilation", "n_heads", "lr")} == {
+        "pattern": "dilated",
+        "window": 32,
+        "dilation": 2,
+        "n_heads": 4,
+        "lr": 0.008,
+    }
+    assert strategy._values_of({**row, "n_heads": 3}) is None  # not among the space's choices
