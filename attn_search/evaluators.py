@@ -178,7 +178,9 @@ class TableEvaluator:
 
 def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:
     """The space with every parameter categorical over the values the evaluator knows (a recorded
-    table's values), so that every proposal is one it can score."""
+    table's values), so that every proposal is one it can score, and no ``target_len`` (the
+    evaluator's compute is what it recorded, at its own length)."""
+    space = dataclasses.replace(space, target_len=None)
     grids = make_evaluator(spec, space).grids(space, 0)
     params = tuple(
         dataclasses.replace(p, kind="categorical", choices=tuple(g), low=None, high=None, log=False, step=None)

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from attn_search.engine import metrics as M
-from attn_search.engine.config import AttentionConfig, simplest_equivalent, unused_pattern_fields
+from attn_search.engine.config import PATTERN_FIELDS, AttentionConfig, simplest_equivalent, unused_pattern_fields
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
 from attn_search.space import SearchSpace, parse_space
 
@@ -325,14 +325,32 @@ class RunOutputs:
 
     def task_len(self) -> int | None:
         """The searched task's sequence length (``None`` where the task cannot be built here)."""
-        if not hasattr(self, "_task_len"):
+        return self._task_dims()[0]
+
+    def _task_dims(self) -> tuple[int | None, int | None]:
+        """(sequence length, classes) of the searched task, or ``None``s where it cannot be built here."""
+        if not hasattr(self, "_dims"):
             from attn_search.engine.tasks import make_task
 
             try:
-                self._task_len: int | None = int(make_task(self.task_name, **self.task_kwargs).seq_len)
+                task = make_task(self.task_name, **self.task_kwargs)
+                self._dims: tuple[int | None, int | None] = (int(task.seq_len), int(task.n_classes))
             except Exception:  # a user's task module that is not importable here: no picture, no failure
-                self._task_len = None
-        return self._task_len
+                self._dims = (None, None)
+        return self._dims
+
+    def dense_share(self, config: AttentionConfig, flops: float) -> tuple[float, int] | None:
+        """``flops`` as a fraction of dense attention's (``config`` with the dense pattern) at the
+        length compute is counted (the target length, else the task's), and that length."""
+        from attn_search.engine.cost import model_flops
+
+        task_len, n_classes = self._task_dims()
+        length = self.space.target_len or task_len
+        if length is None or n_classes is None:
+            return None
+        dense = AttentionConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in PATTERN_FIELDS},
+                                           "pattern": "dense"})  # fmt: skip
+        return float(flops) / float(model_flops(dense, seq_len=length, n_classes=n_classes)), length
 
     def equivalent(self, config: AttentionConfig) -> str | None:
         """``"dense: ... keeps every entry at L=256"`` where ``config``'s pattern computes dense
@@ -647,6 +665,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
                 if (same := outputs.equivalent(cfg))
                 else ""
             )
+            + _dense_note(outputs, cfg, best)
             + "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
             "turns it into a torch module.</p>"
         )
@@ -674,6 +693,29 @@ framework overhead {overhead}.{_latency_note(df)}</p>
 <h2>All trials</h2>{_table(df, ["trial", "state", M.ACCURACY, compute, M.STEPS, "duration_s", "device", "pattern", "n_heads", "window", "lr", "reason"])}
 </body></html>"""
     _atomic_write(run_dir / "report.html", page)
+
+
+DENSE_SHARE_WANTED = 0.5
+"""The default search should pick a configuration that costs at most this share of dense's
+compute; the report says so where none within the selection's accuracy floor does."""
+
+
+def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series) -> str:
+    """What the pick costs against dense attention at the length compute is counted ('' where the
+    compute objective is not FLOPs)."""
+    compute = outputs.space.metrics[1] if len(outputs.space.metrics) > 1 else None
+    if compute != M.FLOPS or pd.isna(best.get(M.FLOPS)):
+        return ""
+    share = outputs.dense_share(config, float(best[M.FLOPS]))
+    if share is None:
+        return ""
+    fraction, length = share
+    note = f"It costs {100 * fraction:.0f}% of dense attention's FLOPs at L={length}. "
+    if fraction > DENSE_SHARE_WANTED:
+        note += (f"<b>No configuration within the selection's accuracy floor costs {100 * DENSE_SHARE_WANTED:.0f}% "
+                 f"of dense's FLOPs or less at L={length}</b>: the cheaper ones on the front lose more accuracy than "
+                 "the rule allows (see the front below). ")  # fmt: skip
+    return note
 
 
 def _scale_section(run_dir: Path) -> str:

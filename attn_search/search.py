@@ -195,9 +195,11 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         if opts.target_len < 1:
             raise UsageError(f"--target-len {opts.target_len} is invalid: it must be a sequence length >= 1")
         space = dataclasses.replace(space, target_len=opts.target_len)
-    if space.target_len is not None and opts.evaluator != "training":
+    if opts.target_len is not None and opts.evaluator != "training":
         raise UsageError(f"--target-len {space.target_len}: needs --evaluator training (a table's or your evaluator's "
                          "compute is what it recorded, at its own length)")  # fmt: skip
+    if opts.evaluator != "training":  # the space's own target_len: a table's compute is at the length it recorded
+        space = dataclasses.replace(space, target_len=None)
     if opts.evaluator != "training":
         try:
             space = restrict_to_evaluator(space, opts.evaluator)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -97,3 +98,21 @@ def test_unparsable_and_missing_files(tmp_path: Path) -> None:
         load_space(tmp_path / "missing.yaml")
     with pytest.raises(SpaceError, match="neither a built-in space"):
         load_space("sparsest")
+
+
+def test_the_sparse_space_counts_compute_at_the_length_a_model_is_deployed() -> None:
+    """At the task's length (256) the sparse space's FLOPs span 1.3x, so a front would rank patterns
+    by accuracy alone; the space counts compute at 4096, where they span more than 5x."""
+    import dataclasses
+
+    from attn_search.evaluators import make_evaluator
+
+    space = load_space("sparse")
+    assert space.target_len == 4096
+
+    def span(s: Any) -> float:
+        evaluator = make_evaluator("training", s, task=s.task, task_kwargs=dict(s.task_params))
+        lo, hi = evaluator.bounds(s, "flops", evaluator.grids(s, 5))
+        return hi / lo
+
+    assert span(space) > 5 and span(dataclasses.replace(space, target_len=None)) < 1.4
