@@ -92,6 +92,18 @@ What follows is attn_search's engine source, verbatim; the searched configuratio
 
 from __future__ import annotations
 
+import sys as _sys
+
+if _sys.modules.get(__name__) is None:
+    # Loaded by importlib (spec_from_file_location + exec_module) without registering: dataclasses
+    # look a class's module up in sys.modules while making it, so this module is registered here.
+    class _ThisModule:
+        pass
+
+    _this = _ThisModule()
+    _this.__dict__ = globals()
+    _sys.modules[__name__] = _this  # type: ignore[assignment]
+
 {engine_source()}
 
 # {"-" * 30} the searched configuration {"-" * 30}

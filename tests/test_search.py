@@ -135,6 +135,37 @@ def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str) -> None
     assert_exported_matches(module, config, task, n=2)
 
 
+@pytest.mark.parametrize("how", ["import", "importlib-unregistered", "runpy"])
+def test_the_export_loads_however_a_user_loads_a_file(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By ``import``, by importlib's spec_from_file_location + exec_module without registering the
+    module (its dataclasses once raised AttributeError there), and by ``runpy.run_path``."""
+    import runpy
+
+    from attn_search.export import python_module
+
+    config = AttentionConfig(d_model=16, n_heads=2, pattern="window", window=5)
+    task = make_task("mqar", seq_len=32, n_pairs=4)
+    name = f"exported_{how.replace('-', '_')}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=32))
+    if how == "import":
+        monkeypatch.syspath_prepend(str(tmp_path))
+        namespace = vars(importlib.import_module(name))
+    elif how == "runpy":
+        namespace = runpy.run_path(str(path))
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        namespace = vars(module)
+    model = namespace["build_model"]()
+    assert model(task.data("eval", 2)[0]).shape == (2, 32, task.n_classes)
+    assert namespace["SearchedAttention"](16, 2)(torch.randn(2, 32, 16)).shape == (2, 32, 16)
+
+
 def test_report_rebuilds_from_the_study(tmp_path: Path) -> None:
     out, _ = search(tmp_path, trials=4)
     (out / "report.html").unlink()
