@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -203,3 +205,38 @@ def test_rules_are_pointwise_with_tables_on_the_query_device(pattern: str, causa
     assert out.device.type == "meta" and out.dtype == torch.bool and out.shape == (3,)
     forbidden = {"_to_copy", "copy_", "clone", "to", "sum", "any", "all", "nonzero", "empty", "zeros", "ones", "cat"}
     assert not forbidden & set(calls), f"{pattern}: non-pointwise ops in the rule: {sorted(forbidden & set(calls))}"
+
+
+def test_a_pattern_declared_in_one_place_is_validated_described_and_searched(tmp_path: Path) -> None:
+    """A toy pattern (keys at multiples of ``stride`` back, no local band), declared once: configs
+    validate, write and describe it, its rule gives the mask, and a search proposes and trains it.
+    Once undeclared, it raises."""
+    from attn_search import AttentionConfig
+    from attn_search.engine import patterns as P
+    from attn_search.search import SearchOptions, run_search
+
+    P.declare_pattern(P.Pattern("every_kth", (P.STRIDE,), lambda *, stride, **_: lambda q, kv: (q - kv) % stride == 0))
+    try:
+        config = AttentionConfig(d_model=16, n_heads=2, pattern="every_kth", stride=3)
+        assert config.describe() == "every_kth(s=3) h=2" and config.to_dict()["stride"] == 3
+        assert "window" not in config.to_dict()  # the fields it does not read are left out
+        mask = P.pattern_mask("every_kth", 7, causal=True, stride=3)
+        assert mask[6].nonzero().flatten().tolist() == [0, 3, 6]
+        space = tmp_path / "toy.yaml"
+        space.write_text(
+            "name: toy\ntask: {name: mqar, params: {seq_len: 32, n_pairs: 4, n_keys: 8, n_values: 8}}\n"
+            "objectives: {accuracy: maximize, flops: minimize}\n"
+            "fixed: {d_model: 16, n_layers: 1, batch_size: 8, warmup_steps: 2}\n"
+            "params:\n  pattern: {type: categorical, choices: [every_kth]}\n"
+            "  stride: {type: int, low: 2, high: 8, when: {pattern: [every_kth]}}\n"
+        )
+        out = tmp_path / "run"
+        run_search(SearchOptions(space=str(space), trials=3, steps=4, confirm=0, pruner="none", out=str(out),
+                                 quiet=True))  # fmt: skip
+        trials = pd.read_csv(out / "trials.csv")
+        assert (trials["pattern"] == "every_kth").all() and (trials["state"] == "complete").all()
+        assert trials["stride"].between(2, 8).all()
+    finally:
+        P.undeclare_pattern("every_kth")
+    with pytest.raises(ValueError, match="pattern='every_kth' is unknown"):
+        AttentionConfig(pattern="every_kth")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attn_search.engine.patterns import PATTERN_PARAMS, PATTERNS, keeps_everything
+from attn_search.engine.patterns import DECLARED, PARAM_SPECS, PATTERN_PARAMS, keeps_everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +91,9 @@ class AttentionConfig:
 
     def describe(self) -> str:
         """Short human label, e.g. ``window(w=32) h=4``."""
-        short = {"window": "w", "dilation": "d", "stride": "s", "block_size": "b", "n_global": "g", "n_random": "r"}
-        params = ", ".join(f"{short[k]}={v}" for k, v in self.pattern_params().items() if k != "seed")
+        params = ", ".join(
+            f"{PARAM_SPECS[k].short}={v}" for k, v in self.pattern_params().items() if PARAM_SPECS[k].short
+        )
         return f"{self.pattern}({params}) h={self.n_heads}" if params else f"{self.pattern} h={self.n_heads}"
 
     # -- serialisation -------------------------------------------------------------------------
@@ -167,8 +168,9 @@ _FIELD_TYPES: dict[str, type] = {
 }  # fmt: skip
 
 
-PATTERN_FIELDS = ("window", "dilation", "stride", "block_size", "n_global", "n_random")
-"""Fields that only some patterns read (``seed`` also seeds training, so it is always kept)."""
+PATTERN_FIELDS = tuple(name for name in PARAM_SPECS if name != "seed")
+"""Fields that only some patterns read, from the patterns' declarations (``seed`` also seeds
+training, so it is always kept)."""
 
 
 def unused_pattern_fields(pattern: str) -> tuple[str, ...]:
@@ -203,14 +205,17 @@ def _format_of(path: Path) -> str:
 
 
 def _validate(c: AttentionConfig) -> None:
-    if c.pattern not in PATTERNS:
-        raise ValueError(f"pattern={c.pattern!r} is unknown: use one of {', '.join(PATTERNS)}")
-    for name in ("d_model", "n_layers", "n_heads", "window", "dilation", "stride", "block_size", "batch_size"):
+    if c.pattern not in DECLARED:
+        raise ValueError(f"pattern={c.pattern!r} is unknown: use one of {', '.join(DECLARED)}")
+    for name in ("d_model", "n_layers", "n_heads", "batch_size"):
         if getattr(c, name) < 1:
             raise ValueError(f"{name}={getattr(c, name)} is invalid: it must be >= 1")
-    for name in ("n_global", "n_random", "warmup_steps", "seed"):
+    for name in ("warmup_steps", "seed"):
         if getattr(c, name) < 0:
             raise ValueError(f"{name}={getattr(c, name)} is invalid: it must be >= 0")
+    for spec in PARAM_SPECS.values():  # every pattern parameter, at its declared minimum
+        if getattr(c, spec.name) < spec.minimum:
+            raise ValueError(f"{spec.name}={getattr(c, spec.name)} is invalid: it must be >= {spec.minimum}")
     if c.d_model % c.n_heads:
         divisors = [h for h in range(1, c.d_model + 1) if c.d_model % h == 0 and h <= 64]
         raise ValueError(

@@ -28,28 +28,71 @@ import torch
 
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-PATTERNS = ("dense", "window", "dilated", "strided", "bigbird", "longformer")
-"""Names of the built-in patterns, in the order documentation and tests list them."""
 
-# Which keyword parameters each pattern reads. Names are shared with AttentionConfig fields.
-PATTERN_PARAMS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "window": ("window",),
-    "dilated": ("window", "dilation"),
-    "strided": ("stride",),
-    "bigbird": ("block_size", "n_global", "n_random", "seed"),
-    "longformer": ("window", "n_global"),
-}
+@dataclasses.dataclass(frozen=True)
+class PatternParam:
+    """One parameter a pattern reads: an :class:`~attn_search.engine.config.AttentionConfig` field."""
 
-PATTERN_DEFAULTS: dict[str, int] = {
-    "window": 32,
-    "dilation": 2,
-    "stride": 16,
-    "block_size": 16,
-    "n_global": 1,
-    "n_random": 1,
-    "seed": 0,
-}
+    name: str
+    default: int
+    minimum: int
+    short: str
+    """Its label in :meth:`~attn_search.engine.config.AttentionConfig.describe` (``""``: not shown)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A pattern, declared once: its name, the parameters it reads and its mask rule.
+
+    ``rule(seq_len=..., device=..., causal=..., **params) -> Rule`` builds the non-causal rule for
+    sequences of ``seq_len`` (``causal`` is passed for rules whose tables depend on it; the causal
+    cut itself is added by :func:`pattern_rule`). Everything else is derived from the declaration:
+    :data:`PATTERN_PARAMS`, :data:`PATTERN_DEFAULTS`, the parameters' checks, the config's
+    validation and ``describe()`` labels, the written configs' fields.
+    """
+
+    name: str
+    params: tuple[PatternParam, ...]
+    rule: Callable[..., Rule]
+
+
+WINDOW = PatternParam("window", 32, 1, "w")
+DILATION = PatternParam("dilation", 2, 1, "d")
+STRIDE = PatternParam("stride", 16, 1, "s")
+BLOCK_SIZE = PatternParam("block_size", 16, 1, "b")
+N_GLOBAL = PatternParam("n_global", 1, 0, "g")
+N_RANDOM = PatternParam("n_random", 1, 0, "r")
+SEED = PatternParam("seed", 0, 0, "")  # BigBird's random blocks (the trial's seed: not shown)
+
+DECLARED: dict[str, Pattern] = {}
+"""Every declared pattern by name (:func:`declare_pattern`)."""
+PATTERN_PARAMS: dict[str, tuple[str, ...]] = {}
+"""Which keyword parameters each declared pattern reads (derived from :data:`DECLARED`)."""
+PATTERN_DEFAULTS: dict[str, int] = {}
+"""Each pattern parameter's default (derived from :data:`DECLARED`)."""
+PARAM_SPECS: dict[str, PatternParam] = {}
+"""Each pattern parameter's declaration by name (derived from :data:`DECLARED`)."""
+
+
+def declare_pattern(pattern: Pattern) -> Pattern:
+    """Register ``pattern`` so that configs, searches, every attention backend and the export can
+    use it. A parameter shared by two patterns must be declared the same way in both."""
+    for p in pattern.params:
+        known = PARAM_SPECS.get(p.name)
+        if known is not None and known != p:
+            raise ValueError(f"pattern {pattern.name!r}: parameter {p.name!r} is declared as {known} elsewhere")
+    DECLARED[pattern.name] = pattern
+    PATTERN_PARAMS[pattern.name] = tuple(p.name for p in pattern.params)
+    for p in pattern.params:
+        PARAM_SPECS[p.name] = p
+        PATTERN_DEFAULTS[p.name] = p.default
+    return pattern
+
+
+def undeclare_pattern(name: str) -> None:
+    """Remove a declared pattern (its parameters stay declared: other patterns may read them)."""
+    DECLARED.pop(name, None)
+    PATTERN_PARAMS.pop(name, None)
 
 
 def _dense_rule() -> Rule:
@@ -145,6 +188,29 @@ def _longformer_rule(window: int, n_global: int) -> Rule:
     return lambda q, kv: ((q - kv).abs() < window) | (q < n_global) | (kv < n_global)
 
 
+def _bigbird(*, seq_len: int, device: torch.device | str, causal: bool, block_size: int, n_global: int,
+             n_random: int, seed: int) -> Rule:  # fmt: skip
+    table = bigbird_block_table(math.ceil(seq_len / block_size), n_global=n_global, n_random=n_random, seed=seed,
+                                causal=causal).to(device)  # fmt: skip
+    return _bigbird_rule(block_size, table)
+
+
+# The built-in patterns, in the order documentation and tests list them.
+declare_pattern(Pattern("dense", (), lambda **_: _dense_rule()))
+declare_pattern(Pattern("window", (WINDOW,), lambda *, window, **_: _window_rule(window)))
+declare_pattern(
+    Pattern("dilated", (WINDOW, DILATION), lambda *, window, dilation, **_: _dilated_rule(window, dilation))
+)
+declare_pattern(Pattern("strided", (STRIDE,), lambda *, stride, **_: _strided_rule(stride)))
+declare_pattern(Pattern("bigbird", (BLOCK_SIZE, N_GLOBAL, N_RANDOM, SEED), _bigbird))
+declare_pattern(
+    Pattern("longformer", (WINDOW, N_GLOBAL), lambda *, window, n_global, **_: _longformer_rule(window, n_global))
+)
+
+PATTERNS = tuple(DECLARED)
+"""Names of the built-in patterns (:data:`DECLARED` also holds any declared later)."""
+
+
 def _check_positive(name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {minimum}")
@@ -157,15 +223,14 @@ def resolve_params(pattern: str, **params: Any) -> dict[str, int]:
     Parameters a pattern does not read are ignored, so a whole config's worth of keywords can be
     passed. Raises ``ValueError`` naming the offending parameter and what to use instead.
     """
-    if pattern not in PATTERN_PARAMS:
-        raise ValueError(f"pattern={pattern!r} is unknown: use one of {', '.join(PATTERNS)}")
+    if pattern not in DECLARED:
+        raise ValueError(f"pattern={pattern!r} is unknown: use one of {', '.join(DECLARED)}")
     out: dict[str, int] = {}
-    for name in PATTERN_PARAMS[pattern]:
-        value = params.get(name)
+    for spec in DECLARED[pattern].params:
+        value = params.get(spec.name)
         if value is None:
-            value = PATTERN_DEFAULTS[name]
-        minimum = 0 if name in ("n_global", "n_random", "seed") else 1
-        out[name] = _check_positive(name, value, minimum=minimum)
+            value = spec.default
+        out[spec.name] = _check_positive(spec.name, value, minimum=spec.minimum)
     return out
 
 
@@ -179,23 +244,7 @@ def pattern_rule(
     scalar-indexed reads, as FlexAttention's compiled ``mask_mod`` requires.
     """
     p = resolve_params(pattern, **params)
-    rule: Rule
-    if pattern == "dense":
-        rule = _dense_rule()
-    elif pattern == "window":
-        rule = _window_rule(p["window"])
-    elif pattern == "dilated":
-        rule = _dilated_rule(p["window"], p["dilation"])
-    elif pattern == "strided":
-        rule = _strided_rule(p["stride"])
-    elif pattern == "bigbird":
-        n_blocks = math.ceil(seq_len / p["block_size"])
-        table = bigbird_block_table(
-            n_blocks, n_global=p["n_global"], n_random=p["n_random"], seed=p["seed"], causal=causal
-        ).to(device)
-        rule = _bigbird_rule(p["block_size"], table)
-    else:
-        rule = _longformer_rule(p["window"], p["n_global"])
+    rule = DECLARED[pattern].rule(seq_len=seq_len, device=device, causal=causal, **p)
     if not causal:
         return rule
     base = rule
