@@ -59,10 +59,7 @@ a family of its own and would let a held-out selective copy be scored after trai
 sibling (``prefix_majority`` replaced it)."""
 ACQUISITION = "acquisition"
 """``--strategy ppo --agent none``: the candidate policy untrained (greedy optimistic front gain)."""
-ACQUISITION_PRIOR = "acquisition+prior"
-"""The untrained acquisition with the family-out agent's prior (its training tables): what
-meta-training the policy adds beyond the prior."""
-BASELINES = ("random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, ACQUISITION, ACQUISITION_PRIOR)
+BASELINES = ("random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, ACQUISITION)
 GP_MAX = 20
 
 
@@ -94,8 +91,6 @@ def run_search(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any
     table = _table(path)
     if strategy == ACQUISITION:  # the same proposer with no meta-training: what training adds
         strategy, options = "ppo", {"agent": "none"}
-    elif strategy == ACQUISITION_PRIOR:  # the agent's prior, its policy untrained
-        strategy, options = "ppo", {**options, "untrained": True}
     r = replay(table, strategy, trials=trials, seed=seed, options=options, portfolio_configs=configs)
     return tuple(table.regret(h) for h in r.hypervolume)
 
@@ -113,7 +108,7 @@ def _job_key(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any]]
         else ""
     )
     table = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    code = code_version() if strategy in ("ppo", ACQUISITION, ACQUISITION_PRIOR) else ""  # the proposer's own code
+    code = code_version() if strategy in ("ppo", ACQUISITION) else ""  # the proposer's own code
     return f"{Path(path).name}|{table}|{strategy}|{seed}|{trials}|{agent_hash}|{folio}|{code}"
 
 
@@ -186,7 +181,7 @@ def main() -> None:
     # -- agents: meta-trained on the other families' tables (family_out_agent checks provenance
     # and refuses one that saw the held-out family); the env counts compute at both lengths
     train: dict[tuple[str, int], Path] = {}
-    if {"ppo", ACQUISITION_PRIOR} & set(args.strategies):
+    if "ppo" in args.strategies:
         todo = [(f, s) for f in held for s in range(args.agents)]
         print(f"meta-training (or reusing) {len(todo)} agents ({args.steps} steps each) ...", flush=True)
         made = pool.map(train_agent, *zip(*[([str(p) for p in paths], f, s, args.steps, str(agents_dir),
@@ -208,7 +203,7 @@ def main() -> None:
                             if strategy in ("gp", PORTFOLIO_GP) and b > GP_MAX:
                                 continue
                             options = {}
-                            if strategy in ("ppo", ACQUISITION_PRIOR):
+                            if strategy == "ppo":
                                 options = {"agent": str(train[f, seed % args.agents])}
                             jobs.append((files[p], strategy, seed, b, options, configs))
                             keys.append((f, length, Path(p).stem, strategy, seed, b))
@@ -250,7 +245,7 @@ def main() -> None:
     result = {"regret": regret, "per_agent": per_agent, "report": report, "budgets": args.budgets,
               "families": {f: sorted(Path(p).stem for p in map(str, paths) if family[p] == f) for f in families},
               "agents": {f"{f}/{s}": {**(provenance(p) or {}), "file": p.name} for (f, s), p in train.items()
-                         if {"ppo", ACQUISITION_PRIOR} & set(args.strategies)},
+                         if "ppo" in args.strategies},
               "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     (out / "family_out.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print_report(report, args.budgets)

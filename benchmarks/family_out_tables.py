@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("ppo", "acquisition+prior", "acquisition", "random", "tpe", "gp", "portfolio", "portfolio+gp")
+ORDER = ("ppo", "acquisition", "random", "tpe", "gp", "portfolio", "portfolio+gp")
 
 
 def _header(first: str, a: str, b: str, budgets: list[int], last: str) -> list[str]:

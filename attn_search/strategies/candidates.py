@@ -13,16 +13,9 @@ search space. Here:
 * **Surrogate**: a Gaussian process on the descriptors of the search so far (Matern 5/2, its
   length scale chosen by marginal likelihood), giving each candidate a predicted accuracy and an
   uncertainty. Compute is known before training (analytic FLOPs, at the length that counts).
-* **Prior** (:class:`Prior`): what the meta-training tables say of a configuration before any
-  trial, the simplest form of a meta-learned prior (FSBO, Wistuba & Grabocka, ICLR 2021): each
-  table's accuracy quantile of the nearest recorded configuration (by descriptor), averaged over
-  the tables. It is the surrogate's prior mean, rescaled to the search's accuracies as trials
-  arrive, and a few of the candidates at each step are the untried configurations it ranks best.
-  Meta-training episodes see a prior built from the *other* families' tables only, as a search of
-  an unseen family does; the shipped policy's prior is its training tables (``.prior.json``).
 * **Features** per candidate (:data:`FEATURES`): the surrogate's mean and uncertainty, the
   predicted improvement, the candidate's compute, the front's hypervolume gain if the candidate
-  reached its mean or its mean plus one or two standard deviations, the budget used, and the prior.
+  reached its mean or its mean plus one or two standard deviations, and the budget used.
 * **Policy** (:class:`CandidatePolicy`): one small MLP scores every candidate (shared weights, so
   the candidates' order and number do not matter), plus a learned multiple of the optimistic
   hypervolume gain, so that an untrained policy starts as a greedy UCB-style acquisition and
@@ -68,7 +61,7 @@ BANDS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 1 << 30))
 """Key offsets (query - key) whose coverage a descriptor holds."""
 DESCRIPTOR = (*(f"reach_{lo}" for lo, _ in BANDS), "global", "density", "heads", "lr", "dropout", "attn_dropout",
               "weight_decay", "label_smoothing")  # fmt: skip
-FEATURES = ("mean", "sd", "improvement", "compute", "gain_mean", "gain_ucb1", "gain_ucb2", "budget_used", "prior")
+FEATURES = ("mean", "sd", "improvement", "compute", "gain_mean", "gain_ucb1", "gain_ucb2", "budget_used")
 """Per-candidate inputs of the policy, in order: the surrogate's view of the candidate, not the
 candidate itself. (A first version also fed the descriptor to the policy; meta-trained on seven
 families it learned their preferences, "8 heads, BigBird or dense", and on held-out ListOps never
@@ -79,11 +72,6 @@ FEATURE_BOUND = 10.0
 """Features are clipped to ``[-FEATURE_BOUND, FEATURE_BOUND]`` (the observation space's bounds)."""
 SHIPPED = Path(__file__).with_name("agents") / "candidate-ppo.zip"
 """The shipped meta-trained policy (``make agent``); its sidecar ``.json`` says what it saw."""
-N_PRIOR = 8
-"""Of the candidates at each step, up to this many are the untried ones the prior ranks best."""
-PRIOR_TRUST = 0.5
-"""Before three trials, the prior moves the surrogate's mean by this many of its standard
-deviations per standard deviation of the prior."""
 
 
 # -- descriptors ----------------------------------------------------------------------------------
@@ -126,9 +114,9 @@ class GP:
     LENGTHS = (0.5, 1.0, 2.0, 4.0)
     NOISE = 1e-2
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, *, default_mean: float = 0.5) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.n = len(y)
-        self.mean_y = float(y.mean()) if self.n else default_mean
+        self.mean_y = float(y.mean()) if self.n else 0.5
         self.sd_y = float(y.std()) if self.n > 1 and y.std() > 1e-6 else 0.25
         if not self.n:
             return
@@ -156,59 +144,6 @@ class GP:
         return self.mean_y + self.sd_y * mean, self.sd_y * np.sqrt(var)
 
 
-class Prior:
-    """What recorded tables say of configurations before any trial: for a descriptor, each table's
-    accuracy quantile (0 worst, 1 best) of its nearest recorded configuration, averaged over the
-    tables. Built from :class:`TableTask` objects (:meth:`from_tables`), saved beside a policy
-    (:meth:`save`, ``.prior.json``) and loaded with it."""
-
-    def __init__(self, tables: dict[str, tuple[int, list[dict[str, Any]], list[float]]]) -> None:
-        self.tables = tables  # name -> (seq_len, configs as dicts, accuracy quantiles)
-        self._x = [np.stack([describe(AttentionConfig.from_dict(c), L) for c in cs]) for L, cs, _ in tables.values()]
-        self._q = [np.asarray(q, dtype=float) for _, _, q in tables.values()]
-        # the configurations of every table, best mean quantile first (the grid is shared)
-        votes: dict[str, list[float]] = {}
-        for _, cs, q in tables.values():
-            for c, v in zip(cs, q, strict=True):
-                votes.setdefault(json.dumps(c, sort_keys=True), []).append(v)
-        self.ranked = [json.loads(k) for k, _ in sorted(votes.items(), key=lambda kv: -float(np.mean(kv[1])))]
-
-    @classmethod
-    def from_tables(cls, tasks: Sequence[TableTask]) -> Prior:
-        out = {}
-        for t in tasks:
-            order = np.argsort(np.argsort(t.accuracy, kind="stable"), kind="stable").astype(float)
-            # ties (a block of configurations at chance) share their mean rank
-            ranks = np.array([order[t.accuracy == a].mean() for a in t.accuracy])
-            q = ranks / max(len(ranks) - 1, 1)
-            out[t.name] = (t.seq_len, [c.replace(seed=0).to_dict() for c in t.configs], [round(float(v), 4) for v in q])
-        return cls(out)
-
-    def score(self, descriptors: np.ndarray) -> np.ndarray:
-        """``(N,)`` mean quantile over the tables of each descriptor's nearest recorded row."""
-        if not self.tables:
-            return np.full(len(descriptors), 0.5)
-        total = np.zeros(len(descriptors))
-        for x, q in zip(self._x, self._q, strict=True):
-            d = ((descriptors[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # (N, rows)
-            total += q[d.argmin(axis=1)]
-        return total / len(self._x)
-
-    def save(self, path: str | Path) -> None:
-        data = {name: {"seq_len": L, "configs": cs, "quantiles": q} for name, (L, cs, q) in self.tables.items()}
-        Path(path).write_text(json.dumps(data, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Prior:
-        data = json.loads(Path(path).read_text())
-        return cls({n: (int(v["seq_len"]), v["configs"], v["quantiles"]) for n, v in data.items()})
-
-
-def prior_path(agent: str | Path) -> Path:
-    """Where a saved policy's prior lives: beside it, ``NAME.prior.json``."""
-    return Path(agent).with_suffix(".prior.json")
-
-
 def _hv_gains(front: np.ndarray, acc: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """Gain of the normalised 2-D hypervolume (accuracy up, cost in [0, 1] down, reference (0, 1))
     from adding each candidate ``(acc[i], cost[i])`` to ``front`` ``(n, 2)``."""
@@ -230,42 +165,19 @@ def _hv(points: np.ndarray) -> float:
     return total
 
 
-_PRIOR_SD = math.sqrt(1 / 12)  # the standard deviation of quantiles spread evenly over [0, 1]
-
-
-def prior_mean(prior_seen: np.ndarray, seen_acc: np.ndarray) -> tuple[float, float]:
-    """``(a, b)`` of the surrogate's prior mean ``a + b * prior``: fitted to the trials so far (a
-    least-squares line, never decreasing) from three on; before, centred on the GP's default mean
-    with :data:`PRIOR_TRUST`."""
-    if len(seen_acc) >= 3 and prior_seen.std() > 1e-6:
-        b = max(0.0, float(np.cov(prior_seen, seen_acc, bias=True)[0, 1] / prior_seen.var()))
-        return float(seen_acc.mean()) - b * float(prior_seen.mean()), b
-    mean_y = float(seen_acc.mean()) if len(seen_acc) else 0.5
-    sd_y = float(seen_acc.std()) if len(seen_acc) > 1 and seen_acc.std() > 1e-6 else 0.25
-    b = sd_y * PRIOR_TRUST / _PRIOR_SD
-    return mean_y - b * (float(prior_seen.mean()) if len(prior_seen) else 0.5), b
-
-
 def candidate_features(
     descriptors: np.ndarray, costs: np.ndarray, seen_x: np.ndarray, seen_acc: np.ndarray, front: np.ndarray,
-    used: float, prior_cand: np.ndarray | None = None, prior_seen: np.ndarray | None = None,
+    used: float,
 ) -> np.ndarray:  # fmt: skip
     """``(N, len(FEATURES))``: every candidate's inputs to the policy (see the module docstring).
-    ``costs`` are normalised to ``[0, 1]``; ``front`` holds the (accuracy, cost) points so far;
-    ``prior_cand``/``prior_seen``: the prior's scores (:class:`Prior`) of the candidates and of the
-    configurations tried (``None``: no prior, every score 0.5)."""
-    prior_cand = np.full(len(costs), 0.5) if prior_cand is None else prior_cand
-    prior_seen = np.full(len(seen_acc), 0.5) if prior_seen is None else prior_seen
-    a, b = prior_mean(prior_seen, seen_acc)
-    gp = GP(seen_x, seen_acc - (a + b * prior_seen), default_mean=0.0)  # the residual of the prior mean
-    resid, sd = gp.predict(descriptors)
-    mean = a + b * prior_cand + resid
-    mean_y = float(seen_acc.mean()) if len(seen_acc) else a + b * 0.5
+    ``costs`` are normalised to ``[0, 1]``; ``front`` holds the (accuracy, cost) points so far."""
+    gp = GP(seen_x, seen_acc)
+    mean, sd = gp.predict(descriptors)
     best = float(seen_acc.max()) if len(seen_acc) else 0.0
-    scale = max(float(seen_acc.std()) if len(seen_acc) > 1 and seen_acc.std() > 1e-6 else 0.25, 0.05)
+    scale = max(gp.sd_y, 0.05)
     gains = [_hv_gains(front, mean + k * sd, costs) for k in (0, 1, 2)]
-    cols = [(mean - mean_y) / scale, sd / scale, (mean - best) / scale, costs, *(10 * g for g in gains),
-            np.full(len(costs), used), (prior_cand - 0.5) / _PRIOR_SD]  # fmt: skip
+    cols = [(mean - gp.mean_y) / scale, sd / scale, (mean - best) / scale, costs, *(10 * g for g in gains),
+            np.full(len(costs), used)]  # fmt: skip
     return np.clip(np.column_stack(cols), -FEATURE_BOUND, FEATURE_BOUND).astype(np.float32)
 
 
@@ -388,47 +300,12 @@ class TableTask:
         return _hv(np.column_stack([self.accuracy, self.normalised_cost(length)]))
 
 
-COST_STRATA = 4
-"""The prior's candidates are its best in each of this many cost strata (quantiles of the untried
-configurations' compute), so cheap configurations are among them where compute counts most (at a
-deployment length the best-ranked by accuracy alone are the costly ones)."""
-
-
-def pick_candidates(prior: np.ndarray | None, rng: np.random.Generator, n_left: int | None = None,
-                    costs: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Indices of at most :data:`N_CANDIDATES` of the untried configurations: the :data:`N_PRIOR`
-    that ``prior`` scores best, an equal share from each of :data:`COST_STRATA` strata of ``costs``
-    (ties broken at random), then the rest drawn at random. With no prior, all at random.
-    ``n_left``: how many there are (when ``prior`` is ``None``)."""
-    n = len(prior) if prior is not None else int(n_left or 0)
-    size = min(N_CANDIDATES, n)
-    if prior is None:
-        return rng.choice(n, size=size, replace=False)
-    noise = rng.random(n)
-    if costs is None:
-        top = list(np.lexsort((noise, -prior))[: min(N_PRIOR, size)])
-    else:
-        edges = np.quantile(costs, np.linspace(0, 1, COST_STRATA + 1)[1:-1])
-        stratum = np.searchsorted(edges, costs, side="right")  # 0 .. COST_STRATA - 1
-        top = []
-        for k in range(COST_STRATA):
-            members = np.flatnonzero(stratum == k)
-            ranked = members[np.lexsort((noise[members], -prior[members]))]
-            top.extend(ranked[: N_PRIOR // COST_STRATA].tolist())
-        top = top[:size]
-    rest_pool = np.setdiff1d(np.arange(n), top)
-    rest = rng.choice(rest_pool, size=min(size - len(top), len(rest_pool)), replace=False)
-    return np.concatenate([np.asarray(top, dtype=int), rest]).astype(int)
-
-
 class CandidateEnv(gym.Env):  # type: ignore[misc]
     """Meta-training episodes: a search of one recorded table.
 
     ## Description
-    Each step the agent sees :data:`N_CANDIDATES` untried rows of the table, the :data:`N_PRIOR`
-    that the prior ranks best and the rest drawn at random, and picks one; its recorded accuracy
-    joins the search's front. The prior of an episode is built from the tables of every *other*
-    family (:func:`pick_candidates`), as a search of a family no table holds sees it.
+    Each step the agent sees :data:`N_CANDIDATES` untried rows of the table, drawn at random, and
+    picks one; its recorded accuracy joins the search's front.
 
     ## Action Space
     ``Discrete(N_CANDIDATES)``: the candidate's position in the observation.
@@ -449,22 +326,15 @@ class CandidateEnv(gym.Env):  # type: ignore[misc]
     ``terminated`` after ``budget`` trials; never truncated.
 
     ## Arguments
-    ``tables`` (:class:`TableTask` objects; each episode draws one), ``budgets``, ``lengths``,
-    ``use_prior`` (``False``: no prior, every score 0.5).
+    ``tables`` (:class:`TableTask` objects; each episode draws one), ``budgets``, ``lengths``.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
 
     def __init__(self, tables: Sequence[TableTask], *, budgets: Sequence[int] = (10, 20, 50),
-                 lengths: Sequence[str] = ("task", "deploy"), use_prior: bool = True) -> None:  # fmt: skip
+                 lengths: Sequence[str] = ("task", "deploy")) -> None:  # fmt: skip
         super().__init__()
         self.tables, self.budgets, self.lengths = list(tables), tuple(budgets), tuple(lengths)
-        # each table's rows scored by a prior of the other families' tables (never its own family's)
-        self.prior_scores = [
-            Prior.from_tables([o for o in self.tables if o.family != t.family]).score(t.descriptors)
-            if use_prior and any(o.family != t.family for o in self.tables) else None
-            for t in self.tables
-        ]  # fmt: skip
         self.action_space = gym.spaces.Discrete(N_CANDIDATES)
         self.observation_space = gym.spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (N_CANDIDATES * len(FEATURES),),
                                                 np.float32)  # fmt: skip
@@ -472,8 +342,7 @@ class CandidateEnv(gym.Env):  # type: ignore[misc]
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         rng = self.np_random
-        index = int(rng.integers(len(self.tables)))
-        self.table, self.prior = self.tables[index], self.prior_scores[index]
+        self.table = self.tables[int(rng.integers(len(self.tables)))]
         self.length = self.lengths[int(rng.integers(len(self.lengths)))]
         self.cost = self.table.normalised_cost(self.length)
         self.budget = min(int(self.budgets[int(rng.integers(len(self.budgets)))]), len(self.cost))
@@ -484,13 +353,11 @@ class CandidateEnv(gym.Env):  # type: ignore[misc]
 
     def _observe(self) -> np.ndarray:
         left = np.setdiff1d(np.arange(len(self.cost)), self.tried)
-        self.pool = left[pick_candidates(None if self.prior is None else self.prior[left], self.np_random, len(left),
-                                         self.cost[left])]  # fmt: skip
+        self.pool = self.np_random.choice(left, size=min(N_CANDIDATES, len(left)), replace=False)
         t = np.array(self.tried, dtype=int)
-        prior = (None, None) if self.prior is None else (self.prior[self.pool], self.prior[t])
         feats = candidate_features(self.table.descriptors[self.pool], self.cost[self.pool], self.table.descriptors[t],
                                    self.table.accuracy[t], np.column_stack([self.table.accuracy[t], self.cost[t]]),
-                                   len(self.tried) / self.budget, *prior)  # fmt: skip
+                                   len(self.tried) / self.budget)  # fmt: skip
         if len(feats) < N_CANDIDATES:
             feats = np.concatenate([feats, np.repeat(feats[:1], N_CANDIDATES - len(feats), axis=0)])
             self.pool = np.concatenate([self.pool, np.repeat(self.pool[:1], N_CANDIDATES - len(self.pool))])
@@ -538,27 +405,23 @@ def meta_train(tables: Sequence[str | Path], *, steps: int, seed: int = 0, deplo
         out = Path(out).with_suffix(".zip")
         out.parent.mkdir(parents=True, exist_ok=True)
         agent.save(str(out))
-        Prior.from_tables(tasks).save(prior_path(out))  # what a search with this policy starts from
         info = {"kind": "candidate-policy", "algo": "ppo", "tables": sorted(Path(t).stem for t in tables),
                 "families": sorted({t.family for t in tasks}), "steps": steps, "seed": seed, "deploy_len": deploy_len,
                 "code": code_version(), "seconds": round(time.perf_counter() - start, 1),
-                "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-                "prior_sha256": hashlib.sha256(prior_path(out).read_bytes()).hexdigest()}  # fmt: skip
+                "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}  # fmt: skip
         out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return agent
 
 
 def provenance(path: str | Path) -> dict[str, Any] | None:
-    """A saved policy's sidecar, or ``None`` when it is missing or does not match the file or its
-    prior (their sha256) or this code (its version): such an agent must be trained again."""
+    """A saved policy's sidecar, or ``None`` when it is missing or does not match the file (its
+    sha256) or this code (its version): such an agent must be trained again."""
     path = Path(path)
-    side, prior = path.with_suffix(".json"), prior_path(path)
-    if not (path.is_file() and side.is_file() and prior.is_file()):
+    side = path.with_suffix(".json")
+    if not (path.is_file() and side.is_file()):
         return None
     info = json.loads(side.read_text())
     if info.get("sha256") != hashlib.sha256(path.read_bytes()).hexdigest() or info.get("code") != code_version():
-        return None
-    if info.get("prior_sha256") != hashlib.sha256(prior.read_bytes()).hexdigest():
         return None
     return info
 
@@ -582,8 +445,7 @@ def family_out_agent(
         info = provenance(path)
     assert info is not None, f"{path}: no valid provenance after training"
     stems = {Path(t).stem: t for t in tables}
-    seen_by_prior = list(Prior.load(prior_path(path)).tables)
-    leaked = [t for t in [*info["tables"], *seen_by_prior] if t in stems and recorded_task(stems[t])[0] == held_out]
+    leaked = [t for t in info["tables"] if t in stems and recorded_task(stems[t])[0] == held_out]
     if leaked:
         raise RuntimeError(f"{path} was trained on {leaked}, of the held-out family {held_out}")
     return path
@@ -612,9 +474,6 @@ class CandidateStrategy:
                 f"--agent {self.path}: this policy does not fit this version of attn_search ({str(exc).splitlines()[0]}): "
                 "meta-train it again (`make agent` for the shipped one) or pass --agent none"
             ) from exc
-        self.prior = Prior.load(prior_path(self.path)) if usable and prior_path(self.path).is_file() else None
-        if context.options.get("untrained"):  # an ablation: the policy's prior, its acquisition untrained
-            self.policy = None
         self.seen_x: list[np.ndarray] = []
         self.seen_acc: list[float] = []
         self.front: list[tuple[float, float]] = []
@@ -627,8 +486,6 @@ class CandidateStrategy:
         self.count_len = space.target_len or self.seq_len
         self.table = context.evaluator[6:] if context.evaluator.startswith("table:") else None
         self._rows: list[tuple[dict[str, Any], AttentionConfig, float]] | None = None
-        self._descriptors: dict[str, np.ndarray] = {}
-        self._pool: list[tuple[dict[str, Any], AttentionConfig, float]] | None = None
         self.proposals = 0
 
     def sampler(self) -> optuna.samplers.BaseSampler:
@@ -675,22 +532,13 @@ class CandidateStrategy:
                     dict((k, v) for k, v in key if v is not None), seed=self.context.seed), row[compute])
                     for key, row in lookup.rows.items()]  # fmt: skip
             left = [r for r in self._rows if self._key(r[1]) not in self.tried | set(self.pending.values())]
-            if not left:
-                return []
-            scores = None if self.prior is None else self.prior.score(np.stack([self._describe(c) for _, c, _ in left]))
-            costs = np.array([c for _, _, c in left])
-            return [left[int(i)] for i in pick_candidates(scores, self.rng, len(left), costs)]
+            pick: list[int] = (
+                [int(i) for i in self.rng.choice(len(left), size=min(N_CANDIDATES, len(left)), replace=False)]
+                if left
+                else []
+            )
+            return [left[i] for i in pick]
         out: list[tuple[dict[str, Any], AttentionConfig, float]] = []
-        taken = self.tried | set(self.pending.values())
-        # the prior's best configurations (in each cost stratum) that this space can express and
-        # that are untried ...
-        pool = [c for c in self._prior_pool() if self._key(c[1]) not in taken]
-        if pool:
-            scores = self.prior.score(np.stack([self._describe(c) for _, c, _ in pool]))  # type: ignore[union-attr]
-            chosen = pick_candidates(scores, self.rng, len(pool), np.array([c for _, _, c in pool]))
-            out = [pool[int(i)] for i in chosen[: min(N_PRIOR, len(chosen))]]
-            taken = taken | {self._key(c) for _, c, _ in out}
-        # ... then draws from the space
         for _ in range(20 * N_CANDIDATES):
             if len(out) == N_CANDIDATES:
                 break
@@ -699,59 +547,10 @@ class CandidateStrategy:
                 config = self.space.make_config(values, seed=self.context.seed)
             except ValueError:
                 continue
-            if self._key(config) in taken:
+            if self._key(config) in self.tried | set(self.pending.values()):
                 continue
-            taken = taken | {self._key(config)}
             out.append((values, config, float(model_flops(config, seq_len=self.count_len, n_classes=self.n_classes))))
         return out
-
-    def _prior_pool(self) -> list[tuple[dict[str, Any], AttentionConfig, float]]:
-        """The prior's configurations this space can express, as candidates (built once)."""
-        if self.prior is None:
-            return []
-        if self._pool is None:
-            self._pool = []
-            for fields in self.prior.ranked:
-                values = self._values_of(fields)
-                if values is not None:
-                    config = self.space.make_config(values, seed=self.context.seed)
-                    cost = float(model_flops(config, seq_len=self.count_len, n_classes=self.n_classes))
-                    self._pool.append((values, config, cost))
-        return self._pool
-
-    def _values_of(self, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """The space's values that make the configuration ``fields`` (a table row's), or ``None``
-        where the space cannot express it (a value outside a parameter's choices or range, a fixed
-        field that differs)."""
-        values: dict[str, Any] = {}
-        try:
-            full = AttentionConfig.from_dict(fields).to_dict()
-        except ValueError:
-            return None
-        for p in self.space.params:
-            if not p.active(values):
-                continue
-            if p.name not in full:
-                return None
-            v = full[p.name]
-            if p.kind == "categorical" and v not in p.choices:
-                return None
-            if p.kind != "categorical" and not (float(p.low) <= float(v) <= float(p.high)):  # type: ignore[arg-type]
-                return None
-            values[p.name] = v
-        try:
-            config = self.space.make_config(values, seed=0)
-        except ValueError:
-            return None
-        mine = {k: v for k, v in config.replace(seed=0).to_dict().items() if k != "seed"}
-        wanted = {k: v for k, v in AttentionConfig.from_dict(fields).replace(seed=0).to_dict().items() if k != "seed"}
-        return values if mine == wanted else None
-
-    def _describe(self, config: AttentionConfig) -> np.ndarray:
-        key = self._key(config)
-        if key not in self._descriptors:
-            self._descriptors[key] = describe(config, self.seq_len)
-        return self._descriptors[key]
 
     @staticmethod
     def _key(config: AttentionConfig) -> str:
@@ -781,13 +580,11 @@ class CandidateStrategy:
         cands = self._candidates()
         if not cands:
             return None
-        desc = np.stack([self._describe(c) for _, c, _ in cands])
+        desc = np.stack([describe(c, self.seq_len) for _, c, _ in cands])
         costs = np.array([self._norm_cost(c) for _, _, c in cands])
         used = len(self.seen_acc) / max(1, self.context.trials)
-        seen_x = np.array(self.seen_x).reshape(-1, len(DESCRIPTOR))
-        prior = (None, None) if self.prior is None else (self.prior.score(desc), self.prior.score(seen_x))
-        feats = candidate_features(desc, costs, seen_x, np.array(self.seen_acc), np.array(self.front).reshape(-1, 2),
-                                   used, *prior)  # fmt: skip
+        feats = candidate_features(desc, costs, np.array(self.seen_x).reshape(-1, len(DESCRIPTOR)),
+                                   np.array(self.seen_acc), np.array(self.front).reshape(-1, 2), used)  # fmt: skip
         index = choose(self.policy, feats) if self.policy is not None else int(np.argmax(feats[:, GAIN_UCB]))
         values, config, _ = cands[index]
         study.enqueue_trial(values, user_attrs={"proposed_by": self.name}, skip_if_exists=False)
@@ -810,7 +607,7 @@ class CandidateStrategy:
         cost = metrics.get(self.space.metrics[1]) if len(self.space.metrics) > 1 else None
         if math.isnan(acc):
             return
-        self.seen_x.append(self._describe(config))
+        self.seen_x.append(describe(config, self.seq_len))
         self.seen_acc.append(acc)
         if state == M.COMPLETE and cost is not None and not math.isnan(float(cost)) and float(cost) > 0:
             self.front.append((acc, self._norm_cost(float(cost))))
