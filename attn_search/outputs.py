@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from attn_search.engine import metrics as M
-from attn_search.engine.config import PATTERN_FIELDS, AttentionConfig, simplest_equivalent, unused_pattern_fields
+from attn_search.engine.config import AttentionConfig, as_dense, simplest_equivalent, unused_pattern_fields
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
 from attn_search.space import SearchSpace, parse_space
 
@@ -348,9 +348,7 @@ class RunOutputs:
         length = self.space.target_len or task_len
         if length is None or n_classes is None:
             return None
-        dense = AttentionConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in PATTERN_FIELDS},
-                                           "pattern": "dense"})  # fmt: skip
-        return float(flops) / float(model_flops(dense, seq_len=length, n_classes=n_classes)), length
+        return float(flops) / float(model_flops(as_dense(config), seq_len=length, n_classes=n_classes)), length
 
     def equivalent(self, config: AttentionConfig) -> str | None:
         """``"dense: ... keeps every entry at L=256"`` where ``config``'s pattern computes dense

@@ -250,6 +250,10 @@ def simplest_equivalent(config: AttentionConfig, lengths: Sequence[int]) -> tupl
     if not all(keeps_everything(config.pattern, int(L), causal=config.causal, **params) for L in lengths):
         return None
     at = " and ".join(f"L={int(L)}" for L in sorted(set(lengths)))
-    dense = AttentionConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in PATTERN_FIELDS},
-                                       "pattern": "dense"})  # fmt: skip
-    return dense, f"dense: {config.describe()} keeps every entry at {at}"
+    return as_dense(config), f"dense: {config.describe()} keeps every entry at {at}"
+
+
+def as_dense(config: AttentionConfig) -> AttentionConfig:
+    """``config`` with dense attention and its other fields unchanged."""
+    return AttentionConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in PATTERN_FIELDS},
+                                      "pattern": "dense"})  # fmt: skip

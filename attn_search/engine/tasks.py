@@ -593,7 +593,7 @@ class SegmentHeader(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Grid(GeneratedTask):
+class Grid(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """A column of a raster-scanned grid: the label at ``t`` is a fixed random function of the cells
     one and two rows above it (``t - width`` and ``t - 2 width``).
 
@@ -614,14 +614,6 @@ class Grid(GeneratedTask):
     table_seed: int = 0
 
     name = "grid"
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.vocab
-
-    @property
-    def n_classes(self) -> int:  # type: ignore[override]
-        return self.vocab
 
     def __post_init__(self) -> None:
         if not 2 <= 2 * self.width < self.seq_len:
