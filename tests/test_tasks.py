@@ -33,6 +33,7 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "ngram": {"seq_len": 5, "order": 2, "vocab": 5},
         "delay": {"seq_len": 5, "lag": 2, "vocab": 5},
         "prefix_key": {"seq_len": 5, "n_keys": 4, "n_symbols": 5},
+        "keyed_delay": {"seq_len": 5, "lag": 2, "n_keys": 4, "n_symbols": 5},
         "majority": {"seq_len": 12, "spread": 0.5, "min_pos": 2},
         "prefix_majority": {"seq_len": 12, "prefix": 3, "spread": 0.5},
         "segment_header": {"seq_len": 9, "n_headers": 3, "n_body": 3, "min_seg": 3, "max_seg": 4},
@@ -185,6 +186,10 @@ def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("prefix_key", seq_len=30, n_keys=8, n_symbols=16).data("eval", 20)
     key = x[:, :1] - 16
     assert (key >= 0).all() and torch.equal(y[:, 1:], (x[:, 1:] + key) % 16)
+    x, y = make_task("keyed_delay", seq_len=30, lag=5, n_keys=8, n_symbols=16).data("eval", 20)
+    key = x[:, :1] - 16
+    assert (key >= 0).all() and (x[:, 1:] < 16).all() and (y[:, :6] == IGNORE).all()
+    assert torch.equal(y[:, 6:], (x[:, 1:25] + key) % 16)
     x, y = make_task("majority", seq_len=30, min_pos=4).data("eval", 20)
     for row, target in zip(x.tolist(), y.tolist(), strict=True):
         assert target[:4] == [IGNORE] * 4

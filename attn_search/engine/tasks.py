@@ -474,6 +474,47 @@ class PrefixKey(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyedDelay(GeneratedTask):
+    """Two far reads combined: the token ``lag`` positions back, shifted by a key at position 0.
+
+    Position 0 holds one of ``n_keys`` key tokens; every later position holds a symbol, and
+    position ``t > lag`` is labelled ``(x[t - lag] + key) mod n_symbols``. Neither read alone
+    helps: the query needs the first position (what global tokens give) *and* a fixed offset
+    (what a wide window, a stride or a dilation gives), as a decoder that follows an instruction
+    while copying from a fixed lag does. It rewards patterns that combine reaches, and heads that
+    split them. Tokens: ``0..n_symbols-1`` symbols, then the keys.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    lag: int = 24
+    n_keys: int = 8
+    n_symbols: int = 16
+
+    name = "keyed_delay"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.n_symbols + self.n_keys
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.n_symbols
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lag < self.seq_len - 1:
+            raise ValueError(f"lag={self.lag} must lie in [1, seq_len - 1 = {self.seq_len - 1})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.n_symbols, size=(n, self.seq_len))
+        key = rng.integers(0, self.n_keys, size=n)
+        x[:, 0] = self.n_symbols + key
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, self.lag + 1 :] = (x[:, 1 : self.seq_len - self.lag] + key[:, None]) % self.n_symbols
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
 class Majority(GeneratedTask):
     """Running majority: the label at ``t`` says whether ones outnumber zeros in ``x[0..t]``.
 
@@ -674,6 +715,7 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "ngram": NGram,
     "delay": Delay,
     "prefix_key": PrefixKey,
+    "keyed_delay": KeyedDelay,
     "majority": Majority,
     "prefix_majority": PrefixMajority,
     "segment_header": SegmentHeader,
