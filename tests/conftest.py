@@ -75,8 +75,11 @@ def postgres_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_url(postgres_server: str) -> str:
-    """A fresh database of its own for one test: its ``postgresql://`` URL."""
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database of its own for one test: its ``postgresql://`` URL; dropped afterwards, so
+    that a long-lived server (CI's) does not collect them."""
     from . import pgserver
 
-    return pgserver.new_database(postgres_server)
+    url = pgserver.new_database(postgres_server)
+    yield url
+    pgserver.drop_database(url)

@@ -79,3 +79,12 @@ def new_database(base: str) -> str:
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"{base}/{name}"
+
+
+def drop_database(url: str) -> None:
+    """Drop the database at ``url`` (made by :func:`new_database`), closing what still holds it."""
+    import psycopg
+
+    base, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
