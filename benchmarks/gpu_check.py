@@ -7,7 +7,8 @@ Prints one JSON line with:
   the FlexAttention BlockMask path: the largest relative error (bf16 tolerance 2e-2);
 * ``steps``: per population size K in 1, 8, 16, 32, 64 (proposals with the sparse space's
   attention dropout): the attention path the population took and its median step time in ms
-  (CUDA events, warm);
+  (CUDA events, warm), eager and captured as a CUDA graph (``graphed_step_ms``; what
+  ``ATTN_SEARCH_CUDA_GRAPHS=1`` runs);
 * ``throughput``: trials per hour one by one and in populations of 32 with median pruning
   (``benchmarks/gpu_throughput.py``), each with a cold and then a warm compile cache; the cold run's
   extra seconds are reported as compile seconds.
@@ -83,7 +84,7 @@ def twin(device: torch.device, k: int, seq_len: int) -> dict[str, Any]:
         logits = fused(xs)
         member_losses(logits, ys, torch.zeros(k, device=device)).sum().backward()  # each member's own loss
     plan = next(iter(fused.blocks[0].attn._plans.values()))
-    path = "flex" if isinstance(plan, _MemberPlan) and plan.block_mask is not None else "per-member/dense"
+    path = "flex" if isinstance(plan, _MemberPlan) and plan.block_masks is not None else "per-member/dense"
     worst = {"logits": 0.0, "grads": 0.0}
     for m in (0, k // 2, k - 1):
         alone = build_model(configs[m], task).to(device).eval()
@@ -112,11 +113,22 @@ def step_times(device: torch.device, sizes: list[int], steps: int) -> dict[str, 
             pop.timer.stop(started, 1.0)
             times.append(pop.timer.settle() * 1000)
         plan = next(iter(pop.model.blocks[0].attn._plans.values()))
-        path = ("flex" if isinstance(plan, _MemberPlan) and plan.block_mask is not None else
+        path = ("flex" if isinstance(plan, _MemberPlan) and plan.block_masks is not None else
                 "per-member" if isinstance(plan, list) or getattr(plan, "alone", None) else "dense")  # fmt: skip
         dropping = sum(c.attn_dropout > 0 for c in configs)
         out[str(k)] = {"step_ms": round(statistics.median(times), 3), "path": path, "with_attn_dropout": dropping,
                        "ms_per_member_step": round(statistics.median(times) / k, 4)}  # fmt: skip
+        if device.type == "cuda" and k > 1:  # the same step captured as a CUDA graph (ATTN_SEARCH_CUDA_GRAPHS=1)
+            graphed = T._GraphedStep(pop)
+            for _ in range(graphed.WARMUP + 1):
+                graphed()
+            times = []
+            for _ in range(steps):
+                started = pop.timer.start()
+                graphed()
+                pop.timer.stop(started, 1.0)
+                times.append(pop.timer.settle() * 1000)
+            out[str(k)]["graphed_step_ms"] = round(statistics.median(times), 3)
         del pop
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -7,7 +7,7 @@ backward and optimiser), on a real population of the trainer (``attn_search.engi
 
 * one by one: ``K = 1`` with the backend CUDA would choose counted as one attention op (SDPA;
   FlexAttention is also one op, and its CPU backward does not exist);
-* populations as CUDA runs them: one attention call in the padded head layout, evaluation
+* populations as CUDA runs them: one attention call per head group (the grouped layout), evaluation
   passes of 256 sequences per member;
 * populations of ``--sizes`` mixed proposals of the sparse space (head counts 2/4/8, every pattern);
 * per step, and per default trial: the timed latency passes, ``steps`` training steps, the rungs'
@@ -82,7 +82,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     device = torch.device("cpu")
-    # what CUDA runs: the padded attention layout for all members (the CPU otherwise attends per
+    # what CUDA runs: the grouped attention layout for all members (the CPU otherwise attends per
     # member, which costs ops per member but saves arithmetic there)
     model_module.CPU_PER_MEMBER = False
     budget = T.PRESETS["default"]

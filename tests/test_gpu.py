@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attn_search import PATTERNS, AttentionConfig, Budget, evaluate, sparse_attention
+from attn_search import PATTERNS, AttentionConfig, Budget, evaluate, make_task, sparse_attention
 
 from .test_patterns import CASES
 
@@ -109,8 +109,8 @@ def test_a_population_of_every_pattern_trains_on_cuda(head_dim: int, attn_dropou
 
 
 def test_a_fused_member_equals_its_twin_on_cuda_through_the_block_mask() -> None:
-    """The FlexAttention member path (one BlockMask, each member's mask row, padded head layout for
-    head counts 2, 4 and 8) under bf16 autocast: each member's logits match its model alone to bf16
+    """The FlexAttention member path (a BlockMask per head group, each member's mask row, the
+    grouped head layout for head counts 2, 4 and 8) under bf16 autocast: each member's logits match its model alone to bf16
     rounding (relative error < 2e-2), a tolerance a member reading another member's mask row
     would exceed, where 0.1 accuracy after 60 steps would not."""
     from attn_search import build_model, make_task
@@ -123,7 +123,32 @@ def test_a_fused_member_equals_its_twin_on_cuda_through_the_block_mask() -> None
     x = x.cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))
-        assert fused.blocks[0].attn._plan(256, x.device).block_mask is not None  # the BlockMask path ran
+        assert fused.blocks[0].attn._plan(256, x.device).block_masks is not None  # the BlockMask path ran
         for k, c in enumerate(configs):
             alone = build_model(c, task, backend="reference").cuda().eval()(x)
             assert rel_err(out[k], alone) < 2e-2, (c.pattern, rel_err(out[k], alone))
+
+
+def test_a_population_trains_the_same_as_a_captured_cuda_graph() -> None:
+    """``ATTN_SEARCH_CUDA_GRAPHS=1``: the step captured once and replayed gives the eager step's
+    losses (no dropout, so the draws cannot differ), through a refill in place and one that drops
+    the training plan (attention dropout where none was planned), which captures again."""
+    from attn_search.engine import trainer as T
+
+    configs = [AttentionConfig(d_model=64, n_heads=(2, 4, 8)[i % 3], pattern=p, seed=i, **SEARCHED[p])
+               for i, p in enumerate(PATTERNS)]  # fmt: skip
+    task = make_task("mqar", seq_len=128, n_pairs=8)
+    runs = []
+    for graphed in (False, True):
+        pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cuda"), "auto",
+                            heads=(2, 8))  # fmt: skip
+        step = T._GraphedStep(pop) if graphed else pop.train_step
+        losses = [step().clone() for _ in range(8)]
+        pop._admit(1, 100, configs[1].replace(seed=77, pattern="window", window=16), None)  # in place
+        losses += [step().clone() for _ in range(4)]
+        pop._admit(2, 101, configs[2].replace(seed=78, attn_dropout=0.1), None)  # the plan is rebuilt
+        losses += [step().clone() for _ in range(6)]
+        runs.append(torch.stack(losses)[:, [0, 1, 3]])  # (member 2 now draws DropKey masks)
+        if graphed:
+            assert step.captures == 2, step.captures
+    assert torch.allclose(runs[0], runs[1], rtol=1e-3, atol=1e-4), (runs[0] - runs[1]).abs().max()

@@ -30,21 +30,30 @@ def member_configs(**common: object) -> list[AttentionConfig]:
     return out
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "padded-layout-of-cuda"])
-def test_a_fused_member_equals_its_unfused_twin(grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("grouped", "backend"),
+    [(True, "auto"), (False, "auto"), (False, "flex")],
+    ids=["cpu-per-member", "grouped-layout-dense", "grouped-layout-flex"],
+)
+def test_a_fused_member_equals_its_unfused_twin(grouped: bool, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every pattern and head count 2, 4 and 8 in one model: each member's logits are those of the
     model of its configuration alone (the single-pattern attention paths), to float32 rounding,
-    through the CPU's per-member path and through the padded layout CUDA uses. A member
-    reading another's mask row, head layout, scale or rotary table would be far off."""
+    through the CPU's per-member path and through the grouped head layout CUDA uses, on its dense
+    path (members gathered per group) and on FlexAttention's (every group's kernel over all
+    members, the others masked out by their BlockMask; forward only on the CPU). A member reading
+    another's mask row, group, scale or rotary table, or a group's kernel leaking into another
+    group's members, would be far off."""
     from attn_search.engine import model as model_module
 
     monkeypatch.setattr(model_module, "CPU_PER_MEMBER", grouped)
     configs = member_configs()
     task = make_task("mqar", **TASK)
-    fused = build_model(configs, task).eval()
+    fused = build_model(configs, task, backend=backend).eval()
     x, _ = task.data("eval", 3)
     with torch.no_grad():
         out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))  # (K, B, L, n)
+        plan = fused.blocks[0].attn._plan(TASK["seq_len"], x.device)
+        assert (backend == "flex") == (getattr(plan, "block_masks", None) is not None)
         for k, c in enumerate(configs):
             alone = build_model(c, task).eval()(x)
             assert alone.abs().max() > 1e-3
@@ -174,12 +183,12 @@ def test_dropout_members_agree_statistically() -> None:
         assert abs(r.metrics["accuracy"] - alone.metrics["accuracy"]) <= 0.1, (c.pattern, r.curve, alone.curve)
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "padded-layout-of-cuda"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "grouped-layout-of-cuda"])
 def test_a_member_with_attention_dropout_trains_like_its_lone_twin(
     grouped: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DropKey (attention dropout) in a population is the same regulariser as in a lone trial,
-    through the CPU's per-member path and the padded layout CUDA runs (its dense DropKey mask
+    through the CPU's per-member path and the grouped head layout CUDA runs (its dense DropKey mask
     stands in for the kernel's hash). The draws differ, so this is statistical: over 6 seeds the
     population's mean final loss is within 3 standard errors of the lone trials', and much nearer
     to them than to the same seeds without attention dropout (a population that ignored or doubled
@@ -228,15 +237,30 @@ def test_members_that_diverge_fail_alone_at_the_step_they_diverged() -> None:
 def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -> None:
     """The members' mask_mod must lower as a pointwise subgraph on CUDA (no copy, reduction or
     new buffer; the table already on the device): ``meta`` stands in for CUDA, as in test_patterns.
-    On CPU the rule must also read the right member's row, clamping positions past the end."""
+    So must a head group's (its members table on the device too). On CPU the rule must also read
+    the right member's row, clamping positions past the end, and a group's rule nothing of the
+    other groups' members."""
+    configs = member_configs()
+    masks = torch.stack([pattern_mask(c.pattern, 64, **c.pattern_params()) for c in configs])
+    group = torch.tensor([c.n_heads == 4 for c in configs])  # a head group's members
+    for rule in (member_mask_mod(masks.to("meta")), member_mask_mod(masks.to("meta"), group.to("meta"))):
+        _assert_pointwise_on_meta(rule)
+    cpu_rule = member_mask_mod(masks)
+    members, qs, kvs = torch.meshgrid(torch.arange(len(configs)), torch.arange(64), torch.arange(64), indexing="ij")
+    assert torch.equal(cpu_rule(members, members, qs, kvs), masks)
+    assert torch.equal(cpu_rule(torch.tensor([2]), torch.tensor([0]), torch.tensor([90]), torch.tensor([63])),
+                       masks[2, 63, 63].reshape(1))  # fmt: skip
+    group_rule = member_mask_mod(masks, group)  # the other groups' members see nothing
+    assert torch.equal(group_rule(members, members, qs, kvs), masks & group[:, None, None])
+    assert 0 < int(group.sum()) < len(configs) and masks[~group].any()
+
+
+def _assert_pointwise_on_meta(rule: object) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from .test_patterns import _captured_tensors
 
-    configs = member_configs()
-    masks = torch.stack([pattern_mask(c.pattern, 64, **c.pattern_params()) for c in configs])
-    rule = member_mask_mod(masks.to("meta"))
-    assert [t.device.type for t in _captured_tensors(rule)] == ["meta"]
+    assert {t.device.type for t in _captured_tensors(rule)} == {"meta"}
     calls: list[str] = []
 
     class Record(TorchDispatchMode):
@@ -250,11 +274,6 @@ def test_the_member_mask_mod_is_pointwise_with_its_table_on_the_query_device() -
     assert out.dtype == torch.bool and out.shape == (3,)
     forbidden = {"_to_copy", "copy_", "clone", "to", "sum", "any", "all", "nonzero", "empty", "zeros", "ones", "cat"}
     assert not forbidden & set(calls), sorted(forbidden & set(calls))
-    cpu_rule = member_mask_mod(masks)
-    members, qs, kvs = torch.meshgrid(torch.arange(len(configs)), torch.arange(64), torch.arange(64), indexing="ij")
-    assert torch.equal(cpu_rule(members, members, qs, kvs), masks)
-    assert torch.equal(cpu_rule(torch.tensor([2]), torch.tensor([0]), torch.tensor([90]), torch.tensor([63])),
-                       masks[2, 63, 63].reshape(1))  # fmt: skip
 
 
 def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,8 +310,8 @@ def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_populations_compile_flex_attention_once_per_shape_including_refills(flex_compiles: dict[str, int]) -> None:
     """FlexAttention's member path forced on the CPU (forward only: the evaluation passes), with a
     counting compiler backend: after the population's first rung no pass compiles again, though
-    slots are refilled with new patterns, parameters and head counts (the mask table, BlockMask and
-    padded head layout keep their shapes)."""
+    slots are refilled with new patterns, parameters and head counts (the mask table, BlockMasks and
+    head groups keep their shapes)."""
     compiles = flex_compiles
     configs = member_configs()
     queue = [c.replace(seed=10 + i, window=3 + i, stride=4 + i, n_heads=HEADS[(i + 1) % 3]) for i, c in
@@ -315,7 +334,8 @@ def test_populations_compile_flex_attention_once_per_shape_including_refills(fle
     results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", backend="flex",
                             reporter=reporter, refill=refill)  # fmt: skip
     assert len(results) == 4 + len(configs) and not queue
-    assert 0 < after_first_rung[0] <= 2  # the timed pass and the evaluation pass
+    # one kernel per head group (2, 4, 8) and pass (the timed pass and the evaluation pass)
+    assert 0 < after_first_rung[0] <= 2 * len(HEADS)
     # every refill (and every rung while slots were refilled) ran on the kernels compiled first; once
     # nothing is left to refill, the population may shrink (a new size, compiled once more)
     assert len(at_refill) == len(configs) and set(at_refill) == {after_first_rung[0]}, at_refill
@@ -337,7 +357,7 @@ def test_refills_outside_the_first_head_counts_compile_nothing_when_the_range_is
     flex_compiles: dict[str, int], heads: tuple[int, int] | None
 ) -> None:
     """A population whose first members all have 4 heads, refilled with a 2- and an 8-head member:
-    told the space's head range (``heads=(2, 8)``, what a search passes), its padded layout starts
+    told the space's head range (``heads=(2, 8)``, what a search passes), its head groups start
     that wide and the refills' first rungs compile nothing; without the range the layout grows to
     8 heads and that pass compiles again (which is why the search passes the range)."""
     compiles = flex_compiles
@@ -367,8 +387,8 @@ def _tensors(obj: object) -> dict[str, torch.Tensor]:
 
 
 def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a CUDA graph or compiled kernel captured stays valid across refills: the padded layout's
-    tables (masks, rotary, scales, channel index, DropKey rates) and the BlockMask's tensors keep
+    """What a CUDA graph or compiled kernel captured stays valid across refills: the grouped layout's
+    tables (masks, group membership, rotary, DropKey rates) and every group's BlockMask tensors keep
     their storage, the plan objects stay cached, and the refilled member computes exactly what its
     configuration alone computes (so the in-place update wrote the right rows)."""
     from attn_search.engine import model as model_module
@@ -393,13 +413,13 @@ def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.Mo
         out = {}
         for key, plan in plans.items():
             out |= {f"{key}.{n}": t.data_ptr() for n, t in _tensors(plan).items()}
-            if plan.block_mask is not None:
-                out |= {f"{key}.bm.{n}": getattr(plan.block_mask, n).data_ptr() for n in _BLOCK_MASK_TENSORS
-                        if getattr(plan.block_mask, n) is not None}  # fmt: skip
+            for g, bm in enumerate(plan.block_masks or []):
+                out |= {f"{key}.bm{g}.{n}": getattr(bm, n).data_ptr() for n in _BLOCK_MASK_TENSORS
+                        if getattr(bm, n) is not None}  # fmt: skip
         return out
 
     before = pointers()
-    assert any(".bm." in k for k in before) and any("attn_p" in k for k in before)
+    assert any(".bm2." in k for k in before) and any("attn_p" in k for k in before)
     new = configs[1].replace(pattern="bigbird", n_heads=8, seed=33, attn_dropout=0.05)  # other heads, pattern
     model.set_member(1, new)
     assert attn._plans == plans, "a refill inside the layout rebuilds no plan"
@@ -430,3 +450,66 @@ def test_a_training_step_rebinds_no_tensor(monkeypatch: pytest.MonkeyPatch) -> N
     moved = [k for k in before if after[k][0] is not before[k][0] or after[k][1] != before[k][1]]
     assert not moved, moved
     assert torch.equal(pop.step_of, steps + 1)  # (the step did run and updated the state it kept)
+
+
+def test_a_graphed_step_is_captured_again_whenever_a_tensor_it_read_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph replays the kernels it captured on the storage they read; if a refill or a
+    shrink moves a tensor and the step is not captured again, every later step silently trains on
+    stale memory. On the CPU a stand-in graph checks, at every replay, that every tensor of the
+    population's persistent state (its tables, the optimiser's buffers, the weights, each
+    attention plan's tables) is where it was at capture, through a search with in-place refills, a
+    refill its plan cannot hold (attention dropout where none was planned) and a shrink; and the
+    results equal the eager step's."""
+    from attn_search.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)  # the grouped layout CUDA runs
+    captures: list[int] = []
+
+    def pointers(pop: trainer_module._Population) -> dict[str, int]:
+        out = {f"pop.{n}": t.data_ptr() for n, t in _tensors(pop).items()}
+        out |= {f"opt.{n}": t.data_ptr() for n, t in _tensors(pop.opt).items()}
+        out |= {f"param.{n}": p.data_ptr() for n, p in pop.model.named_parameters()}
+        for i, block in enumerate(pop.model.blocks):
+            for key, plan in block.attn._plans.items():
+                if key[2] and key[3] and not isinstance(plan, list):  # the members' training plan
+                    out |= {f"plan{i}.{n}": t.data_ptr() for n, t in _tensors(plan).items()}
+        return out
+
+    class StandIn(trainer_module._GraphedStep):
+        def _warm(self) -> torch.Tensor:
+            return self.pop.train_step()
+
+        def _capture(self) -> None:
+            pop, at_capture = self.pop, None
+
+            class Graph:
+                def replay(graph) -> None:
+                    assert pointers(pop) == at_capture, "replayed on moved storage"
+                    assert self.out is not None
+                    self.out.copy_(pop.train_step())
+
+            self.out = torch.zeros(pop.K)
+            self.graph = Graph()
+            at_capture = pointers(pop)  # (the warm-up steps built the step's plans)
+            captures.append(pop.K)
+
+    configs = [c.replace(attn_dropout=0.0) for c in member_configs()[:4]]
+    queue = [configs[0].replace(seed=40, n_heads=8), configs[1].replace(seed=41, attn_dropout=0.1),
+             configs[2].replace(seed=42, pattern="window")]  # fmt: skip
+    budget = Budget(steps=24, rungs=3, n_eval=16, latency_batch=2)
+
+    def run(graphed: bool) -> list[float]:
+        todo = list(queue)
+        monkeypatch.setattr(trainer_module, "_graphed", lambda *a: graphed)
+        monkeypatch.setattr(trainer_module, "_GraphedStep", StandIn)
+        results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu",
+                                reporter=lambda m, s, a: m < 2, refill=lambda: todo.pop(0) if todo else None)  # fmt: skip
+        assert not todo and all(r.state in ("complete", "pruned") for r in results)
+        return [r.metrics["final_loss"] for r in results]
+
+    eager = run(False)
+    assert not captures
+    graphed = run(True)
+    assert graphed == eager
+    # captured at the start, after the dropout refill dropped the training plan, and after the shrink
+    assert len(captures) >= 3 and captures[0] == 4 and min(captures) < 4, captures

@@ -319,14 +319,16 @@ def _cached_block_mask(key: tuple[Any, ...], device: str) -> Any:
     )
 
 
-def member_mask_mod(masks: torch.Tensor) -> Callable[..., torch.Tensor]:
+def member_mask_mod(masks: torch.Tensor, members: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """FlexAttention's ``mask_mod`` for members whose patterns are the rows of ``masks`` ``(K, L, L)``:
-    the batch index is the member. Pointwise (one computed index, no copy or reduction), and the
-    table stays on the device ``masks`` lives on, as CUDA's lowering needs. The same code for every
-    table, so a new table (a new pattern, a refilled slot) reuses the compiled kernel."""
+    the batch index is the member. ``members`` ``(K,)`` bool, where given, keeps only the members it
+    marks (the others see nothing: a head group's kernel skips them). Pointwise (computed indices,
+    no copy or reduction), and the tables stay on the device ``masks`` lives on, as CUDA's lowering
+    needs. The same code for every table, so a new table (a new pattern, a refilled slot) reuses
+    the compiled kernel."""
     K, L, _ = masks.shape
     flat = masks.reshape(-1)  # (K * L * L,)
-    if K == 1:  # one pattern for every batch row
+    if K == 1 and members is None:  # one pattern for every batch row
 
         def one_mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return flat[torch.clamp(q, max=L - 1) * L + torch.clamp(kv, max=L - 1)]
@@ -337,17 +339,24 @@ def member_mask_mod(masks: torch.Tensor) -> Callable[..., torch.Tensor]:
         # positions past L (FlexAttention evaluates whole tiles) read the last row/column: masked by padding
         return flat[b * (L * L) + torch.clamp(q, max=L - 1) * L + torch.clamp(kv, max=L - 1)]
 
-    return mask_mod
+    if members is None:
+        return mask_mod
+
+    def group_mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return mask_mod(b, h, q, kv) & members[b]
+
+    return group_mask_mod
 
 
-def member_block_mask(masks: torch.Tensor) -> Any:
+def member_block_mask(masks: torch.Tensor, members: torch.Tensor | None = None) -> Any:
     """One BlockMask for the members whose patterns are the rows of ``masks`` ``(K, L, L)``
-    (:func:`member_mask_mod`); the attention batch index is the member (a single member's mask
-    broadcasts over the batch)."""
+    (:func:`member_mask_mod`, ``members`` as there); the attention batch index is the member (a
+    single member's mask broadcasts over the batch)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     K, L, _ = masks.shape
-    return create_block_mask(member_mask_mod(masks), K if K > 1 else None, None, L, L, device=str(masks.device))
+    batch = K if K > 1 or members is not None else None
+    return create_block_mask(member_mask_mod(masks, members), batch, None, L, L, device=str(masks.device))
 
 
 def _flex(

@@ -9,11 +9,10 @@ population of one (``K = 1``).
   axis, ``# (K, B, L, C)``.
 * What differs between members lives in per-member tables and is applied in the same ops: the
   dropout rates, the attention pattern (a row of a ``(K, L, L)`` mask table, which FlexAttention's
-  ``mask_mod`` reads with the batch index as the member), and the head count: members with fewer
-  heads have wider heads, so attention runs in one padded layout of ``max(n_heads)`` heads of
-  ``d_model / min(n_heads)`` channels. A member's heads fill the first rows and channels of it;
-  zero channels add nothing to a score and zero heads give zero outputs, so each member computes
-  exactly its own attention (with its own ``1/sqrt(head_dim)`` scale and rotary frequencies).
+  ``mask_mod`` reads with the batch index as the member), and the head count: members are grouped
+  by it, and each group attends at its own head shape (``d_model / n_heads`` channels, its own
+  ``1/sqrt(head_dim)`` scale and rotary frequencies), so no member carries channels it does not
+  have (see :class:`_MemberPlan`).
 * ``init_member(k, seed)`` and ``set_member(k, config)`` give slot ``k`` a new configuration and
   fresh weights from its own seed, so a member's weights are those of its one-by-one trial and a
   slot can be refilled while the others train on (the trainer's continuous batching).
@@ -160,7 +159,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 CPU_PER_MEMBER = True
-"""On the CPU each member attends on its own single-pattern path (``False``: the padded layout CUDA
+"""On the CPU each member attends on its own single-pattern path (``False``: the grouped layout CUDA
 runs, which tests use to check that layout on the CPU)."""
 
 
@@ -184,13 +183,28 @@ _BLOCK_MASK_TENSORS = (
 """A BlockMask's tensors: a refill copies its member's new blocks into them."""
 
 
+def head_groups(C: int, heads: Sequence[int]) -> tuple[int, ...]:
+    """The head counts of a population's grouped layout that ``heads`` (the members' and, where
+    known, the range ``(lo, hi)`` of the space's) call for: every count in that range that splits
+    ``d_model`` into even head dims (rotary pairs)."""
+    lo, hi = min(heads), max(heads)
+    return tuple(h for h in range(lo, hi + 1) if C % h == 0 and (C // h) % 2 == 0)
+
+
 class _MemberPlan:
-    """What attention over several members needs, built once per (length, device, mode) and
-    rebuilt when a slot changes: the padded head layout, per-member rotary tables and scales, the
-    mask table, the BlockMask (CUDA) and the attention-dropout rates."""
+    """What attention over several members needs, built once per (length, device, mode): the
+    *grouped* head layout, the mask table, the BlockMasks (CUDA) and the attention-dropout rates.
+
+    Members are grouped by head count: group ``h`` runs attention at its own shape ``(K, B*h, L,
+    d_model/h)``, so no member carries a channel or head it does not have (a layout padded to
+    ``max heads x widest head`` moved 4x the channels of a 2-, 4- and 8-head mix). On FlexAttention
+    every group's kernel sees all ``K`` members with a BlockMask in which the other groups' members
+    have no blocks (the kernel skips them), so shapes stay fixed whoever is refilled into a slot:
+    one compiled kernel per head count, and a refill only rewrites table rows in place. The dense
+    path (the CPU) gathers each group's members instead, since a fully masked row there is NaN."""
 
     def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, backend: str,
-                 dropout: bool, layout: tuple[int, int]) -> None:  # fmt: skip
+                 dropout: bool, heads: tuple[int, ...]) -> None:  # fmt: skip
         # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
         # no CPU backward for it): evaluation passes
         rates = [c.attn_dropout for c in members]
@@ -200,105 +214,130 @@ class _MemberPlan:
         )
         # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
         # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
-        # them; no padded heads, which cost a 2-head member 4x the work beside 8-head ones, nor
-        # materialised scores). Where shapes must stay fixed (CUDA) the padded layout serves all.
+        # them; no materialised scores). Where shapes must stay fixed (CUDA) the grouped layout
+        # serves all.
         self.alone: Alone | None = None
         self.L, self.device, self.dropout = L, device, dropout
         self.backend_alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex)
-        self.block_mask: Any = None
+        self.block_masks: list[Any] | None = None
         self.score_mod: Any = None
         if device.type == "cpu" and not use_flex and CPU_PER_MEMBER:
             self.alone = _alone(members, L, device, backend=self.backend_alone, dropout=dropout, training=dropout)
             return
-        C = members[0].d_model
-        heads = [c.n_heads for c in members]
-        self.H, self.D = layout  # the padded layout: H heads of D channels
-        K, D = len(members), self.D
+        C, K = members[0].d_model, len(members)
+        self.heads = heads  # one group per head count, in this order
+        self.scales = [1.0 / math.sqrt(C // h) for h in heads]
+        # rotary positions for every member at once, in its own head layout (one rotation of the
+        # (K, B, L, C) projections, not one per group): channel c of a head of d channels pairs
+        # with c +- d/2, ``x * cos + x[partner] * sin`` with the sign folded into ``sin``
+        self.cos = torch.empty(K, 1, L, C, device=device)
+        self.sin = torch.empty(K, 1, L, C, device=device)
+        self.partner = torch.empty(K, 1, 1, C, dtype=torch.long, device=device)
         self.masks = torch.empty(K, L, L, dtype=torch.bool, device=device)
-        self.cos = torch.empty(K, 1, L, D // 2, device=device)  # (K, 1, L, D/2)
-        self.sin = torch.empty(K, 1, L, D // 2, device=device)
-        self.scale = torch.empty(K, 1, 1, 1, device=device)
-        self.index = torch.empty(K, 1, 1, C, dtype=torch.long, device=device)
+        self.member = torch.zeros(len(heads), K, dtype=torch.bool, device=device)  # (G, K): k is in group g
+        self.rows: list[list[int]] = [[] for _ in heads]  # the same, as index lists (the dense path)
         for k, c in enumerate(members):
             self._fill(k, c)
-        # (one head count filling the layout: no spreading; a refill with another rebuilds the plan)
-        self.spreads = not all(h == self.H and C // h == D for h in heads)
         self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
-        self.block_mask = member_block_mask(self.masks) if use_flex else None
-        self.score_mod = None
-        if self.block_mask is not None and self.attn_p is not None:
-            self.seed = torch.randint(0, 2**31 - 1, (), device=device)  # advanced in place each step
-            self.score_mod = dropkey_score_mod(self.attn_p, self.seed, per_batch=True)
+        if use_flex:
+            self.block_masks = self._block_masks()
+            if self.attn_p is not None:
+                self.seed = torch.randint(0, 2**31 - 1, (), device=device)  # advanced in place each step
+                self.score_mod = dropkey_score_mod(self.attn_p, self.seed, per_batch=True)
+
+    def _block_masks(self) -> list[Any]:
+        """One BlockMask per group: the members' mask rows, with no blocks for other groups' members."""
+        return [member_block_mask(self.masks, members=self.member[g]) for g in range(len(self.heads))]
 
     def _fill(self, k: int, c: AttentionConfig) -> None:
         """Slot ``k``'s rows of every table, written in place."""
-        L, D, C, h = self.L, self.D, c.d_model, c.n_heads
-        d = C // h
-        key = _key(c.pattern, L, c.causal, resolve_params(c.pattern, **c.pattern_params()))
+        key = _key(c.pattern, self.L, c.causal, resolve_params(c.pattern, **c.pattern_params()))
         self.masks[k].copy_(_cached_mask(key, str(self.device)))
-        cos, sin = rotary_tables(L, d, device=self.device)
-        self.cos[k].fill_(1.0)
-        self.sin[k].fill_(0.0)
-        self.cos[k, 0, :, : d // 2], self.sin[k, 0, :, : d // 2] = cos, sin
-        self.scale[k].fill_(1.0 / math.sqrt(d))
-        # member channel head*d + j -> padded channel head*D + j (first half) or + D/2 (second half)
-        j = torch.arange(d)
-        slot = torch.where(j < d // 2, j, j - d // 2 + D // 2)
-        self.index[k].copy_((torch.arange(h)[:, None] * D + slot[None]).flatten().view(1, 1, C))
+        h, d = c.n_heads, c.d_model // c.n_heads
+        cos, sin = rotary_tables(self.L, d, device=self.device)  # (L, d/2)
+        self.cos[k, 0].copy_(torch.cat([cos, cos], dim=-1).repeat(1, h))
+        self.sin[k, 0].copy_(torch.cat([-sin, sin], dim=-1).repeat(1, h))
+        j = torch.arange(c.d_model, device=self.device)
+        self.partner[k].copy_((j - j % d + (j % d + d // 2) % d).view(1, 1, -1))
+        g = self.heads.index(c.n_heads)
+        self.member[:, k] = False
+        self.member[g, k] = True
+        for rows in self.rows:
+            if k in rows:
+                rows.remove(k)
+        self.rows[g] = sorted([*self.rows[g], k])
 
     def set_member(self, k: int, c: AttentionConfig) -> bool:
         """Refill slot ``k`` in place, so every tensor keeps its storage (``data_ptr``) and a
         captured step or compiled kernel stays valid. ``False`` where the plan cannot hold ``c``
-        (another head layout, attention dropout where none was planned): the caller rebuilds it."""
+        (a head count outside its groups, attention dropout where none was planned): the caller
+        rebuilds it."""
         if self.alone is not None:
             self.alone[k] = _alone([c], self.L, self.device, backend=self.backend_alone, dropout=self.dropout,
                                    training=self.dropout)[0]  # fmt: skip
             return True
-        C = c.d_model
-        if C // c.n_heads > self.D or c.n_heads > self.H or (not self.spreads and c.n_heads != self.H):
+        if c.n_heads not in self.heads:
             return False
         if self.dropout and c.attn_dropout > 0 and self.attn_p is None:
             return False
         self._fill(k, c)
         if self.attn_p is not None:
             self.attn_p[k] = c.attn_dropout if self.dropout else 0.0
-        if self.block_mask is not None:  # the new pattern's blocks, copied into the same tensors
-            fresh = member_block_mask(self.masks)
-            for name in _BLOCK_MASK_TENSORS:
-                old, new = getattr(self.block_mask, name), getattr(fresh, name)
-                if old is not None:
-                    old.copy_(new)
+        if self.block_masks is not None:  # the new pattern's blocks, copied into the same tensors
+            for old_mask, fresh in zip(self.block_masks, self._block_masks(), strict=True):
+                for name in _BLOCK_MASK_TENSORS:
+                    old, new = getattr(old_mask, name), getattr(fresh, name)
+                    if old is not None:
+                        old.copy_(new)
         return True
 
-    def spread(self, t: torch.Tensor) -> torch.Tensor:
-        """``(K, B, L, C)`` -> ``(K, B, L, H*D)``: each member's channels at their padded positions."""
-        if not self.spreads:
-            return t
-        K, B, L, C = t.shape
-        out = t.new_zeros(K, B, L, self.H * self.D)
-        return out.scatter(-1, self.index.expand(K, B, L, C), t)
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`spread`."""
-        if not self.spreads:
-            return t
-        K, B, L, _ = t.shape
-        return t.gather(-1, self.index.expand(K, B, L, self.index.shape[-1]))
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary positions of ``(K, B, L, C)`` projections, each member in its own head layout
+        (what :func:`apply_rotary` does per head)."""
+        partner = x.gather(-1, self.partner.expand_as(x))
+        return x * self.cos.to(x.dtype) + partner * self.sin.to(x.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(K, B*H, L, D)`` each, ``q`` already scaled: the member's pattern is row ``member`` of the table."""
-        if self.block_mask is not None:
-            if self.score_mod is not None:
-                self.seed.add_(1)
-            return _flex(q, k, v, self.block_mask, scale=1.0, score_mod=self.score_mod)
-        return _rows_attend(q, k, v, self.masks, self.attn_p, scale=1.0)
+        """Attention of ``(K, B, L, C)`` projections (before rotary) -> ``(K, B, L, C)``: each member
+        in its group's head layout, with its pattern (row ``member`` of the table) and DropKey rate."""
+        K, B, L, C = q.shape
+        q, k = self.rotate(q), self.rotate(k)
+        y = torch.zeros_like(q)
+        if self.score_mod is not None:
+            self.seed.add_(1)
+        for g, h in enumerate(self.heads):
+            if self.block_masks is None:  # dense path: this group's members gathered
+                if not self.rows[g]:
+                    continue
+                idx = torch.tensor(self.rows[g], device=q.device)
+                qg, kg, vg = (_heads(t.index_select(0, idx), h) for t in (q, k, v))  # (Kg, B*h, L, d)
+                p = None if self.attn_p is None else self.attn_p.index_select(0, idx)
+                o = _rows_attend(qg, kg, vg, self.masks.index_select(0, idx), p, scale=self.scales[g])
+                y = y.index_copy(0, idx, _merge_heads(o, B, h))
+            else:  # every group's kernel runs on all K (fixed shapes); other groups' members have no blocks
+                qg, kg, vg = (_heads(t, h) for t in (q, k, v))  # (K, B*h, L, d)
+                o = _flex(qg, kg, vg, self.block_masks[g], scale=self.scales[g], score_mod=self.score_mod)
+                y = torch.where(self.member[g].view(K, 1, 1, 1), _merge_heads(o, B, h), y)
+        return y
+
+
+def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    """``(K, B, L, C)`` -> ``(K, B*h, L, C/h)``."""
+    K, B, L, C = t.shape
+    return t.view(K, B, L, h, C // h).permute(0, 1, 3, 2, 4).reshape(K, B * h, L, C // h)
+
+
+def _merge_heads(t: torch.Tensor, B: int, h: int) -> torch.Tensor:
+    """Inverse of :func:`_heads`."""
+    K, _, L, d = t.shape
+    return t.view(K, B, h, L, d).permute(0, 1, 3, 2, 4).reshape(K, B, L, h * d)
 
 
 def _rows_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, attn_p: torch.Tensor | None,
                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of ``(K, BH, L, D)`` inputs where member ``k`` sees row ``k`` of ``masks`` ``(K, L, L)``
     and drops keys (DropKey) with rate ``attn_p[k]`` (``None``: no member drops). The dense path of
-    the padded layout where FlexAttention cannot run (the CPU): its masks are materialised."""
+    the grouped layout where FlexAttention cannot run (the CPU): its masks are materialised."""
     if attn_p is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, None], scale=scale)  # mask (K, 1, L, L)
     K, BH, L, _ = q.shape
@@ -325,13 +364,14 @@ class SparseSelfAttention(nn.Module):
         self.qkv = Linear(K, C, 3 * C)
         self.proj = Linear(K, C, C, std=0.02 / math.sqrt(2 * self.members[0].n_layers))  # GPT-2's scaled init
         self.resid_drop = Dropout([c.dropout for c in self.members])
-        # members' padded head layout (H heads of D channels): it starts at the head counts refills
-        # may bring (``heads``: the space's range) and only grows, so refills keep its shape and
-        # FlexAttention's kernel
-        self.layout = (0, 0) if heads is None else (max(heads), C // min(heads))
+        # members' head groups (:class:`_MemberPlan`): they start at the head counts refills may
+        # bring (``heads``: the space's range) and only grow, so refills keep the shapes and
+        # FlexAttention's kernels
+        self.layout: tuple[int, ...] = () if heads is None else head_groups(C, heads)
         # per (length, device, mode): what attention needs, built on first use so that a training
         # step resolves, looks up and builds nothing
         self._plans: dict[tuple[Any, ...], Any] = {}
+        self.plans_dropped = 0  # counts plans dropped (their tensors gone): a captured step is stale
 
     @property
     def pattern(self) -> str:
@@ -349,11 +389,17 @@ class SparseSelfAttention(nn.Module):
         self.members[k] = config
         for key, plan in list(self._plans.items()):
             if not (isinstance(plan, _MemberPlan) and plan.set_member(k, config)):
-                del self._plans[key]
+                self.drop_plans(key)
 
     def keep_members(self, slots: list[int]) -> None:
         self.members = [self.members[k] for k in slots]
-        self._plans.clear()
+        self.drop_plans()
+
+    def drop_plans(self, key: tuple[Any, ...] | None = None) -> None:
+        """Drop the plan of ``key`` (every plan: ``None``); it is rebuilt on next use."""
+        for k in [key] if key is not None else list(self._plans):
+            del self._plans[k]
+            self.plans_dropped += 1
 
     def _plan(self, L: int, device: torch.device) -> Any:
         key = (L, device, self.training, torch.is_grad_enabled())
@@ -362,10 +408,9 @@ class SparseSelfAttention(nn.Module):
             return plan
         if len(self.members) > 1:
             C = self.members[0].d_model
-            heads = [c.n_heads for c in self.members]
-            self.layout = (max(self.layout[0], *heads), max(self.layout[1], C // min(heads)))
+            self.layout = tuple(sorted({*self.layout, *head_groups(C, [c.n_heads for c in self.members])}))
             plan = _MemberPlan(self.members, L, device, backend=self.backend,
-                               dropout=self.training and torch.is_grad_enabled(), layout=self.layout)  # fmt: skip
+                               dropout=self.training and torch.is_grad_enabled(), heads=self.layout)  # fmt: skip
         else:
             # (PyTorch has no CPU backward for flex: a population shrunk to one member trains on auto's path)
             cpu_training = device.type == "cpu" and torch.is_grad_enabled()
@@ -391,14 +436,7 @@ class SparseSelfAttention(nn.Module):
                 ys.append(attend(qm, km, vm).transpose(1, 2).reshape(B, L, C))
             y = ys[0].unsqueeze(0) if K == 1 else torch.stack(ys)  # (K, B, L, C)
         else:
-            H, D = plan.H, plan.D
-            q, k, v = (
-                plan.spread(t).view(K, B, L, H, D).permute(0, 1, 3, 2, 4).reshape(K, B * H, L, D) for t in (q, k, v)
-            )  # (K, BH, L, D)
-            q = apply_rotary(q, plan.cos, plan.sin) * plan.scale.to(q.dtype)
-            k = apply_rotary(k, plan.cos, plan.sin)
-            y = plan.attend(q, k, v).view(K, B, H, L, D).permute(0, 1, 3, 2, 4).reshape(K, B, L, H * D)
-            y = plan.gather(y)  # (K, B, L, C)
+            y = plan.attend(q, k, v)  # (K, B, L, C)
         return self.resid_drop(self.proj(y))
 
 
@@ -516,7 +554,16 @@ class AttentionModel(nn.Module):
         for block in self.blocks:
             assert isinstance(block, Block)
             block.attn.backend = backend
-            block.attn._plans.clear()
+            block.attn.drop_plans()
+
+    def plans_dropped(self) -> int:
+        """Attention plans dropped so far (refills a plan could not hold, shrinks, backend
+        switches): while it stays the same, every tensor a training step reads keeps its storage."""
+        total = 0
+        for block in self.blocks:
+            assert isinstance(block, Block)
+            total += block.attn.plans_dropped
+        return total
 
 
 def shape_key(config: AttentionConfig) -> tuple[Any, ...]:
@@ -530,8 +577,8 @@ def build_model(
 ) -> AttentionModel:
     """The model ``configs`` describe (one configuration, or a population's), sized for ``task``
     (vocabulary, classes, sequence length); each member's weights come from its own seed.
-    ``heads``: the (min, max) head counts refills may bring, which sizes a population's padded
-    attention layout from the start (see :class:`SparseSelfAttention`)."""
+    ``heads``: the (min, max) head counts refills may bring, which sets a population's head groups
+    from the start (see :class:`SparseSelfAttention`)."""
     return AttentionModel(
         configs,
         vocab_size=task.vocab_size,

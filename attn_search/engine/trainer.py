@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -145,6 +146,12 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
 SYNC_EVERY = 50
 """Steps between reads of the members' losses from the device besides rungs (a diverged member is
 failed at the next read; until then it trains on, alone, on non-finite weights)."""
+
+CUDA_GRAPHS = os.environ.get("ATTN_SEARCH_CUDA_GRAPHS", "0") == "1"
+"""Capture a population's training step on CUDA as one CUDA graph and replay it
+(``ATTN_SEARCH_CUDA_GRAPHS=1``; see :class:`_GraphedStep`). Off by default: whether it pays at
+these sizes has not been measured on a GPU yet (``benchmarks/gpu_check.py`` times both)."""
+
 
 Stop = bool | str | None
 """A reporter's answer: falsy goes on; ``True`` stops; a string stops with that reason."""
@@ -354,6 +361,8 @@ class _Population:
         self.measure_s = 0.0
         self.pop_figures: dict[str, float] = {}
         self.eval_batch: int | None = None  # sequences per member per evaluation pass (None: by device)
+        # the training step: captured as a CUDA graph where asked for (CUDA_GRAPHS), else eager
+        self.step: Callable[[], torch.Tensor] = _GraphedStep(self) if _graphed(dev, backend, K) else self.train_step
 
     def _lrs(self, config: AttentionConfig) -> torch.Tensor:
         S = self.bud.steps
@@ -454,7 +463,7 @@ class _Population:
                         if on_compute is not None:
                             on_compute(member, dict(self.compute[member]))
             else:
-                self.train_step()
+                self.step()
             self.timer.stop(started, 1.0 / self.K)
             for k, member in enumerate(self.slots):
                 if member is not None:
@@ -595,6 +604,59 @@ class _Population:
         }
         return TrialResult(config=self.configs[k], metrics=metrics, curve=list(curve), state=state, reason=reason,
                            device=str(self.dev), task=self.task.name)  # fmt: skip
+
+
+def _graphed(dev: torch.device, backend: str, K: int) -> bool:
+    """Whether a population's step is captured: asked for, on CUDA, more than one member, and on
+    FlexAttention's path (the dense path builds index lists on the host each step)."""
+    return CUDA_GRAPHS and dev.type == "cuda" and K > 1 and backend in ("auto", "flex")
+
+
+class _GraphedStep:
+    """A population's :meth:`~_Population.train_step` as one CUDA graph (``torch.cuda.graph``),
+    replayed step after step: one launch instead of hundreds. What makes it valid: the step
+    updates every tensor in place (``tests/test_population.py`` checks that it rebinds none) and a
+    refill copies into the tensors the graph read. It is captured again after anything that moves
+    them: an attention plan dropped (a refill its plan could not hold) or the population shrunk.
+    Warm-up steps run eagerly on a side stream first (compiles, lazy allocations), as PyTorch's
+    whole-network capture recipe does."""
+
+    WARMUP = 3
+
+    def __init__(self, pop: _Population) -> None:
+        self.pop = pop
+        self.graph: Any = None
+        self.key: tuple[int, int] | None = None
+        self.eager = 0
+        self.out: torch.Tensor | None = None
+        self.captures = 0
+
+    def _warm(self) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.pop.train_step()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.pop.train_step()
+
+    def __call__(self) -> torch.Tensor:
+        key = (self.pop.K, self.pop.model.plans_dropped())
+        if key != self.key:  # tensors moved: what was captured reads stale storage
+            self.key, self.graph, self.eager = key, None, 0
+        if self.graph is None:
+            if self.eager < self.WARMUP:
+                self.eager += 1
+                return self._warm()
+            self._capture()  # (records the step without running it)
+            self.captures += 1
+        self.graph.replay()
+        assert self.out is not None
+        return self.out
 
 
 class _StepTimer:
