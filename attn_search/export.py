@@ -1,39 +1,33 @@
 """Export the chosen configuration to training code.
 
 ``yaml``/``json``: the config with its metrics and provenance (``attn_search.load_config`` reads
-it back). ``python``: one self-contained module that needs only torch, written from the engine's
-own source (:data:`ENGINE_MODULES`, copied verbatim with their imports of each other removed), so
-it cannot drift from what the search trained and measured. It defines ``CONFIG`` (the chosen
-:class:`AttentionConfig`), ``SearchedAttention(d_model, n_heads)``, a drop-in self-attention layer
-``(B, L, d_model) -> (B, L, d_model)`` with the chosen pattern and its parameters baked in, and
-``build_model()`` returning the whole searched model, the engine's own class, so trained weights
-load into it. Both run on the engine's sparse paths (``backend="auto"``): FlexAttention with the
-pattern's ``BlockMask`` on CUDA, the block-sparse kernel on CPU where the pattern skips enough
-tiles, so a user's model saves the compute the search counted. Pattern parameters are absolute
-positions (a window of 46 keys stays 46 at any sequence length).
+it back). ``python``: one module that needs only torch: :mod:`attn_search.engine.plain` (one
+attention model, no member axis, one path per device) verbatim, then the searched pattern's rule
+(its declared builder's source and what that calls, from :mod:`attn_search.engine.patterns`) and
+configuration. It defines ``SearchedAttention(d_model, n_heads)``, a drop-in self-attention layer
+``(B, L, d_model) -> (B, L, d_model)``, ``build_model()`` and ``load_searched(model,
+state_dict)`` for weights trained by attn_search. Attention skips what the pattern skips
+(FlexAttention's BlockMask on CUDA, the pattern's tiles on CPU), so a user's model saves the compute
+the search counted. Pattern parameters are absolute positions (a window of 46 keys stays 46 at any
+sequence length).
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from attn_search.engine import attention, model, patterns
-from attn_search.engine import config as config_module
+from attn_search.engine import plain
 from attn_search.engine.config import AttentionConfig
+from attn_search.engine.patterns import DECLARED, resolve_params
 from attn_search.engine.tasks import make_task
 from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row
 
 FORMATS = ("yaml", "json", "python")
-ENGINE_MODULES: tuple[ModuleType, ...] = (patterns, attention, config_module, model)
-"""The engine modules the exported file carries, in the order they import each other."""
-
-
-_REPLACED = {"build_model"}
-"""Engine functions the exported file defines its own way (``build_model()`` needs no task object)."""
 
 
 def _split_module(module: ModuleType) -> tuple[list[str], str]:
@@ -48,91 +42,102 @@ def _split_module(module: ModuleType) -> tuple[list[str], str]:
         span = range(node.lineno - 1, node.end_lineno or node.lineno)
         if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             drop.update(span)  # the docstring
-        elif getattr(node, "name", None) in _REPLACED:
-            drop.update(range(min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1,
-                              node.end_lineno or node.lineno))  # fmt: skip
         elif isinstance(node, ast.Import | ast.ImportFrom):
             drop.update(span)
             if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("attn_search", "__future__"))):
                 imports.append("\n".join(lines[n] for n in span))
     body = "\n".join(line for n, line in enumerate(lines) if n not in drop).strip()
-    return imports, f"# {'-' * 30} {module.__name__.replace('.', '/')}.py {'-' * 30}\n{body}\n"
+    return imports, body + "\n"
 
 
-def engine_source() -> str:
-    """The source of :data:`ENGINE_MODULES` as one module: their imports once, then their bodies."""
-    imports: list[str] = []
-    bodies = []
-    for module in ENGINE_MODULES:
-        found, body = _split_module(module)
-        imports += [line for line in found if line not in imports]
-        bodies.append(body)
-    return "\n".join(imports) + "\n\n\n" + "\n\n".join(bodies)
+def _names(code: Any) -> set[str]:
+    """Global names a code object and the functions nested in it read."""
+    out = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            out |= _names(const)
+    return out
+
+
+def rule_source(builder: Callable[..., Any]) -> str:
+    """The source of a pattern's rule builder and of every function of its module it calls (first
+    what it calls), so the export carries the very rule the search used."""
+    if builder.__name__ == "<lambda>" or "<locals>" in builder.__qualname__:
+        raise ValueError(f"the rule builder {builder.__qualname__!r} is not a module-level function: declare the "
+                         "pattern with a named function (def) so that the Python export can copy its source")  # fmt: skip
+    done: list[Callable[..., Any]] = []
+
+    def visit(fn: Callable[..., Any]) -> None:
+        if fn in done:
+            return
+        for name in sorted(_names(fn.__code__)):
+            called = fn.__globals__.get(name)
+            if inspect.isfunction(called) and called.__module__ == fn.__module__:
+                visit(called)
+        done.append(fn)
+
+    visit(builder)
+    return "\n\n\n".join(inspect.getsource(fn).rstrip() for fn in done)
 
 
 def python_module(config: AttentionConfig, *, vocab_size: int, n_classes: int, max_len: int, header: str = "") -> str:
-    """Source of the self-contained torch module for ``config`` (see module docstring)."""
-    params = ", ".join(f"{k}={v}" for k, v in config.pattern_params().items()) or "none"
+    """Source of the self-contained torch module for ``config``: :mod:`attn_search.engine.plain`
+    (one model, no member axis) with the searched pattern's rule and configuration appended."""
+    params = resolve_params(config.pattern, **config.pattern_params())
+    builder = DECLARED[config.pattern].rule
+    imports, body = _split_module(plain)
+    shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
     return f'''"""Attention layer and model exported by attn_search. Needs only torch.
 
 {header}
-Configuration: {config.describe()}, causal={config.causal}; pattern parameters ({params}) are
+Configuration: {config.describe()}, causal={config.causal}; pattern parameters ({shown}) are
 absolute positions, the same at any sequence length.
 
 ``SearchedAttention(d_model, n_heads)`` is a drop-in self-attention layer, (B, L, d_model) in and
-out, with this pattern baked in; ``build_model()`` returns the searched model (token and
-previous-token embeddings, {config.n_layers} pre-LayerNorm block(s) with rotary positions, a
-per-position classifier) with attn_search's parameter names, so its state_dict loads here.
-Attention runs on the sparse paths the search measured (``backend="auto"``): FlexAttention with the
-pattern's BlockMask on CUDA, the block-sparse kernel on CPU where the pattern skips enough tiles.
-Pass ``backend="reference"`` for the dense masked path (any device, the slowest).
-
-What follows is attn_search's engine source, verbatim; the searched configuration is at the end.
+out, with this pattern; ``build_model()`` returns the searched model, and
+``load_searched(model, state_dict)`` loads weights trained by attn_search into it. Attention runs
+on the path that skips what the pattern skips: FlexAttention with its BlockMask on CUDA, the
+pattern's tiles on CPU, SDPA's fused kernel where the mask keeps every entry.
 """
 
 from __future__ import annotations
 
-import sys as _sys
+{chr(10).join(imports)}
 
-if _sys.modules.get(__name__) is None:
-    # Loaded by importlib (spec_from_file_location + exec_module) without registering: dataclasses
-    # look a class's module up in sys.modules while making it, so this module is registered here.
-    class _ThisModule:
-        pass
-
-    _this = _ThisModule()
-    _this.__dict__ = globals()
-    _sys.modules[__name__] = _this  # type: ignore[assignment]
-
-{engine_source()}
+{body}
 
 # {"-" * 30} the searched configuration {"-" * 30}
-CONFIG = AttentionConfig.from_dict({config.to_dict()!r})
+CONFIG = {config.to_dict()!r}
+PATTERN = {config.pattern!r}
+PARAMS = {params!r}
+CAUSAL = {config.causal!r}
 VOCAB_SIZE = {vocab_size}
 N_CLASSES = {n_classes}
-MAX_LEN = {max_len}
-PATTERN = CONFIG.pattern
+MAX_LEN = {max_len}  # the length searched (rotary positions set no limit)
 
 
-class SearchedAttention(SparseSelfAttention):
-    """Self-attention with the searched pattern and its parameters: ``(B, L, d_model) -> (B, L, d_model)``.
-
-    ``d_model`` and ``n_heads`` fit it into your model (``d_model // n_heads`` must be even, for
-    rotary positions); ``overrides`` change any other field of ``CONFIG`` (``dropout``, ``causal``).
-    """
-
-    def __init__(self, d_model: int = CONFIG.d_model, n_heads: int = CONFIG.n_heads, *, backend: str = "auto",
-                 **overrides: Any) -> None:
-        super().__init__(CONFIG.replace(d_model=d_model, n_heads=n_heads, **overrides), backend=backend)
+{rule_source(builder)}
 
 
-def build_model(backend: str = "auto", max_len: int = MAX_LEN) -> AttentionModel:
-    """The searched model, untrained (load a state_dict from attn_search.build_model to reuse weights);
-    ``max_len``: the longest sequence it accepts (rotary positions have no limit of their own)."""
-    return AttentionModel(CONFIG, vocab_size=VOCAB_SIZE, n_classes=N_CLASSES, max_len=max_len, backend=backend)
+def pattern_rule(seq_len: int, device: torch.device) -> Rule:
+    """The searched pattern's rule for sequences of ``seq_len``."""
+    rule = {builder.__name__}(seq_len=seq_len, device=device, causal=CAUSAL, **PARAMS)
+    return (lambda q, kv: rule(q, kv) & (kv <= q)) if CAUSAL else rule
 
 
-__all__ = ["CONFIG", "PATTERN", "AttentionModel", "SearchedAttention", "SparseSelfAttention", "build_model"]
+class SearchedAttention(PatternAttention):
+    """Self-attention with the searched pattern: ``(B, L, d_model) -> (B, L, d_model)``."""
+
+    def __init__(self, d_model: int = CONFIG["d_model"], n_heads: int = CONFIG["n_heads"], *,
+                 dropout: float = CONFIG["dropout"], attn_dropout: float = CONFIG["attn_dropout"]) -> None:
+        super().__init__(d_model, n_heads, pattern_rule, dropout=dropout, attn_dropout=attn_dropout)
+
+
+def build_model() -> PatternModel:
+    """The searched model, untrained (``load_searched(model, state_dict)`` to reuse its weights)."""
+    return PatternModel(vocab_size=VOCAB_SIZE, n_classes=N_CLASSES, d_model=CONFIG["d_model"],
+                        n_heads=CONFIG["n_heads"], n_layers=CONFIG["n_layers"], rule_of=pattern_rule,
+                        dropout=CONFIG["dropout"], attn_dropout=CONFIG["attn_dropout"])
 '''
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import runpy
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -207,15 +209,21 @@ def test_rules_are_pointwise_with_tables_on_the_query_device(pattern: str, causa
     assert not forbidden & set(calls), f"{pattern}: non-pointwise ops in the rule: {sorted(forbidden & set(calls))}"
 
 
+def every_kth(*, stride: int, **_: object) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The toy pattern's rule builder: keys a multiple of ``stride`` back (no local band)."""
+    return lambda q, kv: (q - kv) % stride == 0
+
+
 def test_a_pattern_declared_in_one_place_is_validated_described_and_searched(tmp_path: Path) -> None:
     """A toy pattern (keys at multiples of ``stride`` back, no local band), declared once: configs
-    validate, write and describe it, its rule gives the mask, and a search proposes and trains it.
-    Once undeclared, it raises."""
+    validate, write and describe it, its rule gives the mask, a search proposes and trains it, and
+    the Python export carries its rule (a lambda builder is refused with a clear message). Once
+    undeclared, it raises."""
     from attn_search import AttentionConfig
     from attn_search.engine import patterns as P
     from attn_search.search import SearchOptions, run_search
 
-    P.declare_pattern(P.Pattern("every_kth", (P.STRIDE,), lambda *, stride, **_: lambda q, kv: (q - kv) % stride == 0))
+    P.declare_pattern(P.Pattern("every_kth", (P.STRIDE,), every_kth))
     try:
         config = AttentionConfig(d_model=16, n_heads=2, pattern="every_kth", stride=3)
         assert config.describe() == "every_kth(s=3) h=2" and config.to_dict()["stride"] == 3
@@ -236,6 +244,18 @@ def test_a_pattern_declared_in_one_place_is_validated_described_and_searched(tmp
         trials = pd.read_csv(out / "trials.csv")
         assert (trials["pattern"] == "every_kth").all() and (trials["state"] == "complete").all()
         assert trials["stride"].between(2, 8).all()
+        # the Python export carries the toy rule's source: its layer attends exactly that mask
+        from attn_search.export import export_run
+
+        path = export_run(out, fmt="python", out=tmp_path / "toy_export.py")
+        namespace = runpy.run_path(str(path))
+        stride = namespace["PARAMS"]["stride"]
+        mask = namespace["pattern_mask_of"](namespace["pattern_rule"], 32, torch.device("cpu"))
+        assert torch.equal(mask, P.pattern_mask("every_kth", 32, causal=True, stride=stride))
+        assert namespace["build_model"]()(torch.zeros(1, 32, dtype=torch.long)).shape[:2] == (1, 32)
+        P.declare_pattern(P.Pattern("every_kth", (P.STRIDE,), lambda *, stride, **_: every_kth(stride=stride)))
+        with pytest.raises(ValueError, match="not a module-level function"):
+            export_run(out, fmt="python", out=tmp_path / "lambda_export.py")
     finally:
         P.undeclare_pattern("every_kth")
     with pytest.raises(ValueError, match="pattern='every_kth' is unknown"):

@@ -6,6 +6,7 @@ import dataclasses
 import html
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 
 from attn_search import AttentionConfig, build_model, load_config, make_task
 from attn_search.backends import TrialRunner
+from attn_search.engine.patterns import resolve_params
 from attn_search.engine.trainer import PRESETS
 from attn_search.export import export_run
 from attn_search.outputs import rebuild
@@ -103,13 +105,18 @@ def load_module(path: Path, name: str) -> Any:
 
 
 def assert_exported_matches(module: Any, config: AttentionConfig, task: Any, *, n: int) -> None:
-    """The exported module's model loads our weights and gives our outputs."""
+    """The exported module's model, given our weights (``load_searched``), gives our outputs and
+    gradients (it is another implementation: one model, no member axis, its own CPU path)."""
     ours = build_model(config, task).eval()
     theirs = module.build_model().eval()
-    theirs.load_state_dict(ours.state_dict())
+    module.load_searched(theirs, ours.state_dict())
     x, _ = task.data("eval", n)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    out, ref = theirs(x), ours(x)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    ours_grad, their_grad = ours.blocks[0].attn.qkv.weight.grad[0], theirs.blocks[0].attn.qkv.weight.grad.T
+    assert ours_grad.abs().max() > 1e-4 and torch.allclose(their_grad, ours_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
@@ -120,19 +127,42 @@ def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
     assert_exported_matches(module, config, task, n=4)
     layer = module.SearchedAttention(16, 2)
     assert layer(torch.randn(2, 32, 16)).shape == (2, 32, 16)
-    assert (layer.pattern, layer.params) == (config.pattern, config.pattern_params())
+    exported = (module.PATTERN, module.PARAMS)
+    assert exported == (config.pattern, resolve_params(config.pattern, **config.pattern_params()))
 
 
-@pytest.mark.parametrize("pattern", ["dense", "window", "dilated", "strided", "bigbird", "longformer"])
-def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("pattern", "seq_len"),
+    [("dense", 48), ("window", 48), ("dilated", 48), ("strided", 200), ("bigbird", 200), ("longformer", 200)],
+)
+def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str, seq_len: int) -> None:
+    """Every pattern, at a length of one tile and of several (the CPU path's tile groups)."""
     from attn_search.export import python_module
 
-    config = AttentionConfig(d_model=16, n_heads=2, pattern=pattern, window=5, stride=4, block_size=8)
-    task = make_task("mqar", seq_len=48, n_pairs=4)
+    config = AttentionConfig(d_model=16, n_heads=2, pattern=pattern, window=5, stride=4, block_size=8, n_random=2)
+    task = make_task("mqar", seq_len=seq_len, n_pairs=4)
     path = tmp_path / f"m_{pattern}.py"
-    path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=48))
+    path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=seq_len))
     module = load_module(path, f"m_{pattern}")
     assert_exported_matches(module, config, task, n=2)
+
+
+def test_the_export_is_a_small_module_that_needs_only_torch(tmp_path: Path) -> None:
+    """The longest export (BigBird, whose rule carries its block table's code) stays under 400
+    lines, and it runs in a Python where attn_search, numpy-based and search packages cannot be
+    imported."""
+    from attn_search.export import python_module
+
+    config = AttentionConfig(d_model=16, n_heads=2, pattern="bigbird", block_size=8, n_random=2)
+    path = tmp_path / "small.py"
+    path.write_text(python_module(config, vocab_size=8, n_classes=4, max_len=64))
+    assert len(path.read_text().splitlines()) < 400
+    blocked = ["attn_search", "optuna", "gymnasium", "stable_baselines3", "ray", "pandas", "yaml", "scipy"]
+    code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            f"ns = runpy.run_path({str(path)!r})\nimport torch\n"
+            "print(tuple(ns['build_model']()(torch.zeros(2, 64, dtype=torch.long)).shape))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "(2, 64, 4)", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("how", ["import", "importlib-unregistered", "runpy"])
@@ -338,7 +368,9 @@ def test_a_custom_task_search_exports_that_tasks_model(tmp_path: Path) -> None:
 
 def test_the_exported_layer_runs_on_the_block_sparse_path_on_cpu(tmp_path: Path, monkeypatch: Any) -> None:
     """A user's layer built from the export computes only the pattern's tiles (not dense attention
-    with a mask), and gives the dense masked reference's output, forward and gradients."""
+    with a mask), and gives dense masked attention's output, forward and gradients."""
+    import torch.nn.functional as F
+
     from attn_search.export import python_module
 
     config = AttentionConfig(d_model=32, n_heads=2, pattern="window", window=8)
@@ -346,16 +378,24 @@ def test_the_exported_layer_runs_on_the_block_sparse_path_on_cpu(tmp_path: Path,
     path.write_text(python_module(config, vocab_size=8, n_classes=4, max_len=512))
     module = load_module(path, "m_sparse")
     calls = []
-    blocked = module._blocked
-    monkeypatch.setattr(module, "_blocked", lambda *a: calls.append(1) or blocked(*a))
+    tiles = module.Tiles.__call__
+    monkeypatch.setattr(module.Tiles, "__call__", lambda *a: calls.append(1) or tiles(*a))
     layer = module.SearchedAttention()
-    reference = module.SearchedAttention(backend="reference")
-    reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 512, 32, requires_grad=True)
     y = layer(x)
-    assert calls, "the exported window layer did not run the block-sparse path"
+    assert calls, "the exported window layer did not run the pattern's tiles"
+    assert sum(len(rows) for rows, _, _ in layer._plans[512, x.device][2][1].groups) == 512
     (gx,) = torch.autograd.grad(y.square().sum(), x)
-    y_ref = reference(x)
+
+    def dense_masked(x: torch.Tensor) -> torch.Tensor:  # the same layer, every score computed and masked
+        q, k, v = (t.view(2, 512, 2, 16).transpose(1, 2) for t in layer.qkv(x).split(32, dim=-1))
+        cos, sin = module.rotary(512, 16, x.device)
+        mask = module.pattern_mask_of(module.pattern_rule, 512, x.device)
+        q, k = module.rotate(q, cos, sin), module.rotate(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return layer.proj(out.transpose(1, 2).reshape(2, 512, 32))
+
+    y_ref = dense_masked(x)
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(gx, gx_ref, atol=1e-4)
 

@@ -43,6 +43,8 @@ from attn_search.engine.attention import (
 )
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.patterns import resolve_params
+from attn_search.engine.plain import rotary as rotary_tables
+from attn_search.engine.plain import rotate as apply_rotary
 from attn_search.engine.tasks import Task
 
 Members = AttentionConfig | Sequence[AttentionConfig]
@@ -139,23 +141,6 @@ class Dropout(nn.Module):
             return x * dropout_mask(x, p) * (1.0 / (1.0 - p))
         keep = torch.rand_like(x) >= _per_member(self.p, x)
         return x * keep / _per_member(1.0 - self.p, x).to(x.dtype)
-
-
-def rotary_tables(
-    seq_len: int, head_dim: int, *, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``(seq_len, head_dim / 2)`` of rotary position embeddings (Su et al.
-    2021, arXiv:2104.09864), base 10000."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, hs/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(x[..., :hs/2], x[..., hs/2:])`` of ``x`` ``(..., L, hs)``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 CPU_PER_MEMBER = True

@@ -195,18 +195,34 @@ def _bigbird(*, seq_len: int, device: torch.device | str, causal: bool, block_si
     return _bigbird_rule(block_size, table)
 
 
-# The built-in patterns, in the order documentation and tests list them.
-declare_pattern(Pattern("dense", (), lambda **_: _dense_rule()))
-declare_pattern(Pattern("window", (WINDOW,), lambda *, window, **_: _window_rule(window)))
-declare_pattern(
-    Pattern("dilated", (WINDOW, DILATION), lambda *, window, dilation, **_: _dilated_rule(window, dilation))
-)
-declare_pattern(Pattern("strided", (STRIDE,), lambda *, stride, **_: _strided_rule(stride)))
-declare_pattern(Pattern("bigbird", (BLOCK_SIZE, N_GLOBAL, N_RANDOM, SEED), _bigbird))
-declare_pattern(
-    Pattern("longformer", (WINDOW, N_GLOBAL), lambda *, window, n_global, **_: _longformer_rule(window, n_global))
-)
+def _dense(**_: Any) -> Rule:
+    return _dense_rule()
 
+
+def _window(*, window: int, **_: Any) -> Rule:
+    return _window_rule(window)
+
+
+def _dilated(*, window: int, dilation: int, **_: Any) -> Rule:
+    return _dilated_rule(window, dilation)
+
+
+def _strided(*, stride: int, **_: Any) -> Rule:
+    return _strided_rule(stride)
+
+
+def _longformer(*, window: int, n_global: int, **_: Any) -> Rule:
+    return _longformer_rule(window, n_global)
+
+
+# The built-in patterns, in the order documentation and tests list them. Each rule builder is a
+# named module-level function: the Python export copies its source and that of what it calls.
+declare_pattern(Pattern("dense", (), _dense))
+declare_pattern(Pattern("window", (WINDOW,), _window))
+declare_pattern(Pattern("dilated", (WINDOW, DILATION), _dilated))
+declare_pattern(Pattern("strided", (STRIDE,), _strided))
+declare_pattern(Pattern("bigbird", (BLOCK_SIZE, N_GLOBAL, N_RANDOM, SEED), _bigbird))
+declare_pattern(Pattern("longformer", (WINDOW, N_GLOBAL), _longformer))
 PATTERNS = tuple(DECLARED)
 """Names of the built-in patterns (:data:`DECLARED` also holds any declared later)."""
 
