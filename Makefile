@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv search test test-all lint format imports bench agent agent-grid clean
+.PHONY: venv search test test-slow test-all lint format imports bench agent agent-grid clean
 
 # torch first and alone: pip then finds the local CPU build of exactly 2.13.0 instead of pulling
 # CUDA packages; constraints.txt keeps every other package at the versions tested here.
@@ -24,6 +24,10 @@ search: venv
 ## Tests, without the slow ones (the README's test command; CI runs it).
 test: venv
 	$(PY) -m pytest -q -m "not slow"
+
+## Only the slow tests (compiles, Ray clusters, agent training); CI runs them after `make test`.
+test-slow: venv
+	$(PY) -m pytest -q -m slow
 
 ## Every test, slow ones included.
 test-all: venv

@@ -107,11 +107,14 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="start no new trial after this many seconds (default: from --preset)")  # fmt: skip
     p.add_argument("--preset", default="default", choices=tuple(SEARCH_PRESETS), metavar="NAME",
-                   help="smoke (~1 min), default (<10 min on 2 CPU cores) or full (default: default)")  # fmt: skip
+                   help="smoke (~1 min), default (about 13 min on 2 CPU cores) or full (default: default)")  # fmt: skip
     p.add_argument("--steps", type=_positive_int, help="training steps per trial (default: from --preset)")
     p.add_argument("--confirm", type=_non_negative_int, metavar="K",
                    help="after the search, train each front point again with K more seeds; its accuracy becomes the "
                    "mean (default: 0 for --preset smoke, 1 for default, 2 for full)")  # fmt: skip
+    p.add_argument("--no-attention-picture", dest="attention_picture", action="store_false",
+                   help="skip the report's picture of what the chosen model attends (it trains the chosen "
+                   "configuration once more after the search)")  # fmt: skip
     p.add_argument("--target-len", type=_positive_int, metavar="L",
                    help="report compute (FLOPs, latency, memory) at sequence length L, the one you deploy; accuracy "
                    "is still trained at the task's length (default: the space's target_len, else the task's length)")  # fmt: skip

@@ -593,6 +593,20 @@ def hypervolume_history(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | N
     return [hypervolume_of(order.iloc[: i + 1], space, bounds) for i in range(len(order))]
 
 
+def _attention_section(run_dir: Path, best: pd.Series | None) -> str:
+    """The trained model's attention (``attention.png``, :mod:`attn_search.attention_map`), shown
+    only while it is of the chosen trial."""
+    sidecar = run_dir / "attention.json"
+    if best is None or not sidecar.is_file() or not (run_dir / "attention.png").is_file():
+        return ""
+    if json.loads(sidecar.read_text()).get("trial") != int(best["trial"]):
+        return "<p>(The attention picture in this run dir is of another trial: the selection changed since.)</p>"
+    return (
+        "<h3>What the trained model attends</h3><p>Its first layer's attention probabilities on one held-out "
+        "example, per head (trained once more after the search).</p>" + _img(run_dir / "attention.png")
+    )
+
+
 def _img(path: Path) -> str:
     if not path.exists():
         return ""
@@ -680,7 +694,7 @@ objectives {", ".join(f"{m} ({d})" for m, d in space.objectives)}.{html.escape(t
 Trials: {", ".join(f"{v} {k}" for k, v in counts.items())}. Front: {len(front)} points; normalised hypervolume
 {outputs.hypervolume(df):.3f}. Wall time {wall:.1f} s, of which inside training and evaluation {inside:.1f} s;
 framework overhead {overhead}.{_latency_note(df)}</p>
-<h2>Chosen configuration</h2>{best_html}{_img(run_dir / "pattern.png")}
+<h2>Chosen configuration</h2>{best_html}{_img(run_dir / "pattern.png")}{_attention_section(run_dir, best)}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
 <h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}

@@ -142,6 +142,10 @@ class SearchOptions:
     only with real training)."""
     enqueue: list[dict[str, Any]] | None = None
     """Configurations (searched values) to evaluate first, in order (``attn-search record``)."""
+    attention_picture: bool = False
+    """After the search, train the chosen configuration once more and draw what it attends (the
+    report's ``attention.png``; real training only). On by default on the command line
+    (``--no-attention-picture``); off here, so a program's searches train nothing it did not ask for."""
 
 
 # -- checks before anything exists ---------------------------------------------------------------
@@ -572,6 +576,10 @@ class SearchLoop:
 
             confirm_seeds(self.outputs.run_dir, seeds=self.confirm, device=opts.device,
                           say=lambda text: self.progress.note(text))  # fmt: skip
+        if opts.evaluator == "training" and opts.attention_picture:  # (real training: a model to look inside)
+            from attn_search.attention_map import draw_attention
+
+            draw_attention(self.outputs.run_dir, device=opts.device, say=lambda text: self.progress.note(text))
         summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
         summary.stopped_by = stopped_by
         self.progress.finish(summary)

@@ -155,6 +155,7 @@ def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) 
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow  # about 15 s of PPO training
 def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: Path) -> None:
     from attn_search.search import SearchOptions, run_search
 
@@ -275,6 +276,7 @@ def test_meta_training_on_a_table_beats_the_untrained_agent_there(table: Path) -
 SHIPPED_SPACES = ("sparse", "dense", "full")
 
 
+@pytest.mark.slow  # about 30 s: the agent over every space
 def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(tmp_path: Path) -> None:
     """The agent meta-trained on the shipped tables (package data) is the default of ``--strategy
     ppo`` where it fits: it loads, says so, and proposes configurations of the space on its grid;
@@ -314,6 +316,7 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
         assert {t.params["n_heads"] for t in again.trials} <= set(grid["n_heads"])
 
 
+@pytest.mark.slow  # about 15 s: searches with the agent
 def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

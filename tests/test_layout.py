@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "attn_search.search": 3,  # the one loop
     "attn_search.replay": 3,  # strategies replayed on recorded tables (the benchmark's fast path)
     "attn_search.confirm": 2,  # a finished run's front retrained (seeds, scale)
+    "attn_search.attention_map": 2,  # the chosen configuration retrained, its attention drawn
     "attn_search.export": 4,
     "attn_search.record": 4,
     "attn_search.cli": 5,

@@ -32,7 +32,7 @@ def member_configs(**common: object) -> list[AttentionConfig]:
 
 @pytest.mark.parametrize(
     ("grouped", "backend"),
-    [(True, "auto"), (False, "auto"), (False, "flex")],
+    [(True, "auto"), (False, "auto"), pytest.param(False, "flex", marks=pytest.mark.slow)],  # (flex compiles: 15 s)
     ids=["cpu-per-member", "grouped-layout-dense", "grouped-layout-flex"],
 )
 def test_a_fused_member_equals_its_unfused_twin(grouped: bool, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,6 +183,7 @@ def test_dropout_members_agree_statistically() -> None:
         assert abs(r.metrics["accuracy"] - alone.metrics["accuracy"]) <= 0.1, (c.pattern, r.curve, alone.curve)
 
 
+@pytest.mark.slow  # about 15 s a layout: 36 short trainings
 @pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "grouped-layout-of-cuda"])
 def test_a_member_with_attention_dropout_trains_like_its_lone_twin(
     grouped: bool, monkeypatch: pytest.MonkeyPatch
@@ -307,6 +308,7 @@ def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not between, f"reads of device values after steps {sorted(set(between))}"
 
 
+@pytest.mark.slow  # about 40 s: compiles FlexAttention on the CPU
 def test_populations_compile_flex_attention_once_per_shape_including_refills(flex_compiles: dict[str, int]) -> None:
     """FlexAttention's member path forced on the CPU (forward only: the evaluation passes), with a
     counting compiler backend: after the population's first rung no pass compiles again, though
@@ -352,6 +354,7 @@ def test_one_time_limit_covers_every_population_of_a_call() -> None:
     assert "time limit" in str(b.reason) and b.metrics["steps"] == 1
 
 
+@pytest.mark.slow  # about 30 s: compiles FlexAttention on the CPU
 @pytest.mark.parametrize("heads", [(2, 8), None], ids=["range-known", "range-unknown"])
 def test_refills_outside_the_first_head_counts_compile_nothing_when_the_range_is_known(
     flex_compiles: dict[str, int], heads: tuple[int, int] | None

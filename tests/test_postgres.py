@@ -40,6 +40,7 @@ def _study_of(out: Path, url: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url)
 
 
+@pytest.mark.slow  # about 15 s: three searches; .ci/run runs the slow tests too
 def test_three_searches_at_once_share_one_postgres_storage(tmp_path: Path, postgres_url: str) -> None:
     outs = [tmp_path / f"run{i}" for i in range(3)]
     procs = [subprocess.Popen(_search(o, postgres_url, "--trials", "4", "--steps", "6", "--confirm", "0", "--seed", str(i)),

@@ -43,6 +43,7 @@ def search_cmd(out: Path, *extra: str, trials: int = 4, steps: int = 40, populat
             "--steps", str(steps), "--out", str(out), "--population", str(population), *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # about 60 s: Ray started twice; .ci/run runs the slow tests too
 def test_embedded_ray_writes_the_local_backends_outputs(
     loopback: Loopback, ray_cluster: tuple[Loopback, str], tmp_path: Path
 ) -> None:
@@ -118,6 +119,7 @@ def test_a_worker_environment_that_cannot_import_the_package_stops_the_search(
     assert rows(tmp_path / "run").empty  # no trial was burnt on it
 
 
+@pytest.mark.slow  # about 20 s of Ray; .ci/run runs the slow tests too
 def test_single_objective_search_with_asha_stops_at_the_time_budget(
     ray_cluster: tuple[Loopback, str], tmp_path: Path
 ) -> None:
@@ -257,6 +259,7 @@ def _ray_workers(ns: Loopback, prefix: str = "ray::ImplicitFunc") -> list[int]:
     return found
 
 
+@pytest.mark.slow  # about 60 s: a Ray cluster and a killed worker; .ci/run runs the slow tests too
 def test_a_population_whose_ray_worker_is_killed_loses_and_duplicates_nothing(
     loopback: Loopback, tmp_path: Path
 ) -> None:

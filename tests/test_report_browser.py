@@ -60,11 +60,13 @@ def test_the_interactive_front_draws_every_complete_trial_and_the_chosen_point(
     browser: Any, run_dir: Path, tmp_path: Path
 ) -> None:
     import pandas as pd
+    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get((run_dir / "pareto.html").as_uri())
-    points = browser.execute_script(
-        "return document.querySelectorAll('.scatterlayer .trace .points path.point').length"
-    )
+    count = "return document.querySelectorAll('.scatterlayer .trace .points path.point').length"
+    # plotly draws after the page loads (seconds on a busy machine): wait for its markers, then count
+    WebDriverWait(browser, 60).until(lambda b: b.execute_script(count) > 0)
+    points = browser.execute_script(count)
     complete = int((pd.read_csv(run_dir / "trials.csv")["state"] == "complete").sum())
     assert points == complete + 1, "one marker per complete trial, plus the chosen point's star"
     names = browser.execute_script(

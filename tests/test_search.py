@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from attn_search import AttentionConfig, build_model, load_config, make_task
+from attn_search import AttentionConfig, Budget, build_model, load_config, make_task
 from attn_search.backends import TrialRunner
 from attn_search.engine.patterns import resolve_params
 from attn_search.engine.trainer import PRESETS
@@ -63,6 +64,7 @@ def test_cmaes_is_single_objective(tmp_path: Path) -> None:
     assert summary.n_finished == 6  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # about 13 s: two searches
 def test_same_seed_same_proposals(tmp_path: Path) -> None:
     a, _ = search(tmp_path / "a", seed=3, pruner="none")
     b, _ = search(tmp_path / "b", seed=3, pruner="none")
@@ -710,3 +712,31 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     assert "costs 100% of dense attention's FLOPs at L=256" in report and "No configuration within" in report
     exported = export_run(alone, fmt="python").read_text()
     assert named in exported
+
+
+def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:
+    """After the search the chosen configuration is trained once more and its first layer's
+    attention drawn: the probabilities are rows that sum to 1, zero outside its pattern; the
+    picture is in the report while it is of the chosen trial, and a note replaces it otherwise."""
+    from attn_search.engine.model import attention_probs
+    from attn_search.engine.patterns import pattern_mask
+    from attn_search.engine.trainer import train_model
+
+    out, _ = search(tmp_path, trials=4, attention_picture=True)
+    sidecar = json.loads((out / "attention.json").read_text())
+    chosen = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert sidecar["trial"] == chosen["trial"] and (out / "attention.png").stat().st_size > 5000
+    assert 'alt="attention.png"' in (out / "report.html").read_text()
+    config = AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8)
+    task = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8)
+    model, result = train_model(config, task, budget=Budget(steps=6, rungs=1, n_eval=16, latency_batch=2),
+                                device="cpu")  # fmt: skip
+    assert result.state == "complete" and result.metrics["steps"] == 6
+    probs = attention_probs(model, task.data("eval", 1)[0][0])
+    assert probs.shape == (2, 32, 32) and torch.allclose(probs.sum(-1), torch.ones(2, 32), atol=1e-5)
+    assert (probs[:, ~pattern_mask("window", 32, causal=True, window=4)] == 0).all()
+    sidecar["trial"] = -1  # a later selection picked another trial
+    (out / "attention.json").write_text(json.dumps(sidecar))
+    rebuild(out)
+    page = (out / "report.html").read_text()
+    assert 'alt="attention.png"' not in page and "of another trial" in page

@@ -42,7 +42,7 @@ from attn_search.engine.attention import (
     member_block_mask,
 )
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.patterns import resolve_params
+from attn_search.engine.patterns import pattern_mask, resolve_params
 from attn_search.engine.plain import rotary as rotary_tables
 from attn_search.engine.plain import rotate as apply_rotary
 from attn_search.engine.tasks import Task
@@ -549,6 +549,27 @@ class AttentionModel(nn.Module):
             assert isinstance(block, Block)
             total += block.attn.plans_dropped
         return total
+
+
+@torch.no_grad()
+def attention_probs(model: AttentionModel, idx: torch.Tensor) -> torch.Tensor:
+    """What each head of a one-member model's first layer attends on the sequence ``idx`` ``(L,)``:
+    its attention probabilities ``(n_heads, L, L)`` (row: query, column: key; zero outside the
+    pattern), computed as the layer computes them (rotary positions, the pattern's mask)."""
+    c = model.members[0]
+    assert len(model.members) == 1, "attention_probs reads a model of one member"
+    L, C, H = idx.shape[-1], c.d_model, c.n_heads
+    x = idx.view(1, 1, L)
+    prev = F.pad(x[..., :-1], (1, 0))
+    block = model.blocks[0]
+    assert isinstance(block, Block)
+    h = block.ln1(model.tok_emb(x) + model.prev_emb(prev))  # (1, 1, L, C)
+    q, k, _ = block.attn.qkv(h)[0, 0].split(C, dim=-1)  # (L, C) each
+    q, k = (t.view(L, H, C // H).transpose(0, 1) for t in (q, k))  # (H, L, d)
+    cos, sin = rotary_tables(L, C // H, device=idx.device)
+    scores = apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2) / math.sqrt(C // H)
+    mask = pattern_mask(c.pattern, L, causal=c.causal, device=idx.device, **c.pattern_params())
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 def shape_key(config: AttentionConfig) -> tuple[Any, ...]:

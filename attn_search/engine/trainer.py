@@ -219,6 +219,25 @@ def _asking(reporter: Callable[[int, int, float], Stop]) -> RungReporter:
     return report_rungs
 
 
+def train_model(
+    config: AttentionConfig,
+    task: str | Task = "mqar",
+    *,
+    budget: Budget | str | int | None = None,
+    device: str | torch.device = "auto",
+    task_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[AttentionModel, TrialResult]:
+    """Train ``config`` exactly as :func:`evaluate` does and also return the trained model (to look
+    inside it: the report's picture of what each head attends)."""
+    dev, bud = resolve_device(device), _resolve_budget(budget)
+    the_task = make_task(task, **dict(task_kwargs or {}))
+    results: list[TrialResult] = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        pop = _Population([(0, config)], the_task, bud, dev, "auto")
+        pop.run(None, None, lambda member, result: results.append(result), lambda: None)
+    return pop.model.eval(), results[0]
+
+
 def evaluate_many(
     configs: Sequence[AttentionConfig | Mapping[str, Any]],
     task: str | Task = "mqar",
