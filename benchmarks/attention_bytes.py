@@ -4,7 +4,7 @@ runs) against each member on its own path (no grouping), counted on the CPU.
 A ``TorchDispatchMode`` sums, for every aten op of one training step (forward, backward,
 optimiser), the bytes of its tensor inputs and outputs: a device-independent proxy of memory
 traffic (a fused kernel would move less; both layouts are counted the same way). The grouped
-layout is forced with ``CPU_PER_MEMBER = False``; FlexAttention's kernel is not available for a
+layout is forced with ``member_layout="grouped"``; FlexAttention's kernel is not available for a
 CPU backward, so the layout's attention is its dense masked path here (each head group's members
 gathered), which overstates what CUDA moves in attention itself. Prints per-member-step megabytes
 of both and their ratio; the last line is JSON.
@@ -30,7 +30,6 @@ import torch
 from gpu_check import proposals  # the same seeded draw of sparse-space proposals (numpy, no Optuna)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attn_search.engine import model as model_module
 from attn_search.engine import trainer as T
 from attn_search.engine.tasks import make_task
 
@@ -51,10 +50,9 @@ class ByteCounter(TorchDispatchMode):
 
 
 def per_member_step(configs: list[Any], seq_len: int, grouped: bool) -> tuple[float, int]:
-    model_module.CPU_PER_MEMBER = not grouped
     task = make_task("mqar", seq_len=seq_len, n_pairs=seq_len // 8)
     pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cpu"), "auto",
-                        heads=(2, 8))  # fmt: skip
+                        heads=(2, 8), member_layout="grouped" if grouped else "auto")  # fmt: skip
     pop.train_step()  # plans built, optimiser state allocated
     with ByteCounter() as counter:
         pop.train_step()

@@ -40,7 +40,8 @@ import torch
 
 from attn_search.engine import trainer as T
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.model import _MemberPlan, build_model, member_losses
+from attn_search.engine.member_layout import MemberPlan
+from attn_search.engine.model import build_model, member_losses
 from attn_search.engine.tasks import make_task
 from attn_search.space import load_space
 
@@ -84,7 +85,7 @@ def twin(device: torch.device, k: int, seq_len: int) -> dict[str, Any]:
         logits = fused(xs)
         member_losses(logits, ys, torch.zeros(k, device=device)).sum().backward()  # each member's own loss
     plan = next(iter(fused.blocks[0].attn._plans.values()))
-    path = "flex" if isinstance(plan, _MemberPlan) and plan.block_masks is not None else "per-member/dense"
+    path = "flex" if isinstance(plan, MemberPlan) and plan.block_masks is not None else "per-member/dense"
     worst = {"logits": 0.0, "grads": 0.0}
     for m in (0, k // 2, k - 1):
         alone = build_model(configs[m], task).to(device).eval()
@@ -113,7 +114,7 @@ def step_times(device: torch.device, sizes: list[int], steps: int) -> dict[str, 
             pop.timer.stop(started, 1.0)
             times.append(pop.timer.settle() * 1000)
         plan = next(iter(pop.model.blocks[0].attn._plans.values()))
-        path = ("flex" if isinstance(plan, _MemberPlan) and plan.block_masks is not None else
+        path = ("flex" if isinstance(plan, MemberPlan) and plan.block_masks is not None else
                 "per-member" if isinstance(plan, list) or getattr(plan, "alone", None) else "dense")  # fmt: skip
         dropping = sum(c.attn_dropout > 0 for c in configs)
         out[str(k)] = {"step_ms": round(statistics.median(times), 3), "path": path, "with_attn_dropout": dropping,

@@ -31,11 +31,11 @@ def member_configs(**common: object) -> list[AttentionConfig]:
 
 
 @pytest.mark.parametrize(
-    ("grouped", "backend"),
+    ("per_member", "backend"),
     [(True, "auto"), (False, "auto"), pytest.param(False, "flex", marks=pytest.mark.slow)],  # (flex compiles: 15 s)
     ids=["cpu-per-member", "grouped-layout-dense", "grouped-layout-flex"],
 )
-def test_a_fused_member_equals_its_unfused_twin(grouped: bool, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fused_member_equals_its_unfused_twin(per_member: bool, backend: str) -> None:
     """Every pattern and head count 2, 4 and 8 in one model: each member's logits are those of the
     model of its configuration alone (the single-pattern attention paths), to float32 rounding,
     through the CPU's per-member path and through the grouped head layout CUDA uses, on its dense
@@ -43,12 +43,9 @@ def test_a_fused_member_equals_its_unfused_twin(grouped: bool, backend: str, mon
     members, the others masked out by their BlockMask; forward only on the CPU). A member reading
     another's mask row, group, scale or rotary table, or a group's kernel leaking into another
     group's members, would be far off."""
-    from attn_search.engine import model as model_module
-
-    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", grouped)
     configs = member_configs()
     task = make_task("mqar", **TASK)
-    fused = build_model(configs, task, backend=backend).eval()
+    fused = build_model(configs, task, backend=backend, member_layout="auto" if per_member else "grouped").eval()
     x, _ = task.data("eval", 3)
     with torch.no_grad():
         out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))  # (K, B, L, n)
@@ -184,19 +181,15 @@ def test_dropout_members_agree_statistically() -> None:
 
 
 @pytest.mark.slow  # about 15 s a layout: 36 short trainings
-@pytest.mark.parametrize("grouped", [True, False], ids=["cpu-per-member", "grouped-layout-of-cuda"])
-def test_a_member_with_attention_dropout_trains_like_its_lone_twin(
-    grouped: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("per_member", [True, False], ids=["cpu-per-member", "grouped-layout-of-cuda"])
+def test_a_member_with_attention_dropout_trains_like_its_lone_twin(per_member: bool) -> None:
     """DropKey (attention dropout) in a population is the same regulariser as in a lone trial,
     through the CPU's per-member path and the grouped head layout CUDA runs (its dense DropKey mask
     stands in for the kernel's hash). The draws differ, so this is statistical: over 6 seeds the
     population's mean final loss is within 3 standard errors of the lone trials', and much nearer
     to them than to the same seeds without attention dropout (a population that ignored or doubled
     the rate would sit at or past those)."""
-    from attn_search.engine import model as model_module
-
-    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", grouped)
+    layout = "auto" if per_member else "grouped"
     budget = Budget(steps=40, rungs=1, n_eval=64, latency_batch=2)
     base = AttentionConfig(d_model=32, n_heads=2, pattern="dense", lr=8e-3, batch_size=8, attn_dropout=0.9)
     other = AttentionConfig(d_model=32, n_heads=4, pattern="window", window=8, lr=5e-3, batch_size=8, seed=50)
@@ -205,7 +198,11 @@ def test_a_member_with_attention_dropout_trains_like_its_lone_twin(
         c = base.replace(seed=seed)
         loss = lambda r: r.metrics["final_loss"]  # noqa: E731
         runs["together"].append(
-            loss(evaluate_many([c, other], "mqar", budget=budget, task_kwargs=TASK, device="cpu")[0])
+            loss(
+                evaluate_many([c, other], "mqar", budget=budget, task_kwargs=TASK, device="cpu", member_layout=layout)[
+                    0
+                ]
+            )
         )
         runs["alone"].append(loss(evaluate(c, "mqar", budget=budget, task_kwargs=TASK, device="cpu")))
         runs["undropped"].append(loss(evaluate(c.replace(attn_dropout=0.0), "mqar", budget=budget, task_kwargs=TASK,
@@ -394,14 +391,12 @@ def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.Mo
     tables (masks, group membership, rotary, DropKey rates) and every group's BlockMask tensors keep
     their storage, the plan objects stay cached, and the refilled member computes exactly what its
     configuration alone computes (so the in-place update wrote the right rows)."""
-    from attn_search.engine import model as model_module
-    from attn_search.engine.model import _BLOCK_MASK_TENSORS, _MemberPlan
+    from attn_search.engine.member_layout import _BLOCK_MASK_TENSORS, MemberPlan
 
-    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)
     monkeypatch.setattr(trainer_module, "SYNC_EVERY", 50)
     configs = [c.replace(attn_dropout=0.1 * (i % 2)) for i, c in enumerate(member_configs()[:4])]
     task = make_task("mqar", **TASK)
-    model = build_model(configs, task, heads=(2, 8), backend="flex")
+    model = build_model(configs, task, heads=(2, 8), backend="flex", member_layout="grouped")
     x, y = task.data("train", 4)
     xs = x.unsqueeze(0).expand(len(configs), -1, -1)
     member_losses(model(xs), y.unsqueeze(0).expand_as(xs), 0.0).sum().backward()  # the training plan
@@ -410,7 +405,7 @@ def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.Mo
         model(xs)  # the evaluation plan, FlexAttention's BlockMask
     attn = model.blocks[0].attn
     plans = dict(attn._plans)
-    assert len(plans) == 2 and all(isinstance(p, _MemberPlan) for p in plans.values())
+    assert len(plans) == 2 and all(isinstance(p, MemberPlan) for p in plans.values())
 
     def pointers() -> dict[str, int]:
         out = {}
@@ -433,16 +428,13 @@ def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.Mo
     assert torch.allclose(out, alone, atol=2e-6), (out - alone).abs().max()
 
 
-def test_a_training_step_rebinds_no_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_training_step_rebinds_no_tensor() -> None:
     """A step updates the population's and the optimiser's state in place: the same tensor objects
     (and storage) before and after, which capturing the step as a CUDA graph requires."""
-    from attn_search.engine import model as model_module
-
-    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)
     configs = member_configs()[:3]
     task = make_task("mqar", **TASK)
     pop = trainer_module._Population(list(enumerate(configs)), task, Budget(steps=5, rungs=1, n_eval=8), torch.device("cpu"),
-                                     "auto", heads=(2, 8))  # fmt: skip
+                                     "auto", heads=(2, 8), member_layout="grouped")  # fmt: skip
     pop.train_step()  # the first step allocates the gradients and builds the plan
     owners = {"population": pop, "optimiser": pop.opt}
     before = {f"{o}.{n}": (t, t.data_ptr()) for o, obj in owners.items() for n, t in _tensors(obj).items()}
@@ -463,9 +455,6 @@ def test_a_graphed_step_is_captured_again_whenever_a_tensor_it_read_moves(monkey
     attention plan's tables) is where it was at capture, through a search with in-place refills, a
     refill its plan cannot hold (attention dropout where none was planned) and a shrink; and the
     results equal the eager step's."""
-    from attn_search.engine import model as model_module
-
-    monkeypatch.setattr(model_module, "CPU_PER_MEMBER", False)  # the grouped layout CUDA runs
     captures: list[int] = []
 
     def pointers(pop: trainer_module._Population) -> dict[str, int]:
@@ -505,7 +494,7 @@ def test_a_graphed_step_is_captured_again_whenever_a_tensor_it_read_moves(monkey
         todo = list(queue)
         monkeypatch.setattr(trainer_module, "_graphed", lambda *a: graphed)
         monkeypatch.setattr(trainer_module, "_GraphedStep", StandIn)
-        results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu",
+        results = evaluate_many(configs, "mqar", budget=budget, task_kwargs=TASK, device="cpu", member_layout="grouped",
                                 reporter=lambda m, s, a: m < 2, refill=lambda: todo.pop(0) if todo else None)  # fmt: skip
         assert not todo and all(r.state in ("complete", "pruned") for r in results)
         return [r.metrics["final_loss"] for r in results]

@@ -12,12 +12,15 @@ population of one (``K = 1``).
   ``mask_mod`` reads with the batch index as the member), and the head count: members are grouped
   by it, and each group attends at its own head shape (``d_model / n_heads`` channels, its own
   ``1/sqrt(head_dim)`` scale and rotary frequencies), so no member carries channels it does not
-  have (see :class:`_MemberPlan`).
+  have. How several members attend is the *member layout* the trainer chooses
+  (``member_layout``, :mod:`attn_search.engine.member_layout`): each member on its own path on the
+  CPU, the grouped layout on CUDA.
 * ``init_member(k, seed)`` and ``set_member(k, config)`` give slot ``k`` a new configuration and
   fresh weights from its own seed, so a member's weights are those of its one-by-one trial and a
   slot can be refilled while the others train on (the trainer's continuous batching).
 * With ``K = 1`` attention takes the single-pattern paths of :func:`~attn_search.engine.attention.attention_plan`
-  (the block-sparse kernel on CPU, FlexAttention on CUDA), the paths the exported layer runs.
+  (the block-sparse kernel on CPU, FlexAttention on CUDA); the export writes out the same model
+  without a member axis (:mod:`attn_search.engine.plain`), checked against this one in tests.
 """
 
 from __future__ import annotations
@@ -30,19 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_search.engine.attention import (
-    Attend,
-    _cached_mask,
-    _flex,
-    _key,
-    attention_plan,
-    dropkey_mask,
-    dropkey_score_mod,
-    dropout_mask,
-    member_block_mask,
-)
+from attn_search.engine.attention import dropout_mask
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.patterns import pattern_mask, resolve_params
+from attn_search.engine.member_layout import LAYOUTS, MemberPlan, head_groups, single_paths
+from attn_search.engine.patterns import pattern_mask
 from attn_search.engine.plain import rotary as rotary_tables
 from attn_search.engine.plain import rotate as apply_rotary
 from attn_search.engine.tasks import Task
@@ -143,193 +137,6 @@ class Dropout(nn.Module):
         return x * keep / _per_member(1.0 - self.p, x).to(x.dtype)
 
 
-CPU_PER_MEMBER = True
-"""On the CPU each member attends on its own single-pattern path (``False``: the grouped layout CUDA
-runs, which tests use to check that layout on the CPU)."""
-
-
-Alone = list[tuple[Attend, torch.Tensor, torch.Tensor]]
-"""Per member: its own single-pattern ``attend(q, k, v)`` and rotary cos/sin tables."""
-
-
-def _alone(members: list[AttentionConfig], L: int, device: torch.device, *, backend: str, dropout: bool,
-           training: bool) -> Alone:  # fmt: skip
-    """Each member's single-pattern attention plan (:func:`attention_plan`), the path its trial
-    alone takes, with its rotary tables."""
-    return [(attention_plan(c.pattern, L, causal=c.causal, backend=backend, device=device,
-                            dropout_p=c.attn_dropout if dropout else 0.0, training=training, **c.pattern_params()),
-             *rotary_tables(L, c.head_dim, device=device)) for c in members]  # fmt: skip
-
-
-_BLOCK_MASK_TENSORS = (
-    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
-)  # fmt: skip
-"""A BlockMask's tensors: a refill copies its member's new blocks into them."""
-
-
-def head_groups(C: int, heads: Sequence[int]) -> tuple[int, ...]:
-    """The head counts of a population's grouped layout that ``heads`` (the members' and, where
-    known, the range ``(lo, hi)`` of the space's) call for: every count in that range that splits
-    ``d_model`` into even head dims (rotary pairs)."""
-    lo, hi = min(heads), max(heads)
-    return tuple(h for h in range(lo, hi + 1) if C % h == 0 and (C // h) % 2 == 0)
-
-
-class _MemberPlan:
-    """What attention over several members needs, built once per (length, device, mode): the
-    *grouped* head layout, the mask table, the BlockMasks (CUDA) and the attention-dropout rates.
-
-    Members are grouped by head count: group ``h`` runs attention at its own shape ``(K, B*h, L,
-    d_model/h)``, so no member carries a channel or head it does not have (a layout padded to
-    ``max heads x widest head`` moved 4x the channels of a 2-, 4- and 8-head mix). On FlexAttention
-    every group's kernel sees all ``K`` members with a BlockMask in which the other groups' members
-    have no blocks (the kernel skips them), so shapes stay fixed whoever is refilled into a slot:
-    one compiled kernel per head count, and a refill only rewrites table rows in place. The dense
-    path (the CPU) gathers each group's members instead, since a fully masked row there is NaN."""
-
-    def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, backend: str,
-                 dropout: bool, heads: tuple[int, ...]) -> None:  # fmt: skip
-        # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
-        # no CPU backward for it): evaluation passes
-        rates = [c.attn_dropout for c in members]
-        # (attention dropout is DropKey inside the kernel: it does not turn the fused path off)
-        use_flex = ((device.type == "cuda" and backend == "auto") or backend == "flex") and not (
-            device.type == "cpu" and dropout
-        )
-        # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
-        # own trial takes (the block-sparse kernel skips masked tiles and drops attention inside
-        # them; no materialised scores). Where shapes must stay fixed (CUDA) the grouped layout
-        # serves all.
-        self.alone: Alone | None = None
-        self.L, self.device, self.dropout = L, device, dropout
-        self.backend_alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex)
-        self.block_masks: list[Any] | None = None
-        self.score_mod: Any = None
-        if device.type == "cpu" and not use_flex and CPU_PER_MEMBER:
-            self.alone = _alone(members, L, device, backend=self.backend_alone, dropout=dropout, training=dropout)
-            return
-        C, K = members[0].d_model, len(members)
-        self.heads = heads  # one group per head count, in this order
-        self.scales = [1.0 / math.sqrt(C // h) for h in heads]
-        # rotary positions for every member at once, in its own head layout (one rotation of the
-        # (K, B, L, C) projections, not one per group): channel c of a head of d channels pairs
-        # with c +- d/2, ``x * cos + x[partner] * sin`` with the sign folded into ``sin``
-        self.cos = torch.empty(K, 1, L, C, device=device)
-        self.sin = torch.empty(K, 1, L, C, device=device)
-        self.partner = torch.empty(K, 1, 1, C, dtype=torch.long, device=device)
-        self.masks = torch.empty(K, L, L, dtype=torch.bool, device=device)
-        self.member = torch.zeros(len(heads), K, dtype=torch.bool, device=device)  # (G, K): k is in group g
-        self.rows: list[list[int]] = [[] for _ in heads]  # the same, as index lists (the dense path)
-        for k, c in enumerate(members):
-            self._fill(k, c)
-        self.attn_p = torch.tensor(rates, device=device) if dropout and any(rates) else None
-        if use_flex:
-            self.block_masks = self._block_masks()
-            if self.attn_p is not None:
-                self.seed = torch.randint(0, 2**31 - 1, (), device=device)  # advanced in place each step
-                self.score_mod = dropkey_score_mod(self.attn_p, self.seed, per_batch=True)
-
-    def _block_masks(self) -> list[Any]:
-        """One BlockMask per group: the members' mask rows, with no blocks for other groups' members."""
-        return [member_block_mask(self.masks, members=self.member[g]) for g in range(len(self.heads))]
-
-    def _fill(self, k: int, c: AttentionConfig) -> None:
-        """Slot ``k``'s rows of every table, written in place."""
-        key = _key(c.pattern, self.L, c.causal, resolve_params(c.pattern, **c.pattern_params()))
-        self.masks[k].copy_(_cached_mask(key, str(self.device)))
-        h, d = c.n_heads, c.d_model // c.n_heads
-        cos, sin = rotary_tables(self.L, d, device=self.device)  # (L, d/2)
-        self.cos[k, 0].copy_(torch.cat([cos, cos], dim=-1).repeat(1, h))
-        self.sin[k, 0].copy_(torch.cat([-sin, sin], dim=-1).repeat(1, h))
-        j = torch.arange(c.d_model, device=self.device)
-        self.partner[k].copy_((j - j % d + (j % d + d // 2) % d).view(1, 1, -1))
-        g = self.heads.index(c.n_heads)
-        self.member[:, k] = False
-        self.member[g, k] = True
-        for rows in self.rows:
-            if k in rows:
-                rows.remove(k)
-        self.rows[g] = sorted([*self.rows[g], k])
-
-    def set_member(self, k: int, c: AttentionConfig) -> bool:
-        """Refill slot ``k`` in place, so every tensor keeps its storage (``data_ptr``) and a
-        captured step or compiled kernel stays valid. ``False`` where the plan cannot hold ``c``
-        (a head count outside its groups, attention dropout where none was planned): the caller
-        rebuilds it."""
-        if self.alone is not None:
-            self.alone[k] = _alone([c], self.L, self.device, backend=self.backend_alone, dropout=self.dropout,
-                                   training=self.dropout)[0]  # fmt: skip
-            return True
-        if c.n_heads not in self.heads:
-            return False
-        if self.dropout and c.attn_dropout > 0 and self.attn_p is None:
-            return False
-        self._fill(k, c)
-        if self.attn_p is not None:
-            self.attn_p[k] = c.attn_dropout if self.dropout else 0.0
-        if self.block_masks is not None:  # the new pattern's blocks, copied into the same tensors
-            for old_mask, fresh in zip(self.block_masks, self._block_masks(), strict=True):
-                for name in _BLOCK_MASK_TENSORS:
-                    old, new = getattr(old_mask, name), getattr(fresh, name)
-                    if old is not None:
-                        old.copy_(new)
-        return True
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotary positions of ``(K, B, L, C)`` projections, each member in its own head layout
-        (what :func:`apply_rotary` does per head)."""
-        partner = x.gather(-1, self.partner.expand_as(x))
-        return x * self.cos.to(x.dtype) + partner * self.sin.to(x.dtype)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of ``(K, B, L, C)`` projections (before rotary) -> ``(K, B, L, C)``: each member
-        in its group's head layout, with its pattern (row ``member`` of the table) and DropKey rate."""
-        K, B, L, C = q.shape
-        q, k = self.rotate(q), self.rotate(k)
-        y = torch.zeros_like(q)
-        if self.score_mod is not None:
-            self.seed.add_(1)
-        for g, h in enumerate(self.heads):
-            if self.block_masks is None:  # dense path: this group's members gathered
-                if not self.rows[g]:
-                    continue
-                idx = torch.tensor(self.rows[g], device=q.device)
-                qg, kg, vg = (_heads(t.index_select(0, idx), h) for t in (q, k, v))  # (Kg, B*h, L, d)
-                p = None if self.attn_p is None else self.attn_p.index_select(0, idx)
-                o = _rows_attend(qg, kg, vg, self.masks.index_select(0, idx), p, scale=self.scales[g])
-                y = y.index_copy(0, idx, _merge_heads(o, B, h))
-            else:  # every group's kernel runs on all K (fixed shapes); other groups' members have no blocks
-                qg, kg, vg = (_heads(t, h) for t in (q, k, v))  # (K, B*h, L, d)
-                o = _flex(qg, kg, vg, self.block_masks[g], scale=self.scales[g], score_mod=self.score_mod)
-                y = torch.where(self.member[g].view(K, 1, 1, 1), _merge_heads(o, B, h), y)
-        return y
-
-
-def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    """``(K, B, L, C)`` -> ``(K, B*h, L, C/h)``."""
-    K, B, L, C = t.shape
-    return t.view(K, B, L, h, C // h).permute(0, 1, 3, 2, 4).reshape(K, B * h, L, C // h)
-
-
-def _merge_heads(t: torch.Tensor, B: int, h: int) -> torch.Tensor:
-    """Inverse of :func:`_heads`."""
-    K, _, L, d = t.shape
-    return t.view(K, B, h, L, d).permute(0, 1, 3, 2, 4).reshape(K, B, L, h * d)
-
-
-def _rows_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, attn_p: torch.Tensor | None,
-                 scale: float | None = None) -> torch.Tensor:  # fmt: skip
-    """Attention of ``(K, BH, L, D)`` inputs where member ``k`` sees row ``k`` of ``masks`` ``(K, L, L)``
-    and drops keys (DropKey) with rate ``attn_p[k]`` (``None``: no member drops). The dense path of
-    the grouped layout where FlexAttention cannot run (the CPU): its masks are materialised."""
-    if attn_p is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, None], scale=scale)  # mask (K, 1, L, L)
-    K, BH, L, _ = q.shape
-    keep = masks[:, None] & dropkey_mask((K, BH, L, L), attn_p, device=q.device)  # (K, BH, L, L)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
-
-
 class SparseSelfAttention(nn.Module):
     """Multi-head self-attention restricted to each member's pattern. Input/output ``(K, B, L, d_model)``,
     or ``(B, L, d_model)`` for one member (a drop-in layer).
@@ -338,8 +145,12 @@ class SparseSelfAttention(nn.Module):
     sparse pattern is about, and they let a head learn "attend to the previous token" in a few
     steps, which associative recall needs (an induction circuit)."""
 
-    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None) -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None,
+                 member_layout: str = "auto") -> None:  # fmt: skip
         super().__init__()
+        if member_layout not in LAYOUTS:
+            raise ValueError(f"member_layout={member_layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
+        self.member_layout = member_layout  # how several members attend (attn_search.engine.member_layout)
         self.members = _members(configs)
         for c in self.members:
             assert c.d_model % c.n_heads == 0, f"n_heads={c.n_heads} must divide d_model={c.d_model}"
@@ -349,7 +160,7 @@ class SparseSelfAttention(nn.Module):
         self.qkv = Linear(K, C, 3 * C)
         self.proj = Linear(K, C, C, std=0.02 / math.sqrt(2 * self.members[0].n_layers))  # GPT-2's scaled init
         self.resid_drop = Dropout([c.dropout for c in self.members])
-        # members' head groups (:class:`_MemberPlan`): they start at the head counts refills may
+        # members' head groups (:class:`MemberPlan`): they start at the head counts refills may
         # bring (``heads``: the space's range) and only grow, so refills keep the shapes and
         # FlexAttention's kernels
         self.layout: tuple[int, ...] = () if heads is None else head_groups(C, heads)
@@ -373,7 +184,7 @@ class SparseSelfAttention(nn.Module):
         and only a plan that cannot hold ``config`` is dropped and rebuilt on next use."""
         self.members[k] = config
         for key, plan in list(self._plans.items()):
-            if not (isinstance(plan, _MemberPlan) and plan.set_member(k, config)):
+            if not (isinstance(plan, MemberPlan) and plan.set_member(k, config)):
                 self.drop_plans(key)
 
     def keep_members(self, slots: list[int]) -> None:
@@ -394,14 +205,14 @@ class SparseSelfAttention(nn.Module):
         if len(self.members) > 1:
             C = self.members[0].d_model
             self.layout = tuple(sorted({*self.layout, *head_groups(C, [c.n_heads for c in self.members])}))
-            plan = _MemberPlan(self.members, L, device, backend=self.backend,
-                               dropout=self.training and torch.is_grad_enabled(), heads=self.layout)  # fmt: skip
+            plan = MemberPlan(self.members, L, device, backend=self.backend, layout=self.member_layout,
+                              dropout=self.training and torch.is_grad_enabled(), heads=self.layout)  # fmt: skip
         else:
             # (PyTorch has no CPU backward for flex: a population shrunk to one member trains on auto's path)
             cpu_training = device.type == "cpu" and torch.is_grad_enabled()
             backend = "auto" if cpu_training and self.backend == "flex" else self.backend
-            plan = _alone(self.members, L, device, backend=backend, dropout=self.training,
-                          training=torch.is_grad_enabled())  # fmt: skip
+            plan = single_paths(self.members, L, device, backend=backend, dropout=self.training,
+                                training=torch.is_grad_enabled())  # fmt: skip
         self._plans[key] = plan
         return plan
 
@@ -426,12 +237,13 @@ class SparseSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None) -> None:
+    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None,
+                 member_layout: str = "auto") -> None:  # fmt: skip
         super().__init__()
         members = _members(configs)
         K, C = len(members), members[0].d_model
         self.ln1 = LayerNorm(K, C)
-        self.attn = SparseSelfAttention(members, backend=backend, heads=heads)
+        self.attn = SparseSelfAttention(members, backend=backend, heads=heads, member_layout=member_layout)
         self.ln2 = LayerNorm(K, C)
         self.fc = Linear(K, C, 4 * C)
         self.out = Linear(K, 4 * C, C, std=0.02 / math.sqrt(2 * members[0].n_layers))  # GPT-2's scaled init
@@ -459,6 +271,7 @@ class AttentionModel(nn.Module):
         max_len: int,
         backend: str = "auto",
         heads: tuple[int, int] | None = None,
+        member_layout: str = "auto",
     ) -> None:
         super().__init__()
         members = _members(configs)
@@ -476,7 +289,9 @@ class AttentionModel(nn.Module):
         # measures how far attention reaches, which is what a sparsity search trades.
         self.prev_emb = Embedding(K, vocab_size, C)
         self.drop = Dropout([c.dropout for c in members])
-        self.blocks = nn.ModuleList([Block(members, backend=backend, heads=heads) for _ in range(first.n_layers)])
+        self.blocks = nn.ModuleList(
+            [Block(members, backend=backend, heads=heads, member_layout=member_layout) for _ in range(first.n_layers)]
+        )
         self.ln_f = LayerNorm(K, C)
         self.head = Linear(K, C, n_classes)
         for k, c in enumerate(members):
@@ -579,12 +394,18 @@ def shape_key(config: AttentionConfig) -> tuple[Any, ...]:
 
 
 def build_model(
-    configs: Members, task: Task, *, backend: str = "auto", heads: tuple[int, int] | None = None
+    configs: Members,
+    task: Task,
+    *,
+    backend: str = "auto",
+    heads: tuple[int, int] | None = None,
+    member_layout: str = "auto",
 ) -> AttentionModel:
     """The model ``configs`` describe (one configuration, or a population's), sized for ``task``
     (vocabulary, classes, sequence length); each member's weights come from its own seed.
     ``heads``: the (min, max) head counts refills may bring, which sets a population's head groups
-    from the start (see :class:`SparseSelfAttention`)."""
+    from the start (see :class:`SparseSelfAttention`). ``member_layout``: how several members
+    attend (:mod:`attn_search.engine.member_layout`; ``grouped`` forces CUDA's layout on the CPU)."""
     return AttentionModel(
         configs,
         vocab_size=task.vocab_size,
@@ -592,6 +413,7 @@ def build_model(
         max_len=task.seq_len,
         backend=backend,
         heads=heads,
+        member_layout=member_layout,
     )
 
 

@@ -252,6 +252,7 @@ def evaluate_many(
     on_result: Callable[[int, TrialResult], None] | None = None,
     backend: str = "auto",
     heads: tuple[int, int] | None = None,
+    member_layout: str = "auto",
 ) -> list[TrialResult]:
     """Train several configurations at once as populations (one model with a member axis,
     :mod:`attn_search.engine.model`); returns one :class:`TrialResult` per member in member order,
@@ -275,8 +276,10 @@ def evaluate_many(
         refill: the next configuration for a freed slot (:data:`Refill`).
         on_result: ``on_result(member, result)`` as soon as a member ends (before its slot is refilled).
         heads: the (min, max) head counts the refills may bring (a search space's range): the
-            padded attention layout of CUDA's populations starts that wide, so no refill changes its
-            shape or compiles FlexAttention again.
+            head groups of CUDA's populations start that wide, so no refill changes a shape or
+            compiles FlexAttention again.
+        member_layout: how the members attend (:mod:`attn_search.engine.member_layout`): ``auto``
+            (each on its own path on the CPU, grouped on CUDA) or ``grouped`` (CUDA's, anywhere).
 
     Time and memory cannot be split exactly between members: ``latency_ms``, ``train_seconds``,
     ``eval_seconds`` and ``wall_seconds`` are the population's divided by its size, and
@@ -326,7 +329,7 @@ def evaluate_many(
             return count - 1, config
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            _Population(members, the_task, bud, dev, backend, deadline, heads).run(report_rungs, on_compute, ended,
+            _Population(members, the_task, bud, dev, backend, deadline, heads, member_layout).run(report_rungs, on_compute, ended,
                                                                                  draw)  # fmt: skip
         waiting += other
     return [results[i] for i in sorted(results)]
@@ -337,7 +340,8 @@ class _Population:
     rows and learning rate for every step, rates), and on the host what each slot holds."""
 
     def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
-                 backend: str, deadline: float | None = None, heads: tuple[int, int] | None = None) -> None:  # fmt: skip
+                 backend: str, deadline: float | None = None, heads: tuple[int, int] | None = None,
+                 member_layout: str = "auto") -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
         self.task, self.bud, self.dev, self.backend = task, bud, dev, backend
@@ -351,7 +355,7 @@ class _Population:
         torch.manual_seed(cfgs[0].seed)  # dropout draws (weights come from each member's own seed)
         if heads is not None:  # the range must hold the first members too
             heads = (min(heads[0], *(c.n_heads for c in cfgs)), max(heads[1], *(c.n_heads for c in cfgs)))
-        self.model = build_model(cfgs, task, backend=backend, heads=heads).to(dev)
+        self.model = build_model(cfgs, task, backend=backend, heads=heads, member_layout=member_layout).to(dev)
         self.timer = _StepTimer(dev)
         self.opt = MemberAdamW(self.model)
         self.slots: list[int | None] = [i for i, _ in members]  # member id in each slot; None: free
