@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from attn_search.confirm import _budget
 from attn_search.engine.model import attention_probs
 from attn_search.engine.tasks import IGNORE, make_task
 from attn_search.engine.trainer import train_model
@@ -42,7 +41,7 @@ def draw_attention(run_dir: str | Path, *, device: str = "auto", say: Callable[[
         "trained once more")  # fmt: skip
     t0 = time.perf_counter()
     task = make_task(outputs.task_name, **outputs.task_kwargs)
-    model, result = train_model(config, task, budget=_budget(record), device=device)
+    model, result = train_model(config, task, budget=record.budget_for(), device=device)
     x, y = task.data("eval", 1)
     probs = attention_probs(model, x[0].to(next(model.parameters()).device)).cpu()
     path = run_dir / PICTURE

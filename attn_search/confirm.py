@@ -27,7 +27,6 @@ faster there (see ``DEFAULT_POPULATION`` in :mod:`attn_search.search`).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -57,12 +56,6 @@ MAX_ROUNDS = 3
 WEAK_TAU = 0.5
 """Kendall's tau between proxy and scale accuracies below which the scale check warns."""
 SCALE_COLUMNS = ["trial", "seq_len", "d_model", "n_layers", "steps", "state", M.ACCURACY, "accuracy_proxy", "seconds"]
-
-
-def _budget(record: dict[str, Any], **changes: Any) -> Budget:
-    fields = {f.name for f in dataclasses.fields(Budget)}
-    saved = {k: v for k, v in record.get("budget", {}).items() if k in fields and k != "time_limit_s"}
-    return dataclasses.replace(Budget(**saved), **changes)
 
 
 def _append(path: Path, columns: Sequence[str], row: dict[str, Any]) -> None:
@@ -103,7 +96,7 @@ def confirm_seeds(
     run_dir = Path(run_dir)
     study, space, record = load_run(run_dir)
     outputs = RunOutputs.from_record(run_dir, record, space)
-    budget = _budget(record)
+    budget = record.budget_for()
     path = run_dir / CONFIRM_FILE
     done: set[tuple[int, int]] = set()
     if path.is_file():
@@ -166,7 +159,7 @@ def confirm_scale(
     run_dir = Path(run_dir)
     study, space, record = load_run(run_dir)
     outputs = RunOutputs.from_record(run_dir, record, space)
-    budget = _budget(record, **({"steps": steps} if steps else {}), target_len=None)
+    budget = record.budget_for(**({"steps": steps} if steps else {}), target_len=None)
     task_kwargs = {**outputs.task_kwargs, "seq_len": seq_len}
     front = front_rows(outputs.frame(study), space)
     if top is not None:

@@ -148,7 +148,7 @@ def export_run(
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     study, space, record = load_run(run_dir)
-    if select is not None and select != record.get("options", {}).get("select", "knee"):
+    if select is not None and select != record.select:
         rebuild(run_dir, select=select)  # the run's outputs follow the new rule, so they agree with this export
         study, space, record = load_run(run_dir)
     outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)

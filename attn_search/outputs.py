@@ -26,6 +26,7 @@ import yaml
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig, as_dense, simplest_equivalent, unused_pattern_fields
 from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
+from attn_search.rundir import RUN_FILE, RunRecord
 from attn_search.space import SearchSpace, parse_space
 
 METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
@@ -305,15 +306,12 @@ class RunOutputs:
     """Fixed compute ranges of the hypervolume (see :data:`HYPERVOLUME_DEFINITION`)."""
 
     @classmethod
-    def from_record(
-        cls, run_dir: Path, record: dict[str, Any], space: SearchSpace, *, select: str | None = None
-    ) -> RunOutputs:
-        """The outputs of a run dir, as its ``run.json`` describes them."""
-        options = record.get("options", {})
-        bounds = {m: (tuple(b) if b is not None else None) for m, b in record.get("hypervolume_bounds", {}).items()}
-        constrained = options.get("max_flops") is not None or options.get("max_latency_ms") is not None
-        return cls(run_dir, space=space, select=select or options.get("select", "knee"), constrained=constrained,
-                   task=record.get("task"), task_params=dict(record.get("task_params", {})), bounds=bounds)  # type: ignore[arg-type]  # fmt: skip
+    def from_record(cls, run_dir: Path, record: RunRecord, space: SearchSpace, *,
+                    select: str | None = None) -> RunOutputs:  # fmt: skip
+        """The outputs of a run dir, as its record (``run.json``) describes them."""
+        bounds = {m: (tuple(b) if b is not None else None) for m, b in record.hypervolume_bounds.items()}
+        return cls(run_dir, space=space, select=select or record.select, constrained=record.constrained,
+                   task=record.task, task_params=dict(record.task_params), bounds=bounds)  # type: ignore[arg-type]  # fmt: skip
 
     @property
     def task_name(self) -> str:
@@ -798,21 +796,15 @@ def _bounds_text(space: SearchSpace, bounds: Bounds) -> str:
     return ("This run: " + "; ".join(parts) + ".") if parts else ""
 
 
-STUDY_NAME = "attn_search"
-"""The study name of runs made before each run had its own (``run.json`` without ``study_name``)."""
-
-
-def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, dict[str, Any]]:
-    """Open a run dir's study and space (for ``report`` and ``export``); ``ValueError`` if it is not one."""
+def load_run(run_dir: str | Path) -> tuple[optuna.Study, SearchSpace, RunRecord]:
+    """Open a run dir's study, space and record (for ``report``, ``export`` and ``confirm``);
+    ``ValueError`` if it is not one."""
     run_dir = Path(run_dir)
-    run_file = run_dir / "run.json"
-    if not run_file.is_file():
-        raise ValueError(f"{run_dir} is not an attn_search run dir (no run.json)")
-    record = json.loads(run_file.read_text())
-    space = parse_space(record["space_definition"], source=str(run_file))
-    storage = record["options"].get("storage") or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    record = RunRecord.read(run_dir)
+    space = parse_space(record.space_definition, source=str(run_dir / RUN_FILE))
+    storage = record.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=record.get("study_name", STUDY_NAME), storage=storage)
+    study = optuna.load_study(study_name=record.study_name, storage=storage)
     return study, space, record
 
 
@@ -824,8 +816,8 @@ def rebuild(run_dir: str | Path, *, select: str | None = None) -> Path:
     study, space, record = load_run(run_dir)
     if select is not None:
         parse_selection(select)
-        record.setdefault("options", {})["select"] = select
-        _atomic_write(Path(run_dir) / "run.json", json.dumps(record, indent=2, default=str))
+        record = record.with_select(select)
+        record.write(run_dir)
     outputs = RunOutputs.from_record(Path(run_dir), record, space, select=select)
     outputs.write_all(study)
     return Path(run_dir) / "report.html"

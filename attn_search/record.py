@@ -107,7 +107,7 @@ def record(
     frame["curve"] = [curves.get(int(n), "") for n in frame["trial"]]
     header = (
         f"# attn_search recorded table: {len(configs)} configurations of space {loaded.name!r} on task "
-        f"{run['task']!r} {run['task_params']} (bins={bins}, preset={preset}, steps={steps or 'preset'}, "
+        f"{run.task!r} {run.task_params} (bins={bins}, preset={preset}, steps={steps or 'preset'}, "
         f"seed={seed})\n# command: {command}\n"
     )
     out.write_text(header + frame.to_csv(index=False))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
-import json
 import math
 import shutil
 import socket
@@ -45,12 +44,11 @@ from attn_search.failures import ERROR_LOG, FailurePolicy, describe, log_error
 from attn_search.outputs import RunOutputs, SearchSummary, parse_selection
 from attn_search.progress import Progress
 from attn_search.pruning import MOASHA
-from attn_search.rundir import RunLock
+from attn_search.rundir import RUN_FILE, RunLock, RunRecord
 from attn_search.space import SearchSpace, load_space
 from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
 from attn_search.strategies.base import ask_new, compute_key
 
-RUN_FILE = "run.json"
 PRUNERS = ("moasha", "asha", "median", "none")
 HEARTBEAT_S = 10
 """Seconds between heartbeats of a running trial; one missed for :data:`GRACE_S` marks it dead."""
@@ -341,10 +339,10 @@ def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
     if not opts.resume or run_file is None or not run_file.is_file() or opts.target_len is not None:
         return opts
     try:
-        started = json.loads(run_file.read_text()).get("options", {})
+        started = RunRecord.read(run_file.parent)
     except (OSError, ValueError):
         return opts  # the resume check reports the broken run file
-    return dataclasses.replace(opts, target_len=started.get("target_len"))
+    return dataclasses.replace(opts, target_len=started.target_len)
 
 
 def _hypervolume_bounds(space: SearchSpace, opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> dict:
@@ -366,10 +364,10 @@ def _run_locked(
 ) -> SearchSummary:  # fmt: skip
     run_file = out / RUN_FILE
     if opts.resume:
-        record = json.loads(run_file.read_text())
-        if record["space_fingerprint"] != space.fingerprint():
+        record = RunRecord.read(out)
+        if record.space_fingerprint != space.fingerprint():
             raise UsageError(
-                f"--resume: {out} was searched over space {record['space']!r} ({record['space_fingerprint']}); "
+                f"--resume: {out} was searched over space {record.space!r} ({record.space_fingerprint}); "
                 f"--space {opts.space!r} with --compute {opts.compute} is a different space ({space.fingerprint()})"
             )
     elif run_file.exists():  # another search created it between our check and the lock
@@ -381,23 +379,23 @@ def _run_locked(
         budget = dataclasses.replace(budget, steps=opts.steps)
     if not opts.resume:
         options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "enqueue"}
-        record = {"space": opts.space, "space_fingerprint": space.fingerprint(), "created": time.time(),
-                  "options": options, "task": task, "task_params": task_kwargs,
-                  "study_name": opts.study_name or study_name_for(out),
-                  "hypervolume_bounds": _hypervolume_bounds(space, opts, task, task_kwargs),
-                  "budget": dataclasses.asdict(budget), "space_definition": space.to_dict()}  # fmt: skip
-        run_file.write_text(json.dumps(record, indent=2, default=str))
+        record = RunRecord(space=opts.space, space_fingerprint=space.fingerprint(), created=time.time(),
+                           options=options, task=task, task_params=task_kwargs,
+                           study_name=opts.study_name or study_name_for(out),
+                           hypervolume_bounds=_hypervolume_bounds(space, opts, task, task_kwargs),
+                           budget=dataclasses.asdict(budget), space_definition=space.to_dict())  # fmt: skip
+        record.write(out)
     storage = user_storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     backend = make_backend(opts.backend, run_dir=out, resume=opts.resume, ray_options=_ray_options(opts))
     runner = TrialRunner(space=space, budget=budget, task=task, task_kwargs=task_kwargs, seed=opts.seed,
                          device=opts.device, max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms,
                          evaluator=_absolute(opts.evaluator))  # fmt: skip
-    population = opts.population or record.get("options", {}).get("population")  # none: the device's default
+    population = opts.population or record.population  # none: the device's default
     outputs = RunOutputs.from_record(out, record, space)
     progress = Progress(stream, quiet=opts.quiet, total=trials,
                         compute_metric=space.metrics[1] if len(space.metrics) > 1 else M.FLOPS)  # fmt: skip
     loop = SearchLoop(opts, space=space, runner=runner, backend=backend, outputs=outputs, progress=progress,
-                      storage=storage, study_name=record.get("study_name", "attn_search"), trials=trials,
+                      storage=storage, study_name=record.study_name, trials=trials,
                       time_budget=time_budget, population=population,
                       confirm=_confirm_count(opts, preset))  # fmt: skip
     return loop.run()

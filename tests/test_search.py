@@ -740,3 +740,22 @@ def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:
     rebuild(out)
     page = (out / "report.html").read_text()
     assert 'alt="attention.png"' not in page and "of another trial" in page
+
+
+def test_the_run_record_is_written_and_read_through_one_type(tmp_path: Path) -> None:
+    """``run.json`` round-trips through :class:`RunRecord`; ``report --select`` makes its rule the
+    run's; a run dir without a record, or with a broken one, is refused in one line."""
+    from attn_search.rundir import RunRecord
+
+    out, _ = search(tmp_path, trials=2)
+    record = RunRecord.read(out)
+    assert record.select == "knee" and record.study_name == json.loads((out / "run.json").read_text())["study_name"]
+    assert record.budget_for().steps == 6 and record.budget_for().time_limit_s is None
+    rebuild(out, select="max-accuracy")
+    assert RunRecord.read(out).select == "max-accuracy"
+    assert RunRecord.read(out).with_select("knee") == record
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable run record"):
+        RunRecord.read(out)
+    with pytest.raises(ValueError, match=r"no run\.json"):
+        RunRecord.read(tmp_path)
