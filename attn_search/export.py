@@ -77,7 +77,23 @@ def rule_source(builder: Callable[..., Any]) -> str:
         done.append(fn)
 
     visit(builder)
-    return "\n\n\n".join(inspect.getsource(fn).rstrip() for fn in done)
+    return "\n\n\n".join(_first_paragraph(inspect.getsource(fn).rstrip()) for fn in done)
+
+
+def _first_paragraph(source: str) -> str:
+    """A function's source with its docstring cut to the first paragraph (the rest is in
+    attn_search/engine/patterns.py), so the export stays short."""
+    fn = ast.parse(source).body[0]
+    doc = ast.get_docstring(fn) if isinstance(fn, ast.FunctionDef) else None  # type: ignore[arg-type]
+    if not doc or "\n\n" not in doc:
+        return source
+    node = fn.body[0]  # type: ignore[attr-defined]
+    lines = source.splitlines()
+    indent = " " * node.col_offset
+    para = doc.split("\n\n")[0].splitlines()
+    short = [f'{indent}"""{para[0]}', *(f"{indent}{line}" for line in para[1:])]
+    short[-1] += '"""'
+    return "\n".join([*lines[: node.lineno - 1], *short, *lines[node.end_lineno :]])
 
 
 def python_module(config: AttentionConfig, *, vocab_size: int, n_classes: int, max_len: int, header: str = "") -> str:

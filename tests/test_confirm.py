@@ -108,6 +108,7 @@ def test_scale_check_trains_the_front_at_the_larger_length_and_reports_tau(tmp_p
         confirm_scale(out, seq_len=0)
 
 
+@pytest.mark.slow  # about 11 s: a search, a killed confirmation and its resume
 def test_a_killed_confirmation_resumes_and_loses_nothing(tmp_path: Path) -> None:
     out = tiny_run(tmp_path, confirm=0, steps=120)
     proc = subprocess.Popen([sys.executable, "-m", "attn_search.cli", "confirm", str(out), "--seeds", "3"],

@@ -71,6 +71,7 @@ def test_run_search_from_the_clone_root_with_a_regular_install(venv: Path, tmp_p
     assert str(ROOT / "envs") in where.stdout and str(ROOT / "search_spaces") in where.stdout, where.stdout
 
 
+@pytest.mark.slow  # about 12 s: installs the package and runs the agent
 def test_the_installed_package_ships_the_meta_trained_agent(venv: Path, tmp_path: Path) -> None:
     """``--strategy ppo`` in a regular install, from another directory, loads the shipped candidate
     policy (package data, provenance intact) and says so."""

@@ -333,6 +333,7 @@ def test_resume_takes_over_only_trials_that_are_really_dead(tmp_path: Path, db: 
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2  # re-enqueued
 
 
+@pytest.mark.slow  # about 12 s: a ppo search with real training
 def test_ppo_with_real_training_keeps_proposing_new_configurations(tmp_path: Path) -> None:
     """Training a trial must not reset the random state the agent samples its actions from (it
     used to: a 12-trial PPO search proposed 2 distinct configurations). Repeats are caught by the

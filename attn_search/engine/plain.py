@@ -181,6 +181,19 @@ def dropkey_score_mod(p: float, seed: torch.Tensor) -> Callable[..., torch.Tenso
     return score_mod
 
 
+_FLEX: Any = None
+
+
+def compiled_flex() -> Any:
+    """FlexAttention compiled once (uncompiled it materialises every score, which defeats it)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
 def table_mask_mod(mask: torch.Tensor) -> Callable[..., torch.Tensor]:
     """FlexAttention's ``mask_mod`` reading the ``(L, L)`` mask: pointwise, the table on the query's
     device; positions past ``L`` (the kernel evaluates whole tiles) are clamped into it."""
@@ -208,9 +221,10 @@ class PatternAttention(nn.Module):
         if (L, device) not in self._plans:
             mask = pattern_mask_of(self.rule_of, L, device)
             cos, sin = rotary(L, self.head_dim, device)
-            if bool(mask.equal(torch.ones_like(mask).tril())) or bool(mask.all()):  # dense in disguise
+            dense = bool(mask.equal(torch.ones_like(mask).tril())) or bool(mask.all())  # (in disguise, too)
+            if dense and not (device.type == "cuda" and self.attn_dropout > 0):
                 path: Any = ("dense", bool(~mask.all()), mask)
-            elif device.type == "cuda":
+            elif device.type == "cuda":  # (DropKey in the kernel, dense too: no L x L mask is drawn)
                 from torch.nn.attention.flex_attention import create_block_mask
 
                 block_mask = create_block_mask(table_mask_mod(mask), None, None, L, L, device=device)
@@ -227,8 +241,6 @@ class PatternAttention(nn.Module):
         drop = self.attn_dropout if self.training else 0.0
         scale = 1.0 / math.sqrt(D)
         if kind == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
             score_mod = None
             if drop > 0:
                 if self._seed is None:
@@ -237,7 +249,7 @@ class PatternAttention(nn.Module):
                 score_mod = dropkey_score_mod(drop, self._seed)
             pad = max(0, FLEX_MIN_HEAD_DIM - D)
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-            return flex_attention(q, k, v, block_mask=what, score_mod=score_mod, scale=scale)[..., :D]
+            return compiled_flex()(q, k, v, block_mask=what, score_mod=score_mod, scale=scale)[..., :D]
         if kind == "tiles":
             return what(q, k, v, scale, drop)
         if drop > 0:  # dense with DropKey: the drawn mask
