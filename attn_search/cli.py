@@ -227,8 +227,10 @@ def _meta_train(args: argparse.Namespace) -> str:
     try:
         if args.kind == "policy":
             from attn_search.strategies import candidates
+            from attn_search.strategies.head import add_head
 
             candidates.meta_train(args.tables, steps=args.steps, seed=args.seed, out=args.out)
+            add_head(args.out, args.tables)
         else:
             meta_train(args.tables, space, steps=args.steps, seed=args.seed, out=args.out)
     except (ValueError, KeyError) as exc:

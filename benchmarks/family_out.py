@@ -16,8 +16,10 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
   ``portfolio`` (the zero-shot list greedily covering the other families' fronts),
   ``portfolio+gp`` (its first 5 configurations, then GP) and ``acquisition`` (the same candidate
   proposer untrained, ``--agent none``: what meta-training adds);
-* ``ppo``'s searches: agent ``i`` runs search seeds ``i, i + A, ...``, so its ``--seeds``
-  searches pair with the baselines' by seed and spread over the trained agents;
+* ``ppo`` is the shipped recipe: the first configurations learned from the other families'
+  tables (:func:`attn_search.strategies.head.learn_head`, 5 of them), then the policy
+  (``--no-head``: the policy alone); agent ``i`` runs search seeds ``i, i + A, ...``, so its
+  ``--seeds`` searches pair with the baselines' by seed and spread over the trained agents;
 * score: normalised-hypervolume regret ``1 - HV / the table's best``; per family, length and
   budget the median and IQR over every (table, seed), mean ranks of the medians over families,
   and paired Wilcoxon tests of ``ppo`` against each baseline (over tables x seeds); per agent, its
@@ -49,7 +51,9 @@ import numpy as np
 from attn_search.engine import metrics as M
 from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay
 from attn_search.space import load_space
+from attn_search.strategies import head as head_module
 from attn_search.strategies.candidates import TableTask, code_version, family_out_agent, provenance, recorded_task
+from attn_search.strategies.head import learn_head
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = ("sparse-smoke", "majority-64")
@@ -107,6 +111,9 @@ def _job_key(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any]]
         if uses_portfolio
         else ""
     )
+    if strategy == "ppo":  # its learned head, and the code that proposes it
+        head = json.dumps(options.get("head"), sort_keys=True, default=str) + Path(head_module.__file__).read_text()
+        folio = hashlib.sha256(head.encode()).hexdigest()[:16]
     table = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     code = code_version() if strategy in ("ppo", ACQUISITION) else ""  # the proposer's own code
     return f"{Path(path).name}|{table}|{strategy}|{seed}|{trials}|{agent_hash}|{folio}|{code}"
@@ -161,6 +168,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=["random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, "ppo"],
                         help=f"default: every baseline but {ACQUISITION} (the untrained ablation), and ppo")  # fmt: skip
+    parser.add_argument(
+        "--no-head", action="store_true", help="score ppo without its learned first configurations (the policy alone)"
+    )
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -188,6 +198,15 @@ def main() -> None:
                                               args.deploy_len) for f, s in todo], strict=True))  # fmt: skip
         train = {key: Path(p) for key, p in zip(todo, made, strict=True)}
 
+    # -- the shipped recipe's first configurations (attn_search.strategies.head), learned like the
+    # shipped policy's but from the other families' tables only
+    heads: dict[str, list[dict[str, Any]]] = {}
+    if "ppo" in args.strategies:
+        tasks = {str(p): TableTask(p, deploy_len=args.deploy_len) for p in paths}
+        heads = {f: learn_head([t for p, t in tasks.items() if family[p] != f]) for f in held}
+        if args.no_head:
+            heads = {f: [] for f in held}
+
     # -- searches
     jobs, keys = [], []
     top = max(args.budgets)
@@ -204,7 +223,7 @@ def main() -> None:
                                 continue
                             options = {}
                             if strategy == "ppo":
-                                options = {"agent": str(train[f, seed % args.agents])}
+                                options = {"agent": str(train[f, seed % args.agents]), "head": heads[f] or "none"}
                             jobs.append((files[p], strategy, seed, b, options, configs))
                             keys.append((f, length, Path(p).stem, strategy, seed, b))
     # a finished search is cached by what determines it (table file, strategy, seed, trials, agent

@@ -140,11 +140,14 @@ def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
 
     assert C.SHIPPED.is_file() and C.provenance(C.SHIPPED) is not None, "make agent"
     out = tmp_path / "run"
-    run_search(SearchOptions(space=space, strategy="ppo", trials=3, steps=2, pruner="none", confirm=0,
+    run_search(SearchOptions(space=space, strategy="ppo", trials=7, steps=2, pruner="none", confirm=0,
                              out=str(out)))  # fmt: skip
     said = capsys.readouterr().out
     assert "the candidate policy candidate-ppo.zip, meta-trained on" in said and "untrained" not in said
     study = load_run(out)[0]
     ran = [t for t in study.trials if t.state.is_finished()]
-    assert len(ran) == 3 and all(t.user_attrs.get("proposed_by") == "ppo" for t in ran)
-    assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 3
+    by = [t.user_attrs.get("proposed_by") for t in ran]
+    # the learned head where the space can build it (all 5 on full, none on the tiny YAML), then the policy
+    heads = 5 if space == "full" else 0
+    assert len(ran) == 7 and by == ["ppo-head"] * heads + ["ppo"] * (7 - heads)
+    assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 7

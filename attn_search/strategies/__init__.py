@@ -85,8 +85,15 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         return SamplerStrategy(name, context, constrained=constrained)
     if name == POLICY_STRATEGY:
         from attn_search.strategies.candidates import CandidateStrategy
+        from attn_search.strategies.head import HeadFirst
 
-        return CandidateStrategy(context)
+        policy = CandidateStrategy(context)
+        # the learned first configurations: given (the benchmark passes the held-out family's), or
+        # the ones stored beside the shipped policy; "none" or an agent without one: the policy alone
+        head = context.options.get("head")
+        if head is None:
+            head = (policy.info or {}).get("head", [])
+        return HeadFirst(policy, head, context.space) if head and head != "none" else policy
     if name in AGENT_STRATEGIES:
         from attn_search.strategies.agent import AgentStrategy
 

@@ -1,0 +1,142 @@
+"""The first proposals of ``--strategy ppo``: a short list of configurations learned across task
+families, then the meta-trained candidate policy.
+
+The candidate policy (:mod:`~attn_search.strategies.candidates`) scores candidates from a
+surrogate fitted on the search so far; with no trials yet it has nothing to fit, and on families it
+never saw it spent its first proposals badly (``benchmarks/family_out.py``: behind the portfolio at
+10 trials on MQAR and selective copy). A meta-learned initial design is the field's answer to that
+cold start (Feurer et al., AAAI 2015; Wistuba et al., "Learning hyperparameter optimization
+initializations", DSAA 2015): :func:`learn_head` picks, greedily, the configurations that together
+cover the recorded tables' fronts best, counted at the task's length and at the deployment length.
+The policy sees their results like any other trial's.
+
+The head is kept as configurations (:class:`~attn_search.engine.config.AttentionConfig` fields),
+not as one space's values, so any space may use it: :class:`HeadFirst` proposes only those entries
+the search's space can build exactly, and skips the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from attn_search.space import SearchSpace
+from attn_search.strategies.base import Strategy
+from attn_search.strategies.candidates import TableTask, _hv
+
+HEAD_SIZE = 5
+"""Configurations proposed before the policy: the ``portfolio+gp`` baseline's head
+(:data:`attn_search.replay.PORTFOLIO_HEAD`), so the two recipes differ only in what follows."""
+
+
+def _config_key(config: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
+
+def learn_head(tables: Sequence[TableTask], size: int = HEAD_SIZE) -> list[dict[str, Any]]:
+    """Up to ``size`` configurations (``AttentionConfig.to_dict()`` without the seed) chosen greedily
+    to maximise the mean, over every table and both lengths (``task``, ``deploy`` where the tables
+    count it), of the front's hypervolume as a fraction of the table's best. Only configurations
+    every table holds are candidates; ties keep the first table's row order."""
+    if not tables:
+        raise ValueError("a head needs at least one table to learn from")
+    lengths = [n for n in ("task", "deploy") if all(n in t.costs for t in tables)]
+    index = [{k: i for i, k in enumerate(t.keys)} for t in tables]
+    common = [k for k in tables[0].keys if all(k in ix for ix in index[1:])]
+    points = []  # per (table, length): (accuracy, normalised cost) of every common key, and the best HV
+    for t, ix in zip(tables, index, strict=True):
+        rows = np.array([ix[k] for k in common])
+        for n in lengths:
+            pts = np.column_stack([t.accuracy[rows], t.normalised_cost(n)[rows]])
+            points.append((pts, t.best_hv(n)))
+    chosen: list[int] = []
+    while len(chosen) < min(size, len(common)):
+        best, best_score = -1, -1.0
+        for j in range(len(common)):
+            if j in chosen:
+                continue
+            score = float(np.mean([_hv(pts[[*chosen, j]]) / hv for pts, hv in points]))
+            if score > best_score + 1e-12:
+                best, best_score = j, score
+        chosen.append(best)
+    configs = {k: c for t in tables[:1] for k, c in zip(t.keys, t.configs, strict=True)}
+    return [{k: v for k, v in configs[common[j]].to_dict().items() if k != "seed"} for j in chosen]
+
+
+def add_head(agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int = 4096) -> list[dict[str, Any]]:
+    """Learn the head from ``tables`` and store it in the saved policy's sidecar (``"head"``), where
+    ``--strategy ppo`` finds it; the sidecar's other provenance stays as meta-training wrote it."""
+    head = learn_head([TableTask(t, deploy_len=deploy_len) for t in tables])
+    side = Path(agent).with_suffix(".json")
+    info = json.loads(side.read_text())
+    info["head"] = head
+    info["head_tables"] = sorted(Path(t).stem for t in tables)
+    side.write_text(json.dumps(info, indent=1) + "\n")
+    return head
+
+
+def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The space's parameter values that build exactly ``config`` (an entry of a head), or ``None``
+    when the space cannot: a parameter outside its range or choices, or a fixed field that differs."""
+    values: dict[str, Any] = {}
+    for p in space.params:
+        if not p.active(values):
+            continue
+        if p.name not in config:
+            return None
+        v = config[p.name]
+        if p.kind == "categorical":
+            if v not in p.choices:
+                return None
+        elif v is None or not float(p.low) <= float(v) <= float(p.high):  # type: ignore[arg-type]
+            return None
+        values[p.name] = v
+    try:
+        built = space.make_config(values, seed=0).to_dict()
+    except ValueError:
+        return None
+    return values if _config_key(built) == _config_key(config) else None
+
+
+class HeadFirst:
+    """A :class:`~attn_search.strategies.base.Strategy` that proposes the head's configurations the
+    space can build, in order, then asks ``inner``; ``inner`` is told every trial, the head's too."""
+
+    def __init__(self, inner: Strategy, head: Sequence[Mapping[str, Any]], space: SearchSpace) -> None:
+        self.inner, self.space = inner, space
+        self.name = inner.name
+        fits = (head_values(space, c) for c in head)
+        self.queue = [v for v in fits if v is not None]
+        self.skipped = len(head) - len(self.queue)
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        return self.inner.sampler()
+
+    def start(self, study: optuna.Study) -> str | None:
+        line = self.inner.start(study)
+        done = {_config_key(self.space.make_config(self.space.active_values(dict(t.params)), seed=0).to_dict())
+                for t in study.get_trials(deepcopy=False)}  # fmt: skip
+        self.queue = [v for v in self.queue if _config_key(self.space.make_config(v, seed=0).to_dict()) not in done]
+        note = f"  ppo: {len(self.queue)} learned first configurations, then the policy"
+        if self.skipped:
+            note += f" ({self.skipped} of the head are outside this space)"
+        return f"{line}\n{note}" if line else note
+
+    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+        if not self.queue:
+            return self.inner.ask(study)
+        study.enqueue_trial(self.queue.pop(0), user_attrs={"proposed_by": f"{self.name}-head"}, skip_if_exists=False)
+        trial = study.ask()
+        self.space.suggest(trial)
+        return trial
+
+    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
+        self.inner.tell(number, values, state, metrics)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,118 @@
+"""The learned first configurations of ``--strategy ppo`` (attn_search.strategies.head)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+
+from attn_search.replay import Table
+from attn_search.space import load_space
+from attn_search.strategies import StrategyContext, make_strategy
+from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
+from attn_search.strategies.head import HeadFirst, head_values, learn_head
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = [ROOT / "tables" / "mqar-64.csv", ROOT / "tables" / "ngram-64.csv"]
+
+
+class Recorder:
+    """An inner strategy that proposes at random and records what it is told."""
+
+    name = "inner"
+
+    def __init__(self, space: Any) -> None:
+        self.space, self.told, self.asked = space, [], 0
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=0)
+
+    def start(self, study: optuna.Study) -> str | None:
+        return None
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        self.asked += 1
+        trial = study.ask()
+        self.space.suggest(trial)
+        return trial
+
+    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
+        self.told.append(number)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[TableTask]:
+    return [TableTask(p) for p in TABLES]  # compute at the task's length only
+
+
+def test_the_first_pick_is_the_configuration_that_covers_the_tables_fronts_best(tasks: list[TableTask]) -> None:
+    # checked against the benchmark's own hypervolume (replay.Table), not the head's arithmetic
+    space = load_space("sparse")
+    tables = [Table(p, space) for p in TABLES]
+    keys = [k for k in tables[0].keys if all(k in t.lookup.rows for t in tables[1:])]
+    score = [np.mean([t.hypervolume([t.point(k)]) / t.best_hv for t in tables]) for k in keys]
+    best = tables[0].values(keys[int(np.argmax(score))])
+    head = learn_head(tasks, 3)
+    assert head_values(tables[0].space, head[0]) == pytest.approx(best)
+    assert len({json.dumps(c, sort_keys=True) for c in head}) == 3  # no configuration twice
+
+
+def test_the_head_is_proposed_first_then_the_inner_strategy_and_it_is_told_everything(
+    tasks: list[TableTask],
+) -> None:
+    space = load_space("sparse")
+    head = learn_head(tasks, 2)
+    outside = {**head[0], "d_model": 128}  # a fixed field the space does not search
+    inner = Recorder(space)
+    strategy = HeadFirst(inner, [head[0], outside, head[1]], space)
+    assert strategy.skipped == 1
+    study = optuna.create_study(directions=space.directions, sampler=strategy.sampler())
+    strategy.start(study)
+    proposed = []
+    for _ in range(4):
+        trial = strategy.ask(study)
+        values = space.active_values(dict(trial.params))
+        study.tell(trial, [0.5, 1e7])
+        strategy.tell(trial.number, values, "complete", {"accuracy": 0.5})
+        proposed.append(values)
+    assert proposed[:2] == [head_values(space, head[0]), head_values(space, head[1])]
+    assert inner.asked == 2 and inner.told == [0, 1, 2, 3]
+    assert study.trials[0].user_attrs["proposed_by"] == "inner-head"
+
+
+def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build_it_skips_it(
+    tasks: list[TableTask],
+) -> None:
+    space = load_space("sparse")
+    head = learn_head(tasks, 2)
+    study = optuna.create_study(directions=space.directions)
+    study.enqueue_trial(head_values(space, head[0]))
+    trial = study.ask()
+    space.suggest(trial)
+    study.tell(trial, [0.5, 1e7])
+    again = HeadFirst(Recorder(space), head, space)
+    again.start(study)
+    assert again.queue == [head_values(space, head[1])]
+    dense = load_space("dense")  # no sparsity pattern to choose: none of the head fits
+    assert HeadFirst(Recorder(dense), head, dense).queue == []
+
+
+def test_ppo_starts_with_the_head_shipped_beside_its_policy_unless_told_none(tmp_path: Path) -> None:
+    info = provenance(SHIPPED)
+    assert info is not None and len(info["head"]) == 5, "make agent writes the head into the sidecar"
+    assert set(info["head_tables"]) == set(info["tables"])  # learned from what the policy saw
+    space = load_space("sparse")
+    context = StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False)
+    shipped = make_strategy("ppo", context)
+    assert isinstance(shipped, HeadFirst) and isinstance(shipped.inner, CandidateStrategy)
+    assert shipped.queue == [head_values(space, c) for c in info["head"]]
+    plain = make_strategy("ppo", StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path,
+                                                 resume=False, options={"head": "none"}))  # fmt: skip
+    assert isinstance(plain, CandidateStrategy)
