@@ -5,7 +5,7 @@ import sys as _sys
 from pathlib import Path as _Path
 from typing import Any as _Any
 
-from attn_search.engine.attention import BACKENDS, choose_backend, sparse_attention
+from attn_search.engine.attention import KERNELS, choose_kernel, sparse_attention
 from attn_search.engine.config import AttentionConfig, load_config
 from attn_search.engine.cost import model_flops
 from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_model
@@ -35,10 +35,10 @@ if _sys.modules.get("gymnasium") is not None:
 # The search-side names of the top-level API load on first use (PEP 562): yaml, Optuna's
 # neighbours and the report stack stay out of ``import attn_search``.
 _LAZY = {
-    "hypervolume": "attn_search.pareto",
-    "pareto_front": "attn_search.pareto",
-    "SearchSpace": "attn_search.space",
-    "load_space": "attn_search.space",
+    "hypervolume": "attn_search.search.pareto",
+    "pareto_front": "attn_search.search.pareto",
+    "SearchSpace": "attn_search.search.space",
+    "load_space": "attn_search.search.space",
 }
 
 
@@ -51,7 +51,7 @@ def __getattr__(name: str) -> _Any:
 
 
 __all__ = [
-    "BACKENDS",
+    "KERNELS",
     "PATTERNS",
     "PRESETS",
     "TASKS",
@@ -65,7 +65,7 @@ __all__ = [
     "TrialResult",
     "block_layout",
     "build_model",
-    "choose_backend",
+    "choose_kernel",
     "evaluate",
     "evaluate_many",
     "hypervolume",

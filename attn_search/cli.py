@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from attn_search.engine.metrics import COMPUTE_OBJECTIVES
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.search import BACKENDS, PRUNERS, SEARCH_PRESETS, STRATEGIES, SearchOptions, run_search
+from attn_search.search.loop import BACKENDS, PRUNERS, SEARCH_PRESETS, STRATEGIES, SearchOptions, run_search
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,7 +211,7 @@ def _meta_train(args: argparse.Namespace) -> str:
     import time
     from pathlib import Path
 
-    from attn_search.space import load_space
+    from attn_search.search.space import load_space
     from attn_search.strategies.agent import meta_train
 
     missing = [t for t in args.tables if not Path(t).is_file()]
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(export_run(args.run_dir, fmt=args.format, select=args.select, out=args.out))
 
         return _run(do_export, prog)
-    from attn_search.outputs import rebuild
+    from attn_search.report.outputs import rebuild
 
     return _run(lambda: print(rebuild(args.run_dir, select=args.select)), prog)
 

@@ -8,7 +8,7 @@ again skips what is done) and rewriting the run's outputs at the end:
 * **seeds** (``--confirm K`` on a search, ``attn-search confirm RUN --seeds K``): each front point
   is trained again with ``K`` more seeds (``confirm.csv``). Its accuracy becomes the mean over
   every seed, with the standard deviation beside it
-  (:func:`~attn_search.outputs.with_confirmations`), so the front, the hypervolume and the
+  (:func:`~attn_search.report.outputs.with_confirmations`), so the front, the hypervolume and the
   selection use the mean. A point whose mean drops can leave the front and let an unconfirmed
   trial in: rounds repeat (at most :data:`MAX_ROUNDS`) until every front point is confirmed.
 * **scale** (``attn-search confirm RUN --seq-len L [--d-model D] [--n-layers N] [--steps S]``):
@@ -21,7 +21,7 @@ again skips what is done) and rewriting the run's outputs at the end:
 Both run in this process, on ``--device`` (where the search ran on Ray, the driver's device).
 On CUDA the seeds of one configuration train together as one population
 (:func:`~attn_search.engine.trainer.evaluate_many`); on the CPU one after another, which is
-faster there (see ``DEFAULT_POPULATION`` in :mod:`attn_search.search`).
+faster there (see ``DEFAULT_POPULATION`` in :mod:`attn_search.search.loop`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pandas as pd
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.trainer import Budget, TrialResult, evaluate, evaluate_many, resolve_device
-from attn_search.outputs import (
+from attn_search.report.outputs import (
     CONFIRM_COLUMNS,
     CONFIRM_FILE,
     SCALE_FILE,

@@ -25,7 +25,7 @@ from attn_search.engine import plain
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.patterns import DECLARED, resolve_params
 from attn_search.engine.tasks import make_task
-from attn_search.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row
+from attn_search.report.outputs import RunOutputs, export_dict, export_text, load_run, rebuild, select_row
 
 FORMATS = ("yaml", "json", "python")
 

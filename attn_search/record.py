@@ -23,10 +23,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from attn_search.evaluators import format_curve, grids_of
-from attn_search.outputs import load_run
-from attn_search.search import SearchOptions, run_search
-from attn_search.space import SearchSpace, load_space
+from attn_search.report.outputs import load_run
+from attn_search.search.evaluators import format_curve, grids_of
+from attn_search.search.loop import SearchOptions, run_search
+from attn_search.search.space import SearchSpace, load_space
 
 
 def parse_grid(items: Sequence[str], space: SearchSpace) -> dict[str, list[Any]]:

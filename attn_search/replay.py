@@ -3,9 +3,9 @@
 A replay is a search whose trials are looked up in a table (``attn-search record``) instead of
 trained. It asks the same strategies the same way as the search loop
 (:func:`~attn_search.strategies.base.ask_new`: duplicates are answered, not run), stops trials
-early with the same rule (:class:`~attn_search.pruning.MOASHA`, replayed on each row's learning
+early with the same rule (:class:`~attn_search.search.pruning.MOASHA`, replayed on each row's learning
 curve, so a stopped trial costs only the steps it ran) and scores the front with the one
-hypervolume definition (:func:`~attn_search.outputs.hypervolume_of_points`, with the table's
+hypervolume definition (:func:`~attn_search.report.outputs.hypervolume_of_points`, with the table's
 compute range).
 
 Why not the search loop itself: it writes every trial to SQLite and rewrites the run dir after
@@ -31,10 +31,10 @@ import numpy as np
 import optuna
 
 from attn_search.engine import metrics as M
-from attn_search.evaluators import TableEvaluator, restrict_to_evaluator, table_key
-from attn_search.outputs import hypervolume_of_points
-from attn_search.pruning import MOASHA
-from attn_search.space import SearchSpace
+from attn_search.report.outputs import hypervolume_of_points
+from attn_search.search.evaluators import TableEvaluator, restrict_to_evaluator, table_key
+from attn_search.search.pruning import MOASHA
+from attn_search.search.space import SearchSpace
 from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import ask_new
 

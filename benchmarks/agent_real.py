@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from attn_search.engine import metrics as M
-from attn_search.evaluators import TrainingEvaluator, grids_of
-from attn_search.outputs import hypervolume_of_points
-from attn_search.space import load_space
+from attn_search.report.outputs import hypervolume_of_points
+from attn_search.search.evaluators import TrainingEvaluator, grids_of
+from attn_search.search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,9 +5,11 @@ Prints one line per count:
 * ``daemon threads``: ``threading.Thread(..., daemon=True)`` a search can start, by module (local:
   progress, heartbeat, the threaded agent; Ray adds two);
 * ``option reads``: attribute reads of ``SearchOptions`` (``opts.X``) per function of
-  ``attn_search/search.py``, and ``record.get("options"...)`` reads across the package;
+  ``attn_search/search/loop.py``, and ``record.get("options"...)`` reads across the package;
 * ``pattern parameter places``: lines that name a pattern parameter as a string or a field, per
   file (what adding a parameter would touch);
+* ``root modules``: modules at the package's root, beside its folders (the layers show in the
+  folder tree when only the commands sit there);
 * ``export lines``: lines of the Python export of one configuration;
 * ``refill chain``: the layers of today's path from a freed population slot up to a strategy's
   ``ask`` whose functions still exist in the source (by name): the callback chain an event
@@ -45,7 +47,8 @@ def daemon_threads() -> Counter[str]:
 
 
 def option_reads() -> tuple[Counter[str], int]:
-    tree = ast.parse((PKG / "search.py").read_text())
+    loop = PKG / "search" / "loop.py"
+    tree = ast.parse((loop if loop.is_file() else PKG / "search.py").read_text())  # (search.py before the folders)
     per_function: Counter[str] = Counter()
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -92,7 +95,7 @@ def main() -> None:
     print(f"daemon threads: {sum(threads.values())} ({', '.join(f'{k}: {v}' for k, v in sorted(threads.items()))})")
     per_function, record_reads = option_reads()
     print(
-        f"option reads in search.py: {sum(per_function.values())} in {len(per_function)} functions "
+        f"option reads in the loop: {sum(per_function.values())} in {len(per_function)} functions "
         f"(most: {', '.join(f'{k} {v}' for k, v in per_function.most_common(3))}); "
         f'record.get("options") reads: {record_reads}'
     )
@@ -101,6 +104,8 @@ def main() -> None:
         f"pattern parameter places: {sum(places.values())} lines in {len(places)} files "
         f"({', '.join(f'{k}: {v}' for k, v in places.most_common())})"
     )
+    root = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
+    print(f"root modules: {len(root)} ({', '.join(root)})")
     print(f"export lines: {export_lines()}")
     chain = refill_chain()
     print(f"refill chain: {len(chain)} layers still defined ({' -> '.join(chain)})")

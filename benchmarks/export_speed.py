@@ -89,15 +89,15 @@ def main() -> None:
     dense_entries = pattern_entries("dense", L, causal=True)
     print(f"exported SearchedAttention at L={L}, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
           f"on {dev.type}: speedup over the dense export")  # fmt: skip
-    print(f"{'pattern':<12} {'flop_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} {'train_x':>7}  backend")
+    print(f"{'pattern':<12} {'flop_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} {'train_x':>7}  kernel")
     for name, (config, _) in layers.items():
         ratio = dense_entries / pattern_entries(config.pattern, L, causal=True, **config.pattern_params())
-        backend = layers[name][1]._plans[L, x.device][2][0]  # the path the layer took: tiles, flex or dense
+        kernel = layers[name][1]._plans[L, x.device][2][0]  # the path the layer took: tiles, flex or dense
         row = {"flop_ratio": ratio, "forward_ms": fwd[name] * 1e3, "forward_speedup": fwd["dense"] / fwd[name],
-               "train_ms": bwd[name] * 1e3, "train_speedup": bwd["dense"] / bwd[name], "backend": backend}  # fmt: skip
+               "train_ms": bwd[name] * 1e3, "train_speedup": bwd["dense"] / bwd[name], "kernel": kernel}  # fmt: skip
         results[name] = row
         print(f"{name:<12} {ratio:>10.1f} {row['forward_ms']:>8.1f} {row['forward_speedup']:>6.2f} "
-              f"{row['train_ms']:>9.1f} {row['train_speedup']:>7.2f}  {backend}")  # fmt: skip
+              f"{row['train_ms']:>9.1f} {row['train_speedup']:>7.2f}  {kernel}")  # fmt: skip
     print(json.dumps({"seq_len": L, "device": dev.type, "results": results}))
 
 

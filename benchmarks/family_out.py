@@ -50,7 +50,7 @@ import numpy as np
 
 from attn_search.engine import metrics as M
 from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 from attn_search.strategies import head as head_module
 from attn_search.strategies.candidates import TableTask, code_version, family_out_agent, provenance, recorded_task
 from attn_search.strategies.head import learn_head
@@ -133,7 +133,7 @@ def correlations(paths: Sequence[Path]) -> dict[str, dict[str, float]]:
     hold (the grid is the same): tables of different families should correlate below 0.8."""
     import pandas as pd
 
-    from attn_search.outputs import row_config
+    from attn_search.report.outputs import row_config
 
     acc = {}
     for p in paths:

@@ -43,7 +43,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.member_layout import MemberPlan
 from attn_search.engine.model import build_model, member_losses
 from attn_search.engine.tasks import make_task
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 
 HERE = Path(__file__).resolve().parent
 

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _loopback import ensure_loopback_namespace
 
 from attn_search.engine.config import AttentionConfig
-from attn_search.search import SearchOptions, run_search
-from attn_search.space import load_space
+from attn_search.search.loop import SearchOptions, run_search
+from attn_search.search.space import load_space
 
 
 def one_point_space(name: str, path: Path) -> Path:

@@ -36,7 +36,7 @@ import torch
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.model import shape_key
 from attn_search.engine.trainer import PRESETS, evaluate, evaluate_many, resolve_device
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 
 
 def proposals(n: int, seed: int) -> list[AttentionConfig]:

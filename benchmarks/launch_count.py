@@ -5,7 +5,7 @@ launch per aten op, whatever the op's size, so ops per member-step is what a pop
 Counted on any device with a ``TorchDispatchMode`` (every aten op the training runs, forward,
 backward and optimiser), on a real population of the trainer (``attn_search.engine.trainer``):
 
-* one by one: ``K = 1`` with the backend CUDA would choose counted as one attention op (SDPA;
+* one by one: ``K = 1`` with the kernel CUDA would choose counted as one attention op (SDPA;
   FlexAttention is also one op, and its CPU backward does not exist);
 * populations as CUDA runs them: one attention call per head group (the grouped layout), evaluation
   passes of 256 sequences per member;
@@ -55,14 +55,14 @@ def ops(fn: Callable[[], Any]) -> int:
     return count.n
 
 
-def count(configs: list[AttentionConfig], budget: T.Budget, device: torch.device, backend: str) -> dict[str, float]:
+def count(configs: list[AttentionConfig], budget: T.Budget, device: torch.device, kernel: str) -> dict[str, float]:
     """Ops of one population of ``configs``: per step (median of 5 after 2 warm-up steps), the
     latency measurement, one evaluation pass, and one refill."""
     task = make_task("mqar")
     with torch.random.fork_rng():
         # what CUDA runs: the grouped attention layout for all members (the CPU otherwise attends per
         # member, which costs ops per member but saves arithmetic there)
-        pop = T._Population(list(enumerate(configs)), task, budget, device, backend, member_layout="grouped")
+        pop = T._Population(list(enumerate(configs)), task, budget, device, kernel, member_layout="grouped")
         pop.eval_batch = 256  # CUDA's evaluation passes (the CPU chunks them by K to save memory)
         measure = ops(pop.measure)
         for _ in range(2):

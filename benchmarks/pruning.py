@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from attn_search.engine import metrics as M
-from attn_search.outputs import RunOutputs, front_rows, load_run, trials_frame
-from attn_search.search import SearchOptions, run_search
+from attn_search.report.outputs import RunOutputs, front_rows, load_run, trials_frame
+from attn_search.search.loop import SearchOptions, run_search
 
 
 def main() -> None:

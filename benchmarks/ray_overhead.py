@@ -31,7 +31,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _loopback import ensure_loopback_namespace
 
-from attn_search.search import SearchOptions, run_search
+from attn_search.search.loop import SearchOptions, run_search
 
 
 def run(backend: str, args: argparse.Namespace, out: Path) -> dict[str, float]:

@@ -1,10 +1,10 @@
-"""Sparse attention backends against the fastest dense path PyTorch offers.
+"""Sparse attention kernels against the fastest dense path PyTorch offers.
 
 For each sequence length and pattern (all causal) it prints:
 
 * ``flop_ratio``: attention FLOPs of dense causal attention over the pattern's (kept entries only);
 * ``blocked_train_speedup``: forward+backward time of causal ``scaled_dot_product_attention``
-  (``is_causal=True``, PyTorch's flash kernel) over the ``blocked`` backend's;
+  (``is_causal=True``, PyTorch's flash kernel) over the ``blocked`` kernel's;
 * ``flex_fwd_speedup``: forward time of the same SDPA over compiled ``flex`` (CPU: forward only);
 * peak memory of one forward+backward (``attn_search.engine.cost.peak_memory_mb``) for blocked
   window(256), causal SDPA (a flash kernel, linear memory on CPU too) and dense attention with
@@ -95,14 +95,14 @@ def main() -> None:
             params = {k2: v2 for k2, v2 in spec.items() if k2 != "pattern"}
 
             def blocked(spec: dict[str, Any] = spec) -> torch.Tensor:
-                return sparse_attention(q, k, v, causal=True, backend="blocked", **spec)
+                return sparse_attention(q, k, v, causal=True, kernel="blocked", **spec)
 
             train_fns[name] = train_step(blocked)
             if not args.no_flex:
 
                 def flex(spec: dict[str, Any] = spec) -> torch.Tensor:
                     with torch.no_grad():
-                        return sparse_attention(q, k, v, causal=True, backend="flex", **spec)
+                        return sparse_attention(q, k, v, causal=True, kernel="flex", **spec)
 
                 fwd_fns[name] = flex
             results.setdefault(name, {})[L] = {

@@ -1,5 +1,5 @@
 """Per-step overhead of the attention call: a model that keeps its attention plan (parameters
-resolved, backend chosen, mask/layout/BlockMask and rotary tables built once per length, device
+resolved, kernel chosen, mask/layout/BlockMask and rotary tables built once per length, device
 and mode: ``attention_plan``) against the same model re-planning at every call, as every call did
 before plans were kept.
 

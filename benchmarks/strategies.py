@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from attn_search.replay import META, PORTFOLIO, Table, run_protocol, summarise
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("mqar-128", "mqar-64", "selective_copy-128", "listops-64")

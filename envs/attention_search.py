@@ -61,9 +61,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from attn_search.evaluators import Evaluator, decode, make_evaluator
-from attn_search.pareto import normalized_hypervolume
-from attn_search.space import SearchSpace, load_space
+from attn_search.search.evaluators import Evaluator, decode, make_evaluator
+from attn_search.search.pareto import normalized_hypervolume
+from attn_search.search.space import SearchSpace, load_space
 
 
 class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):

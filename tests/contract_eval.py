@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from attn_search.engine.config import AttentionConfig
-from attn_search.evaluators import TableEvaluator, table_key
-from attn_search.space import SearchSpace
+from attn_search.search.evaluators import TableEvaluator, table_key
+from attn_search.search.space import SearchSpace
 
 TABLE = Path(__file__).resolve().parent.parent / "tables" / "sparse-smoke.csv"
 DELAY = 0.15

@@ -96,6 +96,6 @@ def start_head(ns: Loopback, port: int, *, cpus: int = 2) -> str:
 
 def load_study(out: Path) -> object:
     """A run dir's Optuna study (each run has its own study name, in run.json)."""
-    from attn_search.outputs import load_run
+    from attn_search.report.outputs import load_run
 
     return load_run(out)[0]

@@ -1,4 +1,4 @@
-"""Contract test: every pattern x backend computes the reference function, forward and gradients."""
+"""Contract test: every pattern x kernel computes the reference function, forward and gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_search import PATTERNS, choose_backend, sparse_attention
+from attn_search import PATTERNS, choose_kernel, sparse_attention
 from attn_search.engine.attention import layout_for
 
 from .test_patterns import CASES
@@ -29,11 +29,11 @@ def test_blocked_matches_reference_forward_and_gradients(pattern: str, causal: b
     q, k, v = qkv(L, grad=True)
     grad_out = torch.randn(2, 3, L, 16)
     results = {}
-    for backend in ("reference", "blocked"):
-        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend=backend, tile=16, **CASES[pattern])
+    for kernel in ("reference", "blocked"):
+        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, kernel=kernel, tile=16, **CASES[pattern])
         assert out.shape == q.shape
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        results[backend] = (out, grads)
+        results[kernel] = (out, grads)
     ref_out, ref_grads = results["reference"]
     out, grads = results["blocked"]
     assert rel_err(out, ref_out) < TOL
@@ -47,8 +47,8 @@ def test_blocked_matches_reference_forward_and_gradients(pattern: str, causal: b
 def test_flex_matches_reference_forward(pattern: str, causal: bool, L: int, eager_flex: None) -> None:
     q, k, v = qkv(L, grad=False)
     with torch.no_grad():
-        ref = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend="reference", **CASES[pattern])
-        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, backend="flex", **CASES[pattern])
+        ref = sparse_attention(q, k, v, pattern=pattern, causal=causal, kernel="reference", **CASES[pattern])
+        out = sparse_attention(q, k, v, pattern=pattern, causal=causal, kernel="flex", **CASES[pattern])
     assert rel_err(out, ref) < TOL
 
 
@@ -56,46 +56,46 @@ def test_flex_matches_reference_forward(pattern: str, causal: bool, L: int, eage
 def test_compiled_flex_matches_reference_on_cpu() -> None:
     q, k, v = qkv(77, grad=False)
     with torch.no_grad():
-        ref = sparse_attention(q, k, v, pattern="longformer", causal=True, backend="reference", window=6, n_global=3)
-        out = sparse_attention(q, k, v, pattern="longformer", causal=True, backend="flex", window=6, n_global=3)
+        ref = sparse_attention(q, k, v, pattern="longformer", causal=True, kernel="reference", window=6, n_global=3)
+        out = sparse_attention(q, k, v, pattern="longformer", causal=True, kernel="flex", window=6, n_global=3)
     assert rel_err(out, ref) < TOL
 
 
 def test_flex_runs_inference_on_leaf_tensors_under_no_grad(eager_flex: None) -> None:
     q, k, v = qkv(40, grad=True)  # e.g. a model's activations evaluated under torch.no_grad()
     with torch.no_grad():
-        out = sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
-        ref = sparse_attention(q, k, v, pattern="window", window=4, backend="reference")
+        out = sparse_attention(q, k, v, pattern="window", window=4, kernel="flex")
+        ref = sparse_attention(q, k, v, pattern="window", window=4, kernel="reference")
     assert rel_err(out, ref) < TOL
 
 
 def test_flex_refuses_cpu_training_with_advice() -> None:
     q, k, v = qkv(32, grad=True)
     with pytest.raises(RuntimeError, match=r"no CPU backward.*blocked"):
-        sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
+        sparse_attention(q, k, v, pattern="window", window=4, kernel="flex")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_auto_matches_reference(pattern: str) -> None:
     q, k, v = qkv(200, grad=True)
-    ref = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
-    out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="auto", **CASES[pattern])
+    ref = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel="reference", **CASES[pattern])
+    out = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel="auto", **CASES[pattern])
     assert rel_err(out, ref) < TOL
 
 
 def test_auto_picks_blocked_for_sparse_training_on_cpu_and_reference_for_dense() -> None:
-    assert choose_backend("window", 4096, device="cpu", training=True, causal=True, window=256) == "blocked"
-    assert choose_backend("dense", 4096, device="cpu", training=True, causal=True) == "reference"
+    assert choose_kernel("window", 4096, device="cpu", training=True, causal=True, window=256) == "blocked"
+    assert choose_kernel("dense", 4096, device="cpu", training=True, causal=True) == "reference"
     # nearly dense: gathers would cost more than the skipped tiles save
-    assert choose_backend("window", 128, device="cpu", training=True, window=120) == "reference"
-    assert choose_backend("window", 4096, device="cuda", training=True, window=256) == "flex"
-    assert choose_backend("bigbird", 256, device="cuda", training=True) == "flex"
+    assert choose_kernel("window", 128, device="cpu", training=True, window=120) == "reference"
+    assert choose_kernel("window", 4096, device="cuda", training=True, window=256) == "flex"
+    assert choose_kernel("bigbird", 256, device="cuda", training=True) == "flex"
     # CUDA: attention dropout (DropKey) runs inside FlexAttention's kernel, dense included
-    assert choose_backend("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "flex"
-    assert choose_backend("dense", 256, device="cuda", training=True, dropout_p=0.1) == "flex"
-    assert choose_backend("dense", 4096, device="cuda", training=True, causal=True) == "reference"
-    assert choose_backend("dense", 256, device="cpu", training=True, dropout_p=0.1) == "blocked"
-    assert choose_backend("dense", 256, device="cpu", training=False, dropout_p=0.1) == "reference"
+    assert choose_kernel("window", 4096, device="cuda", training=True, dropout_p=0.1, window=256) == "flex"
+    assert choose_kernel("dense", 256, device="cuda", training=True, dropout_p=0.1) == "flex"
+    assert choose_kernel("dense", 4096, device="cuda", training=True, causal=True) == "reference"
+    assert choose_kernel("dense", 256, device="cpu", training=True, dropout_p=0.1) == "blocked"
+    assert choose_kernel("dense", 256, device="cpu", training=False, dropout_p=0.1) == "reference"
 
 
 def test_blocked_dropout_gradients_are_exact() -> None:
@@ -106,7 +106,7 @@ def test_blocked_dropout_gradients_are_exact() -> None:
     def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(123)
         return sparse_attention(
-            q, k, v, pattern="window", window=5, causal=True, backend="blocked", tile=8, dropout_p=0.3
+            q, k, v, pattern="window", window=5, causal=True, kernel="blocked", tile=8, dropout_p=0.3
         )
 
     assert torch.autograd.gradcheck(f, (q, k, v))
@@ -118,12 +118,12 @@ def _kept_fraction(out_ones: torch.Tensor) -> float:
     return float((out_ones > 0).float().mean())
 
 
-@pytest.mark.parametrize("backend", ["blocked", "reference"])
-def test_dropkey_drops_keys_at_the_rate_and_keeps_the_diagonal(backend: str) -> None:
+@pytest.mark.parametrize("kernel", ["blocked", "reference"])
+def test_dropkey_drops_keys_at_the_rate_and_keeps_the_diagonal(kernel: str) -> None:
     L, p = 48, 0.3
     q = k = torch.zeros(8, 2, L, L)
     v = torch.eye(L).expand(8, 2, L, L)  # value j is the indicator of key j
-    out = sparse_attention(q, k, v, pattern="dense", backend=backend, tile=16, dropout_p=p)
+    out = sparse_attention(q, k, v, pattern="dense", kernel=kernel, tile=16, dropout_p=p)
     kept = out > 0  # (B, H, L, L): which keys each query kept
     assert kept.diagonal(dim1=-2, dim2=-1).all(), "a query's own key is never dropped"
     off = ~torch.eye(L, dtype=torch.bool)
@@ -131,9 +131,9 @@ def test_dropkey_drops_keys_at_the_rate_and_keeps_the_diagonal(backend: str) -> 
     # the kept keys share the softmax: rows sum to 1 (renormalised, not rescaled by 1/(1-p))
     torch.testing.assert_close(out.sum(-1), torch.ones(8, 2, L))
     # only keys the pattern allows are ever kept, and a fresh call draws fresh drops
-    causal = sparse_attention(q, k, v, pattern="dense", causal=True, backend=backend, tile=16, dropout_p=p)
+    causal = sparse_attention(q, k, v, pattern="dense", causal=True, kernel=kernel, tile=16, dropout_p=p)
     assert not (causal > 0).triu(1).any()
-    again = sparse_attention(q, k, v, pattern="dense", backend=backend, tile=16, dropout_p=p)
+    again = sparse_attention(q, k, v, pattern="dense", kernel=kernel, tile=16, dropout_p=p)
     assert not torch.equal(again > 0, kept)
 
 
@@ -183,9 +183,9 @@ def test_layout_is_cached_per_shape() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"backend": "fast"}, "backend='fast' is unknown"),
+        ({"kernel": "fast"}, "kernel='fast' is unknown"),
         ({"pattern": "diagonal"}, "pattern='diagonal' is unknown"),
-        ({"tile": 0, "backend": "blocked"}, "tile=0 is invalid"),
+        ({"tile": 0, "kernel": "blocked"}, "tile=0 is invalid"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs: dict, match: str) -> None:
@@ -207,23 +207,23 @@ BF16_TOL = 2e-2  # bf16 has an 8-bit mantissa: about 4e-3 relative error per rou
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_blocked_trains_under_bf16_autocast_like_reference(pattern: str, dropout_p: float) -> None:
-    """Under autocast the blocked backend must run forward and backward (on CUDA, trials train under
+    """Under autocast the blocked kernel must run forward and backward (on CUDA, trials train under
     bf16 autocast) and stay as close to the float32 result as the reference under autocast is."""
     q, k, v = qkv(77, grad=True, D=8)
     grad_out = torch.randn(2, 3, 77, 8)
-    exact = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
+    exact = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel="reference", **CASES[pattern])
     exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out)
     errors = {}
-    for backend in ("reference", "blocked"):
+    for kernel in ("reference", "blocked"):
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend=backend, tile=16,
+            out = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel=kernel, tile=16,
                                    dropout_p=dropout_p, **CASES[pattern])  # fmt: skip
         assert out.dtype == torch.bfloat16
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
         if dropout_p == 0:
-            errors[backend] = [
+            errors[kernel] = [
                 rel_err(out.float(), exact),
                 *(rel_err(g, e) for g, e in zip(grads, exact_grads, strict=True)),
             ]
@@ -239,8 +239,8 @@ def test_flex_pads_head_dims_below_16_exactly(pattern: str, head_dim: int, eager
     reference (the scale is that of the true head dim)."""
     q, k, v = qkv(77, grad=False, D=head_dim)
     with torch.no_grad():
-        ref = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="reference", **CASES[pattern])
-        out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend="flex", **CASES[pattern])
+        ref = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel="reference", **CASES[pattern])
+        out = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel="flex", **CASES[pattern])
     assert out.shape == q.shape
     assert rel_err(out, ref) < TOL
 
@@ -264,7 +264,7 @@ def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest
 
     monkeypatch.setattr(attention, "_flex_fn", lambda: fake_flex)
     q, k, v = qkv(32, grad=False, D=8)
-    out = sparse_attention(q, k, v, pattern="window", window=4, backend="flex")
+    out = sparse_attention(q, k, v, pattern="window", window=4, kernel="flex")
     assert seen == [(16, pytest.approx(8**-0.5))] and out.shape == q.shape
 
 
@@ -279,8 +279,8 @@ def test_one_by_one_flex_compiles_once_for_every_pattern_and_parameter(flex_comp
              ("strided", {"stride": 7}), ("longformer", {"window": 6, "n_global": 2})]  # fmt: skip
     with torch.no_grad():
         for pattern, params in cases:
-            out = sparse_attention(q, q, q, pattern=pattern, backend="flex", **params)
-            ref = sparse_attention(q, q, q, pattern=pattern, backend="reference", **params)
+            out = sparse_attention(q, q, q, pattern=pattern, kernel="flex", **params)
+            ref = sparse_attention(q, q, q, pattern=pattern, kernel="reference", **params)
             assert torch.allclose(out, ref, atol=1e-5), (pattern, params)
     assert compiles["n"] == 1
 
@@ -305,7 +305,7 @@ def test_a_sparse_pattern_that_keeps_every_entry_runs_dense_attention(monkeypatc
     q, k, v = qkv(256, grad=False)
     out = sparse_attention(q, k, v, pattern="bigbird", causal=True, **params)
     assert calls == [{"is_causal": True}]
-    reference = sparse_attention(q, k, v, pattern="bigbird", causal=True, backend="reference", **params)
+    reference = sparse_attention(q, k, v, pattern="bigbird", causal=True, kernel="reference", **params)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     calls.clear()
     q, k, v = qkv(512, grad=False)

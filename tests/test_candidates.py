@@ -135,8 +135,8 @@ def test_a_family_out_agent_never_saw_its_family(tmp_path: Path) -> None:
 def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
     tmp_path: Path, space: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from attn_search.outputs import load_run
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.report.outputs import load_run
+    from attn_search.search.loop import SearchOptions, run_search
 
     assert C.SHIPPED.is_file() and C.provenance(C.SHIPPED) is not None, "make agent"
     out = tmp_path / "run"

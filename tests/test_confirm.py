@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from attn_search.confirm import confirm_scale, confirm_seeds, extra_seeds, kendall_tau
-from attn_search.outputs import CONFIRM_FILE, mark_noise, select_row, with_confirmations
-from attn_search.search import SearchOptions, UsageError, run_search
-from attn_search.space import load_space
+from attn_search.report.outputs import CONFIRM_FILE, mark_noise, select_row, with_confirmations
+from attn_search.search.loop import SearchOptions, UsageError, run_search
+from attn_search.search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "data" / "tiny.yaml")

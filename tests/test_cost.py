@@ -12,7 +12,7 @@ from attn_search.engine.cost import attention_flops, measure_latency_ms, peak_me
 def test_analytic_flops_match_flop_counter_on_dense_path(d_model: int, n_layers: int, n_heads: int, L: int) -> None:
     config = AttentionConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, pattern="dense", causal=False)
     task = make_task("mqar", seq_len=L, n_pairs=4)
-    model = build_model(config, task, backend="reference").eval()
+    model = build_model(config, task, kernel="reference").eval()
     x, _ = task.data("eval", 3)
     # PyTorch's counter has no entry for its CPU flash-attention kernel; give it torch's own SDPA
     # formula (the one registered for the CUDA kernels) so the attention term is counted.

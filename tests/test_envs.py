@@ -19,7 +19,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import attn_search  # noqa: F401  (registers the env id)
 from attn_search.record import grid_configs, parse_grid, record
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
 
@@ -82,7 +82,7 @@ def test_same_seed_same_rollout(table: Path) -> None:
 
 def _area(points: list[tuple[float, float]]) -> float:
     """2-D hypervolume of (accuracy up, cost in [0, 1] down) points, reference (0, 1), by a sweep
-    written here independently of attn_search.pareto."""
+    written here independently of attn_search.search.pareto."""
     total, best = 0.0, 0.0
     ordered = sorted(points, key=lambda p: p[1])
     for i, (acc, cost) in enumerate(ordered):
@@ -144,7 +144,7 @@ def test_grid_overrides_are_checked() -> None:
 
 @pytest.mark.parametrize("strategy", ["ppo-grid", "a2c"])
 def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) -> None:
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.search.loop import SearchOptions, run_search
 
     out = tmp_path / "run"
     summary = run_search(SearchOptions(space=TINY, strategy=strategy, trials=5, steps=4, out=str(out), quiet=True))
@@ -157,7 +157,7 @@ def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) 
 
 @pytest.mark.slow  # about 15 s of PPO training
 def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: Path) -> None:
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.search.loop import SearchOptions, run_search
 
     first = tmp_path / "first"
     run_search(
@@ -194,7 +194,7 @@ def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: P
 
 
 def test_rl_strategy_errors(tmp_path: Path) -> None:
-    from attn_search.search import SearchOptions, UsageError, run_search
+    from attn_search.search.loop import SearchOptions, UsageError, run_search
 
     with pytest.raises(UsageError, match="needs --compute flops or params"):
         run_search(
@@ -206,7 +206,7 @@ def test_rl_strategy_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["tpe", "random", "ppo"])
 def test_table_evaluator_serves_every_strategy(tmp_path: Path, table: Path, strategy: str) -> None:
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.search.loop import SearchOptions, run_search
 
     out = tmp_path / "run"
     summary = run_search(
@@ -281,8 +281,8 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
     """The agent meta-trained on the shipped tables (package data) is the default of ``--strategy
     ppo`` where it fits: it loads, says so, and proposes configurations of the space on its grid;
     ``--resume`` continues it (more environment steps, the same grid)."""
-    from attn_search.outputs import load_run
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.report.outputs import load_run
+    from attn_search.search.loop import SearchOptions, run_search
     from attn_search.strategies.agent import agent_info, grid_for, shipped_agent
 
     fits = {name: shipped_agent("ppo-grid", load_space(name)) is not None for name in SHIPPED_SPACES}
@@ -320,7 +320,7 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
 def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.search.loop import SearchOptions, run_search
 
     base = SearchOptions(space="sparse", strategy="ppo-grid", trials=2, steps=2, pruner="none", confirm=0,
                          out=str(tmp_path / "a"))  # fmt: skip
@@ -340,7 +340,7 @@ def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
 
 def test_meta_train_command_writes_an_agent_that_searches_on_its_grid(tmp_path: Path, table: Path) -> None:
     from attn_search.cli import main
-    from attn_search.search import SearchOptions, UsageError, run_search
+    from attn_search.search.loop import SearchOptions, UsageError, run_search
     from attn_search.strategies.agent import agent_info
 
     agent = tmp_path / "meta.zip"

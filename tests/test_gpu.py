@@ -1,5 +1,5 @@
 """CUDA paths, run where a GPU is present (``pytest -m gpu``); deselected without CUDA (see
-conftest.py). Every failure class here also has a CPU test: bf16 autocast of the blocked backend
+conftest.py). Every failure class here also has a CPU test: bf16 autocast of the blocked kernel
 (test_attention.py), the pointwise BigBird rule with device tables (test_patterns.py), the padded
 FlexAttention path for head dims below 16 (test_attention.py)."""
 
@@ -53,22 +53,22 @@ def test_every_pattern_trains_on_cuda(pattern: str, head_dim: int, attn_dropout:
 def test_flex_matches_reference_on_cuda_under_bf16(pattern: str, head_dim: int) -> None:
     q, k, v = (torch.randn(2, 4, 333, head_dim, device="cuda", requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 4, 333, head_dim, device="cuda")
-    exact = sparse_attention(q.double(), k.double(), v.double(), pattern=pattern, causal=True, backend="reference",
+    exact = sparse_attention(q.double(), k.double(), v.double(), pattern=pattern, causal=True, kernel="reference",
                              **CASES[pattern])  # fmt: skip
     exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out.double())
-    for backend in ("flex", "blocked", "reference"):
+    for kernel in ("flex", "blocked", "reference"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = sparse_attention(q, k, v, pattern=pattern, causal=True, backend=backend, **CASES[pattern])
+            out = sparse_attention(q, k, v, pattern=pattern, causal=True, kernel=kernel, **CASES[pattern])
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         errors = [rel_err(out, exact), *(rel_err(g, e) for g, e in zip(grads, exact_grads, strict=True))]
-        assert max(errors) < 2e-2, (backend, errors)
+        assert max(errors) < 2e-2, (kernel, errors)
 
 
 def test_attention_dropout_on_cuda_drops_and_rescales() -> None:
     q, k, v = (torch.randn(4, 4, 256, 16, device="cuda") for _ in range(3))
     v = torch.ones_like(v)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = sparse_attention(q, k, v, pattern="window", window=32, backend="auto", dropout_p=0.5)
+        out = sparse_attention(q, k, v, pattern="window", window=32, kernel="auto", dropout_p=0.5)
     assert out.float().mean().item() == pytest.approx(1.0, abs=0.05)
     assert out.float().std().item() > 0.05
 
@@ -125,7 +125,7 @@ def test_a_fused_member_equals_its_twin_on_cuda_through_the_block_mask() -> None
         out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))
         assert fused.blocks[0].attn._plan(256, x.device).block_masks is not None  # the BlockMask path ran
         for k, c in enumerate(configs):
-            alone = build_model(c, task, backend="reference").cuda().eval()(x)
+            alone = build_model(c, task, kernel="reference").cuda().eval()(x)
             assert rel_err(out[k], alone) < 2e-2, (c.pattern, rel_err(out[k], alone))
 
 
@@ -168,7 +168,7 @@ def test_the_exported_model_runs_flex_on_cuda_and_matches_the_search(tmp_path: P
     path = tmp_path / "exported.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=200))
     ns = runpy.run_path(str(path))
-    ours = build_model(config, task, backend="reference").cuda().eval()
+    ours = build_model(config, task, kernel="reference").cuda().eval()
     theirs = ns["build_model"]().cuda().eval()
     ns["load_searched"](theirs, ours.state_dict())
     x = task.data("eval", 4)[0].cuda()

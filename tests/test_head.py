@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from attn_search.replay import Table
-from attn_search.space import load_space
+from attn_search.search.space import load_space
 from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
 from attn_search.strategies.head import HeadFirst, head_values, learn_head

@@ -15,25 +15,30 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, int] = {
     "attn_search.engine": 0,  # what is scored
     "attn_search.errors": 1,
-    "attn_search.pareto": 1,
-    "attn_search.space": 1,
-    "attn_search.pruning": 1,
-    "attn_search.failures": 1,
-    "attn_search.rundir": 1,
-    "attn_search.evaluators": 1,
+    "attn_search.search.pareto": 1,
+    "attn_search.search.space": 1,
+    "attn_search.search.pruning": 1,
+    "attn_search.search.failures": 1,
+    "attn_search.search.rundir": 1,
+    "attn_search.search.evaluators": 1,
     "attn_search.envs": 1,
-    "attn_search.outputs": 1,  # the loop's listeners
-    "attn_search.progress": 1,
+    "attn_search.report.outputs": 1,  # the loop's listeners
+    "attn_search.report.progress": 1,
     "attn_search.strategies": 2,  # how the next configuration is chosen
     "attn_search.backends": 2,  # where a trial runs
-    "attn_search.search": 3,  # the one loop
+    "attn_search.search.loop": 3,  # the one loop
     "attn_search.replay": 3,  # strategies replayed on recorded tables (the benchmark's fast path)
     "attn_search.confirm": 2,  # a finished run's front retrained (seeds, scale)
-    "attn_search.attention_map": 2,  # the chosen configuration retrained, its attention drawn
+    "attn_search.report.attention_map": 2,  # the chosen configuration retrained, its attention drawn
     "attn_search.export": 4,
     "attn_search.record": 4,
     "attn_search.cli": 5,
+    # the folders' own __init__ (after their modules: the first matching prefix wins); they import nothing
+    "attn_search.search": 1,
+    "attn_search.report": 1,
 }
+COMMANDS = {"cli", "confirm", "errors", "export", "record", "replay"}
+"""The modules at the package's root: the commands on top of the loop (and the one error type they share)."""
 SIBLINGS = {"attn_search.strategies", "attn_search.backends"}
 """Neither imports the other: strategies do not know where trials run, backends not who proposed."""
 
@@ -84,6 +89,21 @@ def layer(name: str) -> tuple[str, int] | None:
         if name == prefix or name.startswith(prefix + "."):
             return prefix, rank
     return None
+
+
+def test_the_folders_show_the_layers() -> None:
+    root = {p.stem for p in (ROOT / "attn_search").glob("*.py")} - {"__init__"}
+    assert root == COMMANDS, f"modules at the root that belong in a layer's folder: {sorted(root - COMMANDS)}"
+    folders = {p.name for p in (ROOT / "attn_search").iterdir() if (p / "__init__.py").is_file()}
+    assert {"engine", "search", "report", "strategies", "backends"} <= folders
+
+
+def test_a_strategy_can_use_the_space_without_loading_the_loop() -> None:
+    import subprocess
+
+    code = "import sys, attn_search.search.space; print('attn_search.search.loop' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
 
 
 def test_every_module_has_a_layer() -> None:

@@ -14,13 +14,13 @@ def test_backends_give_the_same_model_outputs_and_gradients(pattern: str) -> Non
     task = make_task("mqar", seq_len=96, n_pairs=4)
     x, _ = task.data("eval", 4)
     outs = {}
-    for backend in ("reference", "blocked"):
+    for kernel in ("reference", "blocked"):
         torch.manual_seed(0)
-        model = build_model(config, task, backend=backend)
+        model = build_model(config, task, kernel=kernel)
         logits = model(x)
         assert logits.shape == (4, 96, task.n_classes)
         logits.square().mean().backward()
-        outs[backend] = (logits.detach(), model.tok_emb.weight.grad.clone())
+        outs[kernel] = (logits.detach(), model.tok_emb.weight.grad.clone())
     assert torch.allclose(outs["reference"][0], outs["blocked"][0], atol=1e-5)
     assert torch.allclose(outs["reference"][1], outs["blocked"][1], atol=1e-6)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attn_search import hypervolume, pareto_front
-from attn_search.pareto import knee_point, non_dominated_ranks, normalized_hypervolume
+from attn_search.search.pareto import knee_point, non_dominated_ranks, normalized_hypervolume
 
 MAX_MIN = ["maximize", "minimize"]
 

@@ -221,7 +221,7 @@ def test_a_pattern_declared_in_one_place_is_validated_described_and_searched(tmp
     undeclared, it raises."""
     from attn_search import AttentionConfig
     from attn_search.engine import patterns as P
-    from attn_search.search import SearchOptions, run_search
+    from attn_search.search.loop import SearchOptions, run_search
 
     P.declare_pattern(P.Pattern("every_kth", (P.STRIDE,), every_kth))
     try:

@@ -31,11 +31,11 @@ def member_configs(**common: object) -> list[AttentionConfig]:
 
 
 @pytest.mark.parametrize(
-    ("per_member", "backend"),
+    ("per_member", "kernel"),
     [(True, "auto"), (False, "auto"), pytest.param(False, "flex", marks=pytest.mark.slow)],  # (flex compiles: 15 s)
     ids=["cpu-per-member", "grouped-layout-dense", "grouped-layout-flex"],
 )
-def test_a_fused_member_equals_its_unfused_twin(per_member: bool, backend: str) -> None:
+def test_a_fused_member_equals_its_unfused_twin(per_member: bool, kernel: str) -> None:
     """Every pattern and head count 2, 4 and 8 in one model: each member's logits are those of the
     model of its configuration alone (the single-pattern attention paths), to float32 rounding,
     through the CPU's per-member path and through the grouped head layout CUDA uses, on its dense
@@ -45,12 +45,12 @@ def test_a_fused_member_equals_its_unfused_twin(per_member: bool, backend: str) 
     group's members, would be far off."""
     configs = member_configs()
     task = make_task("mqar", **TASK)
-    fused = build_model(configs, task, backend=backend, member_layout="auto" if per_member else "grouped").eval()
+    fused = build_model(configs, task, kernel=kernel, member_layout="auto" if per_member else "grouped").eval()
     x, _ = task.data("eval", 3)
     with torch.no_grad():
         out = fused(x.unsqueeze(0).expand(len(configs), -1, -1))  # (K, B, L, n)
         plan = fused.blocks[0].attn._plan(TASK["seq_len"], x.device)
-        assert (backend == "flex") == (getattr(plan, "block_masks", None) is not None)
+        assert (kernel == "flex") == (getattr(plan, "block_masks", None) is not None)
         for k, c in enumerate(configs):
             alone = build_model(c, task).eval()(x)
             assert alone.abs().max() > 1e-3
@@ -64,11 +64,11 @@ def test_member_adamw_equals_torch_adamw_with_clipping() -> None:
     task = make_task("mqar", **TASK)
     x, y = task.data("train", 4)
     K = len(configs)
-    fused = build_model(configs, task, backend="reference")
+    fused = build_model(configs, task, kernel="reference")
     opt = MemberAdamW(fused)
     twins, twin_opts = [], []
     for c in configs:
-        model = build_model(c, task, backend="reference")
+        model = build_model(c, task, kernel="reference")
         decay = [p for n, p in model.named_parameters() if p.dim() >= 3 and "emb" not in n]
         rest = [p for n, p in model.named_parameters() if not (p.dim() >= 3 and "emb" not in n)]
         twins.append(model)
@@ -330,7 +330,7 @@ def test_populations_compile_flex_attention_once_per_shape_including_refills(fle
         return queue.pop(0)
 
     budget = Budget(steps=6, rungs=3, n_eval=16, latency_batch=2)
-    results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", backend="flex",
+    results = evaluate_many(configs[:4], "mqar", budget=budget, task_kwargs=TASK, device="cpu", kernel="flex",
                             reporter=reporter, refill=refill)  # fmt: skip
     assert len(results) == 4 + len(configs) and not queue
     # one kernel per head group (2, 4, 8) and pass (the timed pass and the evaluation pass)
@@ -370,7 +370,7 @@ def test_refills_outside_the_first_head_counts_compile_nothing_when_the_range_is
         return member == 0
 
     evaluate_many(first, "mqar", budget=Budget(steps=4, rungs=2, n_eval=16, latency_batch=2), task_kwargs=TASK,
-                  device="cpu", backend="flex", reporter=reporter, refill=lambda: queue.pop(0) if queue else None,
+                  device="cpu", kernel="flex", reporter=reporter, refill=lambda: queue.pop(0) if queue else None,
                   heads=heads)  # fmt: skip
     assert not queue
     first_rung = rungs[0, 2]
@@ -396,7 +396,7 @@ def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.Mo
     monkeypatch.setattr(trainer_module, "SYNC_EVERY", 50)
     configs = [c.replace(attn_dropout=0.1 * (i % 2)) for i, c in enumerate(member_configs()[:4])]
     task = make_task("mqar", **TASK)
-    model = build_model(configs, task, heads=(2, 8), backend="flex", member_layout="grouped")
+    model = build_model(configs, task, heads=(2, 8), kernel="flex", member_layout="grouped")
     x, y = task.data("train", 4)
     xs = x.unsqueeze(0).expand(len(configs), -1, -1)
     member_losses(model(xs), y.unsqueeze(0).expand_as(xs), 0.0).sum().backward()  # the training plan

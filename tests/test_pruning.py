@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from attn_search.pruning import MOASHA
+from attn_search.search.pruning import MOASHA
 
 DIRS = ["maximize", "minimize"]
 

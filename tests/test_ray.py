@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attn_search.outputs import TRIAL_COLUMNS
+from attn_search.report.outputs import TRIAL_COLUMNS
 
 from .raycluster import BIN, ROOT, Loopback, load_study, rows, wait_for
 
@@ -210,7 +210,7 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker(loopback: Lo
 
 def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
     code = (
-        "import sys; from attn_search.search import SearchOptions, run_search; "
+        "import sys; from attn_search.search.loop import SearchOptions, run_search; "
         f"run_search(SearchOptions(space={TINY!r}, trials=1, steps=4, out={str(tmp_path / 'run')!r}, quiet=True)); "
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attn_search.evaluators import TableEvaluator
-from attn_search.pareto import pareto_front
 from attn_search.replay import META, PORTFOLIO, Table, mean_ranks, portfolio, rank_with_ties, replay, run_protocol
-from attn_search.space import load_space
+from attn_search.search.evaluators import TableEvaluator
+from attn_search.search.pareto import pareto_front
+from attn_search.search.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (30, 60, 90, 120)
@@ -44,7 +44,7 @@ def write_table(path: Path, *, shift: float = 0.0) -> Path:
 
 def brute_hypervolume(points: list[tuple[float, float]], lo: float, hi: float) -> float:
     """2-D hypervolume of (accuracy up, compute down) in the unit box, by a fine grid (independent
-    of attn_search.pareto)."""
+    of attn_search.search.pareto)."""
     acc = np.linspace(0, 1, 801)[:-1] + 0.5 / 800
     comp = np.linspace(0, 1, 801)[:-1] + 0.5 / 800
     A, C = np.meshgrid(acc, comp)

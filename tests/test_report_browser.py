@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from attn_search.search import SearchOptions, run_search
+from attn_search.search.loop import SearchOptions, run_search
 
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
 

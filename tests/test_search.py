@@ -22,9 +22,9 @@ from attn_search.backends import TrialRunner
 from attn_search.engine.patterns import resolve_params
 from attn_search.engine.trainer import PRESETS
 from attn_search.export import export_run
-from attn_search.outputs import rebuild
-from attn_search.search import SearchOptions, UsageError, run_search
-from attn_search.space import load_space
+from attn_search.report.outputs import rebuild
+from attn_search.search.loop import SearchOptions, UsageError, run_search
+from attn_search.search.space import load_space
 
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
 OUTPUTS = [
@@ -283,7 +283,7 @@ def test_a_search_whose_first_trials_all_fail_the_same_way_stops(tmp_path: Path)
 
 
 def test_failure_policy() -> None:
-    from attn_search.failures import FailurePolicy
+    from attn_search.search.failures import FailurePolicy
 
     def err(msg: str) -> dict[str, Any]:
         return {"error": "RuntimeError", "reason": f"RuntimeError: {msg}"}
@@ -311,7 +311,7 @@ def test_resume_takes_over_only_trials_that_are_really_dead(tmp_path: Path, db: 
 
     import optuna
 
-    from attn_search.search import recover_interrupted
+    from attn_search.search.loop import recover_interrupted
 
     url = f"sqlite:///{tmp_path / 's.db'}" if db == "sqlite" else request.getfixturevalue("postgres_url")
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=2)
@@ -338,7 +338,7 @@ def test_ppo_with_real_training_keeps_proposing_new_configurations(tmp_path: Pat
     """Training a trial must not reset the random state the agent samples its actions from (it
     used to: a 12-trial PPO search proposed 2 distinct configurations). Repeats are caught by the
     loop (not run again), so count the proposals themselves."""
-    from attn_search.outputs import load_run
+    from attn_search.report.outputs import load_run
 
     out, summary = search(tmp_path, strategy="ppo", trials=12, steps=4, pruner="none")
     study = load_run(out)[0]
@@ -439,7 +439,7 @@ def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
     """--population 3: trials go out three to a slot; the early-stopping rule stops one member at
     its first rung, the others of its population train to the end, and the freed slot takes the
     next proposal at once (a refill), which trains its own 12 steps with its own rungs."""
-    import attn_search.search as search_module
+    import attn_search.search.loop as search_module
 
     asked: list[tuple[int, int]] = []
 
@@ -495,7 +495,7 @@ def test_a_lookup_that_raises_fails_only_its_own_member(tmp_path: Path) -> None:
 def test_the_default_pick_does_not_give_up_large_accuracy_for_small_compute() -> None:
     """The knee of a front whose compute spans 30% would take 0.665 over 0.912 and 1.000; ``knee``
     chooses among points within 95% of the best accuracy, ``knee=0`` is the plain knee."""
-    from attn_search.outputs import describe_selection, parse_selection, select_row
+    from attn_search.report.outputs import describe_selection, parse_selection, select_row
 
     space = load_space("sparse")
     front = pd.DataFrame({"trial": [0, 1, 2, 3], "state": "complete", "feasible": True,
@@ -535,7 +535,7 @@ def test_a_trial_cut_short_by_the_time_budget_is_not_complete_and_the_end_says_w
 def test_importances_say_how_many_trials_are_behind_them_and_need_enough() -> None:
     import optuna
 
-    from attn_search.outputs import MIN_TRIALS_FOR_IMPORTANCE, importance_rows
+    from attn_search.report.outputs import MIN_TRIALS_FOR_IMPORTANCE, importance_rows
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(MIN_TRIALS_FOR_IMPORTANCE):
@@ -681,7 +681,7 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     told dense's result. Run alone and chosen, the run dir, the report and the export name it dense."""
     import optuna
 
-    from attn_search import search as S
+    from attn_search.search import loop as S
 
     made: list[_Scripted] = []
     original = S.make_strategy
@@ -746,7 +746,7 @@ def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:
 def test_the_run_record_is_written_and_read_through_one_type(tmp_path: Path) -> None:
     """``run.json`` round-trips through :class:`RunRecord`; ``report --select`` makes its rule the
     run's; a run dir without a record, or with a broken one, is refused in one line."""
-    from attn_search.rundir import RunRecord
+    from attn_search.search.rundir import RunRecord
 
     out, _ = search(tmp_path, trials=2)
     record = RunRecord.read(out)

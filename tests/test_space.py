@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from attn_search import load_space
-from attn_search.space import BUILTIN_SPACES, SpaceError, parse_space
+from attn_search.search.space import BUILTIN_SPACES, SpaceError, parse_space
 
 TINY = Path(__file__).parent / "data" / "tiny.yaml"
 
@@ -105,7 +105,7 @@ def test_the_sparse_space_counts_compute_at_the_length_a_model_is_deployed() -> 
     by accuracy alone; the space counts compute at 4096, where they span more than 5x."""
     import dataclasses
 
-    from attn_search.evaluators import make_evaluator
+    from attn_search.search.evaluators import make_evaluator
 
     space = load_space("sparse")
     assert space.target_len == 4096

@@ -20,9 +20,9 @@ import torch
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.trainer import Budget, TrialResult, evaluate_many
-from attn_search.evaluators import Evaluator, make_evaluator
-from attn_search.failures import error_attrs
-from attn_search.space import SearchSpace
+from attn_search.search.evaluators import Evaluator, make_evaluator
+from attn_search.search.failures import error_attrs
+from attn_search.search.space import SearchSpace
 
 OnRung = Callable[[int, int, float, dict[str, float]], bool]
 """``on_rung(number, step, accuracy, compute)``: the loop's early-stopping rule; ``True`` stops
@@ -131,7 +131,7 @@ class TrialRunner:
     max_flops: float | None = None
     max_latency_ms: float | None = None
     evaluator: str = "training"
-    """``training``, ``table:PATH`` or ``module:callable`` (see :func:`attn_search.evaluators.make_evaluator`)."""
+    """``training``, ``table:PATH`` or ``module:callable`` (see :func:`attn_search.search.evaluators.make_evaluator`)."""
     deadline: float | None = None
     """Wall-clock time (``time.time()``) at which training stops and the trial evaluates."""
     _lookup: Evaluator | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -154,7 +154,7 @@ class TrialRunner:
 
         Never raises for a trial's own failure: any exception inside the trial gives a ``failed``
         outcome whose ``reason`` is the exception's type and message and whose ``traceback``
-        attribute holds the rest (:func:`attn_search.failures.error_attrs`)."""
+        attribute holds the rest (:func:`attn_search.search.failures.error_attrs`)."""
         return self.run_many(
             [values],
             on_attr=lambda i, key, value: on_attr(key, value),

@@ -40,7 +40,7 @@ from ray.tune.search import Searcher
 from attn_search.backends.base import Event, Finished, Job, Note, OnRung, OnStart, TrialOutcome, TrialRunner
 from attn_search.engine import metrics as M
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.failures import describe
+from attn_search.search.failures import describe
 
 EXPERIMENT = "ray"
 """The Tune experiment's folder inside the run dir."""

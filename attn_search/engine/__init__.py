@@ -1,13 +1,13 @@
 """What is scored: the trial engine.
 
-A configuration (:class:`AttentionConfig`), the attention patterns and their backends, the small
+A configuration (:class:`AttentionConfig`), the attention patterns and their kernels, the small
 model, the generated tasks, the trainer (:func:`evaluate`; :func:`evaluate_many` trains several
 configurations as one population), the compute figures, and the recorded
 table that can stand in for training (:class:`TableEvaluator`). Nothing here knows about searches,
-strategies or backends.
+strategies or backends (where trials run).
 """
 
-from attn_search.engine.attention import BACKENDS, choose_backend, sparse_attention
+from attn_search.engine.attention import KERNELS, choose_kernel, sparse_attention
 from attn_search.engine.config import AttentionConfig, load_config
 from attn_search.engine.cost import model_flops
 from attn_search.engine.model import AttentionModel, SparseSelfAttention, build_model
@@ -16,7 +16,7 @@ from attn_search.engine.tasks import TASKS, Task, check_task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, StopTrial, TrialResult, evaluate, evaluate_many
 
 __all__ = [
-    "BACKENDS",
+    "KERNELS",
     "PATTERNS",
     "PRESETS",
     "TASKS",
@@ -30,7 +30,7 @@ __all__ = [
     "block_layout",
     "build_model",
     "check_task",
-    "choose_backend",
+    "choose_kernel",
     "evaluate",
     "evaluate_many",
     "load_config",

@@ -1,7 +1,7 @@
-"""Sparse attention backends that compute the same function.
+"""Sparse attention kernels that compute the same function.
 
 * ``reference``: dense ``scaled_dot_product_attention`` with the pattern's boolean mask (or
-  ``is_causal`` for dense causal). The ground truth every other backend is tested against.
+  ``is_causal`` for dense causal). The ground truth every other kernel is tested against.
 * ``blocked``: block-sparse. Queries and keys are cut into tiles; for each query tile only the key
   tiles the pattern touches are gathered and computed (see :class:`~attn_search.engine.patterns.BlockLayout`).
   A hand-written autograd function, so it trains on CPU and GPU, under autocast too (it computes
@@ -16,7 +16,7 @@
   attention dropout; otherwise ``blocked`` when the layout skips enough tiles to pay for its
   gathers, else ``reference``.
 
-Attention dropout is DropKey (Li et al., CVPR 2023, arXiv:2304.05939) on every backend: each key
+Attention dropout is DropKey (Li et al., CVPR 2023, arXiv:2304.05939) on every kernel: each key
 but the query's own is dropped from a query's softmax with probability ``p`` (its score set to
 ``-inf`` before the softmax, which renormalises over the keys kept; nothing is rescaled). It is a
 different regulariser from dropout on the probabilities after the softmax, chosen because it can
@@ -45,13 +45,13 @@ from attn_search.engine.patterns import (
     resolve_params,
 )
 
-BACKENDS = ("auto", "reference", "blocked", "flex")
+KERNELS = ("auto", "reference", "blocked", "flex")
 
 DEFAULT_TILE = 64
-"""Tile size of the blocked backend. 64 balances per-tile overhead against work wasted in partial
+"""Tile size of the blocked kernel. 64 balances per-tile overhead against work wasted in partial
 tiles on CPU (see ``benchmarks/sparse_vs_dense.py --tile``)."""
 
-# Below this fraction of tiles computed the blocked backend beats masked dense SDPA on CPU; above it
+# Below this fraction of tiles computed the blocked kernel beats masked dense SDPA on CPU; above it
 # the gathers cost more than the skipped tiles save (measured with benchmarks/sparse_vs_dense.py).
 _BLOCKED_MAX_TILE_DENSITY = 0.6
 
@@ -75,7 +75,7 @@ def _cached_mask(key: tuple[Any, ...], device: str) -> torch.Tensor:
 def layout_for(
     pattern: str, seq_len: int, *, causal: bool = False, tile: int = DEFAULT_TILE, **params: Any
 ) -> BlockLayout:
-    """The (cached) tile layout the blocked backend uses."""
+    """The (cached) tile layout the blocked kernel uses."""
     p = resolve_params(pattern, **params)
     return _cached_layout(_key(pattern, seq_len, causal, p), min(tile, _pow2_at_least(seq_len)))
 
@@ -127,7 +127,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     outputs are written straight into their tiles, and the backward uses FlashAttention's identity
     ``dS = P * (dP - rowsum(dO * O))`` (Dao et al. 2022, arXiv:2205.14135) in place, scattering
     key/value gradients into one buffer with ``index_add_``. Forward and gradients are checked
-    against the reference backend in tests.
+    against the reference kernel in tests.
     """
 
     @staticmethod
@@ -372,8 +372,8 @@ def _flex(
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "backend='flex' cannot train on CPU: PyTorch has no CPU backward for FlexAttention; "
-                "use backend='blocked' (or 'auto') for training on CPU"
+                "kernel='flex' cannot train on CPU: PyTorch has no CPU backward for FlexAttention; "
+                "use kernel='blocked' (or 'auto') for training on CPU"
             )
         # under no_grad FlexAttention still refuses inputs that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -443,7 +443,7 @@ def dropkey_mask(shape: tuple[int, ...], p: torch.Tensor | float, *, device: tor
     return (u >= p) | torch.eye(L, dtype=torch.bool, device=device)
 
 
-def choose_backend(
+def choose_kernel(
     pattern: str,
     seq_len: int,
     *,
@@ -453,7 +453,7 @@ def choose_backend(
     causal: bool = False,
     **params: Any,
 ) -> str:
-    """The backend ``auto`` resolves to for these arguments (see module docstring)."""
+    """The kernel ``auto`` resolves to for these arguments (see module docstring)."""
     dev = torch.device(device).type
     if dev == "cuda":
         if training and dropout_p > 0:
@@ -476,7 +476,7 @@ def sparse_attention(
     *,
     pattern: str,
     causal: bool = False,
-    backend: str = "auto",
+    kernel: str = "auto",
     dropout_p: float = 0.0,
     tile: int | None = None,
     **params: Any,
@@ -487,10 +487,10 @@ def sparse_attention(
         q, k, v: ``(B, H, L, D)`` tensors on the same device and dtype.
         pattern: one of :data:`~attn_search.engine.patterns.PATTERNS`.
         causal: also drop keys after the query.
-        backend: ``auto``, ``reference``, ``blocked`` or ``flex`` (see module docstring).
+        kernel: ``auto``, ``reference``, ``blocked`` or ``flex`` (see module docstring).
         dropout_p: DropKey's rate (see the module docstring): each key but the query's own is
             dropped from a query's softmax with this probability.
-        tile: tile size of the ``blocked`` backend (default :data:`DEFAULT_TILE`, capped at the
+        tile: tile size of the ``blocked`` kernel (default :data:`DEFAULT_TILE`, capped at the
             sequence length rounded up to a power of two).
         **params: the pattern's parameters (``window``, ``dilation``, ``stride``, ``block_size``,
             ``n_global``, ``n_random``, ``seed``); extra keywords are ignored.
@@ -498,14 +498,14 @@ def sparse_attention(
     Returns:
         ``(B, H, L, D)`` attention output. Any ``L`` works; the last tile is padded internally.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown: use one of {', '.join(KERNELS)}")
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"q, k, v must share one (B, H, L, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     return attention_plan(
-        pattern, q.shape[2], causal=causal, backend=backend, dropout_p=dropout_p, device=q.device,
+        pattern, q.shape[2], causal=causal, kernel=kernel, dropout_p=dropout_p, device=q.device,
         training=torch.is_grad_enabled(), tile=tile, **params,
     )(q, k, v)  # fmt: skip
 
@@ -518,7 +518,7 @@ def attention_plan(
     seq_len: int,
     *,
     causal: bool = False,
-    backend: str = "auto",
+    kernel: str = "auto",
     dropout_p: float = 0.0,
     device: torch.device | str = "cpu",
     training: bool = False,
@@ -526,22 +526,22 @@ def attention_plan(
     **params: Any,
 ) -> Attend:
     """Everything :func:`sparse_attention` decides before it computes, decided once: the pattern's
-    parameters resolved, the backend chosen, the mask, tile layout or BlockMask built. Returns
+    parameters resolved, the kernel chosen, the mask, tile layout or BlockMask built. Returns
     ``attend(q, k, v)`` for inputs of that length on that device, with nothing left to look up per
     call (a model keeps one per length, device and mode: ``SparseSelfAttention``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown: use one of {', '.join(KERNELS)}")
     p = resolve_params(pattern, **params)
-    if backend == "auto" and keeps_everything(pattern, seq_len, causal=causal, **p):
+    if kernel == "auto" and keeps_everything(pattern, seq_len, causal=causal, **p):
         # a sparse pattern whose mask keeps every entry at this length is dense attention: SDPA's
         # fused kernels (flash attention on CUDA) instead of a block-sparse pass over a full mask
         pattern, p = "dense", {}
     key = _key(pattern, seq_len, causal, p)
     dev = torch.device(device)
-    if backend == "auto":
-        backend = choose_backend(pattern, seq_len, device=dev, training=training, dropout_p=dropout_p, causal=causal,
+    if kernel == "auto":
+        kernel = choose_kernel(pattern, seq_len, device=dev, training=training, dropout_p=dropout_p, causal=causal,
                                  **p)  # fmt: skip
-    if backend == "reference":
+    if kernel == "reference":
         if dropout_p > 0:  # DropKey as a drawn mask (the dense reference materialises it)
             mask = _cached_mask(key, str(dev))
             return lambda q, k, v: F.scaled_dot_product_attention(
@@ -551,7 +551,7 @@ def attention_plan(
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         mask = _cached_mask(key, str(dev))
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if backend == "blocked":
+    if kernel == "blocked":
         if tile is not None and tile < 1:
             raise ValueError(f"tile={tile} is invalid: it must be >= 1")
         layout = _cached_layout(key, tile or min(DEFAULT_TILE, _pow2_at_least(seq_len)))

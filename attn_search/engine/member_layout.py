@@ -43,11 +43,11 @@ Alone = list[tuple[Attend, torch.Tensor, torch.Tensor]]
 """Per member: its own single-pattern ``attend(q, k, v)`` and rotary cos/sin tables."""
 
 
-def single_paths(members: list[AttentionConfig], L: int, device: torch.device, *, backend: str, dropout: bool,
+def single_paths(members: list[AttentionConfig], L: int, device: torch.device, *, kernel: str, dropout: bool,
            training: bool) -> Alone:  # fmt: skip
     """Each member's single-pattern attention plan (:func:`attention_plan`), the path its trial
     alone takes, with its rotary tables."""
-    return [(attention_plan(c.pattern, L, causal=c.causal, backend=backend, device=device,
+    return [(attention_plan(c.pattern, L, causal=c.causal, kernel=kernel, device=device,
                             dropout_p=c.attn_dropout if dropout else 0.0, training=training, **c.pattern_params()),
              *rotary_tables(L, c.head_dim, device=device)) for c in members]  # fmt: skip
 
@@ -79,13 +79,13 @@ class MemberPlan:
     one compiled kernel per head count, and a refill only rewrites table rows in place. The dense
     path (the CPU) gathers each group's members instead, since a fully masked row there is NaN."""
 
-    def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, backend: str,
+    def __init__(self, members: list[AttentionConfig], L: int, device: torch.device, *, kernel: str,
                  dropout: bool, heads: tuple[int, ...], layout: str = "auto") -> None:  # fmt: skip
         # FlexAttention on CUDA; on the CPU only where asked for and without gradients (PyTorch has
         # no CPU backward for it): evaluation passes
         rates = [c.attn_dropout for c in members]
         # (attention dropout is DropKey inside the kernel: it does not turn the fused path off)
-        use_flex = ((device.type == "cuda" and backend == "auto") or backend == "flex") and not (
+        use_flex = ((device.type == "cuda" and kernel == "auto") or kernel == "flex") and not (
             device.type == "cpu" and dropout
         )
         # On the CPU arithmetic, not launches, bounds a step: each member attends on the path its
@@ -94,11 +94,11 @@ class MemberPlan:
         # serves all.
         self.alone: Alone | None = None
         self.L, self.device, self.dropout = L, device, dropout
-        self.backend_alone = "auto" if backend == "flex" else backend  # (no CPU backward for flex)
+        self.kernel_alone = "auto" if kernel == "flex" else kernel  # (no CPU backward for flex)
         self.block_masks: list[Any] | None = None
         self.score_mod: Any = None
         if device.type == "cpu" and not use_flex and layout == "auto":
-            self.alone = single_paths(members, L, device, backend=self.backend_alone, dropout=dropout, training=dropout)
+            self.alone = single_paths(members, L, device, kernel=self.kernel_alone, dropout=dropout, training=dropout)
             return
         C, K = members[0].d_model, len(members)
         self.heads = heads  # one group per head count, in this order
@@ -149,7 +149,7 @@ class MemberPlan:
         (a head count outside its groups, attention dropout where none was planned): the caller
         rebuilds it."""
         if self.alone is not None:
-            self.alone[k] = single_paths([c], self.L, self.device, backend=self.backend_alone, dropout=self.dropout,
+            self.alone[k] = single_paths([c], self.L, self.device, kernel=self.kernel_alone, dropout=self.dropout,
                                    training=self.dropout)[0]  # fmt: skip
             return True
         if c.n_heads not in self.heads:

@@ -145,7 +145,7 @@ class SparseSelfAttention(nn.Module):
     sparse pattern is about, and they let a head learn "attend to the previous token" in a few
     steps, which associative recall needs (an induction circuit)."""
 
-    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None,
+    def __init__(self, configs: Members, *, kernel: str = "auto", heads: tuple[int, int] | None = None,
                  member_layout: str = "auto") -> None:  # fmt: skip
         super().__init__()
         if member_layout not in LAYOUTS:
@@ -156,7 +156,7 @@ class SparseSelfAttention(nn.Module):
             assert c.d_model % c.n_heads == 0, f"n_heads={c.n_heads} must divide d_model={c.d_model}"
             assert c.head_dim % 2 == 0, f"head_dim={c.head_dim} must be even for rotary embeddings"
         K, C = len(self.members), self.members[0].d_model
-        self.backend = backend
+        self.kernel = kernel
         self.qkv = Linear(K, C, 3 * C)
         self.proj = Linear(K, C, C, std=0.02 / math.sqrt(2 * self.members[0].n_layers))  # GPT-2's scaled init
         self.resid_drop = Dropout([c.dropout for c in self.members])
@@ -205,13 +205,13 @@ class SparseSelfAttention(nn.Module):
         if len(self.members) > 1:
             C = self.members[0].d_model
             self.layout = tuple(sorted({*self.layout, *head_groups(C, [c.n_heads for c in self.members])}))
-            plan = MemberPlan(self.members, L, device, backend=self.backend, layout=self.member_layout,
+            plan = MemberPlan(self.members, L, device, kernel=self.kernel, layout=self.member_layout,
                               dropout=self.training and torch.is_grad_enabled(), heads=self.layout)  # fmt: skip
         else:
             # (PyTorch has no CPU backward for flex: a population shrunk to one member trains on auto's path)
             cpu_training = device.type == "cpu" and torch.is_grad_enabled()
-            backend = "auto" if cpu_training and self.backend == "flex" else self.backend
-            plan = single_paths(self.members, L, device, backend=backend, dropout=self.training,
+            kernel = "auto" if cpu_training and self.kernel == "flex" else self.kernel
+            plan = single_paths(self.members, L, device, kernel=kernel, dropout=self.training,
                                 training=torch.is_grad_enabled())  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -237,13 +237,13 @@ class SparseSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, configs: Members, *, backend: str = "auto", heads: tuple[int, int] | None = None,
+    def __init__(self, configs: Members, *, kernel: str = "auto", heads: tuple[int, int] | None = None,
                  member_layout: str = "auto") -> None:  # fmt: skip
         super().__init__()
         members = _members(configs)
         K, C = len(members), members[0].d_model
         self.ln1 = LayerNorm(K, C)
-        self.attn = SparseSelfAttention(members, backend=backend, heads=heads, member_layout=member_layout)
+        self.attn = SparseSelfAttention(members, kernel=kernel, heads=heads, member_layout=member_layout)
         self.ln2 = LayerNorm(K, C)
         self.fc = Linear(K, C, 4 * C)
         self.out = Linear(K, 4 * C, C, std=0.02 / math.sqrt(2 * members[0].n_layers))  # GPT-2's scaled init
@@ -269,7 +269,7 @@ class AttentionModel(nn.Module):
         vocab_size: int,
         n_classes: int,
         max_len: int,
-        backend: str = "auto",
+        kernel: str = "auto",
         heads: tuple[int, int] | None = None,
         member_layout: str = "auto",
     ) -> None:
@@ -290,7 +290,7 @@ class AttentionModel(nn.Module):
         self.prev_emb = Embedding(K, vocab_size, C)
         self.drop = Dropout([c.dropout for c in members])
         self.blocks = nn.ModuleList(
-            [Block(members, backend=backend, heads=heads, member_layout=member_layout) for _ in range(first.n_layers)]
+            [Block(members, kernel=kernel, heads=heads, member_layout=member_layout) for _ in range(first.n_layers)]
         )
         self.ln_f = LayerNorm(K, C)
         self.head = Linear(K, C, n_classes)
@@ -349,15 +349,15 @@ class AttentionModel(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))  # (K, B, L, n_classes)
 
-    def set_backend(self, backend: str) -> None:
-        """Switch every attention layer's backend (``auto``, ``reference``, ``blocked``, ``flex``)."""
+    def set_kernel(self, kernel: str) -> None:
+        """Switch every attention layer's kernel (``auto``, ``reference``, ``blocked``, ``flex``)."""
         for block in self.blocks:
             assert isinstance(block, Block)
-            block.attn.backend = backend
+            block.attn.kernel = kernel
             block.attn.drop_plans()
 
     def plans_dropped(self) -> int:
-        """Attention plans dropped so far (refills a plan could not hold, shrinks, backend
+        """Attention plans dropped so far (refills a plan could not hold, shrinks, kernel
         switches): while it stays the same, every tensor a training step reads keeps its storage."""
         total = 0
         for block in self.blocks:
@@ -397,7 +397,7 @@ def build_model(
     configs: Members,
     task: Task,
     *,
-    backend: str = "auto",
+    kernel: str = "auto",
     heads: tuple[int, int] | None = None,
     member_layout: str = "auto",
 ) -> AttentionModel:
@@ -411,7 +411,7 @@ def build_model(
         vocab_size=task.vocab_size,
         n_classes=task.n_classes,
         max_len=task.seq_len,
-        backend=backend,
+        kernel=kernel,
         heads=heads,
         member_layout=member_layout,
     )

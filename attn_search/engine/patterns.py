@@ -4,11 +4,11 @@ A pattern is a *mask rule* ``rule(q_idx, kv_idx) -> bool tensor`` written with b
 ops only. The same rule serves three purposes:
 
 * evaluated on index grids it gives the dense boolean mask (:func:`pattern_mask`), which the
-  ``reference`` backend uses and from which the exact density is counted;
+  ``reference`` kernel uses and from which the exact density is counted;
 * reduced over tiles it gives the block layout (:class:`BlockLayout`) that the ``blocked``
-  backend computes with (only non-empty tiles are touched);
+  kernel computes with (only non-empty tiles are touched);
 * passed unchanged as FlexAttention's ``mask_mod`` it builds the ``BlockMask`` of the ``flex``
-  backend.
+  kernel.
 
 Conventions: ``mask[i, j] == True`` means query ``i`` may attend key ``j``. ``causal=True`` adds
 ``j <= i`` to every rule. Every pattern keeps the diagonal, so no query row is ever empty.
@@ -75,7 +75,7 @@ PARAM_SPECS: dict[str, PatternParam] = {}
 
 
 def declare_pattern(pattern: Pattern) -> Pattern:
-    """Register ``pattern`` so that configs, searches, every attention backend and the export can
+    """Register ``pattern`` so that configs, searches, every attention kernel and the export can
     use it. A parameter shared by two patterns must be declared the same way in both."""
     for p in pattern.params:
         known = PARAM_SPECS.get(p.name)
@@ -136,7 +136,7 @@ def bigbird_block_table(n_blocks: int, *, n_global: int, n_random: int, seed: in
     when ``a`` or ``b`` is one of the first ``n_global`` blocks (global blocks), or when ``b`` is one
     of ``n_random`` key blocks drawn for ``a`` with a ``torch.Generator`` seeded by ``seed`` from the
     blocks not already attended (and, if causal, not in the future). The draw depends only on
-    ``(n_blocks, n_global, n_random, seed, causal)``, so every backend sees the same blocks.
+    ``(n_blocks, n_global, n_random, seed, causal)``, so every kernel sees the same blocks.
     """
     idx = torch.arange(n_blocks)
     table = ((idx[:, None] - idx[None, :]).abs() <= 1) | (idx[:, None] < n_global) | (idx[None, :] < n_global)
@@ -352,7 +352,7 @@ class BlockLayout:
     buckets: tuple[TileBucket, ...]
     inverse_order: torch.Tensor | None  # undoes the bucket order of query tiles; None if identity
     kept_entries: int  # (query, key) pairs the pattern keeps
-    computed_entries: int  # pairs the blocked backend computes (real query rows x bucket width)
+    computed_entries: int  # pairs the blocked kernel computes (real query rows x bucket width)
 
     @property
     def tile_density(self) -> float:

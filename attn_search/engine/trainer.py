@@ -173,7 +173,7 @@ def evaluate(
     device: str | torch.device = "auto",
     reporter: Reporter | None = None,
     task_kwargs: Mapping[str, Any] | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
     on_compute: Callable[[dict[str, float]], None] | None = None,
 ) -> TrialResult:
     """Train ``config`` on ``task`` for ``budget`` and measure it: :func:`evaluate_many` of one.
@@ -187,7 +187,7 @@ def evaluate(
         reporter: called as ``reporter(step, accuracy)`` at each rung; ``True`` or
             :class:`StopTrial` stops the trial (``state="pruned"``).
         task_kwargs: passed to the task's constructor (``seq_len``, ``seed``, ...).
-        backend: attention backend for every layer (``auto`` picks per device and pattern).
+        kernel: attention kernel for every layer (``auto`` picks per device and pattern).
         on_compute: called once, before the first rung, with the compute metrics (``flops``,
             ``params``, ``latency_ms``, ``peak_mem_mb``), so that early stopping can weigh them.
 
@@ -200,7 +200,7 @@ def evaluate(
     if seed is not None:
         cfg = cfg.replace(seed=seed)
     return evaluate_many(
-        [cfg], task, budget=budget, device=device, task_kwargs=task_kwargs, backend=backend,
+        [cfg], task, budget=budget, device=device, task_kwargs=task_kwargs, kernel=kernel,
         reporter=(lambda member, step, accuracy: reporter(step, accuracy)) if reporter else None,
         on_compute=(lambda member, figures: on_compute(figures)) if on_compute else None,
     )[0]  # fmt: skip
@@ -250,7 +250,7 @@ def evaluate_many(
     on_compute: Callable[[int, dict[str, float]], None] | None = None,
     refill: Refill | None = None,
     on_result: Callable[[int, TrialResult], None] | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
     heads: tuple[int, int] | None = None,
     member_layout: str = "auto",
 ) -> list[TrialResult]:
@@ -268,7 +268,7 @@ def evaluate_many(
 
     Args:
         configs: configurations (or mappings of their fields); member ``i`` is ``configs[i]``.
-        task, budget, device, task_kwargs, backend: as for :func:`evaluate`.
+        task, budget, device, task_kwargs, kernel: as for :func:`evaluate`.
         reporter: ``reporter(member, step, accuracy)`` at each rung; ``True`` (or
             :class:`StopTrial`) stops that member.
         report_rungs: instead of ``reporter``, all rungs reached together in one call (:data:`RungReporter`).
@@ -329,7 +329,7 @@ def evaluate_many(
             return count - 1, config
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            _Population(members, the_task, bud, dev, backend, deadline, heads, member_layout).run(report_rungs, on_compute, ended,
+            _Population(members, the_task, bud, dev, kernel, deadline, heads, member_layout).run(report_rungs, on_compute, ended,
                                                                                  draw)  # fmt: skip
         waiting += other
     return [results[i] for i in sorted(results)]
@@ -340,11 +340,11 @@ class _Population:
     rows and learning rate for every step, rates), and on the host what each slot holds."""
 
     def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
-                 backend: str, deadline: float | None = None, heads: tuple[int, int] | None = None,
+                 kernel: str, deadline: float | None = None, heads: tuple[int, int] | None = None,
                  member_layout: str = "auto") -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
-        self.task, self.bud, self.dev, self.backend = task, bud, dev, backend
+        self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
         cfgs = [c for _, c in members]
         self.K = K = len(cfgs)
         self.batch = cfgs[0].batch_size
@@ -355,7 +355,7 @@ class _Population:
         torch.manual_seed(cfgs[0].seed)  # dropout draws (weights come from each member's own seed)
         if heads is not None:  # the range must hold the first members too
             heads = (min(heads[0], *(c.n_heads for c in cfgs)), max(heads[1], *(c.n_heads for c in cfgs)))
-        self.model = build_model(cfgs, task, backend=backend, heads=heads, member_layout=member_layout).to(dev)
+        self.model = build_model(cfgs, task, kernel=kernel, heads=heads, member_layout=member_layout).to(dev)
         self.timer = _StepTimer(dev)
         self.opt = MemberAdamW(self.model)
         self.slots: list[int | None] = [i for i, _ in members]  # member id in each slot; None: free
@@ -385,7 +385,7 @@ class _Population:
         self.pop_figures: dict[str, float] = {}
         self.eval_batch: int | None = None  # sequences per member per evaluation pass (None: by device)
         # the training step: captured as a CUDA graph where asked for (CUDA_GRAPHS), else eager
-        self.step: Callable[[], torch.Tensor] = _GraphedStep(self) if _graphed(dev, backend, K) else self.train_step
+        self.step: Callable[[], torch.Tensor] = _GraphedStep(self) if _graphed(dev, kernel, K) else self.train_step
 
     def _lrs(self, config: AttentionConfig) -> torch.Tensor:
         S = self.bud.steps
@@ -420,7 +420,7 @@ class _Population:
                             **self.pop_figures})  # fmt: skip
         else:  # each member alone at the user's length (its own pattern's cost); accuracy where it trains
             figures.update(measure_at_length(config, self.task, bud.target_len, device=self.dev,
-                                             batch=target_batch(bud, L), backend=self.backend))  # fmt: skip
+                                             batch=target_batch(bud, L), kernel=self.kernel))  # fmt: skip
         return figures
 
     # -- training ----------------------------------------------------------------------------------
@@ -552,7 +552,7 @@ class _Population:
                 else:
                     self._admit(k, *nxt, on_compute)
             live = [k for k, m in enumerate(self.slots) if m is not None]
-            compiled = self.dev.type == "cuda" or self.backend == "flex"  # (a new size compiles again)
+            compiled = self.dev.type == "cuda" or self.kernel == "flex"  # (a new size compiles again)
             if not drawn and live and len(live) < self.K and (not compiled or len(live) <= self.K // 2):
                 self._compact(live)
 
@@ -629,10 +629,10 @@ class _Population:
                            device=str(self.dev), task=self.task.name)  # fmt: skip
 
 
-def _graphed(dev: torch.device, backend: str, K: int) -> bool:
+def _graphed(dev: torch.device, kernel: str, K: int) -> bool:
     """Whether a population's step is captured: asked for, on CUDA, more than one member, and on
     FlexAttention's path (the dense path builds index lists on the host each step)."""
-    return CUDA_GRAPHS and dev.type == "cuda" and K > 1 and backend in ("auto", "flex")
+    return CUDA_GRAPHS and dev.type == "cuda" and K > 1 and kernel in ("auto", "flex")
 
 
 class _GraphedStep:
@@ -804,17 +804,17 @@ class MemberAdamW:
 
 
 def measure_at_length(
-    config: AttentionConfig, task: Task, length: int, *, device: torch.device, batch: int, backend: str = "auto"
+    config: AttentionConfig, task: Task, length: int, *, device: torch.device, batch: int, kernel: str = "auto"
 ) -> dict[str, float]:
     """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
     analytic ``flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
     (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` with the
-    attention backend a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
+    attention kernel a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
     Pattern parameters are absolute: a window of 46 stays 46 at any length."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the trial's draws stay its own
         torch.manual_seed(config.seed)
         model = AttentionModel(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=length,
-                               backend=backend).to(device).eval()  # fmt: skip
+                               kernel=kernel).to(device).eval()  # fmt: skip
         x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
 
     def forward() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from attn_search.engine import metrics as M
-from attn_search.space import SearchSpace
+from attn_search.search.space import SearchSpace
 from attn_search.strategies.base import Strategy, StrategyContext
 from attn_search.strategies.samplers import OPTUNA_STRATEGIES, SINGLE_OBJECTIVE_ONLY, SamplerStrategy, make_sampler
 

@@ -47,7 +47,7 @@ import optuna
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.envs.attention_search import AttentionSearchEnv
-from attn_search.evaluators import (
+from attn_search.search.evaluators import (
     Evaluator,
     TableEvaluator,
     TrainingEvaluator,
@@ -55,8 +55,8 @@ from attn_search.evaluators import (
     decode,
     make_evaluator,
 )
-from attn_search.pareto import normalized_hypervolume
-from attn_search.space import SearchSpace
+from attn_search.search.pareto import normalized_hypervolume
+from attn_search.search.space import SearchSpace
 from attn_search.strategies.base import StrategyContext
 
 AGENTS = ("ppo-grid", "a2c")

@@ -17,8 +17,8 @@ import optuna
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import PATTERN_FIELDS, simplest_equivalent
-from attn_search.evaluators import table_key
-from attn_search.space import SearchSpace
+from attn_search.search.evaluators import table_key
+from attn_search.search.space import SearchSpace
 
 MAX_REASKS = 20
 """Duplicate proposals in a row after which the duplicate runs anyway (see :func:`ask_new`)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -272,7 +273,7 @@ class TableTask:
         import pandas as pd
 
         from attn_search.engine.tasks import make_task
-        from attn_search.outputs import row_config
+        from attn_search.report.outputs import row_config
 
         self.path = Path(path)
         self.name = self.path.stem
@@ -292,7 +293,7 @@ class TableTask:
 
     def normalised_cost(self, length: str) -> np.ndarray:
         """Compute scaled linearly to ``[0, 1]`` over the table's range, as the benchmark's
-        hypervolume does (:func:`~attn_search.outputs.hypervolume_of_points`)."""
+        hypervolume does (:func:`~attn_search.report.outputs.hypervolume_of_points`)."""
         c = self.costs[length]
         return (c - c.min()) / max(c.max() - c.min(), 1e-12)
 
@@ -382,9 +383,15 @@ def meta_kwargs(seed: int) -> dict[str, Any]:
 
 
 def code_version() -> str:
-    """sha256 of this module's source: an agent's sidecar records it, and a cached agent trained
-    by other code is not reused."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """sha256 of the code that decides what a policy sees, computes and is trained on (the
+    descriptor, the surrogate, the features, the network, the environment and the PPO settings):
+    an agent's sidecar records it, and a cached agent trained by other code is not reused. Only
+    that code, not this whole file: moving an import or editing a docstring elsewhere changes no
+    policy and must not retire every trained agent."""
+    parts = [inspect.getsource(f) for f in (_reach, describe, _matern52, GP, _hv_gains, _hv, candidate_features,
+                                            _Scorer, _policy_class, CandidateEnv, meta_kwargs)]  # fmt: skip
+    parts.append(repr((N_CANDIDATES, BANDS, DESCRIPTOR, FEATURES, FEATURE_BOUND)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def meta_train(tables: Sequence[str | Path], *, steps: int, seed: int = 0, deploy_len: int = 4096,
@@ -524,7 +531,7 @@ class CandidateStrategy:
     def _candidates(self) -> list[tuple[dict[str, Any], AttentionConfig, float]]:
         if self.table is not None:
             if self._rows is None:
-                from attn_search.evaluators import TableEvaluator
+                from attn_search.search.evaluators import TableEvaluator
 
                 lookup = TableEvaluator(self.table, self.space)
                 compute = self.space.metrics[1]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from attn_search.space import SearchSpace
+from attn_search.search.space import SearchSpace
 from attn_search.strategies.base import Strategy
 from attn_search.strategies.candidates import TableTask, _hv
 

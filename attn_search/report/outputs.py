@@ -25,9 +25,9 @@ import yaml
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig, as_dense, simplest_equivalent, unused_pattern_fields
-from attn_search.pareto import knee_point, normalized_hypervolume, pareto_front
-from attn_search.rundir import RUN_FILE, RunRecord
-from attn_search.space import SearchSpace, parse_space
+from attn_search.search.pareto import knee_point, normalized_hypervolume, pareto_front
+from attn_search.search.rundir import RUN_FILE, RunRecord
+from attn_search.search.space import SearchSpace, parse_space
 
 METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS, M.LATENCY_SPREAD]  # fmt: skip
@@ -592,7 +592,7 @@ def hypervolume_history(df: pd.DataFrame, space: SearchSpace, bounds: Bounds | N
 
 
 def _attention_section(run_dir: Path, best: pd.Series | None) -> str:
-    """The trained model's attention (``attention.png``, :mod:`attn_search.attention_map`), shown
+    """The trained model's attention (``attention.png``, :mod:`attn_search.report.attention_map`), shown
     only while it is of the chosen trial."""
     sidecar = run_dir / "attention.json"
     if best is None or not sidecar.is_file() or not (run_dir / "attention.png").is_file():

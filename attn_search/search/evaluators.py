@@ -4,7 +4,7 @@
 looks the configuration up in a recorded trials table (``attn-search record``), so strategies can
 be compared in seconds. Both know the values each parameter can take when a space is discretised
 (the RL agent's action grid) and the range of a compute metric over the space, which fixes the
-normalisation of the hypervolume (:func:`attn_search.pareto.normalized_hypervolume`).
+normalisation of the hypervolume (:func:`attn_search.search.pareto.normalized_hypervolume`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import model_flops
 from attn_search.engine.tasks import make_task
 from attn_search.engine.trainer import PRESETS, evaluate
-from attn_search.space import SearchSpace
+from attn_search.search.space import SearchSpace
 
 
 class Evaluator(Protocol):

@@ -23,7 +23,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from attn_search.engine.metrics import MAXIMIZE
-from attn_search.pareto import non_dominated_ranks
+from attn_search.search.pareto import non_dominated_ranks
 
 
 @dataclasses.dataclass

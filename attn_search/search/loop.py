@@ -1,14 +1,14 @@
 """The search: one loop that wires a space, a strategy, a backend and the run dir.
 
 The three layers never blur. The *evaluator* scores a configuration (:mod:`attn_search.engine`,
-:mod:`attn_search.evaluators`); the *strategy* chooses the next one (:mod:`attn_search.strategies`:
+:mod:`attn_search.search.evaluators`); the *strategy* chooses the next one (:mod:`attn_search.strategies`:
 Optuna samplers or the RL agent, as ask and tell); the *backend* decides where a trial runs
 (:mod:`attn_search.backends`: this process, or Ray Tune). :class:`SearchLoop` drives any strategy
 on any backend the same way: it asks the strategy for as many proposals as the backend has free
 slots, submits them, answers every rung with the early-stopping rule, records each finished trial
 in the run's Optuna study (the record of the run, whoever proposed), tells the strategy, and
-hands the trial to the outputs (:mod:`attn_search.outputs`, :mod:`attn_search.progress`). Budget,
-recording and the failure policy (:mod:`attn_search.failures`) live here and nowhere else.
+hands the trial to the outputs (:mod:`attn_search.report.outputs`, :mod:`attn_search.report.progress`). Budget,
+recording and the failure policy (:mod:`attn_search.search.failures`) live here and nowhere else.
 
 Every finished trial is in the study the moment it ends, and ``trials.csv``/``pareto.csv`` are
 rewritten after each one, so a crash or ``kill -9`` loses no finished trial. ``--resume`` marks
@@ -39,13 +39,13 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, resolve_device
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.evaluators import make_evaluator, restrict_to_evaluator
-from attn_search.failures import ERROR_LOG, FailurePolicy, describe, log_error
-from attn_search.outputs import RunOutputs, SearchSummary, parse_selection
-from attn_search.progress import Progress
-from attn_search.pruning import MOASHA
-from attn_search.rundir import RUN_FILE, RunLock, RunRecord
-from attn_search.space import SearchSpace, load_space
+from attn_search.report.outputs import RunOutputs, SearchSummary, parse_selection
+from attn_search.report.progress import Progress
+from attn_search.search.evaluators import make_evaluator, restrict_to_evaluator
+from attn_search.search.failures import ERROR_LOG, FailurePolicy, describe, log_error
+from attn_search.search.pruning import MOASHA
+from attn_search.search.rundir import RUN_FILE, RunLock, RunRecord
+from attn_search.search.space import SearchSpace, load_space
 from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
 from attn_search.strategies.base import ask_new, compute_key
 
@@ -304,7 +304,7 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
 
     Raises :class:`UsageError` on bad input, before the run dir exists (or, for a run dir this call
     created, after removing it again), and :class:`~attn_search.errors.SearchAborted` when the
-    first trials all failed the same way (see :mod:`attn_search.failures`).
+    first trials all failed the same way (see :mod:`attn_search.search.failures`).
     """
     stream = stream or sys.stdout
     opts = _resumed_defaults(opts)
@@ -346,7 +346,7 @@ def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
 
 
 def _hypervolume_bounds(space: SearchSpace, opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> dict:
-    """The fixed compute ranges of the run's hypervolume (:data:`attn_search.outputs.HYPERVOLUME_DEFINITION`)."""
+    """The fixed compute ranges of the run's hypervolume (:data:`attn_search.report.outputs.HYPERVOLUME_DEFINITION`)."""
     evaluator = make_evaluator(opts.evaluator, space, task=task, task_kwargs=task_kwargs)
     grids = evaluator.grids(space, 5)
     bounds: dict[str, list[float] | None] = {}
@@ -513,7 +513,7 @@ class SearchLoop:
         self.deadline = None if self.time_budget is None else time.time() + self.time_budget
         self.runner.deadline = self.deadline  # the last trial stops training at the deadline
         rung_steps = self.runner.budget.rung_steps()
-        # no decision at the first rung (grace period): see attn_search.pruning
+        # no decision at the first rung (grace period): see attn_search.search.pruning
         moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
         self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start,
@@ -575,7 +575,7 @@ class SearchLoop:
             confirm_seeds(self.outputs.run_dir, seeds=self.confirm, device=opts.device,
                           say=lambda text: self.progress.note(text))  # fmt: skip
         if opts.evaluator == "training" and opts.attention_picture:  # (real training: a model to look inside)
-            from attn_search.attention_map import draw_attention
+            from attn_search.report.attention_map import draw_attention
 
             draw_attention(self.outputs.run_dir, device=opts.device, say=lambda text: self.progress.note(text))
         summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
@@ -772,7 +772,7 @@ def recover_interrupted(study: optuna.Study, *, owner: str) -> int:
     """Trials left RUNNING by a process that died: mark them failed (``interrupted``) and enqueue
     their parameters so they run again. Returns how many were recovered.
 
-    Called with the run dir's lock held (:class:`~attn_search.rundir.RunLock`), which proves that
+    Called with the run dir's lock held (:class:`~attn_search.search.rundir.RunLock`), which proves that
     no process runs this run dir any more: its own trials (``owner``) are dead. A RUNNING trial of
     another owner (a process sharing the storage) is dead only once its heartbeat is stale."""
     storage = study._storage  # Optuna exposes no public setter for another trial's state
