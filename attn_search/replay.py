@@ -16,7 +16,7 @@ so that every budget up to ``trials`` is a prefix of one replay (for strategies 
 their budget).
 
 The zero-shot portfolio (:func:`portfolio`) is the transfer baseline: the configurations that
-cover other tables' fronts best, greedily, proposed in that order (:class:`PortfolioStrategy`).
+cover other tables' fronts best, greedily, proposed in that order (:func:`portfolio_strategy`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from attn_search.search.evaluators import TableEvaluator, restrict_to_evaluator,
 from attn_search.search.pruning import MOASHA
 from attn_search.search.space import SearchSpace
 from attn_search.strategies import StrategyContext, make_strategy
-from attn_search.strategies.base import ask_new
+from attn_search.strategies.base import FirstThese, Outcome, Strategy, ask_new
 
 PORTFOLIO = "portfolio"
 PORTFOLIO_GP = "portfolio+gp"
@@ -102,36 +102,11 @@ class Replay:
         return (self.hypervolume[i], self.steps[i]) if i >= 0 else (0.0, 0)
 
 
-class PortfolioStrategy:
-    """Proposes a fixed list of configurations in order, then at random (a :class:`Strategy`).
-    The list (:func:`portfolio`) is greedy while a configuration adds hypervolume on the tables it
-    learns from; once none adds any, the rest of it follows the tables' row order."""
-
-    name = PORTFOLIO
-
-    def __init__(self, configurations: Sequence[dict[str, Any]], space: SearchSpace, seed: int) -> None:
-        self.queue = list(configurations)
-        self.space = space
-        self._sampler = optuna.samplers.RandomSampler(seed=seed)
-
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return self._sampler
-
-    def start(self, study: optuna.Study) -> str | None:
-        return None
-
-    def ask(self, study: optuna.Study) -> optuna.Trial:
-        if self.queue:
-            study.enqueue_trial(self.queue.pop(0))  # study.ask takes it; suggest reads it back
-        trial = study.ask()
-        self.space.suggest(trial)
-        return trial
-
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def portfolio_strategy(configurations: Sequence[dict[str, Any]], context: StrategyContext) -> Strategy:
+    """The portfolio as a strategy: its configurations in order, then random proposals (the list
+    (:func:`portfolio`) is greedy while a configuration adds hypervolume on the tables it learns
+    from; once none adds any, the rest of it follows the tables' row order)."""
+    return FirstThese(make_strategy("random", context), configurations, name=PORTFOLIO, label=PORTFOLIO)
 
 
 def portfolio(tables: Sequence[Table], size: int) -> list[dict[str, Any]]:
@@ -176,23 +151,18 @@ def replay(
     space = table.space
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="attn-replay-") as run_dir:
+        context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
+                                  resume=False, evaluator=f"table:{table.path.resolve()}", compute=table.compute,
+                                  options=dict(options or {}))  # fmt: skip
         if strategy == PORTFOLIO:
-            proposer: Any = PortfolioStrategy(portfolio_configs or [], space, seed)
-        elif strategy == PORTFOLIO_GP:
-            context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
-                                      resume=False, evaluator=f"table:{table.path.resolve()}", compute=table.compute)  # fmt: skip
-            proposer = make_strategy("gp", context)
+            proposer: Strategy = portfolio_strategy(portfolio_configs or [], context)
+        elif strategy == PORTFOLIO_GP:  # its first configurations, then the GP sampler
             head = list(portfolio_configs or [])[:PORTFOLIO_HEAD]
+            proposer = FirstThese(make_strategy("gp", context), head, name=PORTFOLIO_GP, label=PORTFOLIO)
         else:
-            context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
-                                      resume=False, evaluator=f"table:{table.path.resolve()}",
-                                      compute=table.compute, options=dict(options or {}))  # fmt: skip
             proposer = make_strategy(strategy, context)
-        study = optuna.create_study(directions=space.directions, sampler=proposer.sampler())  # type: ignore[arg-type]
-        if strategy == PORTFOLIO_GP:
-            for values in head:  # study.ask takes them first; the GP sampler proposes the rest
-                study.enqueue_trial(values)
-        proposer.start(study)
+        study = optuna.create_study(directions=space.directions)  # type: ignore[arg-type]  # the record, in memory
+        proposer.start([])
         rungs = sorted({s for c in table.lookup.curves.values() for s, _ in c})
         rule = MOASHA(space.directions, eta=eta, grace_period=rungs[1] if len(rungs) > 1 else 0)
         seen: dict[tuple[Any, ...], int] = {}
@@ -218,13 +188,16 @@ def replay(
                 out.proposed.append(key)
                 metrics = {**table.lookup.rows[key], M.ACCURACY: reached, M.STEPS: float(ran)}
                 trial.set_user_attr("metrics", metrics)  # what a duplicate of it is told
+                reached_curve = tuple((int(s), float(a)) for s, a in curve if s <= ran)
+                trial.set_user_attr("curve", [list(p) for p in reached_curve])
                 if state == M.COMPLETE:
                     study.tell(trial, [acc, compute])
                     front.append((acc, compute))
+                    proposer.tell(values, Outcome(state, metrics, (acc, compute), curve=reached_curve))
                 else:
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     out.pruned += 1
-                proposer.tell(trial.number, values, state, metrics)
+                    proposer.tell(values, Outcome(state, metrics, curve=reached_curve))
                 out.hypervolume.append(table.hypervolume(front) if front else 0.0)
                 out.steps.append(spent)
         finally:

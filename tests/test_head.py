@@ -13,6 +13,7 @@ import pytest
 from attn_search.replay import Table
 from attn_search.search.space import load_space
 from attn_search.strategies import StrategyContext, make_strategy
+from attn_search.strategies.base import Outcome, ask_new
 from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
 from attn_search.strategies.head import HeadFirst, head_values, learn_head
 
@@ -27,21 +28,17 @@ class Recorder:
 
     def __init__(self, space: Any) -> None:
         self.space, self.told, self.asked = space, [], 0
+        self.sampler = optuna.samplers.RandomSampler(seed=0)
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=0)
-
-    def start(self, study: optuna.Study) -> str | None:
+    def start(self, history: Any) -> str | None:
         return None
 
-    def ask(self, study: optuna.Study) -> optuna.Trial:
+    def ask(self) -> dict[str, Any]:
         self.asked += 1
-        trial = study.ask()
-        self.space.suggest(trial)
-        return trial
+        return self.space.active_values(self.space.suggest(optuna.create_study(sampler=self.sampler).ask()))
 
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        self.told.append(number)
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        self.told.append(values)
 
     def close(self) -> None:
         pass
@@ -73,18 +70,18 @@ def test_the_head_is_proposed_first_then_the_inner_strategy_and_it_is_told_every
     inner = Recorder(space)
     strategy = HeadFirst(inner, [head[0], outside, head[1]], space)
     assert strategy.skipped == 1
-    study = optuna.create_study(directions=space.directions, sampler=strategy.sampler())
-    strategy.start(study)
+    study = optuna.create_study(directions=space.directions)
+    strategy.start([])
     proposed = []
-    for _ in range(4):
-        trial = strategy.ask(study)
+    for _ in range(4):  # as the loop asks: each proposal becomes a trial of its study
+        trial = ask_new(strategy, study, space, {})
         values = space.active_values(dict(trial.params))
         study.tell(trial, [0.5, 1e7])
-        strategy.tell(trial.number, values, "complete", {"accuracy": 0.5})
+        strategy.tell(values, Outcome("complete", {"accuracy": 0.5}, (0.5, 1e7)))
         proposed.append(values)
     assert proposed[:2] == [head_values(space, head[0]), head_values(space, head[1])]
-    assert inner.asked == 2 and inner.told == [0, 1, 2, 3]
-    assert study.trials[0].user_attrs["proposed_by"] == "inner-head"
+    assert inner.asked == 2 and inner.told == proposed
+    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["inner-head"] * 2 + ["inner"] * 2
 
 
 def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build_it_skips_it(
@@ -92,13 +89,11 @@ def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build
 ) -> None:
     space = load_space("sparse")
     head = learn_head(tasks, 2)
-    study = optuna.create_study(directions=space.directions)
-    study.enqueue_trial(head_values(space, head[0]))
-    trial = study.ask()
-    space.suggest(trial)
-    study.tell(trial, [0.5, 1e7])
     again = HeadFirst(Recorder(space), head, space)
-    again.start(study)
+    first = head_values(space, head[0]) or {}
+    ran = {k: float(v) if isinstance(v, int) else v for k, v in first.items()}  # as a store may give them: 8.0 for 8
+    assert isinstance(ran["window"], float) and isinstance(first["window"], int)
+    again.start([(ran, Outcome("complete", {"accuracy": 0.5}, (0.5, 1e7)))])
     assert again.queue == [head_values(space, head[1])]
     dense = load_space("dense")  # no sparsity pattern to choose: none of the head fits
     assert HeadFirst(Recorder(dense), head, dense).queue == []

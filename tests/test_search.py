@@ -645,30 +645,22 @@ BIGBIRD_ALL = {"n_heads": 2, "pattern": "bigbird", "block_size": 32, "n_global":
 
 
 class _Scripted:
-    """A strategy that proposes ``script`` first (as a strategy proposes: a RUNNING trial it asked
-    for), then what ``inner`` proposes."""
+    """A strategy that proposes ``script`` first, then what ``inner`` proposes, and records what
+    it is told."""
 
     def __init__(self, inner: Any, space: Any, script: list[dict[str, Any]]) -> None:
         self.inner, self.space, self.script, self.name = inner, space, list(script), "scripted"
-        self.told: list[tuple[int, str, Any]] = []
+        self.told: list[tuple[dict[str, Any], Any]] = []
 
-    def sampler(self) -> Any:
-        return self.inner.sampler()
+    def start(self, history: Any) -> str | None:
+        return self.inner.start(history)
 
-    def start(self, study: Any) -> str | None:
-        return self.inner.start(study)
+    def ask(self) -> dict[str, Any] | None:
+        return self.script.pop(0) if self.script else self.inner.ask()
 
-    def ask(self, study: Any) -> Any:
-        if not self.script:
-            return self.inner.ask(study)
-        study.enqueue_trial(self.script.pop(0), skip_if_exists=False)
-        trial = study.ask()
-        self.space.suggest(trial)
-        return trial
-
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: Any) -> None:
-        self.told.append((number, state, metrics))
-        self.inner.tell(number, values, state, metrics)
+    def tell(self, values: dict[str, Any], outcome: Any) -> None:
+        self.told.append((values, outcome))
+        self.inner.tell(values, outcome)
 
     def close(self) -> None:
         self.inner.close()
@@ -699,7 +691,9 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     trials = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
     assert trials[0].params["pattern"] == "dense" and trials[1].params["pattern"] == "bigbird"
     assert trials[1].user_attrs["duplicate_of"] == 0  # one trial: BigBird was told dense's result
-    assert made[0].told[1] == (1, "complete", trials[0].user_attrs["metrics"])
+    values, outcome = made[0].told[1]
+    assert values["pattern"] == "bigbird" and outcome.duplicate_of == 0
+    assert (outcome.state, outcome.metrics) == ("complete", trials[0].user_attrs["metrics"])
     csv = pd.read_csv(out / "trials.csv")
     assert len(csv) == 2 and "bigbird" not in set(csv["pattern"])  # the second trial ran something else
 

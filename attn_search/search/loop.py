@@ -47,7 +47,7 @@ from attn_search.search.pruning import MOASHA
 from attn_search.search.rundir import RUN_FILE, RunLock, RunRecord
 from attn_search.search.space import SearchSpace, load_space
 from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
-from attn_search.strategies.base import ask_new, compute_key
+from attn_search.strategies.base import Outcome, ask_new, compute_key, outcome_of
 
 PRUNERS = ("moasha", "asha", "median", "none")
 HEARTBEAT_S = 10
@@ -480,7 +480,9 @@ class SearchLoop:
         try:
             study = optuna.create_study(
                 storage=self.storage, study_name=self.study_name, directions=space.directions,  # type: ignore[arg-type]
-                sampler=strategy.sampler(), pruner=optuna_pruner, load_if_exists=opts.resume,
+                # every trial is opened with the values a strategy proposed (or --enqueue gave): the
+                # study's sampler draws only what an --enqueue entry leaves out
+                sampler=optuna.samplers.RandomSampler(seed=opts.seed), pruner=optuna_pruner, load_if_exists=opts.resume,
             )  # fmt: skip
         except optuna.exceptions.DuplicatedStudyError as exc:
             raise UsageError(
@@ -546,7 +548,7 @@ class SearchLoop:
         if self.confirm > 0:
             self.progress.note(f"  then the front is confirmed: each point trained again with {self.confirm} more "
                                "seed(s), its accuracy the mean (--confirm 0 skips this)")  # fmt: skip
-        note = strategy.start(study)
+        note = strategy.start(self._history(study))
         if note:
             self.progress.note(note)
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -582,6 +584,23 @@ class SearchLoop:
         summary.stopped_by = stopped_by
         self.progress.finish(summary)
         return summary
+
+    def _history(self, study: optuna.Study) -> list[tuple[dict[str, Any], Outcome]]:
+        """What a resumed search already knows, as a strategy is told it: every finished trial, a
+        repeat told its original's outcome."""
+        trials = study.get_trials(deepcopy=False)
+        out = []
+        for t in trials:
+            if not t.state.is_finished():
+                continue
+            original = t.user_attrs.get("duplicate_of")
+            outcome = (
+                outcome_of(t)
+                if original is None
+                else dataclasses.replace(outcome_of(trials[original]), duplicate_of=original)
+            )
+            out.append((self.space.active_values(dict(t.params)), outcome))
+        return out
 
     def _stopped_by(self) -> str:
         """Why the search ended (the console's last word on it)."""
@@ -730,7 +749,10 @@ class SearchLoop:
                                 else optuna.trial.TrialState.FAIL)  # fmt: skip
             self.finished += 1
             self.trial_seconds += float((metrics or {}).get(M.WALL_SECONDS, 0.0) or 0.0)
-            strategy.tell(trial.number, self._values(trial), state, metrics)
+            told = Outcome(state, metrics, tuple(event.outcome.values) if state == M.COMPLETE and event.outcome.values
+                           is not None else None, dict(attrs.get("constraints", {})),
+                           tuple((int(s), float(a)) for s, a in attrs.get("curve", [])))  # fmt: skip
+            strategy.tell(self._values(trial), told)
             df = self.outputs.write_tables(self.study)  # the trials table is built once per trial
             stats = self.outputs.stats(self.study, df)
             label = AttentionConfig.from_dict(attrs["config"]).describe() if "config" in attrs else ""

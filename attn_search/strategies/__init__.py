@@ -1,8 +1,11 @@
 """How the next configuration is chosen: strategies behind one ask/tell interface.
 
-Optuna samplers (:mod:`~attn_search.strategies.samplers`) and the SB3 agent
-(:mod:`~attn_search.strategies.agent`, imported only when used) are interchangeable: the search
-loop drives any of them on any backend. A new strategy is a class with the
+A strategy speaks in values: ``ask() -> values | None``, ``tell(values, outcome)``
+(:class:`~attn_search.strategies.base.Strategy`). Optuna samplers (one adapter,
+:mod:`~attn_search.strategies.samplers`), the candidate policy (:mod:`~attn_search.strategies.candidates`,
+with its learned first configurations, :mod:`~attn_search.strategies.head`) and the SB3 grid
+agents (:mod:`~attn_search.strategies.agent`, imported only when used) are interchangeable: the
+search loop drives any of them on any backend. A new strategy is a class with the
 :class:`~attn_search.strategies.base.Strategy` methods and one line in :func:`make_strategy`.
 """
 

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
@@ -57,7 +56,7 @@ from attn_search.search.evaluators import (
 )
 from attn_search.search.pareto import normalized_hypervolume
 from attn_search.search.space import SearchSpace
-from attn_search.strategies.base import StrategyContext
+from attn_search.strategies.base import Outcome, StrategyContext, match_key
 
 AGENTS = ("ppo-grid", "a2c")
 EPISODE = 10
@@ -213,16 +212,12 @@ class AgentStrategy:
         self._results: dict[int, Mapping[str, float] | None] = {}
         self._waiting = False  # proposals of the current step are out and not all answered
         self._expected = 0
-        self._mine: dict[int, int] = {}  # trial number -> env index
+        self._mine: dict[str, list[int]] = {}  # proposals out (by their values) -> env index
         self._closing = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.agent: Any = None
         self.proposals = 0
-
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        # every trial of the agent is enqueued with its values: the sampler never draws
-        return optuna.samplers.RandomSampler(seed=self.context.seed)
 
     # -- set up --------------------------------------------------------------------------------
     def _grid_from(self, space: SearchSpace) -> Evaluator:
@@ -262,7 +257,8 @@ class AgentStrategy:
         return path, info, (f"the shipped agent {path.name}, meta-trained on {tables} ({info.get('steps')} "
                             f"environment steps; --agent none to train one from scratch)")  # fmt: skip
 
-    def start(self, study: optuna.Study) -> str | None:
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        # (a resumed search continues from the run's saved agent, which learned from those trials)
         from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -364,7 +360,7 @@ class AgentStrategy:
         os.replace(saved, self.path)
 
     # -- the loop's side -----------------------------------------------------------------------
-    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+    def ask(self) -> dict[str, Any] | None:
         with self._cond:
             while not self._outbox:
                 if self._error is not None:
@@ -377,13 +373,9 @@ class AgentStrategy:
                     raise RuntimeError(f"the {self.name} agent proposed nothing for {_ASK_TIMEOUT_S:.0f} s")
             index, values = self._outbox.popleft()
         values = self._clip(values)
-        study.enqueue_trial(values, user_attrs={"proposed_by": self.name}, skip_if_exists=False)
-        trial = study.ask()
-        assert trial.user_attrs.get("proposed_by") == self.name, "the loop must run waiting trials first"
-        self.context.space.suggest(trial)
-        self._mine[trial.number] = index
+        self._mine.setdefault(match_key(self.context.space.active_values(values)), []).append(index)
         self.proposals += 1
-        return trial
+        return values
 
     def _clip(self, values: dict[str, Any]) -> dict[str, Any]:
         """Grid points computed in floating point (``1e-2`` as ``0.010000000000000004``) may lie a
@@ -395,10 +387,12 @@ class AgentStrategy:
                 out[p.name] = round(value) if p.kind == "int" else float(value)
         return out
 
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        index = self._mine.pop(number, None)
-        if index is None:
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        state, metrics = outcome.state, outcome.metrics
+        mine = self._mine.get(match_key(values))
+        if not mine:
             return  # not the agent's proposal (a trial run again on resume)
+        index = mine.pop(0)
         point = None
         if state in (M.COMPLETE, M.PRUNED) and metrics is not None:
             point = {m: float(metrics[m]) for m in self.context.space.metrics if m in metrics}

@@ -1,9 +1,11 @@
-"""The strategy interface: how the next configuration is chosen, as ask and tell.
+"""The strategy interface: how the next configuration is chosen, in values.
 
-The search loop owns the run's Optuna study: it is the record of every trial, whichever strategy
-proposed it. A strategy gives the study its sampler and answers :meth:`Strategy.ask` with a new
-RUNNING trial of that study whose parameters are its proposal (or ``None`` when it has nothing to
-propose until results come back); the loop tells it every finished trial.
+A strategy answers :meth:`Strategy.ask` with the parameter values of its next proposal (or
+``None`` when it has nothing to propose until results come back) and is told every finished
+trial, whoever proposed it, as ``tell(values, outcome)``. It never sees the run's Optuna study:
+the loop owns that study, the record of every trial, and turns each proposal into one of its
+trials (:func:`ask_new`). So a strategy is written without Optuna, and one adapter
+(:class:`~attn_search.strategies.samplers.SamplerStrategy`) wraps every Optuna sampler.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import optuna
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import PATTERN_FIELDS, simplest_equivalent
-from attn_search.search.evaluators import table_key
+from attn_search.search.evaluators import canonical, table_key
 from attn_search.search.space import SearchSpace
 
 MAX_REASKS = 20
@@ -46,26 +48,91 @@ class StrategyContext:
     """Strategy-specific options (``pretrain``, ``pretrain_steps``, ``agent``)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a trial ended, as the loop tells a strategy."""
+
+    state: str
+    """``complete``, ``pruned`` or ``failed``."""
+    metrics: dict[str, float] | None = None
+    """What the trial measured (accuracy, compute, ...), also for a pruned trial."""
+    values: tuple[float, ...] | None = None
+    """The objectives' values, when it completed."""
+    constraints: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Constraint values (feasible at zero or less), where the search has constraints."""
+    curve: tuple[tuple[int, float], ...] = ()
+    """Held-out accuracy at each rung it reached."""
+    duplicate_of: int | None = None
+    """Set when the proposal repeated trial ``duplicate_of`` and was not run: the rest is that
+    trial's outcome."""
+
+
 class Strategy(Protocol):
-    """Ask/tell proposer (see the module docstring)."""
+    """Ask/tell proposer in values (see the module docstring)."""
 
     name: str
+    """Recorded with every trial it proposed (``proposed_by``)."""
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        """The sampler the study is created with."""
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        """Called once before the first ask with the trials a resumed search already finished;
+        may return a line for the console."""
 
-    def start(self, study: optuna.Study) -> str | None:
-        """Called once the study exists (and holds any earlier trials, on resume); may return a
-        line for the console."""
+    def ask(self) -> dict[str, Any] | None:
+        """The active parameter values of the next proposal, or ``None`` for now."""
 
-    def ask(self, study: optuna.Study) -> optuna.Trial | None:
-        """A new RUNNING trial of ``study`` holding the next proposal, or ``None`` for now."""
-
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        """Trial ``number`` (proposed by anyone) ended in ``state`` with ``metrics``."""
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        """A trial with these values (proposed by anyone) ended with ``outcome``."""
 
     def close(self) -> None:
         """The search ended (or was interrupted): stop and save what must survive a resume."""
+
+
+def proposer_of(strategy: Strategy) -> str:
+    """Who proposed the last values ``strategy`` returned (``proposed_by``): its name, unless it
+    says which of its parts did (:class:`FirstThese`)."""
+    return str(getattr(strategy, "last_proposer", None) or strategy.name)
+
+
+def match_key(values: dict[str, Any]) -> str:
+    """A proposal's values as one string, the same however a store typed them (``8`` and ``8.0``):
+    how a strategy finds, in what it is told, a proposal it made."""
+
+    def same(v: Any) -> Any:
+        v = canonical(v)
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    return repr(sorted((k, same(v)) for k, v in values.items()))
+
+
+class FirstThese:
+    """A :class:`Strategy` that proposes ``first`` (values), in order, then asks ``inner``; ``inner``
+    is told every trial, those of ``first`` too. ``label``: recorded as their ``proposed_by``."""
+
+    def __init__(self, inner: Strategy, first: Sequence[dict[str, Any]], *, name: str | None = None,
+                 label: str | None = None) -> None:  # fmt: skip
+        self.inner, self.queue = inner, [dict(v) for v in first]
+        self.name = name or inner.name
+        self.label = label or f"{self.name}-first"
+        self.last_proposer: str | None = None
+
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        done = {match_key(v) for v, _ in history}
+        self.queue = [v for v in self.queue if match_key(v) not in done]  # a resumed search ran them
+        return self.inner.start(history)
+
+    def ask(self) -> dict[str, Any] | None:
+        if self.queue:
+            self.last_proposer = self.label
+            return self.queue.pop(0)
+        values = self.inner.ask()
+        self.last_proposer = proposer_of(self.inner) if values is not None else None
+        return values
+
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        self.inner.tell(values, outcome)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
@@ -75,16 +142,34 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
     )
 
 
+def outcome_of(t: optuna.trial.FrozenTrial) -> Outcome:
+    """A finished study trial's :class:`Outcome` (what a resumed strategy is told)."""
+    return Outcome(trial_state(t), t.user_attrs.get("metrics"),
+                   tuple(t.values) if t.state == optuna.trial.TrialState.COMPLETE else None,
+                   dict(getattr(t, "constraints", None) or {}),
+                   tuple((int(s), float(a)) for s, a in t.user_attrs.get("curve", [])))  # fmt: skip
+
+
+def open_trial(study: optuna.Study, space: SearchSpace, values: dict[str, Any], proposed_by: str) -> optuna.Trial:
+    """A new RUNNING trial of ``study`` holding ``values`` (the space's define-by-run ``suggest``
+    records every parameter's distribution; nothing is sampled)."""
+    study.enqueue_trial(values, user_attrs={"proposed_by": proposed_by}, skip_if_exists=False)
+    trial = study.ask()
+    space.suggest(trial)
+    return trial
+
+
 def ask_new(
     strategy: Strategy, study: optuna.Study, space: SearchSpace, seen: dict[tuple[Any, ...], int],
     key: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None,
 ) -> optuna.Trial | None:  # fmt: skip
-    """The strategy's next proposal that repeats no configuration in ``seen`` (key -> trial number).
+    """The strategy's next proposal that repeats no configuration in ``seen`` (key -> trial
+    number), as a new RUNNING trial of ``study``.
 
     A proposal identical to a trial already run or running (same active values) is not run again:
-    with the same seed it would give the same result. It is told to the study as failed with
+    with the same seed it would give the same result. It is recorded in the study as failed with
     ``duplicate_of`` (left out of the tables and the trial count), the strategy is told the earlier
-    trial's result, and the strategy is asked again, up to :data:`MAX_REASKS` times in a row; then
+    trial's outcome, and the strategy is asked again, up to :data:`MAX_REASKS` times in a row; then
     the duplicate runs (the strategy insists, or the space is exhausted). The search loop and the
     table replay (:mod:`attn_search.replay`) both ask through here. Returns ``None`` when the
     strategy has nothing to propose until results come back. ``key``: what makes two proposals
@@ -93,9 +178,10 @@ def ask_new(
     """
     same_as: Callable[[dict[str, Any]], tuple[Any, ...]] = key or (lambda values: table_key(space, values))
     for attempt in range(MAX_REASKS):
-        trial = strategy.ask(study)
-        if trial is None:
+        proposal = strategy.ask()
+        if proposal is None:
             return None
+        trial = open_trial(study, space, proposal, proposer_of(strategy))
         same = same_as(space.active_values(dict(trial.params)))
         if same not in seen or attempt == MAX_REASKS - 1:
             seen.setdefault(same, trial.number)
@@ -122,14 +208,8 @@ def _answer_duplicate(
     strategy: Strategy, study: optuna.Study, space: SearchSpace, trial: optuna.Trial, original: int
 ) -> None:
     earlier = study.get_trials(deepcopy=False)[original]  # numbers are list positions
-    state = trial_state(earlier) if earlier.state.is_finished() else M.FAILED
-    metrics = earlier.user_attrs.get("metrics") if earlier.state.is_finished() else None
+    told = outcome_of(earlier) if earlier.state.is_finished() else Outcome(M.FAILED)
     trial.set_user_attr("duplicate_of", original)
     trial.set_user_attr("reason", f"same configuration as trial {original}: not run again")
-    if getattr(strategy, "duplicates_as_observations", False) and earlier.state == optuna.trial.TrialState.COMPLETE:
-        # a sampler whose proposal is fixed by its data (GP) learns from the repeat: less
-        # uncertainty there moves its next proposal elsewhere
-        study.tell(trial, list(earlier.values))
-    else:  # samplers that draw at random are simply asked again
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    strategy.tell(trial.number, space.active_values(dict(trial.params)), state, metrics)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # the run's record: not a trial of its own
+    strategy.tell(space.active_values(dict(trial.params)), dataclasses.replace(told, duplicate_of=original))

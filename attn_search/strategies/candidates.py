@@ -46,7 +46,6 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
-import optuna
 import torch
 from torch import nn
 
@@ -54,7 +53,7 @@ from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import model_flops
 from attn_search.engine.patterns import pattern_mask
-from attn_search.strategies.base import StrategyContext
+from attn_search.strategies.base import Outcome, StrategyContext
 
 N_CANDIDATES = 32
 """Candidates the policy chooses among at each step."""
@@ -485,7 +484,7 @@ class CandidateStrategy:
         self.seen_acc: list[float] = []
         self.front: list[tuple[float, float]] = []
         self.tried: set[str] = set()
-        self.pending: dict[int, str] = {}
+        self.pending: list[str] = []  # proposals out, not yet told
         from attn_search.engine.tasks import make_task
 
         task = make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
@@ -495,17 +494,9 @@ class CandidateStrategy:
         self._rows: list[tuple[dict[str, Any], AttentionConfig, float]] | None = None
         self.proposals = 0
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=self.context.seed)  # never draws: proposals are enqueued
-
-    def start(self, study: optuna.Study) -> str | None:
-        from attn_search.strategies.base import trial_state
-
-        for t in study.get_trials(deepcopy=False):  # a resumed search: what is known already
-            if t.state.is_finished():
-                self.tell(
-                    t.number, self.space.active_values(dict(t.params)), trial_state(t), t.user_attrs.get("metrics")
-                )
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        for values, outcome in history:  # a resumed search: what is known already
+            self.tell(values, outcome)
         if self.policy is None:
             return (
                 "  ppo: no meta-trained policy (--agent none or none shipped): proposing by the untrained acquisition"
@@ -538,7 +529,7 @@ class CandidateStrategy:
                 self._rows = [(dict((k, v) for k, v in key if v is not None), self.space.make_config(
                     dict((k, v) for k, v in key if v is not None), seed=self.context.seed), row[compute])
                     for key, row in lookup.rows.items()]  # fmt: skip
-            left = [r for r in self._rows if self._key(r[1]) not in self.tried | set(self.pending.values())]
+            left = [r for r in self._rows if self._key(r[1]) not in self.tried | set(self.pending)]
             pick: list[int] = (
                 [int(i) for i in self.rng.choice(len(left), size=min(N_CANDIDATES, len(left)), replace=False)]
                 if left
@@ -554,7 +545,7 @@ class CandidateStrategy:
                 config = self.space.make_config(values, seed=self.context.seed)
             except ValueError:
                 continue
-            if self._key(config) in self.tried | set(self.pending.values()):
+            if self._key(config) in self.tried | set(self.pending):
                 continue
             out.append((values, config, float(model_flops(config, seq_len=self.count_len, n_classes=self.n_classes))))
         return out
@@ -583,7 +574,7 @@ class CandidateStrategy:
         return float(np.clip((c - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
 
     # ask and tell -------------------------------------------------------------------------------
-    def ask(self, study: optuna.Study) -> optuna.Trial | None:
+    def ask(self) -> dict[str, Any] | None:
         cands = self._candidates()
         if not cands:
             return None
@@ -594,20 +585,20 @@ class CandidateStrategy:
                                    np.array(self.seen_acc), np.array(self.front).reshape(-1, 2), used)  # fmt: skip
         index = choose(self.policy, feats) if self.policy is not None else int(np.argmax(feats[:, GAIN_UCB]))
         values, config, _ = cands[index]
-        study.enqueue_trial(values, user_attrs={"proposed_by": self.name}, skip_if_exists=False)
-        trial = study.ask()
-        self.space.suggest(trial)
-        self.pending[trial.number] = self._key(config)
+        self.pending.append(self._key(config))
         self.proposals += 1
-        return trial
+        return dict(values)
 
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        self.pending.pop(number, None)
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        state, metrics = outcome.state, outcome.metrics
         try:
             config = self.space.make_config(values, seed=self.context.seed)
         except ValueError:
             return
-        self.tried.add(self._key(config))
+        key = self._key(config)
+        if key in self.pending:
+            self.pending.remove(key)
+        self.tried.add(key)
         if state not in (M.COMPLETE, M.PRUNED) or not metrics or M.ACCURACY not in metrics:
             return
         acc = float(metrics[M.ACCURACY])

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 
 from attn_search.search.space import SearchSpace
-from attn_search.strategies.base import Strategy
+from attn_search.strategies.base import FirstThese, Outcome, Strategy
 from attn_search.strategies.candidates import TableTask, _hv
 
 HEAD_SIZE = 5
@@ -103,40 +102,19 @@ def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any]
     return values if _config_key(built) == _config_key(config) else None
 
 
-class HeadFirst:
+class HeadFirst(FirstThese):
     """A :class:`~attn_search.strategies.base.Strategy` that proposes the head's configurations the
-    space can build, in order, then asks ``inner``; ``inner`` is told every trial, the head's too."""
+    space can build, in order (``proposed_by``: ``NAME-head``), then asks ``inner``; ``inner`` is
+    told every trial, the head's too."""
 
     def __init__(self, inner: Strategy, head: Sequence[Mapping[str, Any]], space: SearchSpace) -> None:
-        self.inner, self.space = inner, space
-        self.name = inner.name
-        fits = (head_values(space, c) for c in head)
-        self.queue = [v for v in fits if v is not None]
+        fits = [head_values(space, c) for c in head]
+        super().__init__(inner, [v for v in fits if v is not None], label=f"{inner.name}-head")
         self.skipped = len(head) - len(self.queue)
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return self.inner.sampler()
-
-    def start(self, study: optuna.Study) -> str | None:
-        line = self.inner.start(study)
-        done = {_config_key(self.space.make_config(self.space.active_values(dict(t.params)), seed=0).to_dict())
-                for t in study.get_trials(deepcopy=False)}  # fmt: skip
-        self.queue = [v for v in self.queue if _config_key(self.space.make_config(v, seed=0).to_dict()) not in done]
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        line = super().start(history)
         note = f"  ppo: {len(self.queue)} learned first configurations, then the policy"
         if self.skipped:
             note += f" ({self.skipped} of the head are outside this space)"
         return f"{line}\n{note}" if line else note
-
-    def ask(self, study: optuna.Study) -> optuna.Trial | None:
-        if not self.queue:
-            return self.inner.ask(study)
-        study.enqueue_trial(self.queue.pop(0), user_attrs={"proposed_by": f"{self.name}-head"}, skip_if_exists=False)
-        trial = study.ask()
-        self.space.suggest(trial)
-        return trial
-
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        self.inner.tell(number, values, state, metrics)
-
-    def close(self) -> None:
-        self.inner.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 
-from attn_search.strategies.base import StrategyContext
+from attn_search.engine import metrics as M
+from attn_search.strategies.base import Outcome, StrategyContext, match_key
 
 OPTUNA_STRATEGIES = ("tpe", "nsga2", "gp", "random", "qmc", "cmaes")
 SINGLE_OBJECTIVE_ONLY = ("cmaes",)
@@ -59,8 +61,15 @@ def make_sampler(
 
 
 class SamplerStrategy:
-    """An Optuna sampler proposing through the study itself (``study.ask`` then the space's
-    define-by-run ``suggest``, so conditional parameters work)."""
+    """Any Optuna sampler as a strategy in values: the one adapter.
+
+    The sampler proposes in a study of its own, in memory, that mirrors the search's trials (Ray
+    Tune's ``OptunaSearch`` wraps Optuna the same way): :meth:`ask` asks that study and runs the
+    space's define-by-run ``suggest`` on the trial (so conditional parameters work), and
+    :meth:`tell` closes the trial it proposed with these values, or records a trial proposed by
+    someone else (an enqueued or resumed trial) through the same ``ask``, so the sampler's own
+    bookkeeping (NSGA-II's generations, TPE's constant liar for trials still out) sees every trial.
+    """
 
     def __init__(self, name: str, context: StrategyContext, *, constrained: bool = False) -> None:
         self.name = name
@@ -68,24 +77,49 @@ class SamplerStrategy:
         # repeated observation, it moves on; the others draw at random and are simply asked again
         self.duplicates_as_observations = name == "gp"
         self.context = context
+        self.space = context.space
         self._sampler = make_sampler(
             name, seed=context.seed, n_objectives=len(context.space.objectives), n_trials=context.trials,
             constrained=constrained,
         )  # fmt: skip
+        level = optuna.logging.get_verbosity()  # (Optuna announces every new study at INFO: this one is ours)
+        optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+        try:
+            self.study = optuna.create_study(directions=self.space.directions, sampler=self._sampler)  # type: ignore[arg-type]
+        finally:
+            optuna.logging.set_verbosity(level)
+        self._out: dict[str, list[optuna.Trial]] = {}  # proposals not yet told, by their values
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        return self._sampler
-
-    def start(self, study: optuna.Study) -> str | None:
+    def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
+        for values, outcome in history:
+            self.tell(values, outcome)
         return None
 
-    def ask(self, study: optuna.Study) -> optuna.Trial:
-        trial = study.ask()
-        self.context.space.suggest(trial)
-        return trial
+    def ask(self) -> dict[str, Any]:
+        trial = self.study.ask()
+        values = self.space.active_values(self.space.suggest(trial))
+        self._out.setdefault(match_key(values), []).append(trial)
+        return values
 
-    def tell(self, number: int, values: dict[str, Any], state: str, metrics: dict[str, float] | None) -> None:
-        pass  # the sampler reads the study, where the loop recorded the trial
+    def tell(self, values: dict[str, Any], outcome: Outcome) -> None:
+        mine = self._out.get(match_key(values))
+        if mine:
+            trial = mine.pop(0)
+        else:  # not proposed here: recorded as the sampler would have seen it in one shared study
+            self.study.enqueue_trial(values, skip_if_exists=False)
+            trial = self.study.ask()
+            self.space.suggest(trial)
+        for key, value in outcome.constraints.items():
+            trial.set_constraint(key, value)
+        if outcome.values is not None and (outcome.duplicate_of is None or self.duplicates_as_observations):
+            self.study.tell(trial, list(outcome.values))
+        elif outcome.state == M.PRUNED and outcome.duplicate_of is None:
+            if len(self.space.objectives) == 1:  # (Optuna keeps intermediate values of one objective only)
+                for step, accuracy in outcome.curve:
+                    trial.report(accuracy, step)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
     def close(self) -> None:
         pass
