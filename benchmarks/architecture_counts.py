@@ -4,8 +4,9 @@ Prints one line per count:
 
 * ``daemon threads``: ``threading.Thread(..., daemon=True)`` a search can start, by module (local:
   progress, heartbeat, the threaded agent; Ray adds two);
-* ``option reads``: attribute reads of ``SearchOptions`` (``opts.X``) per function of
-  ``attn_search/search/loop.py``, and ``record.get("options"...)`` reads across the package;
+* ``option reads``: attribute reads of ``SearchOptions`` (``opts.X``) per module outside
+  ``attn_search/search/plan.py`` (which checks them once into the loop's plan), and
+  ``record.get("options"...)`` reads across the package;
 * ``pattern parameter places``: lines that name a pattern parameter as a string or a field, per
   file (what adding a parameter would touch);
 * ``root modules``: modules at the package's root, beside its folders (the layers show in the
@@ -47,20 +48,23 @@ def daemon_threads() -> Counter[str]:
 
 
 def option_reads() -> tuple[Counter[str], int]:
-    loop = PKG / "search" / "loop.py"
-    tree = ast.parse((loop if loop.is_file() else PKG / "search.py").read_text())  # (search.py before the folders)
-    per_function: Counter[str] = Counter()
-    for fn in ast.walk(tree):
-        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
-            for node in ast.walk(fn):
-                if (
-                    isinstance(node, ast.Attribute)
-                    and isinstance(node.value, ast.Name | ast.Attribute)
-                    and (getattr(node.value, "id", None) == "opts" or getattr(node.value, "attr", None) == "opts")
-                ):
-                    per_function[fn.name] += 1
+    """Attribute reads of the search options (``opts.X``, ``self.opts.X``, ``plan.options.X``) per
+    module, outside the module that checks them into the plan (``search/plan.py``; before it
+    existed, every read counted)."""
+    per_module: Counter[str] = Counter()
+    for path in _sources():
+        if path.name == "plan.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or isinstance(node.ctx, ast.Store):
+                continue
+            inner = node.value
+            name = getattr(inner, "id", None) if isinstance(inner, ast.Name) else getattr(inner, "attr", None)
+            if name == "opts" or (name == "options" and isinstance(inner, ast.Attribute)
+                                  and getattr(inner.value, "id", None) == "plan"):  # fmt: skip
+                per_module[str(path.relative_to(ROOT))] += 1
     record_reads = sum(len(re.findall(r"""\.get\(["']options["']""", p.read_text())) for p in _sources())
-    return per_function, record_reads
+    return per_module, record_reads
 
 
 def pattern_parameter_places() -> Counter[str]:
@@ -95,8 +99,8 @@ def main() -> None:
     print(f"daemon threads: {sum(threads.values())} ({', '.join(f'{k}: {v}' for k, v in sorted(threads.items()))})")
     per_function, record_reads = option_reads()
     print(
-        f"option reads in the loop: {sum(per_function.values())} in {len(per_function)} functions "
-        f"(most: {', '.join(f'{k} {v}' for k, v in per_function.most_common(3))}); "
+        f"option reads outside the plan: {sum(per_function.values())} in {len(per_function)} modules "
+        f"({', '.join(f'{k} {v}' for k, v in per_function.most_common(4))}); "
         f'record.get("options") reads: {record_reads}'
     )
     places = pattern_parameter_places()

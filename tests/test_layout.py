@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "attn_search.strategies": 2,  # how the next configuration is chosen
     "attn_search.backends": 2,  # where a trial runs
     "attn_search.search.loop": 3,  # the one loop
+    "attn_search.search.plan": 3,  # the options checked once into the loop's plan
     "attn_search.replay": 3,  # strategies replayed on recorded tables (the benchmark's fast path)
     "attn_search.confirm": 2,  # a finished run's front retrained (seeds, scale)
     "attn_search.report.attention_map": 2,  # the chosen configuration retrained, its attention drawn

@@ -366,3 +366,18 @@ def _failed(exc: Exception, attrs: dict[str, Any], put: Callable[[str, Any], Non
     for key, value in error_attrs(exc).items():
         put(key, value)
     return TrialOutcome(M.FAILED, attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """The flags that belong to a backend (``--address``, ``--cpus-per-trial``, ``--gpus-per-trial``,
+    ``--max-concurrent``: Ray's), and the device trials run on. Checked by
+    :func:`attn_search.backends.check_backend`, not by the search."""
+
+    address: str | None = None
+    """``auto`` or ``HOST:PORT`` of a running cluster (none: start Ray on this machine)."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    """None: 1 if the cluster has GPUs (and the device is not cpu), else 0."""
+    max_concurrent: int | None = None
+    device: str = "auto"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -37,7 +36,17 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from attn_search.backends.base import Event, Finished, Job, Note, OnRung, OnStart, TrialOutcome, TrialRunner
+from attn_search.backends.base import (
+    BackendOptions,
+    Event,
+    Finished,
+    Job,
+    Note,
+    OnRung,
+    OnStart,
+    TrialOutcome,
+    TrialRunner,
+)
 from attn_search.engine import metrics as M
 from attn_search.errors import SearchAborted, UsageError
 from attn_search.search.failures import describe
@@ -67,19 +76,6 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
-@dataclasses.dataclass(frozen=True)
-class RayOptions:
-    """The ``--backend ray`` flags."""
-
-    address: str | None = None
-    """``auto`` or ``HOST:PORT`` of a running cluster (none: start Ray on this machine)."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None
-    """None: 1 if the cluster has GPUs (and the device is not cpu), else 0."""
-    max_concurrent: int | None = None
-    device: str = "auto"
-
-
 _ACTIVE: RayBackend | None = None
 
 
@@ -94,7 +90,7 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, options: RayOptions, *, run_dir: Path, resume: bool) -> None:
+    def __init__(self, options: BackendOptions, *, run_dir: Path, resume: bool) -> None:
         self.options = options
         self.path = run_dir.resolve() / EXPERIMENT
         self.resume = resume
@@ -540,7 +536,7 @@ class _Callback(tune.Callback):  # type: ignore[misc]
         _backend().finished(trial, None, error=f"worker failed {MAX_FAILURES + 1} times: {line.strip()[:300]}")
 
 
-def connect(options: RayOptions) -> dict[str, float]:
+def connect(options: BackendOptions) -> dict[str, float]:
     """Start a local Ray instance, or join ``--address``; returns the cluster's resources."""
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False, "ignore_reinit_error": True}
     if options.address:
@@ -571,7 +567,7 @@ def _check_reachable(address: str) -> None:
         raise UsageError(f"--address {address}: cannot join the Ray cluster: nothing answers there ({exc})") from exc
 
 
-def per_trial_resources(options: RayOptions, resources: dict[str, float]) -> dict[str, float]:
+def per_trial_resources(options: BackendOptions, resources: dict[str, float]) -> dict[str, float]:
     """CPUs and GPUs each trial reserves; ``UsageError`` when no node could ever run one."""
     gpus = options.gpus_per_trial
     if gpus is None:

@@ -18,8 +18,6 @@ the trials a dead process left RUNNING as interrupted and runs their configurati
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import hashlib
 import math
 import shutil
 import socket
@@ -36,23 +34,27 @@ from attn_search.backends import BACKENDS, Backend, Finished, Job, Note, TrialRu
 from attn_search.backends.base import CUT_SHORT, Event
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.tasks import check_task, make_task
-from attn_search.engine.trainer import PRESETS, resolve_device
 from attn_search.errors import SearchAborted, UsageError
-from attn_search.report.outputs import RunOutputs, SearchSummary, parse_selection
+from attn_search.report.outputs import RunOutputs, SearchSummary
 from attn_search.report.progress import Progress
-from attn_search.search.evaluators import make_evaluator, restrict_to_evaluator
-from attn_search.search.failures import ERROR_LOG, FailurePolicy, describe, log_error
+from attn_search.search.evaluators import make_evaluator
+from attn_search.search.failures import ERROR_LOG, FailurePolicy, log_error
+from attn_search.search.plan import (
+    DEFAULT_POPULATION,
+    HEARTBEAT_S,
+    PRUNERS,
+    SEARCH_PRESETS,
+    RunPlan,
+    SearchOptions,
+    make_plan,
+    open_storage,
+    study_name_for,
+)
 from attn_search.search.pruning import MOASHA
 from attn_search.search.rundir import RUN_FILE, RunLock, RunRecord
-from attn_search.search.space import SearchSpace, load_space
-from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, check_strategy, make_strategy
+from attn_search.search.space import SearchSpace
+from attn_search.strategies import STRATEGIES, Strategy, StrategyContext, make_strategy
 from attn_search.strategies.base import Outcome, ask_new, compute_key, outcome_of
-
-PRUNERS = ("moasha", "asha", "median", "none")
-HEARTBEAT_S = 10
-"""Seconds between heartbeats of a running trial; one missed for :data:`GRACE_S` marks it dead."""
-GRACE_S = 60
 
 __all__ = [
     "BACKENDS",
@@ -67,237 +69,6 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchPreset:
-    """Trials, per-trial budget and wall-time cap of a ``--preset``."""
-
-    trials: int
-    budget: str
-    time_budget: float | None
-    confirm: int = 0
-    """Extra seeds each front point is retrained with after the search (``--confirm``)."""
-
-
-SEARCH_PRESETS = {
-    "smoke": SearchPreset(trials=6, budget="smoke", time_budget=None),
-    # 25-90 s trials on 2 CPU cores; the cap (which also cuts the last trial's training short)
-    # keeps the search under 10 minutes, outputs included. Confirming the front with one more seed
-    # adds about 20 s per front point (a front of 13 took 5 minutes on 2 cores; the seeds' accuracies
-    # differed by at most 0.007 there, so one more seed shows a point that is not stable).
-    "default": SearchPreset(trials=24, budget="default", time_budget=540.0, confirm=1),
-    "full": SearchPreset(trials=100, budget="full", time_budget=None, confirm=2),
-}
-
-
-@dataclasses.dataclass
-class SearchOptions:
-    """What ``run_search.py`` accepts (one field per flag)."""
-
-    space: str = "sparse"
-    strategy: str = "tpe"
-    backend: str = "local"
-    address: str | None = None
-    """``--backend ray``: ``auto`` or ``HOST:PORT`` of a running cluster (none: start Ray locally)."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None
-    """``--backend ray``; none: 1 if the cluster has GPUs (and ``--device`` is not cpu), else 0."""
-    max_concurrent: int | None = None
-    """``--backend ray``: at most this many trials at once (none: as many as resources allow)."""
-    population: int | None = None
-    """Trials trained together in one slot (one fused model where shapes agree); none: the
-    device's default (:data:`DEFAULT_POPULATION`)."""
-    trials: int | None = None
-    time_budget: float | None = None
-    preset: str = "default"
-    steps: int | None = None
-    task: str | None = None
-    task_params: dict[str, Any] | None = None
-    """Keyword arguments of the task's constructor (``--task-param seq_len=128``); for the space's
-    own task they override the space's ``task.params``."""
-    out: str | None = None
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    select: str = "knee"
-    compute: str = "flops"
-    max_flops: float | None = None
-    max_latency_ms: float | None = None
-    pruner: str | None = None
-    eta: float = 3.0
-    storage: str | None = None
-    study_name: str | None = None
-    """The study's name in ``--storage`` (default: derived from the run dir, so runs can share one)."""
-    quiet: bool = False
-    evaluator: str = "training"
-    """``training`` (real training), ``table:PATH`` (a recorded table) or ``module:callable``."""
-    pretrain: str | None = None
-    pretrain_steps: int = 2000
-    agent: str | None = None
-    target_len: int | None = None
-    """Report the compute objectives at this sequence length (overrides the space's ``target_len``)."""
-    confirm: int | None = None
-    """Retrain each front point with this many more seeds after the search (none: the preset's;
-    only with real training)."""
-    enqueue: list[dict[str, Any]] | None = None
-    """Configurations (searched values) to evaluate first, in order (``attn-search record``)."""
-    attention_picture: bool = False
-    """After the search, train the chosen configuration once more and draw what it attends (the
-    report's ``attention.png``; real training only). On by default on the command line
-    (``--no-attention-picture``); off here, so a program's searches train nothing it did not ask for."""
-
-
-# -- checks before anything exists ---------------------------------------------------------------
-def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
-    if opts.evaluator.startswith("table:") and not Path(opts.evaluator[6:]).is_file():
-        raise UsageError(f"--evaluator {opts.evaluator!r}: no such table")
-    if opts.pretrain and not Path(opts.pretrain).is_file():
-        raise UsageError(f"--pretrain {opts.pretrain!r}: no such table")
-    if opts.backend not in BACKENDS:
-        raise UsageError(f"--backend {opts.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-    if opts.backend == "local":
-        given = [flag for flag, value, default in (("--address", opts.address, None),
-                 ("--cpus-per-trial", opts.cpus_per_trial, 1.0), ("--gpus-per-trial", opts.gpus_per_trial, None),
-                 ("--max-concurrent", opts.max_concurrent, None)) if value != default]  # fmt: skip
-        if given:
-            raise UsageError(f"{', '.join(given)}: only with --backend ray (add --backend ray)")
-    if opts.cpus_per_trial <= 0:
-        raise UsageError(f"--cpus-per-trial {opts.cpus_per_trial} is invalid: it must be > 0")
-    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
-        raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} is invalid: it must be >= 0")
-    if opts.max_concurrent is not None and opts.max_concurrent < 1:
-        raise UsageError(f"--max-concurrent {opts.max_concurrent} is invalid: it must be at least 1")
-    if opts.preset not in SEARCH_PRESETS:
-        raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
-    if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
-        raise UsageError(f"--compute {opts.compute!r} is unknown: use one of {', '.join(M.COMPUTE_OBJECTIVES)} or none")
-    if opts.confirm is not None and opts.confirm < 0:
-        raise UsageError(f"--confirm {opts.confirm} is invalid: give 0 (no confirmation) or more seeds")
-    if opts.confirm and opts.evaluator != "training":
-        raise UsageError(f"--confirm {opts.confirm}: needs --evaluator training (a table or your evaluator gives "
-                         "one result per configuration)")  # fmt: skip
-    for flag, count in (("--steps", opts.steps), ("--trials", opts.trials), ("--population", opts.population)):
-        if count is not None and count < 1:
-            raise UsageError(f"{flag} {count} is invalid: it must be at least 1")
-    if opts.time_budget is not None and opts.time_budget <= 0:
-        raise UsageError(f"--time-budget {opts.time_budget} is invalid: it must be > 0 seconds")
-    if opts.pruner is not None and opts.pruner not in PRUNERS:
-        raise UsageError(f"--pruner {opts.pruner!r} is unknown: use one of {', '.join(PRUNERS)}")
-    if opts.eta <= 1:
-        raise UsageError(f"--eta {opts.eta} is invalid: it must be > 1")
-    for flag, value in (("--max-flops", opts.max_flops), ("--max-latency-ms", opts.max_latency_ms)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{flag} {value} is invalid: it must be > 0")
-    try:
-        parse_selection(opts.select)
-        space = load_space(opts.space)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    space = space.with_compute(None if opts.compute == "none" else opts.compute)
-    if opts.target_len is not None:
-        if opts.target_len < 1:
-            raise UsageError(f"--target-len {opts.target_len} is invalid: it must be a sequence length >= 1")
-        space = dataclasses.replace(space, target_len=opts.target_len)
-    if opts.target_len is not None and opts.evaluator != "training":
-        raise UsageError(f"--target-len {space.target_len}: needs --evaluator training (a table's or your evaluator's "
-                         "compute is what it recorded, at its own length)")  # fmt: skip
-    if opts.evaluator != "training":  # the space's own target_len: a table's compute is at the length it recorded
-        space = dataclasses.replace(space, target_len=None)
-    if opts.evaluator != "training":
-        try:
-            space = restrict_to_evaluator(space, opts.evaluator)
-        except ValueError as exc:
-            raise UsageError(f"--evaluator {opts.evaluator}: {exc}") from exc
-    multi = len(space.objectives) > 1
-    if opts.pruner == "moasha" and not multi:
-        raise UsageError("--pruner moasha needs two objectives: drop --compute none, or use asha or median")
-    if opts.pruner in ("asha", "median") and multi:
-        raise UsageError(f"--pruner {opts.pruner} is single-objective (Optuna's): use moasha, or --compute none")
-    try:
-        check_strategy(opts.strategy, space, evaluator=opts.evaluator, constrained=_constrained(opts),
-                       options=_strategy_options(opts))  # fmt: skip
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    return space, SEARCH_PRESETS[opts.preset]
-
-
-def _constrained(opts: SearchOptions) -> bool:
-    return opts.max_flops is not None or opts.max_latency_ms is not None
-
-
-def _strategy_options(opts: SearchOptions) -> dict[str, Any]:
-    return {"pretrain": opts.pretrain, "pretrain_steps": opts.pretrain_steps, "agent": opts.agent}
-
-
-def default_out(space: str) -> Path:
-    stem = Path(space).stem if space.endswith((".yaml", ".yml")) else space
-    return Path("runs") / f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-DEFAULT_POPULATION = {"cpu": 1, "cuda": 16}
-"""``--population`` by the device trials run on (README, "Populations"). CPU: 1, because CPU
-training of these models is bound by arithmetic, not launches, and a population was still a little
-slower than one-by-one trials in ``benchmarks/gpu_throughput.py`` (0.94x at 6 members). CUDA: 16, where
-a trial uses a fraction of a percent of the card; not yet measured by that benchmark on a GPU.
-Recorded or user evaluators: 1 (a lookup gains nothing from company, and the strategy would wait
-for whole batches)."""
-
-
-def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
-    given = dict(opts.task_params or {})
-    if opts.task is None or opts.task == space.task:
-        return space.task, {**space.task_params, **given}
-    return opts.task, given
-
-
-def _preflight(opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> optuna.storages.BaseStorage | None:
-    """Checks that need more than the flags themselves, before the run dir exists: the device, the
-    task (one small batch of each split against the Task protocol), ``--storage``. Returns the
-    storage when ``--storage`` was given."""
-    if opts.backend == "local":  # on Ray the workers' devices count (checked against the cluster)
-        try:
-            resolve_device(opts.device)
-        except ValueError as exc:
-            raise UsageError(f"--device {opts.device}: {exc}") from exc
-    if opts.evaluator == "training":
-        try:
-            check_task(make_task(task, **task_kwargs))
-        except Exception as exc:  # the task's own code may raise anything
-            raise UsageError(f"--task {task}: {describe(exc)}") from exc
-    if opts.storage is None:
-        return None
-    try:
-        return open_storage(opts.storage)
-    except Exception as exc:
-        raise UsageError(f"--storage {opts.storage!r}: {describe(exc)}") from exc
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage with heartbeats: a trial whose process died is told apart from a live one
-    (see :func:`recover_interrupted`)."""
-    import sqlalchemy.exc
-
-    for attempt in range(6):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Searches started together on a fresh PostgreSQL database race to create Optuna's
-            # schema (CREATE TABLE is not idempotent there); the loser retries once the winner's
-            # tables exist. Optuna's RDBStorage does not retry this itself.
-            if attempt == 5:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def study_name_for(run_dir: Path) -> str:
-    """A run's own study name, so runs can share one ``--storage``: the run dir's name and a short
-    hash of its full path (two ``runs/x`` in different places stay apart)."""
-    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:6]
-    return f"{run_dir.name}-{digest}"
-
-
 # -- entry point -------------------------------------------------------------------------------------
 def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSummary:
     """Run (or resume) a search; returns its summary.
@@ -306,18 +77,8 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
     created, after removing it again), and :class:`~attn_search.errors.SearchAborted` when the
     first trials all failed the same way (see :mod:`attn_search.search.failures`).
     """
-    stream = stream or sys.stdout
-    opts = _resumed_defaults(opts)
-    space, preset = _check(opts)
-    task, task_kwargs = _task(space, opts)
-    user_storage = _preflight(opts, task, task_kwargs)
-    out = Path(opts.out) if opts.out else default_out(opts.space)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: name a directory for the run")
-    if opts.resume and not (out / RUN_FILE).is_file():
-        raise UsageError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
-    if not opts.resume and (out / RUN_FILE).exists():
-        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+    plan = make_plan(opts)  # every option checked once: from here on, only the plan is read
+    out = plan.out
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -325,29 +86,17 @@ def run_search(opts: SearchOptions, *, stream: TextIO | None = None) -> SearchSu
         raise UsageError(f"--out {out}: cannot create it ({exc.strerror})") from exc
     try:
         with RunLock(out):
-            return _run_locked(opts, space, preset, out, task, task_kwargs, user_storage, stream)
+            return _run_locked(plan, stream or sys.stdout)
     except UsageError:
         if created and not (out / "trials.csv").exists():  # refused before any trial: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
-    """On ``--resume``, what the run was started with where a flag is not given again
-    (``--target-len``: the compute objectives must be measured alike)."""
-    run_file = Path(opts.out) / RUN_FILE if opts.out else None
-    if not opts.resume or run_file is None or not run_file.is_file() or opts.target_len is not None:
-        return opts
-    try:
-        started = RunRecord.read(run_file.parent)
-    except (OSError, ValueError):
-        return opts  # the resume check reports the broken run file
-    return dataclasses.replace(opts, target_len=started.target_len)
-
-
-def _hypervolume_bounds(space: SearchSpace, opts: SearchOptions, task: str, task_kwargs: dict[str, Any]) -> dict:
+def _hypervolume_bounds(plan: RunPlan) -> dict:
     """The fixed compute ranges of the run's hypervolume (:data:`attn_search.report.outputs.HYPERVOLUME_DEFINITION`)."""
-    evaluator = make_evaluator(opts.evaluator, space, task=task, task_kwargs=task_kwargs)
+    space = plan.space
+    evaluator = make_evaluator(plan.evaluator, space, task=plan.task, task_kwargs=plan.task_kwargs)
     grids = evaluator.grids(space, 5)
     bounds: dict[str, list[float] | None] = {}
     for metric in space.metrics[1:]:
@@ -358,68 +107,37 @@ def _hypervolume_bounds(space: SearchSpace, opts: SearchOptions, task: str, task
     return bounds
 
 
-def _run_locked(
-    opts: SearchOptions, space: SearchSpace, preset: SearchPreset, out: Path, task: str,
-    task_kwargs: dict[str, Any], user_storage: optuna.storages.BaseStorage | None, stream: TextIO,
-) -> SearchSummary:  # fmt: skip
-    run_file = out / RUN_FILE
-    if opts.resume:
+def _run_locked(plan: RunPlan, stream: TextIO) -> SearchSummary:
+    out, space = plan.out, plan.space
+    if plan.resume:
         record = RunRecord.read(out)
         if record.space_fingerprint != space.fingerprint():
             raise UsageError(
                 f"--resume: {out} was searched over space {record.space!r} ({record.space_fingerprint}); "
-                f"--space {opts.space!r} with --compute {opts.compute} is a different space ({space.fingerprint()})"
+                f"--space {plan.space_spec!r} with --compute {plan.compute} is a different space "
+                f"({space.fingerprint()})"
             )
-    elif run_file.exists():  # another search created it between our check and the lock
+    elif (out / RUN_FILE).exists():  # another search created it between our check and the lock
         raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
-    trials = opts.trials or preset.trials
-    time_budget = opts.time_budget if opts.time_budget is not None else (None if opts.trials else preset.time_budget)
-    budget = dataclasses.replace(PRESETS[preset.budget], target_len=space.target_len)
-    if opts.steps is not None:
-        budget = dataclasses.replace(budget, steps=opts.steps)
-    if not opts.resume:
-        options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "enqueue"}
-        record = RunRecord(space=opts.space, space_fingerprint=space.fingerprint(), created=time.time(),
-                           options=options, task=task, task_params=task_kwargs,
-                           study_name=opts.study_name or study_name_for(out),
-                           hypervolume_bounds=_hypervolume_bounds(space, opts, task, task_kwargs),
-                           budget=dataclasses.asdict(budget), space_definition=space.to_dict())  # fmt: skip
+    else:
+        options = {k: v for k, v in dataclasses.asdict(plan.options).items() if k != "enqueue"}
+        record = RunRecord(space=plan.space_spec, space_fingerprint=space.fingerprint(), created=time.time(),
+                           options=options, task=plan.task, task_params=plan.task_kwargs,
+                           study_name=plan.study_name or study_name_for(out),
+                           hypervolume_bounds=_hypervolume_bounds(plan),
+                           budget=dataclasses.asdict(plan.budget), space_definition=space.to_dict())  # fmt: skip
         record.write(out)
-    storage = user_storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
-    backend = make_backend(opts.backend, run_dir=out, resume=opts.resume, ray_options=_ray_options(opts))
-    runner = TrialRunner(space=space, budget=budget, task=task, task_kwargs=task_kwargs, seed=opts.seed,
-                         device=opts.device, max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms,
-                         evaluator=_absolute(opts.evaluator))  # fmt: skip
-    population = opts.population or record.population  # none: the device's default
+    storage = plan.storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
+    backend = make_backend(plan.backend, run_dir=out, resume=plan.resume, options=plan.backend_options)
+    runner = TrialRunner(space=space, budget=plan.budget, task=plan.task, task_kwargs=plan.task_kwargs, seed=plan.seed,
+                         device=plan.device, max_flops=plan.max_flops, max_latency_ms=plan.max_latency_ms,
+                         evaluator=plan.evaluator)  # fmt: skip
     outputs = RunOutputs.from_record(out, record, space)
-    progress = Progress(stream, quiet=opts.quiet, total=trials,
+    progress = Progress(stream, quiet=plan.quiet, total=plan.trials,
                         compute_metric=space.metrics[1] if len(space.metrics) > 1 else M.FLOPS)  # fmt: skip
-    loop = SearchLoop(opts, space=space, runner=runner, backend=backend, outputs=outputs, progress=progress,
-                      storage=storage, study_name=record.study_name, trials=trials,
-                      time_budget=time_budget, population=population,
-                      confirm=_confirm_count(opts, preset))  # fmt: skip
+    loop = SearchLoop(plan, runner=runner, backend=backend, outputs=outputs, progress=progress, storage=storage,
+                      study_name=record.study_name)  # fmt: skip
     return loop.run()
-
-
-def _confirm_count(opts: SearchOptions, preset: SearchPreset) -> int:
-    """``--confirm``, else the preset's (real training only: a lookup gives one result per configuration)."""
-    if opts.confirm is not None:
-        return opts.confirm
-    return preset.confirm if opts.evaluator == "training" else 0
-
-
-def _absolute(spec: str) -> str:
-    """A table path made absolute, so Ray workers started elsewhere find it."""
-    return f"table:{Path(spec[6:]).resolve()}" if spec.startswith("table:") else spec
-
-
-def _ray_options(opts: SearchOptions) -> Any:
-    if opts.backend != "ray":
-        return None
-    from attn_search.backends.ray_tune import RayOptions
-
-    return RayOptions(address=opts.address, cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-                      max_concurrent=opts.max_concurrent, device=opts.device)  # fmt: skip
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -445,15 +163,14 @@ class SearchLoop:
     docstring). Thread-safe where backends call in from their own threads (rungs, starts)."""
 
     def __init__(
-        self, opts: SearchOptions, *, space: SearchSpace, runner: TrialRunner, backend: Backend,
-        outputs: RunOutputs, progress: Progress, storage: optuna.storages.BaseStorage, study_name: str,
-        trials: int, time_budget: float | None, population: int | None = 1, confirm: int = 0,
+        self, plan: RunPlan, *, runner: TrialRunner, backend: Backend, outputs: RunOutputs, progress: Progress,
+        storage: optuna.storages.BaseStorage, study_name: str,
     ) -> None:  # fmt: skip
-        self.opts, self.space, self.runner, self.backend = opts, space, runner, backend
+        self.plan, self.space, self.runner, self.backend = plan, plan.space, runner, backend
         self.outputs, self.progress, self.storage, self.study_name = outputs, progress, storage, study_name
-        self.trials, self.time_budget = trials, time_budget
-        self.population = population or 1
-        self._population_given = population is not None
+        self.trials, self.time_budget = plan.trials, plan.time_budget
+        self.population = plan.population or 1
+        self._population_given = plan.population is not None
         self.owner = run_owner(outputs.run_dir)
         self.lock = threading.RLock()
         self.live: dict[int, optuna.Trial] = {}
@@ -462,16 +179,16 @@ class SearchLoop:
         self.population_fallbacks = 0
         self.aborted: str | None = None
         self.deadline: float | None = None
-        self.confirm = confirm
+        self.confirm = plan.confirm
         self._warned_latency = False
         self._slot: int | None = None  # the first trial of the population being filled
 
     # -- set up --------------------------------------------------------------------------------
     def _study(self, strategy: Strategy) -> optuna.Study:
-        opts, space = self.opts, self.space
+        plan, space = self.plan, self.space
         pruner_name = self.pruner_name
         optuna_pruner: optuna.pruners.BasePruner = {
-            "asha": optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(opts.eta)),
+            "asha": optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(plan.eta)),
             "median": optuna.pruners.MedianPruner(n_startup_trials=3),
         }.get(pruner_name, optuna.pruners.NopPruner())
         # ERROR: Optuna logs every failed trial with its traceback at WARNING; ours go to errors.log and
@@ -482,41 +199,41 @@ class SearchLoop:
                 storage=self.storage, study_name=self.study_name, directions=space.directions,  # type: ignore[arg-type]
                 # every trial is opened with the values a strategy proposed (or --enqueue gave): the
                 # study's sampler draws only what an --enqueue entry leaves out
-                sampler=optuna.samplers.RandomSampler(seed=opts.seed), pruner=optuna_pruner, load_if_exists=opts.resume,
+                sampler=optuna.samplers.RandomSampler(seed=plan.seed), pruner=optuna_pruner, load_if_exists=plan.resume,
             )  # fmt: skip
         except optuna.exceptions.DuplicatedStudyError as exc:
             raise UsageError(
                 f"--study-name {self.study_name!r} already exists in --storage: add --resume to continue that run, "
                 "or choose another --study-name"
             ) from exc
-        if not opts.resume:
+        if not plan.resume:
             study.set_metric_names(list(space.metrics))  # optuna-dashboard shows "accuracy", "flops"
-            for values in opts.enqueue or ():
+            for values in plan.enqueue:
                 study.enqueue_trial(values)
         return study
 
     def _session_seed(self) -> int:
         """The strategy's seed: ``--seed`` for a new run; on ``--resume``, derived from it and the
         trials already run, so a resumed search does not draw the first session's proposals again."""
-        if not self.opts.resume:
-            return self.opts.seed
+        if not self.plan.resume:
+            return self.plan.seed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             n = len(optuna.load_study(study_name=self.study_name, storage=self.storage).get_trials(deepcopy=False))
-        return (self.opts.seed + 1_000_003 * n) % 2**31
+        return (self.plan.seed + 1_000_003 * n) % 2**31
 
     @property
     def pruner_name(self) -> str:
-        return self.opts.pruner or ("moasha" if len(self.space.objectives) > 1 else "asha")
+        return self.plan.pruner
 
     def run(self) -> SearchSummary:
-        opts, space = self.opts, self.space
+        plan, space = self.plan, self.space
         start = time.perf_counter()
         self.deadline = None if self.time_budget is None else time.time() + self.time_budget
         self.runner.deadline = self.deadline  # the last trial stops training at the deadline
         rung_steps = self.runner.budget.rung_steps()
         # no decision at the first rung (grace period): see attn_search.search.pruning
-        moasha = MOASHA(space.directions, eta=opts.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
+        moasha = MOASHA(space.directions, eta=plan.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
         self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start,
                            ask=lambda slot: self._ask_job(strategy, slot), record=lambda event: self._event(event, strategy))  # fmt: skip
@@ -526,10 +243,10 @@ class SearchLoop:
             )
         context = StrategyContext(space=space, seed=self._session_seed(), trials=self.trials,
                                   slots=self.backend.slots() * self.population,
-                                  run_dir=self.outputs.run_dir, resume=opts.resume, evaluator=self.runner.evaluator,
-                                  compute=opts.compute, options=_strategy_options(opts), task=self.runner.task,
+                                  run_dir=self.outputs.run_dir, resume=plan.resume, evaluator=self.runner.evaluator,
+                                  compute=plan.compute, options=plan.strategy_options, task=self.runner.task,
                                   task_kwargs=self.runner.task_kwargs)  # fmt: skip
-        strategy = make_strategy(opts.strategy, context, constrained=_constrained(opts))
+        strategy = make_strategy(plan.strategy, context, constrained=plan.constrained)
         self.study = study = self._study(strategy)
         recovered = recover_interrupted(study, owner=self.owner)
         if self.rule.name == "moasha":
@@ -565,7 +282,7 @@ class SearchLoop:
             strategy.close()
             self.progress.close()
         wall = time.perf_counter() - start
-        self.outputs.write_all(study, wall_seconds=wall, trial_seconds=self.trial_seconds, options=opts)
+        self.outputs.write_all(study, wall_seconds=wall, trial_seconds=self.trial_seconds, options=plan.options)
         stopped_by = self._stopped_by()
         if interrupted:
             raise KeyboardInterrupt
@@ -574,12 +291,12 @@ class SearchLoop:
         if self.confirm > 0:  # (a kill here loses no retrain: --resume runs no trial and continues it)
             from attn_search.confirm import confirm_seeds
 
-            confirm_seeds(self.outputs.run_dir, seeds=self.confirm, device=opts.device,
+            confirm_seeds(self.outputs.run_dir, seeds=self.confirm, device=plan.device,
                           say=lambda text: self.progress.note(text))  # fmt: skip
-        if opts.evaluator == "training" and opts.attention_picture:  # (real training: a model to look inside)
+        if plan.evaluator == "training" and plan.attention_picture:  # (real training: a model to look inside)
             from attn_search.report.attention_map import draw_attention
 
-            draw_attention(self.outputs.run_dir, device=opts.device, say=lambda text: self.progress.note(text))
+            draw_attention(self.outputs.run_dir, device=plan.device, say=lambda text: self.progress.note(text))
         summary = self.outputs.summary(study, wall_seconds=wall, trial_seconds=self.trial_seconds)
         summary.stopped_by = stopped_by
         self.progress.finish(summary)
