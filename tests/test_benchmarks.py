@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from attn_search import PATTERNS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,7 @@ def run(*args: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # (10-13 s: the benchmark's own run)
 def test_gpu_throughput_compares_populations_with_one_by_one_in_the_same_run() -> None:
     report = run("benchmarks/gpu_throughput.py", "--device", "cpu", "--trials", "3", "--steps", "1", "--sizes", "3")
     assert report["device"] == "cpu" and report["baseline_trials_per_hour"] > 0 and list(report["sizes"]) == ["3"]
@@ -38,6 +41,7 @@ def test_step_overhead_times_every_pattern() -> None:
         assert row["replan_ms"] > 0 and row["plan_kept_ms"] > 0 and row["speedup"] > 0
 
 
+@pytest.mark.slow  # (10-13 s: the benchmark's own run)
 def test_launch_count_counts_ops_per_member_one_by_one_and_in_populations() -> None:
     report = run("benchmarks/launch_count.py", "--sizes", "2", "--trials", "4")
     one, pop = report["one_by_one"], report["populations"]["2"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attn_search.strategies import SINGLE_OBJECTIVE_ONLY, STRATEGIES
+from attn_search.strategies import AGENT_STRATEGIES, SINGLE_OBJECTIVE_ONLY, STRATEGIES
 
 from .raycluster import ROOT, rows, wait_for
 
@@ -43,7 +43,9 @@ import torch) are marked slow: ``make test-all`` runs them. Ray runs in every te
 def pairings() -> list[object]:
     out: list[object] = []
     for strategy in CONTRACT_STRATEGIES:
-        out.append(pytest.param(strategy, "local", id=f"{strategy}-local"))
+        # the grid agents train an SB3 agent inside the search (12-14 s each): with the slow tests
+        local = (pytest.mark.slow,) if strategy in AGENT_STRATEGIES else ()
+        out.append(pytest.param(strategy, "local", id=f"{strategy}-local", marks=local))
         marks = () if strategy in RAY_IN_EVERY_RUN else (pytest.mark.slow,)
         out.append(pytest.param(strategy, "ray", id=f"{strategy}-ray", marks=marks))
     return out

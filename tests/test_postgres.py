@@ -75,8 +75,10 @@ def test_a_search_killed_with_sigkill_resumes_against_postgres_losing_and_duplic
         while time.time() < deadline and first.poll() is None:
             time.sleep(0.5)
             if (out / "run.json").exists():
-                before = _counted(_study_of(out, postgres_url))
-                if len(before) >= 2:
+                seen = _study_of(out, postgres_url)
+                before = _counted(seen)
+                # kill mid-trial: after two finished, once the next one is running (not between trials)
+                if len(before) >= 2 and any(t.state == optuna.trial.TrialState.RUNNING for t in seen.get_trials()):
                     break
         assert first.poll() is None, "the search ended before it could be killed: give it more steps"
         assert len(before) >= 2
