@@ -180,14 +180,11 @@ def make_plan(opts: SearchOptions) -> RunPlan:
     budget = dataclasses.replace(PRESETS[preset.budget], target_len=space.target_len)
     if opts.steps is not None:
         budget = dataclasses.replace(budget, steps=opts.steps)
-    population = opts.population
-    if population is None and opts.resume:
-        population = RunRecord.read(out).population  # the run's own, where it gave one
     return RunPlan(
         options=opts, space_spec=opts.space, space=space, task=task, task_kwargs=task_kwargs, budget=budget,
         trials=opts.trials or preset.trials,
         time_budget=opts.time_budget if opts.time_budget is not None else (None if opts.trials else preset.time_budget),
-        population=population, confirm=_confirm_count(opts, preset), out=out, storage=storage,
+        population=opts.population, confirm=_confirm_count(opts, preset), out=out, storage=storage,
         study_name=opts.study_name, strategy=opts.strategy, strategy_options=_strategy_options(opts),
         constrained=_constrained(opts), evaluator=_absolute(opts.evaluator),
         pruner=opts.pruner or ("moasha" if len(space.objectives) > 1 else "asha"), eta=opts.eta, seed=opts.seed,
@@ -340,15 +337,19 @@ def study_name_for(run_dir: Path) -> str:
 
 def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
     """On ``--resume``, what the run was started with where a flag is not given again
-    (``--target-len``: the compute objectives must be measured alike)."""
+    (``--target-len``: the compute objectives must be measured alike; ``--population``)."""
     run_file = Path(opts.out) / RUN_FILE if opts.out else None
-    if not opts.resume or run_file is None or not run_file.is_file() or opts.target_len is not None:
+    if not opts.resume or run_file is None or not run_file.is_file():
         return opts
     try:
         started = RunRecord.read(run_file.parent)
     except (OSError, ValueError):
         return opts  # the resume check reports the broken run file
-    return dataclasses.replace(opts, target_len=started.target_len)
+    return dataclasses.replace(
+        opts,
+        target_len=started.target_len if opts.target_len is None else opts.target_len,
+        population=started.population if opts.population is None else opts.population,
+    )
 
 
 def _confirm_count(opts: SearchOptions, preset: SearchPreset) -> int:

@@ -63,7 +63,7 @@ def learn_head(tables: Sequence[TableTask], size: int = HEAD_SIZE) -> list[dict[
             if score > best_score + 1e-12:
                 best, best_score = j, score
         chosen.append(best)
-    configs = {k: c for t in tables[:1] for k, c in zip(t.keys, t.configs, strict=True)}
+    configs = dict(zip(tables[0].keys, tables[0].configs, strict=True))
     return [{k: v for k, v in configs[common[j]].to_dict().items() if k != "seed"} for j in chosen]
 
 

@@ -76,7 +76,6 @@ class SamplerStrategy:
         # GP's proposal is a deterministic optimum of its acquisition: told a repeated proposal as a
         # repeated observation, it moves on; the others draw at random and are simply asked again
         self.duplicates_as_observations = name == "gp"
-        self.context = context
         self.space = context.space
         self._sampler = make_sampler(
             name, seed=context.seed, n_objectives=len(context.space.objectives), n_trials=context.trials,
