@@ -12,9 +12,12 @@ Prints one line per count:
 * ``root modules``: modules at the package's root, beside its folders (the layers show in the
   folder tree when only the commands sit there);
 * ``export lines``: lines of the Python export of one configuration;
-* ``refill chain``: the layers of today's path from a freed population slot up to a strategy's
-  ``ask`` whose functions still exist in the source (by name): the callback chain an event
-  protocol replaces.
+* ``callback layers a freed seat climbs``: a small local search with populations (tiny space,
+  8 trials, 3 at a time) runs, and at every ``ask`` of its strategy the call stack is read: the
+  frames of the engine and the backends on it are the layers through which a freed population
+  seat called up to the strategy (before the event protocol: the population's run loop, its draw,
+  the trainer's and the runner's refills and the local backend's; with it: none, since the loop
+  asks after the backend returned the seat as an event).
 
 Usage::
 
@@ -86,12 +89,36 @@ def export_lines() -> int:
     return len(text.splitlines())
 
 
-def refill_chain() -> list[str]:
-    """The functions on the path from a population's free slot to a strategy's ``ask``, in order
-    (each found by name in the source)."""
-    chain = ["_Population.run", "draw", "refill", "next_config", "LocalBackend.refill", "SearchLoop._ask_job", "ask"]
-    text = "\n".join(p.read_text() for p in _sources())
-    return [name for name in chain if re.search(rf"def {re.escape(name.split('.')[-1])}\b", text)]
+def refill_climb() -> tuple[int, int, list[str]]:
+    """(asks, the most engine and backend frames on the stack at one ask, those frames' functions)."""
+    import inspect
+    import tempfile
+    import warnings
+
+    from attn_search.search.loop import SearchOptions, run_search
+    from attn_search.strategies import samplers
+
+    layers: list[list[str]] = []
+    real_ask = samplers.SamplerStrategy.ask
+
+    def ask(self: object) -> object:
+        frames = [
+            f for f in inspect.stack() if "/attn_search/engine/" in f.filename or "/attn_search/backends/" in f.filename
+        ]
+        layers.append([f"{Path(f.filename).stem}.{f.function}" for f in frames])
+        return real_ask(self)  # type: ignore[arg-type]
+
+    samplers.SamplerStrategy.ask = ask  # type: ignore[method-assign]
+    warnings.filterwarnings("ignore")  # (Optuna's experimental-API and heartbeat notes)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_search(SearchOptions(space=str(ROOT / "tests" / "data" / "tiny.yaml"), strategy="random", trials=8,
+                                     population=3, steps=20, confirm=0, attention_picture=False, out=f"{tmp}/run",
+                                     quiet=True, device="cpu"))  # fmt: skip
+    finally:
+        samplers.SamplerStrategy.ask = real_ask  # type: ignore[method-assign]
+    deepest = max(layers, key=len)
+    return len(layers), len(deepest), deepest
 
 
 def main() -> None:
@@ -111,8 +138,11 @@ def main() -> None:
     root = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
     print(f"root modules: {len(root)} ({', '.join(root)})")
     print(f"export lines: {export_lines()}")
-    chain = refill_chain()
-    print(f"refill chain: {len(chain)} layers still defined ({' -> '.join(chain)})")
+    asks, depth, frames = refill_climb()
+    print(
+        f"callback layers a freed seat climbs: {depth} (the most engine and backend frames on the stack at any "
+        f"of {asks} strategy asks{': ' + ' -> '.join(reversed(frames)) if frames else ''})"
+    )
 
 
 if __name__ == "__main__":

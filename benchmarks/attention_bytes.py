@@ -51,7 +51,7 @@ class ByteCounter(TorchDispatchMode):
 
 def per_member_step(configs: list[Any], seq_len: int, grouped: bool) -> tuple[float, int]:
     task = make_task("mqar", seq_len=seq_len, n_pairs=seq_len // 8)
-    pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cpu"), "auto",
+    pop = T.Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cpu"), "auto",
                         heads=(2, 8), member_layout="grouped" if grouped else "auto")  # fmt: skip
     pop.train_step()  # plans built, optimiser state allocated
     with ByteCounter() as counter:

@@ -104,7 +104,7 @@ def step_times(device: torch.device, sizes: list[int], steps: int) -> dict[str, 
     task = make_task("mqar")
     for k in sizes:
         configs = proposals(k, 2, attn_dropout=True)
-        pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], device, "auto", heads=(2, 8))
+        pop = T.Population(list(enumerate(configs)), task, T.PRESETS["default"], device, "auto", heads=(2, 8))
         for _ in range(3):  # warm: plans built, kernels compiled
             pop.train_step()
         times = []

@@ -62,14 +62,14 @@ def count(configs: list[AttentionConfig], budget: T.Budget, device: torch.device
     with torch.random.fork_rng():
         # what CUDA runs: the grouped attention layout for all members (the CPU otherwise attends per
         # member, which costs ops per member but saves arithmetic there)
-        pop = T._Population(list(enumerate(configs)), task, budget, device, kernel, member_layout="grouped")
+        pop = T.Population(list(enumerate(configs)), task, budget, device, kernel, member_layout="grouped")
         pop.eval_batch = 256  # CUDA's evaluation passes (the CPU chunks them by K to save memory)
         measure = ops(pop.measure)
         for _ in range(2):
             pop.train_step()
         steps = [ops(pop.train_step) for _ in range(5)]
         evaluate = ops(pop.accuracies)
-        refill = ops(lambda: pop._admit(0, 0, configs[-1], None)) if len(configs) > 1 else 0
+        refill = ops(lambda: pop._admit(0, 0, configs[-1])) if len(configs) > 1 else 0
     return {"step": statistics.median(steps), "measure": measure, "eval": evaluate, "refill": refill}
 
 

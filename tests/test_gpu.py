@@ -140,13 +140,13 @@ def test_a_population_trains_the_same_as_a_captured_cuda_graph() -> None:
     task = make_task("mqar", seq_len=128, n_pairs=8)
     runs = []
     for graphed in (False, True):
-        pop = T._Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cuda"), "auto",
+        pop = T.Population(list(enumerate(configs)), task, T.PRESETS["default"], torch.device("cuda"), "auto",
                             heads=(2, 8))  # fmt: skip
         step = T._GraphedStep(pop) if graphed else pop.train_step
         losses = [step().clone() for _ in range(8)]
-        pop._admit(1, 100, configs[1].replace(seed=77, pattern="window", window=16), None)  # in place
+        pop._admit(1, 100, configs[1].replace(seed=77, pattern="window", window=16))  # in place
         losses += [step().clone() for _ in range(4)]
-        pop._admit(2, 101, configs[2].replace(seed=78, attn_dropout=0.1), None)  # the plan is rebuilt
+        pop._admit(2, 101, configs[2].replace(seed=78, attn_dropout=0.1))  # the plan is rebuilt
         losses += [step().clone() for _ in range(6)]
         runs.append(torch.stack(losses)[:, [0, 1, 3]])  # (member 2 now draws DropKey masks)
         if graphed:

@@ -280,13 +280,13 @@ def test_no_host_sync_between_rungs(monkeypatch: pytest.MonkeyPatch) -> None:
     happens at a check (a rung; every SYNC_EVERY steps), none in the steps between."""
     steps_done = {"n": 0}
     reads: list[int] = []
-    real_step = trainer_module._Population.train_step
+    real_step = trainer_module.Population.train_step
 
     def counted_step(self: object) -> torch.Tensor:
         steps_done["n"] += 1
         return real_step(self)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(trainer_module._Population, "train_step", counted_step)
+    monkeypatch.setattr(trainer_module.Population, "train_step", counted_step)
     for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
         real = getattr(torch.Tensor, name)
 
@@ -433,7 +433,7 @@ def test_a_training_step_rebinds_no_tensor() -> None:
     (and storage) before and after, which capturing the step as a CUDA graph requires."""
     configs = member_configs()[:3]
     task = make_task("mqar", **TASK)
-    pop = trainer_module._Population(list(enumerate(configs)), task, Budget(steps=5, rungs=1, n_eval=8), torch.device("cpu"),
+    pop = trainer_module.Population(list(enumerate(configs)), task, Budget(steps=5, rungs=1, n_eval=8), torch.device("cpu"),
                                      "auto", heads=(2, 8), member_layout="grouped")  # fmt: skip
     pop.train_step()  # the first step allocates the gradients and builds the plan
     owners = {"population": pop, "optimiser": pop.opt}
@@ -457,7 +457,7 @@ def test_a_graphed_step_is_captured_again_whenever_a_tensor_it_read_moves(monkey
     results equal the eager step's."""
     captures: list[int] = []
 
-    def pointers(pop: trainer_module._Population) -> dict[str, int]:
+    def pointers(pop: trainer_module.Population) -> dict[str, int]:
         out = {f"pop.{n}": t.data_ptr() for n, t in _tensors(pop).items()}
         out |= {f"opt.{n}": t.data_ptr() for n, t in _tensors(pop.opt).items()}
         out |= {f"param.{n}": p.data_ptr() for n, p in pop.model.named_parameters()}
@@ -505,3 +505,50 @@ def test_a_graphed_step_is_captured_again_whenever_a_tensor_it_read_moves(monkey
     assert graphed == eager
     # captured at the start, after the dropout refill dropped the training plan, and after the shrink
     assert len(captures) >= 3 and captures[0] == 4 and min(captures) < 4, captures
+
+
+def test_a_population_steps_by_events_and_commands_and_owns_its_random_state() -> None:
+    """The protocol itself, driven by hand: ``advance`` returns the rungs of a check together and
+    waits there; a ``stop`` before the next ``advance`` ends that member (pruned at its rung); its
+    freed slot is announced and ``admit`` starts the next configuration in it. A caller drawing
+    random numbers between two advances (as an RL agent does) changes nothing: members with
+    dropout, whose masks come from the population's generator, train exactly as when nobody draws."""
+    from attn_search.engine.trainer import Computed, Ended, Freed, Population, Rung
+
+    configs = [c.replace(dropout=0.1) for c in member_configs()[:3]]
+    task = make_task("mqar", **TASK)
+
+    def drive(draw_between: bool) -> tuple[list[tuple[str, int, int]], dict[int, object]]:
+        pop = Population([(0, configs[0]), (1, configs[1])], task, BUDGET, torch.device("cpu"), "auto")
+        said: list[tuple[str, int, int]] = []
+        results: dict[int, object] = {}
+        while not pop.done:
+            events = pop.advance()
+            if draw_between:
+                torch.rand(1000)  # the caller's own draws
+            for e in events:
+                if isinstance(e, Computed):
+                    said.append(("computed", e.member, 0))
+                    assert e.figures["flops"] > 0
+                elif isinstance(e, Rung):
+                    said.append(("rung", e.member, e.step))
+                    if e.member == 1:
+                        pop.stop(1, "told to stop")
+                elif isinstance(e, Ended):
+                    said.append(("ended", e.member, int(e.result.metrics["steps"])))
+                    results[e.member] = e.result
+                elif isinstance(e, Freed) and 2 not in results and all(s[1] != 2 for s in said):
+                    said.append(("freed", e.slot, 0))
+                    pop.admit(e.slot, 2, configs[2])
+        return said, results
+
+    said, results = drive(draw_between=False)
+    assert said[:4] == [("computed", 0, 0), ("computed", 1, 0), ("rung", 0, 20), ("rung", 1, 20)]
+    assert said[4:7] == [("ended", 1, 20), ("freed", 1, 0), ("computed", 2, 0)]  # ended, freed, admitted
+    assert results[1].state == "pruned" and results[1].reason == "told to stop"  # type: ignore[attr-defined]
+    assert [s for kind, m, s in said if kind == "rung" and m == 2] == [20, 40, 60]  # its own steps
+    assert results[0].state == results[2].state == "complete"  # type: ignore[attr-defined]
+    again, results_again = drive(draw_between=True)
+    assert again == said
+    for member in (0, 1, 2):
+        assert results_again[member].curve == results[member].curve  # type: ignore[attr-defined]

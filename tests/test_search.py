@@ -249,15 +249,15 @@ def test_a_trial_that_raises_is_recorded_failed_with_its_reason_and_the_search_g
 ) -> None:
     import attn_search.backends.base as search_module
 
-    real = search_module.evaluate_many
+    class Flaky(search_module.Training):  # type: ignore[misc,name-defined]
+        def advance(self) -> Any:
+            training = [c for _, c in self.waiting] + (self.population.configs if self.population else [])
+            for config in training:  # a population with a window member raises: its companions go on
+                if config.pattern == "window":
+                    raise RuntimeError(f"window kernel exploded at w={config.window}")
+            return super().advance()
 
-    def flaky(configs: list[AttentionConfig], *args: Any, **kwargs: Any) -> Any:
-        for config in configs:  # a population with a window member raises: its companions go on
-            if config.pattern == "window":
-                raise RuntimeError(f"window kernel exploded at w={config.window}")
-        return real(configs, *args, **kwargs)
-
-    monkeypatch.setattr(search_module, "evaluate_many", flaky)
+    monkeypatch.setattr(search_module, "Training", Flaky)
     out, summary = search(tmp_path, trials=8, pruner="none", strategy="random", seed=1, population=4)
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 8 and summary.n_finished == 8  # type: ignore[attr-defined]
@@ -468,6 +468,39 @@ def test_a_population_slot_trains_its_members_together_and_stops_one_alone(
         space.make_config(enqueue[0], seed=0), space.task, budget=budget, task_kwargs=dict(space.task_params)
     )
     assert abs(alone.metrics["accuracy"] - trials.loc[0, "accuracy"]) <= 0.03
+
+
+def test_the_loop_decides_and_nothing_below_it_calls_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event protocol: every rung decision and every proposal for a freed seat is made by the
+    loop after the backend returned the event, never from inside the engine or a backend (no frame
+    of theirs is on the stack when the early-stopping rule or the strategy is asked)."""
+    import inspect
+
+    import attn_search.search.loop as search_module
+    from attn_search.strategies import samplers
+
+    below = ("/attn_search/engine/", "/attn_search/backends/")
+    stacks: dict[str, list[list[str]]] = {"ask": [], "rung": []}
+    real_ask, real_stop = samplers.SamplerStrategy.ask, search_module._Rule.stop
+
+    def where() -> list[str]:
+        return [f"{f.filename}:{f.function}" for f in inspect.stack() if any(b in f.filename for b in below)]
+
+    def ask(self: Any) -> Any:
+        stacks["ask"].append(where())
+        return real_ask(self)
+
+    def stop(self: Any, *args: Any) -> bool:
+        stacks["rung"].append(where())
+        return bool(real_stop(self, *args))
+
+    monkeypatch.setattr(samplers.SamplerStrategy, "ask", ask)
+    monkeypatch.setattr(search_module._Rule, "stop", stop)
+    out, summary = search(tmp_path, trials=8, steps=12, population=3, strategy="random")
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["slot"] == 0).sum() > 3  # freed seats of the first population were refilled
+    assert len(stacks["ask"]) >= 8 and len(stacks["rung"]) >= 8
+    assert all(not frames for frames in stacks["ask"] + stacks["rung"]), stacks
 
 
 def test_the_agent_acts_in_one_environment_per_population_member(tmp_path: Path) -> None:

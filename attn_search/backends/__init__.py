@@ -8,7 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attn_search.backends.base import Backend, BackendOptions, Event, Finished, Job, Note, TrialOutcome, TrialRunner
+from attn_search.backends.base import (
+    AtRung,
+    Backend,
+    BackendOptions,
+    Event,
+    Finished,
+    Job,
+    Note,
+    SlotRun,
+    Started,
+    TrialOutcome,
+    TrialRunner,
+    Vacant,
+)
 from attn_search.backends.local import LocalBackend
 from attn_search.errors import UsageError
 
@@ -16,6 +29,7 @@ BACKENDS = ("local", "ray")
 
 __all__ = [
     "BACKENDS",
+    "AtRung",
     "Backend",
     "BackendOptions",
     "Event",
@@ -23,8 +37,11 @@ __all__ = [
     "Job",
     "LocalBackend",
     "Note",
+    "SlotRun",
+    "Started",
     "TrialOutcome",
     "TrialRunner",
+    "Vacant",
     "check_backend",
     "make_backend",
 ]

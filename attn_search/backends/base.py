@@ -1,9 +1,11 @@
-"""What every backend shares: the job it is given, the events it gives back, the scoring of one
-proposal (:class:`TrialRunner`), and the :class:`Backend` interface the search loop drives.
+"""What every backend shares: the job it is given, the events it gives back, the commands it
+carries, the scoring of one slot's jobs (:class:`SlotRun`), and the :class:`Backend` interface the
+search loop drives.
 
-A backend decides *where* a trial runs (this process, a Ray worker on some node). It never decides
-what to propose, whether to stop a trial early or what to record: the loop hands it jobs, answers
-its rung reports through ``on_rung`` (the early-stopping rule) and records what it returns.
+A backend decides *where* a slot runs (this process, a Ray worker on some node). It never decides
+what to propose, whether to stop a trial early or what to record: it carries events up (a trial
+started, reached a rung, finished; a population's slot is vacant) and the loop's commands down
+(stop a trial at its rung, admit a job into a vacant slot). Nothing in a backend calls the loop.
 """
 
 from __future__ import annotations
@@ -19,24 +21,23 @@ import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.trainer import Budget, TrialResult, evaluate_many
+from attn_search.engine.tasks import make_task
+from attn_search.engine.trainer import (
+    Budget,
+    Computed,
+    Ended,
+    PopulationEvent,
+    Rung,
+    Training,
+    TrialResult,
+    resolve_device,
+)
 from attn_search.search.evaluators import Evaluator, make_evaluator
 from attn_search.search.failures import error_attrs
 from attn_search.search.space import SearchSpace
 
-OnRung = Callable[[int, int, float, dict[str, float]], bool]
-"""``on_rung(number, step, accuracy, compute)``: the loop's early-stopping rule; ``True`` stops
-the trial. Backends call it while the trial runs (from any thread)."""
-OnRungs = Callable[[Sequence[tuple[int, int, float, dict[str, float]]]], Sequence[bool]]
-"""``on_rungs([(i, step, accuracy, compute), ...])``: the rungs a population's members reached at
-one point of training (each at its own step), one stop flag back for each (see
-:meth:`TrialRunner.run_many`)."""
-Refill = Callable[[], "tuple[int, dict[str, Any]] | None"]
-"""``refill()``: the next proposal ``(number, values)`` for a slot a finished member freed, or ``None``."""
 CUT_SHORT = "cut short by the time budget"
 """Reason of a trial whose training the search's time budget ended (recorded ``pruned``)."""
-OnStart = Callable[[int, AttentionConfig], None]
-"""``on_start(number, config)``: a trial began (progress)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +62,39 @@ class TrialOutcome:
 
 
 @dataclasses.dataclass(frozen=True)
+class Started:
+    """Event: trial ``number`` began training (or looking up) ``config``."""
+
+    number: int
+    config: AttentionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class AtRung:
+    """Event: trial ``number`` reached a rung and waits there for the loop's decision: a
+    :meth:`Backend.stop` before the next :meth:`Backend.wait` ends it (``pruned``)."""
+
+    number: int
+    step: int
+    accuracy: float
+    compute: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     """Event: trial ``number`` ended with ``outcome``."""
 
     number: int
     outcome: TrialOutcome
+
+
+@dataclasses.dataclass(frozen=True)
+class Vacant:
+    """Event: seat ``index`` of the population whose first trial is ``population`` is free; a
+    :meth:`Backend.admit` before the next :meth:`Backend.wait` fills it (continuous batching)."""
+
+    population: int
+    index: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,24 +104,21 @@ class Note:
     text: str
 
 
-Event = Finished | Note
+Event = Started | AtRung | Finished | Vacant | Note
 
 
 class Backend(Protocol):
-    """Where trials run. The loop calls, in this order: :meth:`start`, then repeatedly
-    :meth:`capacity` / :meth:`submit` / :meth:`wait`, then :meth:`close`.
+    """Where trials run. The loop calls :meth:`start`, then repeatedly :meth:`capacity` /
+    :meth:`submit` / :meth:`wait` (answering the events with :meth:`stop` and :meth:`admit`), then
+    :meth:`close`.
 
     A *slot* runs one job or a population of jobs (``--population K``): the jobs of one
     :meth:`submit` train together, as one model where their shapes agree, in one place."""
 
     name: str
 
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
-              ask: Callable[[int], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
-        """Get ready to run trials with ``runner`` (connect to a cluster, restore an experiment).
-        ``ask(slot)`` gives the loop's next job for a freed slot of the population whose first
-        trial is ``slot`` (``None``: none now), and ``record(event)`` records a member that ended
-        before its population did (both backends refill)."""
+    def start(self, runner: TrialRunner) -> None:
+        """Get ready to run slots with ``runner`` (connect to a cluster, restore an experiment)."""
 
     def slots(self) -> int:
         """How many slots run at once."""
@@ -107,8 +133,15 @@ class Backend(Protocol):
         """Run ``jobs`` in one slot (now or as soon as a worker is free)."""
 
     def wait(self, timeout: float) -> list[Event]:
-        """Events since the last call; waits up to ``timeout`` seconds for one. The local backend
-        runs its slot here, in this thread."""
+        """Events since the last call; waits up to ``timeout`` seconds for one. The commands given
+        since the last call reach their slots first. The local backend trains its slot here, in
+        this thread, until the slot has something to say."""
+
+    def stop(self, number: int) -> None:
+        """Command: end trial ``number`` at the rung it just reported (an :class:`AtRung`)."""
+
+    def admit(self, population: int, index: int, job: Job) -> None:
+        """Command: run ``job`` in the seat a :class:`Vacant` event named."""
 
     def close(self) -> None:
         """Stop: jobs not started are dropped, running ones cancelled."""
@@ -145,99 +178,26 @@ class TrialRunner:
         self,
         values: dict[str, Any],
         *,
-        on_attr: Callable[[str, Any], None] = lambda key, value: None,
         on_rung: Callable[[int, float, dict[str, float]], bool] = lambda step, acc, compute: False,
         on_start: Callable[[AttentionConfig], None] = lambda config: None,
     ) -> TrialOutcome:
-        """Score ``values``. ``on_attr(key, value)`` sees each attribute as soon as it is known (an
-        interrupted trial keeps them); ``on_rung(step, accuracy, compute)`` returns ``True`` to stop.
+        """Score ``values`` alone (a :class:`SlotRun` of one job, driven here): ``on_rung(step,
+        accuracy, compute)`` returns ``True`` to stop it.
 
         Never raises for a trial's own failure: any exception inside the trial gives a ``failed``
         outcome whose ``reason`` is the exception's type and message and whose ``traceback``
         attribute holds the rest (:func:`attn_search.search.failures.error_attrs`)."""
-        return self.run_many(
-            [values],
-            on_attr=lambda i, key, value: on_attr(key, value),
-            on_rungs=lambda rungs: [on_rung(step, acc, compute) for _, step, acc, compute in rungs],
-            on_start=lambda i, config: on_start(config),
-        )[0]
-
-    def run_many(
-        self,
-        members: Sequence[dict[str, Any]],
-        *,
-        on_attr: Callable[[int, str, Any], None] = lambda i, key, value: None,
-        on_rungs: OnRungs = lambda rungs: [False] * len(rungs),
-        on_start: Callable[[int, AttentionConfig], None] = lambda i, config: None,
-        refill: Refill | None = None,
-        on_outcome: Callable[[int, TrialOutcome], None] | None = None,
-    ) -> list[TrialOutcome]:
-        """Score several proposals at once, as one population where they share a shape
-        (:func:`~attn_search.engine.trainer.evaluate_many`); ``i`` in the callbacks indexes
-        ``members`` and then the refills. ``on_rungs([(i, step, accuracy, compute), ...])`` gets the
-        rungs reached together in one call and returns a stop flag for each. ``refill()`` gives the
-        next proposal ``(number, values)`` for a freed slot (training only; its ``i`` is the next
-        index), and ``on_outcome(i, outcome)`` hears each member's outcome as soon as it ends.
-        Returns one outcome per member (refills included), in order; as :meth:`run`, never raises
-        for the trials' own failures."""
-        attrs: list[dict[str, Any]] = [{} for _ in members]
-        outcomes: list[TrialOutcome | None] = [None] * len(members)
-
-        def put(i: int, key: str, value: Any) -> None:
-            attrs[i][key] = value
-            on_attr(i, key, value)
-
-        def done(i: int, outcome: TrialOutcome) -> None:
-            outcomes[i] = outcome
-            if on_outcome is not None:
-                on_outcome(i, outcome)
-
-        def configure(i: int, values: dict[str, Any]) -> AttentionConfig | None:
-            try:
-                config = self.space.make_config(values, seed=self.seed)
-            except ValueError as exc:
-                put(i, "reason", f"invalid configuration: {exc}")
-                put(i, "state", M.FAILED)
-                done(i, TrialOutcome(M.FAILED, attrs[i]))
-                return None
-            put(i, "config", config.to_dict())
-            on_start(i, config)
-            return config
-
-        configs: dict[int, AttentionConfig] = {}
-        for i, values in enumerate(members):
-            config = configure(i, values)
-            if config is not None:
-                configs[i] = config
-
-        def next_config() -> tuple[int, AttentionConfig] | None:
-            while refill is not None:
-                proposal = refill()
-                if proposal is None:
-                    return None
-                attrs.append({})
-                outcomes.append(None)
-                i = len(attrs) - 1
-                config = configure(i, proposal[1])
-                if config is not None:
-                    configs[i] = config
-                    return i, config
-            return None
-
-        if self.evaluator != "training":  # recorded (or a user's own) results instead of training
-            for i, config in configs.items():
-                try:
-                    done(i, self._look_up(config, members[i], attrs[i], functools.partial(put, i)))
-                except Exception as exc:
-                    done(i, _failed(exc, attrs[i], functools.partial(put, i)))
-        elif configs:
-            try:
-                self._train(configs, attrs, outcomes, put, on_rungs, done, next_config)
-            except Exception as exc:
-                for i in configs:
-                    if outcomes[i] is None:
-                        done(i, _failed(exc, attrs[i], functools.partial(put, i)))
-        return [o if o is not None else TrialOutcome(M.FAILED, a) for o, a in zip(outcomes, attrs, strict=True)]
+        slot = SlotRun(self, [Job(0, values)])
+        outcome = TrialOutcome(M.FAILED, {"reason": "it never ended"})
+        while not slot.done:
+            for event in slot.advance():
+                if isinstance(event, Started):
+                    on_start(event.config)
+                elif isinstance(event, AtRung) and on_rung(event.step, event.accuracy, event.compute):
+                    slot.stop(event.number)
+                elif isinstance(event, Finished):
+                    outcome = event.outcome
+        return outcome
 
     def _look_up(
         self, config: AttentionConfig, values: dict[str, Any], attrs: dict[str, Any], put: Callable[[str, Any], None]
@@ -255,88 +215,6 @@ class TrialRunner:
             put(key, value)
         return self._finish(attrs, found, M.COMPLETE)
 
-    def _train(
-        self,
-        configs: dict[int, AttentionConfig],
-        attrs: list[dict[str, Any]],
-        outcomes: list[TrialOutcome | None],
-        put: Callable[[int, str, Any], None],
-        on_rungs: OnRungs,
-        done: Callable[[int, TrialOutcome], None],
-        next_config: Callable[[], tuple[int, AttentionConfig] | None] = lambda: None,
-    ) -> None:
-        ids = list(configs)  # member j of the population is proposal ids[j]; refills append
-        compute: dict[int, dict[str, float]] = {}
-        curves: dict[int, list[tuple[int, float]]] = {}
-
-        def on_compute(j: int, figures: dict[str, float]) -> None:
-            compute[ids[j]] = dict(figures)
-            put(ids[j], "compute", figures)
-
-        def report_rungs(rungs: Sequence[tuple[int, int, float]]) -> list[bool]:
-            for j, step, accuracy in rungs:
-                curves.setdefault(ids[j], []).append((step, accuracy))
-                put(ids[j], "curve", list(curves[ids[j]]))
-            stops = on_rungs(
-                [(ids[j], step, acc, compute.get(ids[j], {})) for j, step, acc in rungs]
-            )  # the rule records every rung
-            # stopping after the last step would only discard it
-            return [bool(stop) and step < self.budget.steps for stop, (_, step, _) in zip(stops, rungs, strict=True)]
-
-        def refill() -> AttentionConfig | None:
-            found = next_config()
-            if found is None:
-                return None
-            ids.append(found[0])
-            return found[1]
-
-        def on_result(j: int, result: TrialResult) -> None:
-            i = ids[j]
-            if result.state == M.PRUNED and result.curve:
-                result.reason = f"stopped early at step {result.curve[-1][0]}"
-            ran = int(result.metrics.get(M.STEPS, budget.steps) or 0)
-            if result.state == M.COMPLETE and ran < self.budget.steps:
-                # cut short by the search's time budget: its accuracy is not the budget's, so it must
-                # not sit on the front as if it were; it keeps its metrics and says why
-                result.state = M.PRUNED
-                result.reason = f"{CUT_SHORT} at step {ran} of {self.budget.steps}"
-            for key, value in (("metrics", result.metrics), ("state", result.state), ("device", result.device),
-                               ("task", result.task)):  # fmt: skip
-                put(i, key, value)
-            if result.reason:
-                put(i, "reason", result.reason)
-            done(i, self._finish(attrs[i], result.metrics, result.state))
-
-        budget = self.budget
-        if self.deadline is not None:  # the last trials stop training at the deadline, then evaluate
-            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.deadline - time.time()))
-        try:
-            evaluate_many(
-                list(configs.values()), self.task, budget=budget, device=self.device, report_rungs=report_rungs,
-                task_kwargs=self.task_kwargs, on_compute=on_compute, refill=refill, on_result=on_result,
-                heads=self.space.head_range(),
-            )  # fmt: skip
-        except Exception as exc:
-            left = [i for i in ids if outcomes[i] is None]
-            if len(ids) == 1:
-                raise
-            # one member's error must not fail its companions: each that had not ended trains again
-            # alone, and only the ones that raise again fail (with their own error). The population's
-            # error travels with the first of them (the loop writes it to errors.log and says so on
-            # the console): a fallback is never silent, since on a GPU it costs most of the speed.
-            error = error_attrs(exc)
-            if left:
-                put(left[0], "population_error", {"reason": error["reason"], "traceback": error["traceback"],
-                                                  "members": len(ids)})  # fmt: skip
-            _free_device_memory()
-            for i in left:
-                curves.pop(i, None)
-                compute.pop(i, None)
-                try:
-                    self._train({i: configs[i]}, attrs, outcomes, put, on_rungs, done)
-                except Exception as exc:
-                    done(i, _failed(exc, attrs[i], functools.partial(put, i)))
-
     def _finish(self, attrs: dict[str, Any], metrics: dict[str, float], state: str) -> TrialOutcome:
         constraints = {}
         if self.max_flops is not None:
@@ -353,6 +231,171 @@ class TrialRunner:
             attrs["state"] = M.FAILED
             return TrialOutcome(M.FAILED, attrs)
         return TrialOutcome(M.COMPLETE, attrs, values)
+
+
+class SlotRun:
+    """One slot's jobs, steppable: trained as populations (one model per shape,
+    :class:`~attn_search.engine.trainer.Training`) or looked up by the runner's evaluator.
+    :meth:`advance` returns the backend's events (:class:`Started`, :class:`AtRung`,
+    :class:`Finished`, :class:`Vacant`); :meth:`stop` and :meth:`admit` are the loop's commands.
+    Members are named by their trial numbers. What the local backend runs in the loop's thread and
+    a Ray worker runs in a Tune trial.
+
+    Never raises for the trials' own failures (see :meth:`TrialRunner.run`). One member's error
+    does not fail its companions: each that had not ended trains again alone, and only the ones
+    that raise again fail (with their own error). The population's error travels with the first
+    of them (the loop writes it to errors.log and says so on the console): a fallback is never
+    silent, since on a GPU it costs most of the speed."""
+
+    def __init__(self, runner: TrialRunner, jobs: Sequence[Job]) -> None:
+        self.runner = runner
+        self.population = jobs[0].number
+        self.budget = runner.budget
+        self.attrs: dict[int, dict[str, Any]] = {}
+        self.configs: dict[int, AttentionConfig] = {}  # every member that started, in order
+        self._open: set[int] = set()  # members started and not finished
+        self._compute: dict[int, dict[str, float]] = {}
+        self._curves: dict[int, list[tuple[int, float]]] = {}
+        self._at_rung: dict[int, int] = {}  # member -> the step of the rung it waits at
+        self._events: list[Event] = []
+        self._training: Training | None = None
+        self._alone: list[int] | None = None  # after a population's error: members to train again, one by one
+        self._alone_now: int | None = None  # the one training alone now
+        # a population refills its freed seats; a single trial is a population of one that does not
+        # (its compute figures, latency included, are its own)
+        self._refills = len(jobs) > 1
+        for job in jobs:
+            self._configure(job)
+        if runner.evaluator != "training":  # recorded (or a user's own) results instead of training
+            values = {job.number: job.values for job in jobs}
+            for number, config in self.configs.items():
+                try:
+                    self._finish(number, self.runner._look_up(config, values[number], self.attrs[number],
+                                                              functools.partial(self._put, number)))  # fmt: skip
+                except Exception as exc:
+                    self._finish(number, _failed(exc, self.attrs[number], functools.partial(self._put, number)))
+        elif self.configs:
+            self._training = self._new_training(list(self.configs.items()))
+
+    @property
+    def done(self) -> bool:
+        return self._training is None and not self._events
+
+    def advance(self) -> list[Event]:
+        """Train until there is something to say; return it (and anything the commands produced)."""
+        self._at_rung.clear()  # rungs not stopped go on
+        if self._training is not None:
+            try:
+                for event in self._training.advance():
+                    self._translate(event)
+            except Exception as exc:
+                self._fell_over(exc)
+            if self._training is not None and self._training.done:
+                self._next_alone()
+        events, self._events = self._events, []
+        return events
+
+    def stop(self, number: int) -> None:
+        """End ``number`` at the rung it waits at (stopping after the last step would only discard it)."""
+        step = self._at_rung.pop(number, None)
+        if step is not None and step < self.budget.steps and self._training is not None:
+            self._training.stop(number)
+
+    def admit(self, index: int, job: Job) -> None:
+        """Start ``job`` in vacant seat ``index`` (a job of another shape waits for a population of its own)."""
+        config = self._configure(job)
+        if config is not None and self._training is not None:
+            self._training.admit(index, job.number, config)
+
+    # -- inside ------------------------------------------------------------------------------------
+    def _put(self, number: int, key: str, value: Any) -> None:
+        self.attrs[number][key] = value
+
+    def _configure(self, job: Job) -> AttentionConfig | None:
+        attrs: dict[str, Any] = {}
+        self.attrs[job.number] = attrs
+        try:
+            config = self.runner.space.make_config(job.values, seed=self.runner.seed)
+        except ValueError as exc:
+            attrs.update(reason=f"invalid configuration: {exc}", state=M.FAILED)
+            self._events.append(Finished(job.number, TrialOutcome(M.FAILED, attrs)))
+            return None
+        attrs["config"] = config.to_dict()
+        self.configs[job.number] = config
+        self._open.add(job.number)
+        self._events.append(Started(job.number, config))
+        return config
+
+    def _new_training(self, members: list[tuple[int, AttentionConfig]]) -> Training:
+        budget = self.budget
+        if self.runner.deadline is not None:  # the last trials stop training at the deadline, then evaluate
+            budget = dataclasses.replace(budget, time_limit_s=max(5.0, self.runner.deadline - time.time()))
+        return Training(members, make_task(self.runner.task, **self.runner.task_kwargs), budget,
+                        resolve_device(self.runner.device), heads=self.runner.space.head_range())  # fmt: skip
+
+    def _translate(self, event: PopulationEvent) -> None:
+        if isinstance(event, Computed):
+            self._compute[event.member] = dict(event.figures)
+            self._put(event.member, "compute", event.figures)
+        elif isinstance(event, Rung):
+            curve = self._curves.setdefault(event.member, [])
+            curve.append((event.step, event.accuracy))
+            self._put(event.member, "curve", list(curve))
+            self._at_rung[event.member] = event.step
+            self._events.append(AtRung(event.member, event.step, event.accuracy,
+                                       dict(self._compute.get(event.member, {}))))  # fmt: skip
+        elif isinstance(event, Ended):
+            self._ended(event.member, event.result)
+        elif self._refills and self._alone is None:  # Freed (a fallback refills nothing)
+            self._events.append(Vacant(self.population, event.slot))
+
+    def _ended(self, number: int, result: TrialResult) -> None:
+        if result.state == M.PRUNED and result.curve:
+            result.reason = f"stopped early at step {result.curve[-1][0]}"
+        ran = int(result.metrics.get(M.STEPS, self.budget.steps) or 0)
+        if result.state == M.COMPLETE and ran < self.budget.steps:
+            # cut short by the search's time budget: its accuracy is not the budget's, so it must
+            # not sit on the front as if it were; it keeps its metrics and says why
+            result.state = M.PRUNED
+            result.reason = f"{CUT_SHORT} at step {ran} of {self.budget.steps}"
+        attrs = self.attrs[number]
+        attrs.update(metrics=result.metrics, state=result.state, device=result.device, task=result.task)
+        if result.reason:
+            attrs["reason"] = result.reason
+        self._finish(number, self.runner._finish(attrs, result.metrics, result.state))
+
+    def _finish(self, number: int, outcome: TrialOutcome) -> None:
+        self._open.discard(number)
+        self._events.append(Finished(number, outcome))
+
+    def _fell_over(self, exc: Exception) -> None:
+        left = [n for n in self.configs if n in self._open]
+        if self._alone is not None or len(self.configs) == 1:  # a member alone raised: it fails
+            for number in [self._alone_now] if self._alone is not None else left:
+                if number is not None:
+                    self._finish(number, _failed(exc, self.attrs[number], functools.partial(self._put, number)))
+            self._next_alone()
+            return
+        error = error_attrs(exc)
+        if left:
+            self.attrs[left[0]]["population_error"] = {"reason": error["reason"], "traceback": error["traceback"],
+                                                       "members": len(self.configs)}  # fmt: skip
+        _free_device_memory()
+        self._alone = left
+        self._training = None
+        self._next_alone()
+
+    def _next_alone(self) -> None:
+        """The next member to train again alone after its population's error (``None``: none left)."""
+        self._training, self._alone_now = None, None
+        while self._alone:
+            number = self._alone.pop(0)
+            if number in self._open:
+                self._curves.pop(number, None)
+                self._compute.pop(number, None)
+                self._alone_now = number
+                self._training = self._new_training([(number, self.configs[number])])
+                return
 
 
 def _free_device_memory() -> None:

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from attn_search.backends.base import Event, Finished, Job, OnRung, OnStart, TrialRunner
+from attn_search.backends.base import Event, Job, SlotRun, TrialRunner
 
 
 class LocalBackend:
-    """Runs each slot (one job, or a population of jobs) in this process, in :meth:`wait`, on the
-    device the runner names. A population's freed slots are refilled with the loop's next
-    proposals (``ask``) while it trains, and each member's outcome is recorded (``record``) as soon
-    as it ends, so the strategy hears it before it proposes again."""
+    """Runs each slot (one job, or a population of jobs) in this process, on the device the runner
+    names: :meth:`wait` trains it until it has something to say (a rung, a finished trial, a vacant
+    seat) and returns that; the loop's answers (:meth:`stop`, :meth:`admit`) reach it before it
+    trains on. So a population's freed seats are refilled with the loop's next proposals, and the
+    strategy hears each outcome before it proposes again."""
 
     name = "local"
 
     def __init__(self) -> None:
-        self._jobs: list[Job] = []
         self._runner: TrialRunner | None = None
-        self._on_rung: OnRung = lambda number, step, accuracy, compute: False
-        self._on_start: OnStart = lambda number, config: None
-        self._ask: Callable[[int], Job | None] | None = None
-        self._record: Callable[[Event], None] | None = None
+        self._slot: SlotRun | None = None
 
-    def start(self, runner: TrialRunner, *, on_rung: OnRung, on_start: OnStart,
-              ask: Callable[[int], Job | None] | None = None, record: Callable[[Event], None] | None = None) -> None:  # fmt: skip
-        self._runner, self._on_rung, self._on_start = runner, on_rung, on_start
-        self._ask, self._record = ask, record
+    def start(self, runner: TrialRunner) -> None:
+        self._runner = runner
 
     def slots(self) -> int:
         return 1
@@ -37,38 +32,27 @@ class LocalBackend:
         return resolve_device(self._runner.device if self._runner else "auto").type
 
     def capacity(self) -> int:
-        return 0 if self._jobs else 1
+        return 0 if self._slot is not None else 1
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        assert not self._jobs, "the local backend runs one slot at a time"
-        self._jobs = list(jobs)
+        assert self._slot is None and self._runner is not None, "the local backend runs one slot at a time"
+        self._slot = SlotRun(self._runner, jobs)
 
     def wait(self, timeout: float) -> list[Event]:
-        jobs, self._jobs = self._jobs, []
-        if not jobs or self._runner is None:
+        if self._slot is None:
             return []
-        numbers = [job.number for job in jobs]  # member i is trial numbers[i]; refills append
-        recorded: set[int] = set()
+        events = self._slot.advance()
+        if self._slot.done:
+            self._slot = None
+        return events
 
-        def refill() -> tuple[int, dict] | None:
-            job = self._ask(numbers[0]) if self._ask is not None and len(jobs) > 1 else None
-            if job is None:
-                return None
-            numbers.append(job.number)
-            return job.number, job.values
+    def stop(self, number: int) -> None:
+        if self._slot is not None:
+            self._slot.stop(number)
 
-        def on_outcome(i: int, outcome: object) -> None:
-            if self._record is not None:
-                recorded.add(i)
-                self._record(Finished(numbers[i], outcome))  # type: ignore[arg-type]
-
-        outcomes = self._runner.run_many(
-            [job.values for job in jobs],
-            on_rungs=lambda rungs: [self._on_rung(numbers[i], step, acc, compute) for i, step, acc, compute in rungs],
-            on_start=lambda i, config: self._on_start(numbers[i], config),
-            refill=refill, on_outcome=on_outcome,
-        )  # fmt: skip
-        return [Finished(numbers[i], outcome) for i, outcome in enumerate(outcomes) if i not in recorded]
+    def admit(self, population: int, index: int, job: Job) -> None:
+        assert self._slot is not None and self._slot.population == population, "no such population here"
+        self._slot.admit(index, job)
 
     def close(self) -> None:
-        self._jobs = []
+        self._slot = None

@@ -1,20 +1,25 @@
 """Training: build the model configurations describe, train it on a task for a budget, measure it.
 
 One loop trains ``K`` members of one model (:mod:`attn_search.engine.model`'s member axis); a
-single trial is a population of one. ``evaluate(config, task, budget=..., reporter=...)`` is the
-training evaluator every strategy and backend calls (:func:`evaluate_many` of one configuration). It reports held-out accuracy at rungs to ``reporter(step, accuracy)``, which may
-stop the trial early (return ``True`` or raise :class:`StopTrial`): an Optuna objective calls
-``trial.report`` and answers ``trial.should_prune()``; a Ray Tune function reports and is stopped
-by the scheduler. A non-finite loss ends the trial with ``state="failed"`` and a reason.
+single trial is a population of one. A :class:`Population` is steppable: :meth:`Population.advance`
+trains until there is something to say and returns it as events (compute known, a rung reached, a
+member ended, a slot freed), and the caller answers with commands (:meth:`Population.stop` a member
+at its rung, :meth:`Population.admit` a configuration into a freed slot). Nothing here calls back
+into a caller. :class:`Training` does the same for configurations of several shapes (one
+population per shape, in turn). :func:`evaluate` and :func:`evaluate_many` drive them for a
+library user, with callbacks: ``reporter(step, accuracy)`` at rungs may stop a trial early
+(return ``True`` or raise :class:`StopTrial`). A non-finite loss ends the trial with
+``state="failed"`` and a reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -164,6 +169,44 @@ Refill = Callable[[], "AttentionConfig | None"]
 member index is the next after those given (in the order ``refill`` returned them)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Computed:
+    """Event: ``member``'s compute figures (``flops``, ``params``, ``latency_ms``, ``peak_mem_mb``)
+    are known; always before its first :class:`Rung`."""
+
+    member: int
+    figures: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """Event: ``member`` reached a rung, held-out ``accuracy`` after ``step`` steps. It waits there:
+    :meth:`Population.stop` before the next :meth:`Population.advance` ends it (``pruned``)."""
+
+    member: int
+    step: int
+    accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """Event: ``member`` ended (complete, pruned or failed) with ``result``."""
+
+    member: int
+    result: TrialResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Freed:
+    """Event: population slot ``slot`` is free. :meth:`Population.admit` before the next
+    :meth:`Population.advance` fills it; left empty, it stops costing compute."""
+
+    slot: int
+
+
+PopulationEvent = Computed | Rung | Ended | Freed
+
+
 def evaluate(
     config: AttentionConfig | Mapping[str, Any],
     task: str | Task = "mqar",
@@ -231,10 +274,10 @@ def train_model(
     inside it: the report's picture of what each head attends)."""
     dev, bud = resolve_device(device), _resolve_budget(budget)
     the_task = make_task(task, **dict(task_kwargs or {}))
+    pop = Population([(0, config)], the_task, bud, dev, "auto")
     results: list[TrialResult] = []
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        pop = _Population([(0, config)], the_task, bud, dev, "auto")
-        pop.run(None, None, lambda member, result: results.append(result), lambda: None)
+    while not pop.done:
+        results += [event.result for event in pop.advance() if isinstance(event, Ended)]
     return pop.model.eval(), results[0]
 
 
@@ -295,57 +338,114 @@ def evaluate_many(
     bud = _resolve_budget(budget)
     the_task = make_task(task, **dict(task_kwargs or {}))
     as_config = lambda c: c if isinstance(c, AttentionConfig) else AttentionConfig.from_dict(dict(c))  # noqa: E731
-    waiting = [(i, as_config(c)) for i, c in enumerate(configs)]
+    training = Training([(i, as_config(c)) for i, c in enumerate(configs)], the_task, bud, dev, kernel=kernel,
+                        heads=heads, member_layout=member_layout)  # fmt: skip
     results: dict[int, TrialResult] = {}
-    count = len(waiting)
-    # one time limit for the whole call, whichever population trains when
-    deadline = None if bud.time_limit_s is None else time.perf_counter() + bud.time_limit_s
-
-    def ended(member: int, result: TrialResult) -> None:
-        results[member] = result
-        if on_result is not None:
-            on_result(member, result)
-
-    while waiting:
-        key = shape_key(waiting[0][1])
-        members = [w for w in waiting if shape_key(w[1]) == key]
-        waiting = [w for w in waiting if shape_key(w[1]) != key]
-        other: list[tuple[int, AttentionConfig]] = []
-
-        def draw(
-            key: tuple[Any, ...] = key, other: list[tuple[int, AttentionConfig]] = other
-        ) -> tuple[int, AttentionConfig] | None:
-            nonlocal count
-            # other shapes waiting (read now, late-bound on purpose): this population drains first
-            if refill is None or other or waiting:  # noqa: B023
-                return None
-            config = refill()
-            if config is None:
-                return None
-            count += 1
-            if shape_key(config) != key:
-                other.append((count - 1, config))
-                return None
-            return count - 1, config
-
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            _Population(members, the_task, bud, dev, kernel, deadline, heads, member_layout).run(report_rungs, on_compute, ended,
-                                                                                 draw)  # fmt: skip
-        waiting += other
+    count = len(configs)
+    while not training.done:
+        rungs: list[Rung] = []
+        drawing = refill is not None  # (a refill of another shape, or none now: no more this round)
+        for event in training.advance():
+            if isinstance(event, Computed):
+                if on_compute is not None:
+                    on_compute(event.member, dict(event.figures))
+            elif isinstance(event, Rung):
+                rungs.append(event)
+            elif isinstance(event, Ended):
+                results[event.member] = event.result
+                if on_result is not None:
+                    on_result(event.member, event.result)
+            elif drawing:  # Freed
+                config = refill() if refill is not None else None
+                if config is None:
+                    drawing = False
+                    continue
+                count += 1
+                drawing = training.admit(event.slot, count - 1, as_config(config))
+        if rungs and report_rungs is not None:
+            stops = report_rungs([(r.member, r.step, r.accuracy) for r in rungs])
+            for rung, stop in zip(rungs, stops, strict=True):
+                if stop:
+                    training.stop(rung.member, stop if isinstance(stop, str) else None)
     return [results[i] for i in sorted(results)]
 
 
-class _Population:
+class Training:
+    """Configurations of any shapes trained as populations, one shape at a time (members that share
+    :func:`~attn_search.engine.model.shape_key` train as one :class:`Population`), behind the
+    population's protocol: :meth:`advance` returns events, :meth:`stop` and :meth:`admit` are the
+    commands. A freed slot is announced only while no other shape waits (the population drains
+    first); a configuration admitted with another shape waits for a population of its own."""
+
+    def __init__(self, members: Sequence[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device, *,
+                 kernel: str = "auto", heads: tuple[int, int] | None = None, member_layout: str = "auto") -> None:  # fmt: skip
+        self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
+        self.heads, self.member_layout = heads, member_layout
+        self.waiting = list(members)
+        # one time limit for the whole call, whichever population trains when
+        self.deadline = None if bud.time_limit_s is None else time.perf_counter() + bud.time_limit_s
+        self.population: Population | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.population is None and not self.waiting
+
+    def advance(self) -> list[PopulationEvent]:
+        """The current population's next events (starting the next shape's when it is done)."""
+        if self.population is None:
+            if not self.waiting:
+                return []
+            key = shape_key(self.waiting[0][1])
+            members = [w for w in self.waiting if shape_key(w[1]) == key]
+            self.waiting = [w for w in self.waiting if shape_key(w[1]) != key]
+            self.population = Population(members, self.task, self.bud, self.dev, self.kernel, self.deadline,
+                                         self.heads, self.member_layout)  # fmt: skip
+        events = self.population.advance()
+        if self.waiting:
+            events = [e for e in events if not isinstance(e, Freed)]
+        if self.population.done:
+            self.population = None
+        return events
+
+    def stop(self, member: int, reason: str | None = None) -> None:
+        """End ``member`` at the rung it just reported."""
+        if self.population is not None:
+            self.population.stop(member, reason)
+
+    def admit(self, slot: int, member: int, config: AttentionConfig) -> bool:
+        """Put ``config`` (as ``member``) into freed ``slot``; ``False`` when its shape differs and it
+        waits for a population of its own instead (the slot stays free)."""
+        if self.population is None or shape_key(config) != self.population.key:
+            self.waiting.append((member, config))
+            return False
+        self.population.admit(slot, member, config)
+        return True
+
+
+class Population:
     """One population's training: the model, the optimiser, per-member tables on the device (batch
-    rows and learning rate for every step, rates), and on the host what each slot holds."""
+    rows and learning rate for every step, rates), and on the host what each slot holds.
+
+    Steppable (see the module docstring): :meth:`advance`, then the commands :meth:`stop` and
+    :meth:`admit`, until :attr:`done`. It owns its random state, so a caller that draws random
+    numbers between two advances (an RL agent) changes nothing in it, and it changes nothing in
+    the caller's."""
 
     def __init__(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
                  kernel: str, deadline: float | None = None, heads: tuple[int, int] | None = None,
                  member_layout: str = "auto") -> None:  # fmt: skip
+        self.dev = dev
+        self._rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        with self._own_rng():
+            self._setup(members, task, bud, dev, kernel, deadline, heads, member_layout)
+
+    def _setup(self, members: list[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device,
+               kernel: str, deadline: float | None, heads: tuple[int, int] | None, member_layout: str) -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
         self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
         cfgs = [c for _, c in members]
+        self.key = shape_key(cfgs[0])
         self.K = K = len(cfgs)
         self.batch = cfgs[0].batch_size
         self.n_train = min(bud.steps * self.batch, bud.max_train_examples)
@@ -386,6 +486,30 @@ class _Population:
         self.eval_batch: int | None = None  # sequences per member per evaluation pass (None: by device)
         # the training step: captured as a CUDA graph where asked for (CUDA_GRAPHS), else eager
         self.step: Callable[[], torch.Tensor] = _GraphedStep(self) if _graphed(dev, kernel, K) else self.train_step
+        # the protocol's state between two advances
+        self._measured = False
+        self._steps_run = 0  # the population's steps so far
+        self._last_loss: dict[int, float] = {}
+        self._pending: list[int] | None = None  # slots at a rung, waiting for stop commands
+        self._stops: dict[int, str | None] = {}  # member -> why it stops at its rung (None: the default)
+        self._freed: list[int] = []  # slots whose members ended at the pending check (diverged)
+        self._out_of_time = False
+        self._announced: set[int] = set()  # freed slots announced and not (yet) admitted into
+        self._queued: list[PopulationEvent] = []  # events of commands, said at the next advance
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with the population's random state (the caller's is put back after)."""
+        cuda = self.dev.type == "cuda"
+        with torch.random.fork_rng(devices=[self.dev] if cuda else []):
+            if self._rng_state is not None:
+                torch.set_rng_state(self._rng_state[0])
+                if cuda and self._rng_state[1] is not None:
+                    torch.cuda.set_rng_state(self._rng_state[1], self.dev)
+            try:
+                yield
+            finally:
+                self._rng_state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.dev) if cuda else None)
 
     def _lrs(self, config: AttentionConfig) -> torch.Tensor:
         S = self.bud.steps
@@ -462,29 +586,64 @@ class _Population:
         self.model.train()
         return (right / total.clamp(min=1)).tolist()
 
-    def run(self, report_rungs: RungReporter | None, on_compute: Callable[[int, dict[str, float]], None] | None,
-            ended: Callable[[int, TrialResult], None], draw: Callable[[], tuple[int, AttentionConfig] | None]) -> None:  # fmt: skip
+    # -- the protocol: events out, commands in -----------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """No member left to train and no freed slot waiting for an answer."""
+        return self._pending is None and not self._announced and all(m is None for m in self.slots)
+
+    def stop(self, member: int, reason: str | None = None) -> None:
+        """Command: end ``member`` (``pruned``, with ``reason``) at the rung it just reported."""
+        self._stops[member] = reason
+
+    def admit(self, slot: int, member: int, config: AttentionConfig) -> None:
+        """Command: start ``config`` as ``member`` in freed ``slot`` from step 0, with fresh weights
+        and optimiser state (its schedule and rungs its own)."""
+        if self.slots[slot] is not None or self._pending is not None:
+            raise ValueError(f"slot {slot} is not free to admit into")
+        with self._own_rng():
+            self._admit(slot, member, config)
+        self._announced.discard(slot)
+
+    def advance(self) -> list[PopulationEvent]:
+        """Train until there is something to say (a rung reached, a member ended, a slot freed, or
+        nothing left), and return it. The rungs of one check come together; the stops given for
+        them take effect at the start of the next call."""
+        with self._own_rng():
+            if self._pending is not None:
+                events = self._resolve()
+                if events:
+                    return events
+            return self._train()
+
+    def _train(self) -> list[PopulationEvent]:
+        events, self._queued = self._queued, []
+        if self._announced:  # freed slots nobody filled: they stop costing compute
+            self._announced.clear()
+            live = [k for k, m in enumerate(self.slots) if m is not None]
+            compiled = self.dev.type == "cuda" or self.kernel == "flex"  # (a new size compiles again)
+            if live and len(live) < self.K and (not compiled or len(live) <= self.K // 2):
+                self._compact(live)
         bud = self.bud
         rungs = set(bud.rung_steps())
-        self.measure()
         # step 2 (after step 1 allocated the optimiser state), never after the first rung: the
         # compute figures must be known when the first accuracy is reported
         memory_step = min(2, min(rungs))
-        state_mb = training_state_mb(self.model) / self.K
-        last_loss: dict[int, float] = {}
-        step = 0
+        if not self._measured:
+            self.measure()
+            self._measured = True
+            self._state_mb = training_state_mb(self.model) / self.K
         while any(m is not None for m in self.slots):
-            step += 1
+            self._steps_run += 1
             started = self.timer.start()
-            if step == memory_step:
+            if self._steps_run == memory_step:
                 _, peak = peak_memory_mb(self.train_step, device=self.dev)
-                self.pop_figures[M.PEAK_MEM_MB] = state_mb + (0.0 if math.isnan(peak) else peak / self.K)
+                self.pop_figures[M.PEAK_MEM_MB] = self._state_mb + (0.0 if math.isnan(peak) else peak / self.K)
                 for member in self.slots:
                     if member is not None:
                         if bud.target_len is None:  # (at a target length: its forward pass, measured above)
                             self.compute[member][M.PEAK_MEM_MB] = self.pop_figures[M.PEAK_MEM_MB]
-                        if on_compute is not None:
-                            on_compute(member, dict(self.compute[member]))
+                        events.append(Computed(member, dict(self.compute[member])))
             else:
                 self.step()
             self.timer.stop(started, 1.0 / self.K)
@@ -493,7 +652,7 @@ class _Population:
                     self.steps[k] += 1
             out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
             at_rung = [k for k, m in enumerate(self.slots) if m is not None and self.steps[k] in rungs]
-            if not (at_rung or out_of_time or step % SYNC_EVERY == 0):
+            if not (at_rung or out_of_time or self._steps_run % SYNC_EVERY == 0):
                 continue
             # a check: one read of the losses; diverged members end, failed, at the step they diverged
             values, bad_steps, bad_losses = torch.stack([self.last_loss, self.bad_step, self.bad_loss]).tolist()
@@ -502,12 +661,12 @@ class _Population:
             for k, member in enumerate(self.slots):
                 if member is None:
                     continue
-                last_loss[member] = values[k]
+                self._last_loss[member] = values[k]
                 if bad_steps[k] > 0:
                     at = int(bad_steps[k])
-                    last_loss[member] = bad_losses[k]
-                    ended(member, self._result(k, member, M.FAILED, f"non-finite training loss ({bad_losses[k]}) at step {at}",
-                                               last_loss[member], at))  # fmt: skip
+                    self._last_loss[member] = bad_losses[k]
+                    why = f"non-finite training loss ({bad_losses[k]}) at step {at}"
+                    events.append(Ended(member, self._result(k, member, M.FAILED, why, bad_losses[k], at)))
                     freed.append(k)
             at_rung = [k for k in at_rung if k not in freed]
             evaluated = (
@@ -515,46 +674,55 @@ class _Population:
                 if not out_of_time
                 else [k for k, m in enumerate(self.slots) if m is not None and k not in freed]
             )
+            self._pending, self._freed, self._out_of_time = evaluated, freed, out_of_time
             if evaluated:
                 t0 = time.perf_counter()
                 accs = self.accuracies()
                 self.eval_s += (time.perf_counter() - t0) / self.K
                 for k in evaluated:
-                    self.curves[self.slots[k]].append((self.steps[k], accs[k]))  # type: ignore[index]
-                stops: Sequence[Stop] = [None] * len(evaluated)
-                if report_rungs is not None:
-                    stops = report_rungs([(self.slots[k], self.steps[k], accs[k]) for k in evaluated])  # type: ignore[misc]
-                for k, stop in zip(evaluated, stops, strict=True):
                     member = self.slots[k]
                     assert member is not None
-                    if stop:
-                        why = stop if isinstance(stop, str) else f"stopped by the reporter at step {self.steps[k]}"
-                        ended(member, self._result(k, member, M.PRUNED, why, last_loss[member], self.steps[k]))
-                        freed.append(k)
-                    elif self.steps[k] == bud.steps or out_of_time:
-                        reason = (
-                            None
-                            if not out_of_time
-                            else f"time limit of {bud.time_limit_s}s reached at step {self.steps[k]}"
-                        )
-                        ended(member, self._result(k, member, M.COMPLETE, reason, last_loss[member], self.steps[k]))
-                        freed.append(k)
-            for k in freed:
-                self.slots[k] = None
-            if out_of_time:
-                break
-            drawn = True  # (a strategy with nothing now may have a proposal at the next check)
-            for k in freed:
-                nxt = draw() if drawn else None
-                drawn = nxt is not None
-                if nxt is None:
-                    self._free(k)
-                else:
-                    self._admit(k, *nxt, on_compute)
-            live = [k for k, m in enumerate(self.slots) if m is not None]
-            compiled = self.dev.type == "cuda" or self.kernel == "flex"  # (a new size compiles again)
-            if not drawn and live and len(live) < self.K and (not compiled or len(live) <= self.K // 2):
-                self._compact(live)
+                    self.curves[member].append((self.steps[k], accs[k]))
+                    events.append(Rung(member, self.steps[k], accs[k]))
+                return events  # the stops for these rungs come before the next advance
+            if freed or out_of_time:
+                return events + self._resolve()
+            self._pending = None
+        return events
+
+    def _resolve(self) -> list[PopulationEvent]:
+        """The members at the pending check's rungs end where they were stopped or their budget
+        ended; every slot freed at the check is announced (unless the time limit ended it all)."""
+        events: list[PopulationEvent] = []
+        evaluated, freed, out_of_time = self._pending or [], list(self._freed), self._out_of_time
+        self._pending, self._freed = None, []
+        for k in evaluated:
+            member = self.slots[k]
+            assert member is not None
+            if member in self._stops:
+                why = self._stops.pop(member) or f"stopped by the reporter at step {self.steps[k]}"
+                events.append(Ended(member, self._result(k, member, M.PRUNED, why, self._last_loss[member],
+                                                         self.steps[k])))  # fmt: skip
+                freed.append(k)
+            elif self.steps[k] == self.bud.steps or out_of_time:
+                reason = (
+                    None
+                    if not out_of_time
+                    else f"time limit of {self.bud.time_limit_s}s reached at step {self.steps[k]}"
+                )
+                events.append(Ended(member, self._result(k, member, M.COMPLETE, reason, self._last_loss[member],
+                                                         self.steps[k])))  # fmt: skip
+                freed.append(k)
+        self._stops.clear()
+        for k in freed:
+            self.slots[k] = None
+        if out_of_time:
+            return events
+        for k in freed:
+            self._free(k)
+            self._announced.add(k)
+            events.append(Freed(k))
+        return events
 
     def _compact(self, live: list[int]) -> None:
         """Keep only the slots ``live`` (in order): nothing will refill the free ones, so they stop
@@ -586,8 +754,7 @@ class _Population:
         with torch.no_grad():
             self.live[k] = 0.0
 
-    def _admit(self, k: int, member: int, config: AttentionConfig,
-               on_compute: Callable[[int, dict[str, float]], None] | None) -> None:  # fmt: skip
+    def _admit(self, k: int, member: int, config: AttentionConfig) -> None:
         """Slot ``k`` starts ``config`` from step 0 with fresh weights and optimiser state."""
         self.slots[k], self.configs[k] = member, config
         self.model.set_member(k, config)
@@ -606,8 +773,7 @@ class _Population:
         self.compute[member] = self._figures(config)
         if self.bud.target_len is None:
             self.compute[member].setdefault(M.PEAK_MEM_MB, self.pop_figures.get(M.PEAK_MEM_MB, math.nan))
-        if on_compute is not None:
-            on_compute(member, dict(self.compute[member]))
+        self._queued.append(Computed(member, dict(self.compute[member])))
 
     def _result(self, k: int, member: int, state: str, reason: str | None, loss: float, steps: int) -> TrialResult:
         self.tick()
@@ -636,7 +802,7 @@ def _graphed(dev: torch.device, kernel: str, K: int) -> bool:
 
 
 class _GraphedStep:
-    """A population's :meth:`~_Population.train_step` as one CUDA graph (``torch.cuda.graph``),
+    """A population's :meth:`~Population.train_step` as one CUDA graph (``torch.cuda.graph``),
     replayed step after step: one launch instead of hundreds. What makes it valid: the step
     updates every tensor in place (``tests/test_population.py`` checks that it rebinds none) and a
     refill copies into the tensors the graph read. It is captured again after anything that moves
@@ -646,7 +812,7 @@ class _GraphedStep:
 
     WARMUP = 3
 
-    def __init__(self, pop: _Population) -> None:
+    def __init__(self, pop: Population) -> None:
         self.pop = pop
         self.graph: Any = None
         self.key: tuple[int, int] | None = None

@@ -5,9 +5,10 @@ The three layers never blur. The *evaluator* scores a configuration (:mod:`attn_
 Optuna samplers or the RL agent, as ask and tell); the *backend* decides where a trial runs
 (:mod:`attn_search.backends`: this process, or Ray Tune). :class:`SearchLoop` drives any strategy
 on any backend the same way: it asks the strategy for as many proposals as the backend has free
-slots, submits them, answers every rung with the early-stopping rule, records each finished trial
-in the run's Optuna study (the record of the run, whoever proposed), tells the strategy, and
-hands the trial to the outputs (:mod:`attn_search.report.outputs`, :mod:`attn_search.report.progress`). Budget,
+slots, submits them, and answers the backend's events (:mod:`attn_search.backends.base`): a rung
+with the early-stopping rule (a stop command), a vacant population seat with the strategy's next
+proposal (an admit command), a finished trial by recording it in the run's Optuna study (the
+record of the run, whoever proposed), telling the strategy, and handing it to the outputs (:mod:`attn_search.report.outputs`, :mod:`attn_search.report.progress`). Budget,
 recording and the failure policy (:mod:`attn_search.search.failures`) live here and nowhere else.
 
 Every finished trial is in the study the moment it ends, and ``trials.csv``/``pareto.csv`` are
@@ -30,7 +31,18 @@ from typing import Any, TextIO
 
 import optuna
 
-from attn_search.backends import BACKENDS, Backend, Finished, Job, Note, TrialRunner, make_backend
+from attn_search.backends import (
+    BACKENDS,
+    AtRung,
+    Backend,
+    Finished,
+    Job,
+    Note,
+    Started,
+    TrialRunner,
+    Vacant,
+    make_backend,
+)
 from attn_search.backends.base import CUT_SHORT, Event
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
@@ -235,8 +247,7 @@ class SearchLoop:
         # no decision at the first rung (grace period): see attn_search.search.pruning
         moasha = MOASHA(space.directions, eta=plan.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
-        self.backend.start(self.runner, on_rung=self.on_rung, on_start=self.on_start,
-                           ask=lambda slot: self._ask_job(strategy, slot), record=lambda event: self._event(event, strategy))  # fmt: skip
+        self.backend.start(self.runner)
         if not self._population_given:
             self.population = (
                 DEFAULT_POPULATION[self.backend.device_kind()] if self.runner.evaluator == "training" else 1
@@ -349,14 +360,13 @@ class SearchLoop:
                 self.backend.submit(jobs)
             if not self.live and self.backend.capacity() >= self.backend.slots():
                 # nothing running and nothing more to run (a Ray population whose members all ended
-                # may still be asking for refills: its slot is taken until its Tune trial ends)
+                # keeps its slot until Tune says its trial ended)
                 return
-            for event in self.backend.wait(timeout=1.0):
-                self._event(event, strategy)
+            self._answer(self.backend.wait(timeout=1.0), strategy)
 
     def _ask_job(self, strategy: Strategy, slot: int | None = None) -> Job | None:
         """The next proposal as a job, live from now on; ``None`` when the budget allows no more.
-        Also what a population (``slot``: its first trial) asks when a member's slot frees (a refill)."""
+        Also the answer to a vacant seat of the population whose first trial is ``slot``."""
         with self.lock:
             if not self._asking():
                 return None
@@ -372,11 +382,26 @@ class SearchLoop:
             self.live[trial.number] = trial
             return Job(trial.number, self._values(trial))
 
-    def _event(self, event: Event, strategy: Strategy) -> None:
-        if isinstance(event, Note):
-            self.progress.note(event.text)
-        elif isinstance(event, Finished):
-            self._record(event, strategy)
+    def _answer(self, events: list[Event], strategy: Strategy) -> None:
+        """The loop's side of the event protocol: it records, decides and commands; backends only
+        carry (see :mod:`attn_search.backends.base`)."""
+        refilling = True  # a vacant seat the strategy had nothing for: no more asks this round
+        for event in events:
+            if isinstance(event, Note):
+                self.progress.note(event.text)
+            elif isinstance(event, Started):
+                self.on_start(event.number, event.config)
+            elif isinstance(event, AtRung):
+                if self.on_rung(event.number, event.step, event.accuracy, event.compute):
+                    self.backend.stop(event.number)
+            elif isinstance(event, Finished):
+                self._record(event, strategy)
+            elif isinstance(event, Vacant) and refilling:
+                job = self._ask_job(strategy, event.population)
+                if job is None:
+                    refilling = False
+                else:
+                    self.backend.admit(event.population, event.index, job)
 
     def _next(self, strategy: Strategy) -> optuna.Trial | None:
         """Waiting trials first (interrupted trials run again, ``--enqueue``), then the strategy's
@@ -403,7 +428,7 @@ class SearchLoop:
     def _values(self, trial: optuna.Trial) -> dict[str, Any]:
         return self.space.active_values(dict(trial.params))
 
-    # -- called by backends (any thread) ---------------------------------------------------------
+    # -- the events ---------------------------------------------------------------------------------
     def on_start(self, number: int, config: AttentionConfig) -> None:
         with self.lock:
             trial = self.live.get(number)
