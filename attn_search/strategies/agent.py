@@ -5,11 +5,12 @@
 on any space; these agents act on a fixed grid and learn within one search.)
 
 The agent is a strategy like the Optuna samplers: the search loop asks it for proposals and tells
-it results, on any backend. Inside, the agent keeps its own learning loop (SB3's ``learn``) in a
-thread of its own. It acts in one environment per trial the backend runs at once; a vector step
-decodes every environment's action into a proposal, hands them to the loop through :meth:`ask`,
-and waits until the loop has told the result of each before the environments step on them (the
-reward is the step's gain of the environment's running front's normalised hypervolume).
+it results, on any backend, and it has no thread of its own. It acts in one environment per trial
+the backend runs at once and collects its rollout in the loop's calls (:class:`_Rollout`): a
+vector step samples every environment's action, :meth:`ask` hands them out as proposals, and once
+the loop has told the result of each, :meth:`tell` steps the environments on them (the reward is
+the step's gain of the environment's running front's normalised hypervolume), stores the step in
+SB3's rollout buffer and, when the rollout is full, runs SB3's own update (``train()``).
 
 What the agent receives for each of its proposals:
 
@@ -31,11 +32,9 @@ after which the search uses the table's grid so the action spaces match.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import json
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,7 +60,6 @@ from attn_search.strategies.base import Outcome, StrategyContext, match_key
 AGENTS = ("ppo-grid", "a2c")
 EPISODE = 10
 AGENT_FILE = "agent.zip"
-_ASK_TIMEOUT_S = 600.0
 NO_AGENT = "none"
 """``--agent none``: train the agent from scratch, never the shipped one."""
 SHIPPED_AGENTS = Path(__file__).with_name("agents")
@@ -193,8 +191,66 @@ class _OnGrid:
         return [list(g) for g in self._grids]
 
 
-class _Stop(Exception):
-    """Ends the agent's learning loop (the search is over)."""
+class _Rollout:
+    """SB3's ``collect_rollouts`` turned inside out, so that the search loop drives it: SB3's
+    on-policy algorithms only pull from their environment (``learn()`` steps it and waits for the
+    result), while the loop pushes results as trials end. :meth:`act` samples a vector step's
+    actions with the policy; :meth:`step` steps the environments on the results, fills the rollout
+    buffer as ``collect_rollouts`` does (timeout bootstrapping included) and runs the algorithm's
+    own ``train()`` once ``n_steps`` steps are in. The update arithmetic is SB3's."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        agent._setup_learn(total_timesteps=_FOREVER, callback=None, reset_num_timesteps=False)
+        self.n_steps = 0  # steps in the rollout buffer
+        self._step: tuple[np.ndarray, Any, Any] | None = None
+
+    def act(self) -> np.ndarray:
+        import torch
+        from stable_baselines3.common.utils import obs_as_tensor
+
+        agent = self.agent
+        if self.n_steps == 0:
+            agent.policy.set_training_mode(False)
+            agent.rollout_buffer.reset()
+        with torch.no_grad():
+            actions, values, log_probs = agent.policy(obs_as_tensor(agent._last_obs, agent.device))
+        self._step = (actions.cpu().numpy(), values, log_probs)
+        return self._step[0]
+
+    def step(self) -> bool:
+        """Step the environments on the actions of :meth:`act` (their results handed to them);
+        ``True`` when this completed a rollout and the agent was updated."""
+        import torch
+        from stable_baselines3.common.utils import obs_as_tensor
+
+        assert self._step is not None, "act() first"
+        agent, (actions, values, log_probs) = self.agent, self._step
+        new_obs, rewards, dones, infos = agent.env.step(actions)
+        agent.num_timesteps += agent.env.num_envs
+        agent._update_info_buffer(infos, dones)
+        for idx, done in enumerate(dones):  # a truncated episode: bootstrap from its last observation
+            if done and infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated"):
+                terminal_obs = agent.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                with torch.no_grad():
+                    rewards[idx] += agent.gamma * agent.policy.predict_values(terminal_obs)[0]
+        agent.rollout_buffer.add(agent._last_obs, actions, rewards, agent._last_episode_starts, values, log_probs)
+        agent._last_obs, agent._last_episode_starts = new_obs, dones
+        self._step = None
+        self.n_steps += 1
+        if self.n_steps < agent.n_steps:
+            return False
+        with torch.no_grad():
+            last_values = agent.policy.predict_values(obs_as_tensor(new_obs, agent.device))
+        agent.rollout_buffer.compute_returns_and_advantage(last_values=last_values, dones=dones)
+        agent._update_current_progress_remaining(agent.num_timesteps, _FOREVER)
+        agent.train()
+        self.n_steps = 0
+        return True
+
+
+_FOREVER = 10**9
+"""The total steps SB3 is told it will learn for (a search ends when the loop says so)."""
 
 
 class AgentStrategy:
@@ -207,15 +263,12 @@ class AgentStrategy:
         self.context = context
         self.bins = bins
         self.path = context.run_dir / AGENT_FILE
-        self._cond = threading.Condition()
         self._outbox: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         self._results: dict[int, Mapping[str, float] | None] = {}
-        self._waiting = False  # proposals of the current step are out and not all answered
-        self._expected = 0
+        self._expected = 0  # proposals of the current vector step; 0: none out
         self._mine: dict[str, list[int]] = {}  # proposals out (by their values) -> env index
-        self._closing = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._envs: list[AttentionSearchEnv] = []
+        self._rollout: _Rollout | None = None
         self.agent: Any = None
         self.proposals = 0
 
@@ -259,7 +312,6 @@ class AgentStrategy:
 
     def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
         # (a resumed search continues from the run's saved agent, which learned from those trials)
-        from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.vec_env import DummyVecEnv
 
         space, options = self.context.space, self.context.options
@@ -281,20 +333,8 @@ class AgentStrategy:
             AttentionSearchEnv(space, _Handed(grid_from), budget=episode, bins=self.bins, compute=self.context.compute)
             for _ in range(n_envs)
         ]
-        strategy = self
-
-        class HandshakeVecEnv(DummyVecEnv):
-            """Hands a vector step's proposals to the loop and steps each env on its result."""
-
-            def step_wait(self) -> Any:
-                proposals = [decode(e.space, e.grids, a) for e, a in zip(envs, self.actions, strict=True)]
-                results = strategy._exchange(proposals)
-                for e, result in zip(envs, results, strict=True):
-                    assert isinstance(e.evaluator, _Handed)
-                    e.evaluator.next_result = result
-                return super().step_wait()
-
-        vec = HandshakeVecEnv([functools.partial(_same, e) for e in envs])
+        self._envs = envs
+        vec = DummyVecEnv([functools.partial(_same, e) for e in envs])
         if options.get("pretrain") and resume_from is None:
             table_env: Any = DummyVecEnv([functools.partial(
                 AttentionSearchEnv, space, grid_from, budget=episode, bins=self.bins, compute=self.context.compute,
@@ -307,25 +347,7 @@ class AgentStrategy:
             if resume_from is not None:
                 self.agent.set_random_seed(self.context.seed)  # a loaded agent would replay its first actions
 
-        class SaveEachRollout(BaseCallback):  # type: ignore[misc]
-            def _on_step(self) -> bool:
-                return True
-
-            def _on_rollout_end(self) -> None:
-                strategy.save()
-
-        def learn() -> None:
-            try:
-                with contextlib.suppress(_Stop):
-                    self.agent.learn(total_timesteps=10**9, callback=SaveEachRollout(), reset_num_timesteps=False)
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                with self._cond:
-                    self._cond.notify_all()
-
-        self._thread = threading.Thread(target=learn, name=f"{self.name}-agent", daemon=True)
-        self._thread.start()
+        self._rollout = _Rollout(self.agent)
         if options.get("pretrain") and resume_from is None:
             how += f", pretrained for {options.get('pretrain_steps')} steps on {options['pretrain']}"
         message = (f"  {self.name}: {how} ({self.agent.num_timesteps} environment steps so far), acting in "
@@ -333,22 +355,6 @@ class AgentStrategy:
         if grids is not None:
             message += f"\n  {self.name}: searching its grid: {describe_grid(space, grids)}"
         return message
-
-    # -- the agent's side (its thread) ---------------------------------------------------------
-    def _exchange(self, proposals: list[dict[str, Any]]) -> list[Mapping[str, float] | None]:
-        with self._cond:
-            if self._closing:
-                raise _Stop
-            self._results = {}
-            self._expected = len(proposals)
-            self._outbox.extend(enumerate(proposals))
-            self._waiting = True
-            self._cond.notify_all()
-            while len(self._results) < len(proposals) and not self._closing:
-                self._cond.wait()
-            if self._closing:
-                raise _Stop
-            return [self._results[i] for i in range(len(proposals))]
 
     def save(self) -> None:
         """Write the agent to ``RUN_DIR/agent.zip`` atomically (a kill never leaves half a file)."""
@@ -361,17 +367,15 @@ class AgentStrategy:
 
     # -- the loop's side -----------------------------------------------------------------------
     def ask(self) -> dict[str, Any] | None:
-        with self._cond:
-            while not self._outbox:
-                if self._error is not None:
-                    raise RuntimeError(f"the {self.name} agent stopped: {self._error!r}") from self._error
-                if self._thread is None or not self._thread.is_alive():
-                    raise RuntimeError(f"the {self.name} agent is not running")
-                if self._waiting:
-                    return None  # every proposal of this step is out: nothing more until results come back
-                if not self._cond.wait(timeout=_ASK_TIMEOUT_S):
-                    raise RuntimeError(f"the {self.name} agent proposed nothing for {_ASK_TIMEOUT_S:.0f} s")
-            index, values = self._outbox.popleft()
+        if not self._outbox:
+            if self._expected:
+                return None  # every proposal of this step is out: nothing more until results come back
+            assert self._rollout is not None, "start() first"
+            actions = self._rollout.act()
+            proposals = [decode(e.space, e.grids, a) for e, a in zip(self._envs, actions, strict=True)]
+            self._outbox.extend(enumerate(proposals))
+            self._results, self._expected = {}, len(proposals)
+        index, values = self._outbox.popleft()
         values = self._clip(values)
         self._mine.setdefault(match_key(self.context.space.active_values(values)), []).append(index)
         self.proposals += 1
@@ -398,18 +402,18 @@ class AgentStrategy:
             point = {m: float(metrics[m]) for m in self.context.space.metrics if m in metrics}
             if len(point) != len(self.context.space.metrics) or any(np.isnan(v) for v in point.values()):
                 point = None
-        with self._cond:
-            self._results[index] = point
-            if len(self._results) >= self._expected:
-                self._waiting = False  # the agent's next proposals are coming: ask() waits for them
-            self._cond.notify_all()
+        self._results[index] = point
+        if len(self._results) < self._expected:
+            return
+        for e, i in zip(self._envs, range(self._expected), strict=True):
+            assert isinstance(e.evaluator, _Handed)
+            e.evaluator.next_result = self._results[i]
+        self._expected = 0
+        assert self._rollout is not None
+        if self._rollout.step():
+            self.save()  # after every update: a resumed search continues from it
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
         self.save()
 
 
