@@ -1,19 +1,20 @@
 """Strategies replayed on recorded tables: the fast path of the strategy benchmark.
 
 A replay is a search whose trials are looked up in a table (``attn-search record``) instead of
-trained. It asks the same strategies the same way as the search loop
-(:func:`~attn_search.strategies.base.ask_new`: duplicates are answered, not run), stops trials
-early with the same rule (:class:`~attn_search.search.pruning.MOASHA`, replayed on each row's learning
-curve, so a stopped trial costs only the steps it ran) and scores the front with the one
-hypervolume definition (:func:`~attn_search.report.outputs.hypervolume_of_points`, with the table's
-compute range).
+trained, run by the search loop itself (:class:`~attn_search.search.loop.SearchLoop`), as
+syne-tune's simulator backend runs its tuner on recorded results: the same strategies asked the
+same way (duplicates answered, not run), the local backend replaying each looked-up trial's
+recorded rungs (:class:`~attn_search.backends.base.SlotRun`), so the loop's early-stopping rule
+(MO-ASHA) stops it where it would have stopped the training and a stopped trial costs only the
+steps it ran, and the front scored with the one hypervolume definition
+(:func:`~attn_search.report.outputs.hypervolume_of_points`, with the table's compute range).
 
-Why not the search loop itself: it writes every trial to SQLite and rewrites the run dir after
-each one (about 135 ms a trial), so that a crash loses nothing. A replay has nothing to lose and a
-benchmark runs tens of thousands of replayed trials, so it keeps the study in memory and writes
-nothing. What a replay returns is the hypervolume and the training steps spent after every trial,
-so that every budget up to ``trials`` is a prefix of one replay (for strategies that do not know
-their budget).
+What differs from a search is only what is kept: a search writes every trial to SQLite and
+rewrites the run dir after each one (about 135 ms a trial), so that a crash loses nothing; a
+replay has nothing to lose and a benchmark runs tens of thousands of replayed trials, so its
+study lives in memory and it writes nothing. What a replay returns is the hypervolume and the
+training steps spent after every trial, so that every budget up to ``trials`` is a prefix of one
+replay (for strategies that do not know their budget).
 
 The zero-shot portfolio (:func:`portfolio`) is the transfer baseline: the configurations that
 cover other tables' fronts best, greedily, proposed in that order (:func:`portfolio_strategy`).
@@ -22,6 +23,7 @@ cover other tables' fronts best, greedily, proposed in that order (:func:`portfo
 from __future__ import annotations
 
 import dataclasses
+import io
 import tempfile
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -31,12 +33,12 @@ import numpy as np
 import optuna
 
 from attn_search.engine import metrics as M
-from attn_search.report.outputs import hypervolume_of_points
+from attn_search.report.outputs import RunOutputs, SearchSummary, hypervolume_of_points
+from attn_search.report.progress import Progress
 from attn_search.search.evaluators import TableEvaluator, restrict_to_evaluator, table_key
-from attn_search.search.pruning import MOASHA
 from attn_search.search.space import SearchSpace
 from attn_search.strategies import StrategyContext, make_strategy
-from attn_search.strategies.base import FirstThese, Outcome, Strategy, ask_new
+from attn_search.strategies.base import FirstThese, Strategy
 
 PORTFOLIO = "portfolio"
 PORTFOLIO_GP = "portfolio+gp"
@@ -148,61 +150,90 @@ def replay(
 ) -> Replay:
     """Run ``strategy`` (a strategy name, or :data:`PORTFOLIO` with ``portfolio_configs``) for
     ``trials`` trials on ``table``; see the module docstring."""
+    from attn_search.backends import BackendOptions, LocalBackend, TrialRunner
+    from attn_search.engine.trainer import Budget
+    from attn_search.search.loop import SearchLoop
+    from attn_search.search.plan import RunPlan, SearchOptions
+
     space = table.space
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="attn-replay-") as run_dir:
-        context = StrategyContext(space=space, seed=seed, trials=trials, slots=1, run_dir=Path(run_dir),
-                                  resume=False, evaluator=f"table:{table.path.resolve()}", compute=table.compute,
-                                  options=dict(options or {}))  # fmt: skip
+
+    def make(context: StrategyContext) -> Strategy:
         if strategy == PORTFOLIO:
-            proposer: Strategy = portfolio_strategy(portfolio_configs or [], context)
-        elif strategy == PORTFOLIO_GP:  # its first configurations, then the GP sampler
+            return portfolio_strategy(portfolio_configs or [], context)
+        if strategy == PORTFOLIO_GP:  # its first configurations, then the GP sampler
             head = list(portfolio_configs or [])[:PORTFOLIO_HEAD]
-            proposer = FirstThese(make_strategy("gp", context), head, name=PORTFOLIO_GP, label=PORTFOLIO)
+            return FirstThese(make_strategy("gp", context), head, name=PORTFOLIO_GP, label=PORTFOLIO)
+        return make_strategy(strategy, context)
+
+    with tempfile.TemporaryDirectory(prefix="attn-replay-") as run_dir:
+        evaluator = f"table:{table.path.resolve()}"
+        steps = max(s for c in table.lookup.curves.values() for s, _ in c)
+        budget = Budget(steps=max(1, steps), rungs=1)
+        plan = RunPlan(
+            options=SearchOptions(space=str(table.path), strategy=strategy, trials=trials, seed=seed, evaluator=evaluator),
+            space_spec=str(table.path), space=space, task=space.task, task_kwargs={}, budget=budget, trials=trials,
+            time_budget=None, population=1, confirm=0, out=Path(run_dir), storage=None, study_name="replay",
+            strategy=strategy, strategy_options=dict(options or {}), constrained=False, evaluator=evaluator,
+            pruner="moasha" if early_stopping else "none", eta=eta, seed=seed, device="cpu", resume=False, enqueue=(),
+            attention_picture=False, backend="local", backend_options=BackendOptions(device="cpu"), max_flops=None,
+            max_latency_ms=None, compute=table.compute, quiet=True,
+        )  # fmt: skip
+        runner = TrialRunner(space=space, budget=budget, task=space.task, task_kwargs={}, seed=seed, device="cpu",
+                             evaluator=evaluator)  # fmt: skip
+        runner._lookup = table.lookup  # (read once per table, not once per replay)
+        loop = SearchLoop(plan, runner=runner, backend=LocalBackend(), outputs=_Unwritten(Path(run_dir), space=space),
+                          progress=_Silent(), storage=optuna.storages.InMemoryStorage(), study_name="replay",
+                          strategy=make, key=lambda values: table_key(space, values))  # fmt: skip
+        loop.run()
+        done = [t for t in loop.study.get_trials(deepcopy=False) if t.state.is_finished()
+                and "duplicate_of" not in t.user_attrs]  # fmt: skip
+    out = Replay(strategy, table.name, seed, trials, early_stopping, [], [])
+    front: list[tuple[float, float]] = []
+    spent = 0
+    for t in sorted(done, key=lambda t: t.number):  # (one at a time: in the order they ended)
+        out.proposed.append(table_key(space, space.active_values(dict(t.params))))
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            front.append((float(t.values[0]), float(t.values[1])))
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            out.pruned += 1
         else:
-            proposer = make_strategy(strategy, context)
-        study = optuna.create_study(directions=space.directions)  # type: ignore[arg-type]  # the record, in memory
-        proposer.start([])
-        rungs = sorted({s for c in table.lookup.curves.values() for s, _ in c})
-        rule = MOASHA(space.directions, eta=eta, grace_period=rungs[1] if len(rungs) > 1 else 0)
-        seen: dict[tuple[Any, ...], int] = {}
-        front: list[tuple[float, float]] = []
-        out = Replay(strategy, table.name, seed, trials, early_stopping, [], [])
-        spent = 0
-        try:
-            while len(out.hypervolume) < trials:
-                trial = ask_new(proposer, study, space, seen)
-                if trial is None:
-                    raise RuntimeError(f"strategy {strategy} proposed nothing with no trial running")
-                values = space.active_values(dict(trial.params))
-                key = table_key(space, values)
-                acc, compute = table.point(key)
-                curve = table.lookup.curve(values)
-                state, ran, reached = M.COMPLETE, curve[-1][0], acc
-                if early_stopping:
-                    for step, at_rung in curve[:-1]:  # never stopped after its last step
-                        if not rule.report(trial.number, step, [at_rung, compute]):
-                            state, ran, reached = M.PRUNED, step, at_rung
-                            break
-                spent += ran
-                out.proposed.append(key)
-                metrics = {**table.lookup.rows[key], M.ACCURACY: reached, M.STEPS: float(ran)}
-                trial.set_user_attr("metrics", metrics)  # what a duplicate of it is told
-                reached_curve = tuple((int(s), float(a)) for s, a in curve if s <= ran)
-                trial.set_user_attr("curve", [list(p) for p in reached_curve])
-                if state == M.COMPLETE:
-                    study.tell(trial, [acc, compute])
-                    front.append((acc, compute))
-                    proposer.tell(values, Outcome(state, metrics, (acc, compute), curve=reached_curve))
-                else:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    out.pruned += 1
-                    proposer.tell(values, Outcome(state, metrics, curve=reached_curve))
-                out.hypervolume.append(table.hypervolume(front) if front else 0.0)
-                out.steps.append(spent)
-        finally:
-            proposer.close()
+            raise RuntimeError(f"replayed trial {t.number} failed: {t.user_attrs.get('reason')}")
+        spent += int(t.user_attrs.get("metrics", {}).get(M.STEPS, steps))
+        out.hypervolume.append(table.hypervolume(front) if front else 0.0)
+        out.steps.append(spent)
+    if len(out.hypervolume) < trials:
+        raise RuntimeError(f"strategy {strategy} proposed nothing with no trial running")
     return out
+
+
+class _Unwritten(RunOutputs):
+    """A replay's outputs: nothing written, nothing summarised (see the module docstring)."""
+
+    def task_len(self) -> int | None:
+        return None
+
+    def write_tables(self, study: optuna.Study) -> None:  # type: ignore[override]
+        return None
+
+    def write_all(self, study: optuna.Study, **kwargs: Any) -> None:  # type: ignore[override]
+        return None
+
+    def stats(self, study: optuna.Study, df: Any = None) -> dict[str, Any]:
+        return {}
+
+    def summary(self, study: optuna.Study, *, wall_seconds: float, trial_seconds: float) -> SearchSummary:
+        return SearchSummary(self.run_dir, 0, 0, 0, 0, 0, 0.0, wall_seconds, trial_seconds)
+
+
+class _Silent(Progress):
+    """A replay's console: none."""
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO(), quiet=True, total=0, compute_metric=M.FLOPS)
+
+    def trial_done(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def rank_with_ties(values: Sequence[float]) -> list[float]:

@@ -173,3 +173,30 @@ def test_protocol_jobs_give_budget_aware_strategies_a_search_per_budget_and_resp
     assert {t for s, t, es in by if s == "tpe" and not es} == {10, 20, 50}  # TPE's startup depends on its budget
     assert {t for s, t, es in by if s == "gp"} == {10, 20} and ("random", 50, True) in by  # capped, no 50-trial ES
     assert jobs[0].strategy == "gp" and len(jobs) == 2 * 2 * (1 + 1 + 3 + 2)
+
+
+def test_a_table_search_replays_each_trials_recorded_rungs_to_the_loops_early_stopping(
+    tables: list[Table], tmp_path: Path
+) -> None:
+    """A search with ``--evaluator table:`` runs like a replay: the local backend says each looked-up
+    trial's recorded rungs (the table backend of the event protocol), MO-ASHA stops some, and a
+    stopped trial keeps the accuracy and steps of the rung it stopped at; the others run to the
+    table's last step. The replay of the same table, strategy and seed proposes the same trials
+    and stops the same ones."""
+    from attn_search.search.loop import SearchOptions, run_search
+
+    table = tables[0]
+    out = tmp_path / "run"
+    run_search(SearchOptions(space="sparse", evaluator=f"table:{table.path}", strategy="random", trials=16, seed=2,
+                             out=str(out), quiet=True))  # fmt: skip
+    trials = pd.read_csv(out / "trials.csv")
+    lookup = TableEvaluator(table.path, table.space)
+    pruned = trials[trials["state"] == "pruned"]
+    assert len(pruned) > 0 and (trials["state"] == "complete").sum() > 0
+    for _, row in trials.iterrows():
+        values = {p.name: row[p.name] for p in table.space.params if p.name in row and not pd.isna(row[p.name])}
+        curve = dict(lookup.curve(values))
+        assert row["steps"] in STEPS and row["accuracy"] == pytest.approx(curve[int(row["steps"])], abs=1e-6)
+        assert (row["steps"] < 120) == (row["state"] == "pruned")
+    again = replay(table, "random", trials=16, seed=2, early_stopping=True)
+    assert again.pruned == len(pruned) and again.steps[-1] == int(trials["steps"].sum())

@@ -199,13 +199,25 @@ class TrialRunner:
                     outcome = event.outcome
         return outcome
 
+    def lookup(self) -> Evaluator:
+        """The evaluator that stands in for training (built once where the runner is unpickled)."""
+        if self._lookup is None:
+            self._lookup = make_evaluator(self.evaluator, self.space)
+        return self._lookup
+
+    def rung_steps(self) -> list[int]:
+        """The steps at which a trial reports: the budget's rungs, or a recorded table's (its learning
+        curves' steps), so that early stopping replays on a table as it ran when it was recorded."""
+        curves = getattr(self.lookup(), "curves", None) if self.evaluator != "training" else None
+        steps = sorted({int(s) for curve in (curves or {}).values() for s, _ in curve})
+        return steps if len(steps) > 1 else self.budget.rung_steps()
+
     def _look_up(
         self, config: AttentionConfig, values: dict[str, Any], attrs: dict[str, Any], put: Callable[[str, Any], None]
     ) -> TrialOutcome:
-        if self._lookup is None:
-            self._lookup = make_evaluator(self.evaluator, self.space)
+        lookup = self.lookup()
         started = time.perf_counter()
-        found = self._lookup(config, values)
+        found = lookup(config, values)
         if found is None:
             put("reason", "the evaluator has no result for this configuration")
             put("state", M.FAILED)
@@ -266,24 +278,25 @@ class SlotRun:
         self._refills = len(jobs) > 1
         for job in jobs:
             self._configure(job)
+        # a lookup of a table with learning curves replays its rungs: number -> (outcome, curve, rungs said)
+        self._replaying: dict[int, tuple[TrialOutcome, list[tuple[int, float]], int]] = {}
         if runner.evaluator != "training":  # recorded (or a user's own) results instead of training
             values = {job.number: job.values for job in jobs}
             for number, config in self.configs.items():
-                try:
-                    self._finish(number, self.runner._look_up(config, values[number], self.attrs[number],
-                                                              functools.partial(self._put, number)))  # fmt: skip
-                except Exception as exc:
-                    self._finish(number, _failed(exc, self.attrs[number], functools.partial(self._put, number)))
+                self._look_up(number, config, values[number])
         elif self.configs:
             self._training = self._new_training(list(self.configs.items()))
 
     @property
     def done(self) -> bool:
-        return self._training is None and not self._events
+        return self._training is None and not self._replaying and not self._events
 
     def advance(self) -> list[Event]:
         """Train until there is something to say; return it (and anything the commands produced)."""
+        stopped = {n for n, step in self._at_rung.items() if step < 0}
         self._at_rung.clear()  # rungs not stopped go on
+        if self._replaying:
+            self._replay(stopped)
         if self._training is not None:
             try:
                 for event in self._training.advance():
@@ -297,7 +310,13 @@ class SlotRun:
 
     def stop(self, number: int) -> None:
         """End ``number`` at the rung it waits at (stopping after the last step would only discard it)."""
-        step = self._at_rung.pop(number, None)
+        step = self._at_rung.get(number)
+        if number in self._replaying and step is not None and step >= 0:
+            last = self._replaying[number][1][-1][0]
+            if step < last:
+                self._at_rung[number] = -1  # (replayed: it ends at the next advance)
+            return
+        self._at_rung.pop(number, None)
         if step is not None and step < self.budget.steps and self._training is not None:
             self._training.stop(number)
 
@@ -310,6 +329,42 @@ class SlotRun:
     # -- inside ------------------------------------------------------------------------------------
     def _put(self, number: int, key: str, value: Any) -> None:
         self.attrs[number][key] = value
+
+    def _look_up(self, number: int, config: AttentionConfig, values: dict[str, Any]) -> None:
+        put = functools.partial(self._put, number)
+        try:
+            outcome = self.runner._look_up(config, values, self.attrs[number], put)
+            curve = getattr(self.runner.lookup(), "curve", None)
+            curve = curve(values) if curve is not None and outcome.state == M.COMPLETE else []
+        except Exception as exc:
+            self._finish(number, _failed(exc, self.attrs[number], put))
+            return
+        if len(curve) > 1:
+            outcome.attrs["metrics"][M.STEPS] = float(curve[-1][0])
+            self._replaying[number] = (outcome, [(int(st), float(a)) for st, a in curve], 0)
+        else:
+            self._finish(number, outcome)
+
+    def _replay(self, stopped: set[int]) -> None:
+        """The next recorded rung of every replayed lookup, or its end: stopped at its rung
+        (``pruned``, its accuracy and steps there), or complete after its last."""
+        for number, (outcome, curve, said) in list(self._replaying.items()):
+            if number in stopped or said == len(curve):
+                del self._replaying[number]
+                if number in stopped:
+                    step, accuracy = curve[said - 1]
+                    metrics = {**outcome.attrs["metrics"], M.ACCURACY: accuracy, M.STEPS: float(step)}
+                    attrs = self.attrs[number]
+                    attrs.update(metrics=metrics, state=M.PRUNED, reason=f"stopped early at step {step}")
+                    outcome = self.runner._finish(attrs, metrics, M.PRUNED)
+                self._finish(number, outcome)
+                continue
+            step, accuracy = curve[said]
+            self._replaying[number] = (outcome, curve, said + 1)
+            self._put(number, "curve", [list(p) for p in curve[: said + 1]])
+            self._at_rung[number] = step
+            compute = {m: v for m, v in outcome.attrs["metrics"].items() if m != M.ACCURACY}
+            self._events.append(AtRung(number, step, accuracy, compute))
 
     def _configure(self, job: Job) -> AttentionConfig | None:
         attrs: dict[str, Any] = {}

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -177,7 +178,12 @@ class SearchLoop:
     def __init__(
         self, plan: RunPlan, *, runner: TrialRunner, backend: Backend, outputs: RunOutputs, progress: Progress,
         storage: optuna.storages.BaseStorage, study_name: str,
+        strategy: Callable[[StrategyContext], Strategy] | None = None,
+        key: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None,
     ) -> None:  # fmt: skip
+        """``strategy``: builds the run's strategy (default: ``plan.strategy`` by name); ``key``:
+        what makes two proposals one trial, from their active values (default: the same values, or
+        masks identical at the lengths that count, :func:`~attn_search.strategies.base.compute_key`)."""
         self.plan, self.space, self.runner, self.backend = plan, plan.space, runner, backend
         self.outputs, self.progress, self.storage, self.study_name = outputs, progress, storage, study_name
         self.trials, self.time_budget = plan.trials, plan.time_budget
@@ -194,6 +200,7 @@ class SearchLoop:
         self.confirm = plan.confirm
         self._warned_latency = False
         self._slot: int | None = None  # the first trial of the population being filled
+        self._make_strategy, self._same = strategy, key
 
     # -- set up --------------------------------------------------------------------------------
     def _study(self, strategy: Strategy) -> optuna.Study:
@@ -243,7 +250,7 @@ class SearchLoop:
         start = time.perf_counter()
         self.deadline = None if self.time_budget is None else time.time() + self.time_budget
         self.runner.deadline = self.deadline  # the last trial stops training at the deadline
-        rung_steps = self.runner.budget.rung_steps()
+        rung_steps = self.runner.rung_steps()  # (a recorded table's, where trials are looked up)
         # no decision at the first rung (grace period): see attn_search.search.pruning
         moasha = MOASHA(space.directions, eta=plan.eta, grace_period=rung_steps[1] if len(rung_steps) > 1 else 0)
         self.rule = _Rule(self.pruner_name, space, moasha)
@@ -257,7 +264,11 @@ class SearchLoop:
                                   run_dir=self.outputs.run_dir, resume=plan.resume, evaluator=self.runner.evaluator,
                                   compute=plan.compute, options=plan.strategy_options, task=self.runner.task,
                                   task_kwargs=self.runner.task_kwargs)  # fmt: skip
-        strategy = make_strategy(plan.strategy, context, constrained=plan.constrained)
+        strategy = (
+            self._make_strategy(context)
+            if self._make_strategy is not None
+            else make_strategy(plan.strategy, context, constrained=plan.constrained)
+        )
         self.study = study = self._study(strategy)
         recovered = recover_interrupted(study, owner=self.owner)
         if self.rule.name == "moasha":
@@ -422,6 +433,8 @@ class SearchLoop:
         """What makes two proposals one trial: the same active values, or masks identical at the
         lengths that count (the task's, and the target length), as BigBird(32, 4, 3) and dense
         are at L=256 (:func:`~attn_search.strategies.base.compute_key`)."""
+        if self._same is not None:
+            return self._same(self.space.active_values(params))
         lengths = [L for L in (self.outputs.task_len(), self.space.target_len) if L]
         return compute_key(self.space, self.space.active_values(params), lengths)
 
@@ -541,7 +554,7 @@ def recover_interrupted(study: optuna.Study, *, owner: str) -> int:
     another owner (a process sharing the storage) is dead only once its heartbeat is stale."""
     storage = study._storage  # Optuna exposes no public setter for another trial's state
     stale: set[int] = set()
-    if storage.get_heartbeat_interval() is not None:  # type: ignore[attr-defined]
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
         # Optuna's own fail_stale_trials would fail them too, but leave no mark and enqueue nothing
         stale = set(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
     recovered = 0
