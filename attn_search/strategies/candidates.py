@@ -487,10 +487,19 @@ class CandidateStrategy:
         self.pending: list[str] = []  # proposals out, not yet told
         from attn_search.engine.tasks import make_task
 
-        task = make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
+        self.table = context.evaluator[6:] if context.evaluator.startswith("table:") else None
+        try:
+            # a search of a recorded table: what a configuration computes is read at the length the
+            # table was recorded at, as meta-training reads it (TableTask), not at the space's task's
+            family, params = recorded_task(self.table) if self.table is not None else (None, {})
+        except ValueError:  # (a table without the recorder's header)
+            family, params = None, {}
+        if family is not None:
+            task = make_task(family, **params)
+        else:
+            task = make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
         self.seq_len, self.n_classes = task.seq_len, task.n_classes
         self.count_len = space.target_len or self.seq_len
-        self.table = context.evaluator[6:] if context.evaluator.startswith("table:") else None
         self._rows: list[tuple[dict[str, Any], AttentionConfig, float]] | None = None
         self.proposals = 0
 
