@@ -71,6 +71,12 @@ def test_embedded_ray_writes_the_local_backends_outputs(
     from attn_search.export import export_run
 
     assert export_run(out, fmt="python").is_file()
+    # a finished search resumed with more trials: the restored Tune experiment asks for them (Tune
+    # had saved its searcher as finished, which stopped such a resume at once)
+    more = loopback.run(search_cmd(out, "--max-concurrent", "2", "--pruner", "none", "--resume", "--confirm", "0",
+                                   trials=4, population=2))  # fmt: skip
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "restored the Tune experiment" in more.stdout and len(rows(out)) == 4
     # one slot of 2: as its members end, the worker asks the driver for the next trials (refills),
     # each recorded as it ends; all four train in the one Ray trial
     refilled = tmp_path / "refilled"

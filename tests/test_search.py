@@ -231,6 +231,53 @@ def test_resume_refuses_another_space_and_a_fresh_run_refuses_an_existing_dir(tm
     assert math.isfinite(summary.hypervolume)  # type: ignore[attr-defined]
 
 
+def test_a_slot_whose_refill_fails_to_start_retrains_its_members_alone_and_refills_an_invalid_job_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Commands that go wrong inside a slot never escape it: a refill whose admission raises (out of
+    memory building it, say) is the population's error, so its members (the refill too) train
+    again alone and complete; a refill whose values make no valid configuration fails alone and its
+    seat is vacant again, so the loop can fill it."""
+    from attn_search.backends import Finished, Job, SlotRun, Vacant
+    from attn_search.engine import trainer
+
+    space = load_space(TINY)
+    budget = dataclasses.replace(PRESETS["smoke"], steps=6, rungs=2)
+    runner = TrialRunner(space=space, budget=budget, task=space.task, task_kwargs=dict(space.task_params), seed=0)
+    real_admit = trainer.Population._admit
+
+    def admit(self: Any, k: int, member: int, config: AttentionConfig) -> None:
+        if member == 3:
+            raise RuntimeError("out of memory admitting trial 3")
+        real_admit(self, k, member, config)
+
+    good = {"n_heads": 2, "pattern": "dense", "lr": 3e-3}
+
+    def drive(refills: list[Job]) -> tuple[list[int], dict[int, Any]]:
+        slot = SlotRun(runner, [Job(0, good), Job(1, {**good, "lr": 4e-3})])
+        vacated, outcomes = [], {}
+        while not slot.done:
+            for event in slot.advance():
+                if isinstance(event, Finished):
+                    outcomes[event.number] = event.outcome
+                elif isinstance(event, Vacant):
+                    vacated.append(event.index)
+                    if refills:
+                        slot.admit(event.index, refills.pop(0))
+        return vacated, outcomes
+
+    # 3 heads: invalid (d_model 16); the seat it was given is vacant again and takes the next job
+    vacated, outcomes = drive([Job(2, {**good, "n_heads": 3}), Job(3, {**good, "lr": 5e-3}), Job(4, good)])
+    assert outcomes[2].state == "failed" and "invalid configuration" in outcomes[2].reason
+    assert vacated[:3] == [0, 1, 0] and outcomes[4].state == "complete"
+    monkeypatch.setattr(trainer.Population, "_admit", admit)
+    vacated, outcomes = drive([Job(3, {**good, "lr": 5e-3})])
+    assert {n: o.state for n, o in outcomes.items()} == {0: "complete", 1: "complete", 3: "complete"}
+    assert "out of memory admitting trial 3" in str(
+        next(o.attrs["population_error"] for o in outcomes.values() if "population_error" in o.attrs)
+    )
+
+
 def test_a_trial_is_stopped_at_a_rung_but_never_after_its_last_step() -> None:
     space = load_space(TINY)
     budget = dataclasses.replace(PRESETS["smoke"], steps=6, rungs=2)

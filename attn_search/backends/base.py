@@ -285,7 +285,10 @@ class SlotRun:
             for number, config in self.configs.items():
                 self._look_up(number, config, values[number])
         elif self.configs:
-            self._training = self._new_training(list(self.configs.items()))
+            try:
+                self._training = self._new_training(list(self.configs.items()))
+            except Exception as exc:
+                self._fell_over(exc)
 
     @property
     def done(self) -> bool:
@@ -293,6 +296,9 @@ class SlotRun:
 
     def advance(self) -> list[Event]:
         """Train until there is something to say; return it (and anything the commands produced)."""
+        if any(isinstance(e, Vacant) for e in self._events):  # a seat to fill again before training on
+            events, self._events = self._events, []
+            return events
         stopped = {n for n, step in self._at_rung.items() if step < 0}
         self._at_rung.clear()  # rungs not stopped go on
         if self._replaying:
@@ -321,10 +327,23 @@ class SlotRun:
             self._training.stop(number)
 
     def admit(self, index: int, job: Job) -> None:
-        """Start ``job`` in vacant seat ``index`` (a job of another shape waits for a population of its own)."""
+        """Start ``job`` in vacant seat ``index`` (a job of another shape waits for a population of
+        its own). A job whose values make no valid configuration fails, and the seat is vacant
+        again; an error while admitting is the population's (its members train again alone)."""
         config = self._configure(job)
-        if config is not None and self._training is not None:
+        if config is None:
+            if self._training is not None and self._alone is None:
+                self._events.append(Vacant(self.population, index))
+            return
+        if self._alone is not None or self._training is None:  # the population fell over meanwhile
+            self._alone = [*(self._alone or []), job.number]
+            if self._training is None:
+                self._next_alone()
+            return
+        try:
             self._training.admit(index, job.number, config)
+        except Exception as exc:
+            self._fell_over(exc)
 
     # -- inside ------------------------------------------------------------------------------------
     def _put(self, number: int, key: str, value: Any) -> None:
@@ -431,6 +450,7 @@ class SlotRun:
                     self._finish(number, _failed(exc, self.attrs[number], functools.partial(self._put, number)))
             self._next_alone()
             return
+        self._events = [e for e in self._events if not isinstance(e, Vacant)]  # no population to refill now
         error = error_attrs(exc)
         if left:
             self.attrs[left[0]]["population_error"] = {"reason": error["reason"], "traceback": error["traceback"],
@@ -449,7 +469,11 @@ class SlotRun:
                 self._curves.pop(number, None)
                 self._compute.pop(number, None)
                 self._alone_now = number
-                self._training = self._new_training([(number, self.configs[number])])
+                try:
+                    self._training = self._new_training([(number, self.configs[number])])
+                except Exception as exc:
+                    self._finish(number, _failed(exc, self.attrs[number], functools.partial(self._put, number)))
+                    continue
                 return
 
 

@@ -28,17 +28,19 @@ import hashlib
 import itertools
 import json
 import os
+import pickle
 import re
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.search import Searcher
 
 from attn_search.backends.base import (
@@ -131,11 +133,19 @@ class RayBackend:
         self._slots = max(1, min(self.options.max_concurrent or slots, slots or 1))
         where = check_workers(per_trial, self.options.device)
         self._notes.append(Note(f"  Ray: {self._slots} trial(s) at a time; workers run {where}"))
+        # Tune's restored objects carry the name they were pickled with: keep it with the experiment
+        named = self.path / "channel"
+        if self.resume and named.is_file():
+            self._channel_name = named.read_text().strip()
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            named.write_text(self._channel_name + "\n")
         self._channel = _Channel.options(name=self._channel_name).remote()  # type: ignore[attr-defined]
         trainable = tune.with_resources(tune.with_parameters(_trainable, runner=runner, channel=self._channel),
                                         per_trial)  # fmt: skip
         if self.resume and tune.Tuner.can_restore(str(self.path)):
             # the unfinished trials of the old session are skipped: the loop runs them again as jobs
+            _unfinish(self.path)
             tuner = tune.Tuner.restore(str(self.path), trainable, resume_unfinished=False, resume_errored=False)
             self._notes.append(Note(f"  Ray: restored the Tune experiment in {self.path}"))
         else:
@@ -193,8 +203,8 @@ class RayBackend:
 
     def close(self) -> None:
         if self._channel is not None:
-            # the searcher says it is finished; running trials stop if the loop gave up on them
-            # (interrupt, failure policy)
+            # the searcher says it is finished (Tune waits for a trial until then); running trials
+            # stop if the loop gave up on them (interrupt, failure policy)
             with contextlib.suppress(Exception):
                 ray.get(self._channel.finish.remote(bool(self._in_flight)), timeout=30)
         if self._thread is not None:
@@ -204,7 +214,9 @@ class RayBackend:
     # -- the events ------------------------------------------------------------------------------
     def _carry(self, event: Any, key: str | None) -> list[Event]:
         """What the loop hears of one event: a trial's events while it is in flight (a retried
-        trial's repeats are dropped), and Tune's word turned into the trials' outcomes."""
+        trial's repeats for members that already finished are dropped; the others' rungs come
+        again, and the loop's curve keeps the retry's), and Tune's word turned into the trials'
+        outcomes."""
         if isinstance(event, (Started, AtRung, Finished)):
             if event.number not in self._in_flight:
                 return []  # an earlier try's trial, recorded already
@@ -273,8 +285,25 @@ class RayBackend:
         )
 
 
+def _unfinish(experiment: Path) -> None:
+    """Clear the finished flag Tune saved with its search generator. Every session ends by the
+    searcher saying it is finished (Tune waits for a trial until then), Tune saves that with the
+    experiment, and ``Tuner.restore`` takes no new searcher: a restored experiment would never ask
+    for a trial again, so a finished search resumed with more ``--trials`` stopped at once. Tune's
+    own state file (a pickle); one that does not read as expected is left alone."""
+    for path in experiment.glob("search_gen_state-*.json"):
+        try:
+            state = pickle.loads(path.read_bytes())
+        except Exception:
+            continue
+        if isinstance(state, dict) and state.get("finished"):
+            state["finished"] = False
+            path.write_bytes(cloudpickle.dumps(state))  # (as Tune writes it: it holds functions)
+
+
 def channel_name(experiment: Path) -> str:
-    """The channel actor's name: one per run dir, the same again when the search resumes."""
+    """The channel actor's name: one per run dir (kept in the experiment folder, so a resumed search,
+    even of a moved run dir, names it as Tune's restored objects do)."""
     return "attn_search-" + hashlib.sha1(str(experiment).encode()).hexdigest()[:16]
 
 
@@ -290,7 +319,7 @@ class _Channel:
         self._stop_all = False
         self._batches: list[tuple[str | None, list[Any]]] = []
         self._new = asyncio.Event()
-        self._answers: dict[str, list[tuple[Any, ...]]] = {}
+        self._answers: dict[str, tuple[float, list[tuple[Any, ...]]]] = {}  # key -> (when, commands)
         self._answered: dict[str, asyncio.Event] = {}
 
     async def push_job(self, config: dict[str, Any]) -> None:
@@ -322,7 +351,11 @@ class _Channel:
         return got
 
     async def command(self, key: str, commands: list[tuple[Any, ...]]) -> None:
-        self._answers[key] = commands
+        now = time.monotonic()
+        # an answer nobody took (its trial died, or stopped waiting) is dropped after a while
+        for old in [k for k, (when, _) in self._answers.items() if now - when > 2 * ANSWER_TIMEOUT_S]:
+            del self._answers[old]
+        self._answers[key] = (now, commands)
         if key in self._answered:
             self._answered[key].set()
 
@@ -333,7 +366,8 @@ class _Channel:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(answered.wait(), wait_s)
             self._answered.pop(key, None)
-        return self._answers.pop(key, None)
+        found = self._answers.pop(key, None)
+        return None if found is None else found[1]
 
 
 def _members(config: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -359,6 +393,7 @@ def _trainable(config: dict[str, Any], runner: TrialRunner, channel: Any) -> Non
     commands taken from it where the events asked for them (a rung, a vacant seat)."""
     place = _place(runner)
     trial_id = tune.get_context().get_trial_id()
+    this_try = uuid.uuid4().hex[:8]  # a retried trial keeps its id: its answers must not be the dead try's
     slot = SlotRun(runner, [Job(number, values) for number, values in _members(config)])
     batches = itertools.count()
     step = 0
@@ -370,7 +405,7 @@ def _trainable(config: dict[str, Any], runner: TrialRunner, channel: Any) -> Non
             if isinstance(event, Finished):
                 event.outcome.attrs.update(place, ray_trial_id=trial_id)
         asks = any(isinstance(e, (AtRung, Vacant)) for e in events)
-        key = f"{trial_id}:{next(batches)}" if asks else None
+        key = f"{trial_id}:{this_try}:{next(batches)}" if asks else None
         ray.get(channel.put.remote(key, events))  # (before the trial can end: Tune's word comes after)
         rungs = [e for e in events if isinstance(e, AtRung)]
         if rungs:  # progress for Tune's loggers

@@ -163,7 +163,7 @@ Stop = bool | str | None
 RungReporter = Callable[[Sequence[tuple[int, int, float]]], Sequence[Stop]]
 """``report_rungs([(member, step, accuracy), ...])``: the rungs members reached at one point of
 training (each at its own step: refilled members started later), in one call; one answer per rung,
-in order. One call lets a remote worker ask the search's early-stopping rule once for all."""
+in order (:func:`evaluate_many`'s way of taking the stop commands)."""
 Refill = Callable[[], "AttentionConfig | None"]
 """``refill()``: the next configuration for a freed slot, or ``None`` when there is none. Its
 member index is the next after those given (in the order ``refill`` returned them)."""
@@ -199,7 +199,8 @@ class Ended:
 @dataclasses.dataclass(frozen=True)
 class Freed:
     """Event: population slot ``slot`` is free. :meth:`Population.admit` before the next
-    :meth:`Population.advance` fills it; left empty, it stops costing compute."""
+    :meth:`Population.advance` fills it; left empty, it is dropped (on the CPU at once; where a new
+    size compiles again, once half the slots are empty)."""
 
     slot: int
 
@@ -413,9 +414,10 @@ class Training:
             self.population.stop(member, reason)
 
     def admit(self, slot: int, member: int, config: AttentionConfig) -> bool:
-        """Put ``config`` (as ``member``) into freed ``slot``; ``False`` when its shape differs and it
-        waits for a population of its own instead (the slot stays free)."""
-        if self.population is None or shape_key(config) != self.population.key:
+        """Put ``config`` (as ``member``) into freed ``slot``; ``False`` when it waits for a
+        population of its own instead (its shape differs, or another shape already waits: the
+        population drains first), and the slot stays free."""
+        if self.population is None or self.waiting or shape_key(config) != self.population.key:
             self.waiting.append((member, config))
             return False
         self.population.admit(slot, member, config)
@@ -593,8 +595,10 @@ class Population:
         return self._pending is None and not self._announced and all(m is None for m in self.slots)
 
     def stop(self, member: int, reason: str | None = None) -> None:
-        """Command: end ``member`` (``pruned``, with ``reason``) at the rung it just reported."""
-        self._stops[member] = reason
+        """Command: end ``member`` (``pruned``, with ``reason``) at the rung it just reported (a
+        member not waiting at a rung is not stopped)."""
+        if self._pending is not None and member in (self.slots[k] for k in self._pending):
+            self._stops[member] = reason
 
     def admit(self, slot: int, member: int, config: AttentionConfig) -> None:
         """Command: start ``config`` as ``member`` in freed ``slot`` from step 0, with fresh weights

@@ -173,7 +173,7 @@ class _Rule:
 
 class SearchLoop:
     """Drives one strategy on one backend until the trial or time budget is spent (see the module
-    docstring). Thread-safe where backends call in from their own threads (rungs, starts)."""
+    docstring). Its lock guards the live trials against the heartbeat thread."""
 
     def __init__(
         self, plan: RunPlan, *, runner: TrialRunner, backend: Backend, outputs: RunOutputs, progress: Progress,
@@ -407,6 +407,7 @@ class SearchLoop:
                     self.backend.stop(event.number)
             elif isinstance(event, Finished):
                 self._record(event, strategy)
+                refilling = True  # (what it was told may give the strategy a proposal again)
             elif isinstance(event, Vacant) and refilling:
                 job = self._ask_job(strategy, event.population)
                 if job is None:
@@ -454,7 +455,8 @@ class SearchLoop:
             trial = self.live.get(number)
             if trial is None:
                 return False
-            curve = self.curves.setdefault(number, [])
+            # (a retried Ray trial says its rungs again: the retry's replace the first try's)
+            curve = self.curves[number] = [p for p in self.curves.get(number, []) if p[0] < step]
             curve.append((step, accuracy))
             trial.set_user_attr("curve", list(curve))  # an interrupted trial keeps them
             if len(curve) == 1:
