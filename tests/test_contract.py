@@ -28,7 +28,7 @@ import pytest
 
 from attn_search.strategies import AGENT_STRATEGIES, SINGLE_OBJECTIVE_ONLY, STRATEGIES
 
-from .raycluster import ROOT, rows, wait_for
+from .raycluster import ROOT, load_study, rows, wait_for
 
 TRIALS = 12
 KILL_AFTER = 4
@@ -102,9 +102,11 @@ def test_every_strategy_on_every_backend(
         known = [c for c in CONFIG if not pd.isna(lost[c])]
         again = done[(done[known] == lost[known]).all(axis=1) & (done["trial"] > lost["trial"])]
         assert len(again) >= 1, lost[CONFIG]
-    # proposals vary
+    # proposals vary: a configuration runs twice only where the strategy insisted on it (TPE, past
+    # its random start, can propose its best point MAX_REASKS times in a row)
+    insisted = sum("repeat_of" in t.user_attrs for t in load_study(out).trials)  # type: ignore[attr-defined]
     distinct = len(done[CONFIG].fillna(-1).drop_duplicates())
-    assert distinct >= 10, done[CONFIG]
+    assert distinct >= 10 - insisted and insisted <= 3, (done[CONFIG], insisted)
     # a trial that raises is recorded failed with its reason; the others complete
     failed = done[done["state"] == "failed"]
     assert len(failed) >= 1 and (done["state"] == "complete").sum() >= 1, done[["state", "reason"]]

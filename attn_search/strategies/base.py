@@ -184,6 +184,8 @@ def ask_new(
         trial = open_trial(study, space, proposal, proposer_of(strategy))
         same = same_as(space.active_values(dict(trial.params)))
         if same not in seen or attempt == MAX_REASKS - 1:
+            if same in seen:  # the strategy insisted: it runs, and says what it repeats
+                trial.set_user_attr("repeat_of", seen[same])
             seen.setdefault(same, trial.number)
             return trial
         _answer_duplicate(strategy, study, space, trial, seen[same])
