@@ -52,7 +52,14 @@ from attn_search.engine import metrics as M
 from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay
 from attn_search.search.space import load_space
 from attn_search.strategies import head as head_module
-from attn_search.strategies.candidates import TableTask, code_version, family_out_agent, provenance, recorded_task
+from attn_search.strategies.candidates import (
+    TableTask,
+    code_version,
+    family_out_agent,
+    proposer_version,
+    provenance,
+    recorded_task,
+)
 from attn_search.strategies.head import learn_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +122,8 @@ def _job_key(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any]]
         head = json.dumps(options.get("head"), sort_keys=True, default=str) + Path(head_module.__file__).read_text()
         folio = hashlib.sha256(head.encode()).hexdigest()[:16]
     table = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    code = code_version() if strategy in ("ppo", ACQUISITION) else ""  # the proposer's own code
+    # the proposer's own code: what its policy is (code_version) and how the strategy queries it
+    code = code_version() + proposer_version() if strategy in ("ppo", ACQUISITION) else ""
     return f"{Path(path).name}|{table}|{strategy}|{seed}|{trials}|{agent_hash}|{folio}|{code}"
 
 

@@ -11,8 +11,8 @@ search space. Here:
   queries see the first positions (global tokens), its density, head count, learning rate and
   regularisation. Two configurations with the same mask have the same descriptor.
 * **Surrogate**: a Gaussian process on the descriptors of the search so far (Matern 5/2, its
-  length scale chosen by marginal likelihood), giving each candidate a predicted accuracy and an
-  uncertainty. Compute is known before training (analytic FLOPs, at the length that counts).
+  length scale chosen by marginal likelihood, its amplitude the spread of the accuracies seen but at
+  least :attr:`GP.SD_FLOOR`), giving each candidate a predicted accuracy and an uncertainty. Compute is known before training (analytic FLOPs, at the length that counts).
 * **Features** per candidate (:data:`FEATURES`): the surrogate's mean and uncertainty, the
   predicted improvement, the candidate's compute, the front's hypervolume gain if the candidate
   reached its mean or its mean plus one or two standard deviations, and the budget used.
@@ -25,8 +25,9 @@ search space. Here:
   at the task's length or at a deployment length. Rewards are the hypervolume gains divided by
   the table's best hypervolume, so the return is one minus the regret.
 
-The strategy (:class:`CandidateStrategy`, ``--strategy ppo``) queries the policy in :meth:`ask`:
-no thread, no environment of its own. Its candidates are the untried rows of a table (replays)
+The strategy (:class:`CandidateStrategy`, ``--strategy ppo``) queries the policy in :meth:`ask`
+and draws a candidate from its distribution with the search's seeded generator, as PPO acted in
+meta-training (:func:`choose`): no thread, no environment of its own. Its candidates are the untried rows of a table (replays)
 or draws from the space (real searches), so it works on any space.
 """
 
@@ -113,11 +114,16 @@ class GP:
 
     LENGTHS = (0.5, 1.0, 2.0, 4.0)
     NOISE = 1e-2
+    SD_FLOOR = 0.1
+    """The prior's amplitude (accuracy units) is the observed spread, but never below this: after a
+    few configurations all near chance (selective copy's cheap windows) the spread is ~0.005, and a
+    prior that narrow says nothing untried can do better, so the search never left the cheap
+    corner (regret 0.29 from trial 5 to 50 on held-out selective copy at L=4096)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.n = len(y)
         self.mean_y = float(y.mean()) if self.n else 0.5
-        self.sd_y = float(y.std()) if self.n > 1 and y.std() > 1e-6 else 0.25
+        self.sd_y = max(float(y.std()), self.SD_FLOOR) if self.n > 1 else 0.25
         if not self.n:
             return
         self.x = x
@@ -240,17 +246,21 @@ def load_policy(path: str | Path) -> Any:
     return PPO.load(str(path), device="cpu", custom_objects={"policy_class": _policy_class()})
 
 
-def choose(policy: Any, features: np.ndarray) -> int:
-    """The candidate the policy picks (its most likely action), padding to :data:`N_CANDIDATES`
-    with copies of the first candidate where fewer are left."""
+def choose(policy: Any, features: np.ndarray, rng: np.random.Generator | None = None) -> int:
+    """The candidate the policy picks: drawn from its distribution with ``rng`` (how it acted in
+    meta-training), or its most likely one without; padding to :data:`N_CANDIDATES` with copies of
+    the first candidate where fewer are left."""
     n = len(features)
     padded = (
         np.concatenate([features, np.repeat(features[:1], N_CANDIDATES - n, axis=0)]) if n < N_CANDIDATES else features
     )
     with torch.no_grad():
         obs = torch.as_tensor(padded.reshape(1, -1))
-        logits = policy.policy.mlp_extractor.forward_actor(obs)[0, :n]
-    return int(torch.argmax(logits))
+        logits = policy.policy.mlp_extractor.forward_actor(obs)[0, :n].double()
+    if rng is None:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits, 0).numpy()
+    return int(rng.choice(n, p=probs / probs.sum()))
 
 
 # -- tables as candidate sets -------------------------------------------------------------------------
@@ -390,6 +400,14 @@ def code_version() -> str:
     parts = [inspect.getsource(f) for f in (_reach, describe, _matern52, GP, _hv_gains, _hv, candidate_features,
                                             _Scorer, _policy_class, CandidateEnv, meta_kwargs)]  # fmt: skip
     parts.append(repr((N_CANDIDATES, BANDS, DESCRIPTOR, FEATURES, FEATURE_BOUND)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def proposer_version() -> str:
+    """sha256 of how the strategy queries a policy (:func:`choose`, :class:`CandidateStrategy`):
+    a benchmark's cached searches are keyed by it (a policy trained by the same code but queried
+    otherwise proposes otherwise); trained agents are not (see :func:`code_version`)."""
+    parts = [inspect.getsource(f) for f in (choose, CandidateStrategy)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -592,7 +610,7 @@ class CandidateStrategy:
         used = len(self.seen_acc) / max(1, self.context.trials)
         feats = candidate_features(desc, costs, np.array(self.seen_x).reshape(-1, len(DESCRIPTOR)),
                                    np.array(self.seen_acc), np.array(self.front).reshape(-1, 2), used)  # fmt: skip
-        index = choose(self.policy, feats) if self.policy is not None else int(np.argmax(feats[:, GAIN_UCB]))
+        index = choose(self.policy, feats, self.rng) if self.policy is not None else int(np.argmax(feats[:, GAIN_UCB]))
         values, config, _ = cands[index]
         self.pending.append(self._key(config))
         self.proposals += 1
