@@ -138,7 +138,9 @@ def test_exported_python_module_matches_build_model(tmp_path: Path) -> None:
     [("dense", 48), ("window", 48), ("dilated", 48), ("strided", 200), ("bigbird", 200), ("longformer", 200)],
 )
 def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str, seq_len: int) -> None:
-    """Every pattern, at a length of one tile and of several (the CPU path's tile groups)."""
+    """Every pattern, at a length of one tile and of several, on both CPU paths: SDPA over the mask
+    where most of the tile grid is kept (the default at these lengths), and the pattern's tile
+    groups (forced)."""
     from attn_search.export import python_module
 
     config = AttentionConfig(d_model=16, n_heads=2, pattern=pattern, window=5, stride=4, block_size=8, n_random=2)
@@ -146,6 +148,13 @@ def test_exported_module_for_every_pattern(tmp_path: Path, pattern: str, seq_len
     path = tmp_path / f"m_{pattern}.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=seq_len))
     module = load_module(path, f"m_{pattern}")
+    assert_exported_matches(module, config, task, n=2)
+    if pattern == "dense":
+        return
+    kind = lambda m: m.blocks[0].attn._plan(seq_len, torch.device("cpu"))[2][0]  # noqa: E731
+    assert kind(module.build_model()) == "masked"
+    module.MAX_TILE_DENSITY = 1.0  # every grid on the tiles
+    assert kind(module.build_model()) == "tiles"
     assert_exported_matches(module, config, task, n=2)
 
 

@@ -11,7 +11,9 @@ Attention takes the path that saves the compute the pattern skips on each device
 * CUDA: FlexAttention with the pattern's BlockMask (the kernel skips empty blocks); attention
   dropout is DropKey inside the kernel (a ``score_mod`` drawing from a counter-based hash);
 * CPU: the pattern's tiles (:class:`Tiles`): query tiles grouped by the key tiles they need,
-  gathered, attended in cache-sized chunks (PyTorch has no CPU backward for FlexAttention);
+  gathered, attended in cache-sized chunks (PyTorch has no CPU backward for FlexAttention); where
+  more than :data:`MAX_TILE_DENSITY` of the tile grid would be computed (short sequences), SDPA
+  over the pattern's mask, as the search's own kernel choice does;
 * a mask that keeps every entry at the length in use: SDPA's fused dense kernel.
 
 ``tests/test_export.py`` checks that this model, given the search's weights (``load_searched``),
@@ -31,6 +33,10 @@ from torch import nn
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RuleFactory = Callable[[int, torch.device], Rule]
 TILE = 64
+MAX_TILE_DENSITY = 0.4
+"""Above this fraction of the tile grid computed, the CPU attends over the whole mask with SDPA: the
+gathers cost more than the skipped tiles save (``benchmarks/export_paths.py``: at density 0.50 the
+tiles take 1.1-1.2x SDPA's time, at 0.34 and below 0.3-0.8x)."""
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's kernels need head dims >= 16: smaller ones are zero-padded (exact)
 
 
@@ -92,6 +98,7 @@ class Tiles:
             for i, ids in enumerate(lists):  # a padded slot repeats a real tile: it must add nothing
                 allowed[i, :, len(ids) * tile :] = False
             self.groups.append((rows, keys, allowed))
+        self.density = sum(k.shape[0] * k.shape[1] // tile for _, k, _ in self.groups) / n**2  # tiles computed
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
         pad = self.padded - q.shape[2]
@@ -230,7 +237,8 @@ class PatternAttention(nn.Module):
                 block_mask = create_block_mask(table_mask_mod(mask), None, None, L, L, device=device)
                 path = ("flex", block_mask, mask)
             else:
-                path = ("tiles", Tiles(mask), mask)
+                tiles = Tiles(mask)
+                path = ("tiles", tiles, mask) if tiles.density <= MAX_TILE_DENSITY else ("masked", None, mask)
             self._plans[L, device] = (cos, sin, path)
         return self._plans[L, device]
 
@@ -252,9 +260,10 @@ class PatternAttention(nn.Module):
             return compiled_flex()(q, k, v, block_mask=what, score_mod=score_mod, scale=scale)[..., :D]
         if kind == "tiles":
             return what(q, k, v, scale, drop)
-        if drop > 0:  # dense with DropKey: the drawn mask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & dropkey_keep((*q.shape[:2], L, L), drop,
-                                                                                         q.device))  # fmt: skip
+        if kind == "masked" or drop > 0:  # the whole mask (with DropKey: the drawn one)
+            if drop > 0:
+                mask = mask & dropkey_keep((*q.shape[:2], L, L), drop, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, is_causal=what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
