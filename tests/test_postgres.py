@@ -63,6 +63,7 @@ def test_three_searches_at_once_share_one_postgres_storage(tmp_path: Path, postg
             assert row["accuracy"] == pytest.approx(stored[int(row["trial"])])
 
 
+@pytest.mark.slow  # 18 s on 2 cores: keeps `make test` under 10 minutes
 def test_a_search_killed_with_sigkill_resumes_against_postgres_losing_and_duplicating_nothing(
     tmp_path: Path, postgres_url: str
 ) -> None:

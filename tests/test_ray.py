@@ -100,6 +100,7 @@ def test_embedded_ray_writes_the_local_backends_outputs(
     assert (tmp_path / "broken" / "errors.log").read_text().count("Traceback") == 3
 
 
+@pytest.mark.slow  # 12 s on 2 cores: keeps `make test` under 10 minutes
 def test_a_worker_environment_that_cannot_import_the_package_stops_the_search(
     loopback: Loopback, tmp_path: Path
 ) -> None:

@@ -100,6 +100,7 @@ def test_unparsable_and_missing_files(tmp_path: Path) -> None:
         load_space("sparsest")
 
 
+@pytest.mark.slow  # 17 s on 2 cores: keeps `make test` under 10 minutes
 def test_the_sparse_space_counts_compute_at_the_length_a_model_is_deployed() -> None:
     """At the task's length (256) the sparse space's FLOPs span 1.3x, so a front would rank patterns
     by accuracy alone; the space counts compute at 4096, where they span more than 5x."""
