@@ -193,6 +193,7 @@ def export_run(
                 if k in ("accuracy", "flops", "latency_ms", "peak_mem_mb")
             )
             + (f". It is {data['equivalent']}, so it runs as dense attention" if "equivalent" in data else "")
+            + (f". Caveat: {data['caveat']}" if "caveat" in data else "")
         )
         text = python_module(
             config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=task.seq_len, header=header

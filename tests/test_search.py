@@ -19,7 +19,7 @@ import yaml
 
 from attn_search import AttentionConfig, Budget, build_model, load_config, make_task
 from attn_search.backends import TrialRunner
-from attn_search.engine.patterns import resolve_params
+from attn_search.engine.patterns import pattern_entries, resolve_params
 from attn_search.engine.trainer import PRESETS
 from attn_search.export import export_run
 from attn_search.report.outputs import rebuild
@@ -795,7 +795,27 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     assert html.escape(named) in report
     assert "costs 100% of dense attention's FLOPs at L=256" in report and "No configuration within" in report
     exported = export_run(alone, fmt="python").read_text()
-    assert named in exported
+    assert (
+        named in exported
+        and "Caveat" not in exported
+        and "caveat" not in yaml.safe_load((alone / "best_config.yaml").read_text())
+    )
+
+    # with compute counted at a longer length (1024 here, for speed; the space's own is 4096) it is
+    # sparse where it is costed but trained as dense: the pick says its accuracy there is not measured
+    deploy = tmp_path / "deploy"
+    run_search(SearchOptions(space="sparse", strategy="random", trials=1, steps=4, pruner="none", confirm=0,
+                             target_len=1024, out=str(deploy), quiet=True))  # fmt: skip
+    share = pattern_entries("bigbird", 1024, causal=True, block_size=32, n_global=4, n_random=3) / pattern_entries(
+        "dense", 1024, causal=True
+    )
+    assert 0.2 < share < 0.9
+    caveat = yaml.safe_load((deploy / "best_config.yaml").read_text())["caveat"]
+    assert caveat.startswith("Its accuracy was trained at L=256, where bigbird(b=32, g=4, r=3) h=2 keeps every entry")
+    assert f"at L=1024, where compute is counted, it keeps {100 * share:.0f}% of dense's entries" in caveat
+    assert "--seq-len 1024" in caveat
+    assert "Caveat: its accuracy was trained at L=256" in (deploy / "report.html").read_text()
+    assert "Caveat: Its accuracy was trained at L=256" in export_run(deploy, fmt="python").read_text()
 
 
 def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:

@@ -355,6 +355,28 @@ class RunOutputs:
         found = simplest_equivalent(config, lengths)
         return None if found is None else found[1]
 
+    def unmeasured_at_target(self, config: AttentionConfig) -> str | None:
+        """Where ``config``'s accuracy says little about the length compute is counted at: its mask
+        keeps every entry at the task's length (it trained as dense attention) but not at the target
+        length (BigBird(32, 4, 3): dense at L=256, 13% of dense's entries at L=4096); else ``None``."""
+        from attn_search.engine.patterns import keeps_everything, pattern_entries
+
+        task_len, target = self.task_len(), self.space.target_len
+        if not task_len or not target or target == task_len or config.pattern == "dense":
+            return None
+        pattern, causal, params = config.pattern, config.causal, config.pattern_params()
+        if not keeps_everything(pattern, task_len, causal=causal, **params) or keeps_everything(
+            pattern, target, causal=causal, **params
+        ):
+            return None
+        share = pattern_entries(pattern, target, causal=causal, **params) / pattern_entries(
+            "dense", target, causal=causal
+        )
+        return (f"its accuracy was trained at L={task_len}, where {config.describe()} keeps every entry as dense "
+                f"attention does; at L={target}, where compute is counted, it keeps {100 * share:.0f}% of dense's "
+                f"entries, and its accuracy there is not measured (attn-search confirm RUN_DIR --seq-len {target} "
+                "retrains the front at that length)")  # fmt: skip
+
     def hypervolume(self, df: pd.DataFrame) -> float:
         return hypervolume_of(df, self.space, self.bounds)
 
@@ -427,9 +449,11 @@ def export_dict(row: pd.Series, outputs: RunOutputs, select: str) -> dict[str, A
     provenance, with the task actually searched."""
     config = row_config(row)
     same = outputs.equivalent(config)
+    unmeasured = outputs.unmeasured_at_target(config)
     return {
         "config": config.to_dict(),
         **({"equivalent": same} if same else {}),
+        **({"caveat": unmeasured[0].upper() + unmeasured[1:]} if unmeasured else {}),
         "metrics": {
             m: _plain(row[m]) for m in [*METRIC_COLUMNS, "accuracy_sd", "seeds"] if m in row and not pd.isna(row[m])
         },
@@ -676,6 +700,11 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
                 else ""
             )
             + _dense_note(outputs, cfg, best)
+            + (
+                f"<b>Caveat: {html.escape(unmeasured)}.</b> "
+                if (unmeasured := outputs.unmeasured_at_target(cfg))
+                else ""
+            )
             + "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "
             "turns it into a torch module.</p>"
         )
