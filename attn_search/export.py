@@ -113,7 +113,8 @@ absolute positions, the same at any sequence length.
 out, with this pattern; ``build_model()`` returns the searched model, and
 ``load_searched(model, state_dict)`` loads weights trained by attn_search into it. Attention runs
 on the path that skips what the pattern skips: FlexAttention with its BlockMask on CUDA, the
-pattern's tiles on CPU, SDPA's fused kernel where the mask keeps every entry.
+pattern's tiles on CPU (SDPA over the pattern's mask where the tiles would cover most of the tile grid),
+SDPA's fused kernel where the mask keeps every entry.
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def main() -> None:
                             jobs.append((files[p], strategy, seed, b, options, configs))
                             keys.append((f, length, Path(p).stem, strategy, seed, b))
     # a finished search is cached by what determines it (table file, strategy, seed, trials, agent
-    # file hash, portfolio), so a stopped benchmark resumes and a new table reruns nothing else
+    # file hash, portfolio or head, and for ppo the proposer's code: code_version + proposer_version),
+    # so a stopped benchmark resumes and a new table reruns nothing else
     cache_path = Path(args.agents_dir) / "family_out_cache.jsonl"
     cache = {}
     if cache_path.is_file():

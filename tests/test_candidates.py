@@ -171,15 +171,22 @@ def test_a_family_out_agent_never_saw_its_family(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("space", [TINY, "full"], ids=["custom-yaml", "full"])
 def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
-    tmp_path: Path, space: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, space: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from attn_search.report.outputs import load_run
     from attn_search.search.loop import SearchOptions, run_search
 
     assert C.SHIPPED.is_file() and C.provenance(C.SHIPPED) is not None, "make agent"
     out = tmp_path / "run"
+    generators = []
+    choose = C.choose
+    monkeypatch.setattr(
+        C, "choose", lambda policy, feats, rng=None: generators.append(rng) or choose(policy, feats, rng)
+    )
     run_search(SearchOptions(space=space, strategy="ppo", trials=7, steps=2, pruner="none", confirm=0,
                              out=str(out)))  # fmt: skip
+    # the policy was asked for each of its proposals and drew with the search's generator (not its argmax)
+    assert generators and all(isinstance(g, np.random.Generator) for g in generators)
     said = capsys.readouterr().out
     assert "the candidate policy candidate-ppo.zip, meta-trained on" in said and "untrained" not in said
     study = load_run(out)[0]

@@ -63,3 +63,25 @@ def test_the_cuda_mask_mod_reads_the_table_and_clamps_positions_past_the_end() -
     assert torch.equal(mod(zero, zero, q, kv), mask)
     far = torch.tensor([200, 255, 149])
     assert torch.equal(mod(far, far, far, torch.tensor([3, 255, 0])), mask[[149, 149, 149], [3, 149, 0]])
+
+
+def test_the_cpu_path_follows_the_tile_grid_and_attention_dropout() -> None:
+    """SDPA over the mask where the tiles would cover most of the grid (a window of 8 at L=200),
+    the tiles where they are few (at L=1024), and the tiles whenever the layer drops keys (a drawn
+    L x L mask would cost more). A length that is not a multiple of the tile adds no tile: padded
+    query rows see only their own padded key."""
+    from attn_search.engine.patterns import pattern_rule
+    from attn_search.engine.plain import MAX_TILE_DENSITY, PatternAttention
+
+    def rule_of(L: int, dev: torch.device):  # type: ignore[no-untyped-def]
+        return pattern_rule("window", L, causal=True, device=dev, window=8)
+
+    def path(L: int, drop: float) -> str:
+        return PatternAttention(32, 2, rule_of, attn_dropout=drop)._plan(L, torch.device("cpu"))[2][0]
+
+    assert Tiles(pattern_mask("window", 200, causal=True, window=8)).density > MAX_TILE_DENSITY
+    assert (path(200, 0.0), path(200, 0.1), path(1024, 0.0)) == ("masked", "tiles", "tiles")
+    # 4 query tiles of 64 at L=200 as at 256, each with 2 key tiles (the diagonal and the one below,
+    # the first one's padded): 8 of 16 either way (before, L=200's padded rows also needed key tile 0)
+    assert Tiles(pattern_mask("window", 200, causal=True, window=8)).density == pytest.approx(8 / 16)
+    assert Tiles(pattern_mask("window", 256, causal=True, window=8)).density == pytest.approx(8 / 16)

@@ -816,6 +816,11 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     assert "--seq-len 1024" in caveat
     assert "Caveat: its accuracy was trained at L=256" in (deploy / "report.html").read_text()
     assert "Caveat: Its accuracy was trained at L=256" in export_run(deploy, fmt="python").read_text()
+    from attn_search.confirm import confirm_scale
+
+    confirm_scale(deploy, seq_len=1024, steps=2, say=lambda _: None)  # measured there now: the caveat says what
+    caveat = yaml.safe_load((deploy / "best_config.yaml").read_text())["caveat"]
+    assert "retrained there (confirm --seq-len 1024) it reached accuracy" in caveat and "not measured" not in caveat
 
 
 def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ Attention takes the path that saves the compute the pattern skips on each device
   dropout is DropKey inside the kernel (a ``score_mod`` drawing from a counter-based hash);
 * CPU: the pattern's tiles (:class:`Tiles`): query tiles grouped by the key tiles they need,
   gathered, attended in cache-sized chunks (PyTorch has no CPU backward for FlexAttention); where
-  more than :data:`MAX_TILE_DENSITY` of the tile grid would be computed (short sequences), SDPA
-  over the pattern's mask, as the search's own kernel choice does;
+  more than :data:`MAX_TILE_DENSITY` of the tile grid would be computed (short sequences) and the
+  layer has no attention dropout, SDPA over the pattern's mask (the search's own kernel choice
+  switches likewise, at its own kernel's crossover);
 * a mask that keeps every entry at the length in use: SDPA's fused dense kernel.
 
 ``tests/test_export.py`` checks that this model, given the search's weights (``load_searched``),
@@ -80,7 +81,8 @@ class Tiles:
         self.L, self.padded = L, n * tile
         full = torch.zeros(self.padded, self.padded, dtype=torch.bool, device=mask.device)
         full[:L, :L] = mask
-        full[L:, 0] = True  # padded query rows see one key (no NaN); their outputs are cut off
+        pad = torch.arange(L, self.padded, device=mask.device)
+        full[pad, pad] = True  # padded query rows see their own padded key (no NaN, no extra tile); cut off
         needed = full.view(n, tile, n, tile).any(3).any(1)  # (n, n): query tile a needs key tile b
         counts = needed.sum(1).tolist()
         order = sorted(range(n), key=lambda a: -counts[a])
@@ -237,8 +239,9 @@ class PatternAttention(nn.Module):
                 block_mask = create_block_mask(table_mask_mod(mask), None, None, L, L, device=device)
                 path = ("flex", block_mask, mask)
             else:
-                tiles = Tiles(mask)
-                path = ("tiles", tiles, mask) if tiles.density <= MAX_TILE_DENSITY else ("masked", None, mask)
+                tiles = Tiles(mask)  # (with attention dropout always: a drawn L x L mask costs more)
+                masked = tiles.density > MAX_TILE_DENSITY and self.attn_dropout == 0
+                path = ("masked", None, mask) if masked else ("tiles", tiles, mask)
             self._plans[L, device] = (cos, sin, path)
         return self._plans[L, device]
 

@@ -355,10 +355,11 @@ class RunOutputs:
         found = simplest_equivalent(config, lengths)
         return None if found is None else found[1]
 
-    def unmeasured_at_target(self, config: AttentionConfig) -> str | None:
+    def unmeasured_at_target(self, config: AttentionConfig, trial: int | None = None) -> str | None:
         """Where ``config``'s accuracy says little about the length compute is counted at: its mask
         keeps every entry at the task's length (it trained as dense attention) but not at the target
-        length (BigBird(32, 4, 3): dense at L=256, 13% of dense's entries at L=4096); else ``None``."""
+        length (BigBird(32, 4, 3): dense at L=256, 13% of dense's entries at L=4096); else ``None``.
+        Once ``confirm --seq-len`` has retrained ``trial`` at the target length, says what it measured."""
         from attn_search.engine.patterns import keeps_everything, pattern_entries
 
         task_len, target = self.task_len(), self.space.target_len
@@ -372,10 +373,18 @@ class RunOutputs:
         share = pattern_entries(pattern, target, causal=causal, **params) / pattern_entries(
             "dense", target, causal=causal
         )
-        return (f"its accuracy was trained at L={task_len}, where {config.describe()} keeps every entry as dense "
+        said = (f"its accuracy was trained at L={task_len}, where {config.describe()} keeps every entry as dense "
                 f"attention does; at L={target}, where compute is counted, it keeps {100 * share:.0f}% of dense's "
-                f"entries, and its accuracy there is not measured (attn-search confirm RUN_DIR --seq-len {target} "
-                "retrains the front at that length)")  # fmt: skip
+                "entries")  # fmt: skip
+        scale = self.run_dir / SCALE_FILE
+        if trial is not None and scale.is_file():
+            rows = pd.read_csv(scale)
+            rows = rows[(rows["trial"] == trial) & (rows["seq_len"] == target) & (rows["d_model"] == config.d_model)
+                        & (rows["n_layers"] == config.n_layers)]  # fmt: skip
+            if not rows.empty:
+                return f"{said}, and retrained there (confirm --seq-len {target}) it reached accuracy {float(rows[M.ACCURACY].iloc[-1]):.3f}"
+        return (f"{said}, and its accuracy there is not measured (attn-search confirm {self.run_dir} --seq-len "
+                f"{target} retrains the front at that length)")  # fmt: skip
 
     def hypervolume(self, df: pd.DataFrame) -> float:
         return hypervolume_of(df, self.space, self.bounds)
@@ -449,7 +458,7 @@ def export_dict(row: pd.Series, outputs: RunOutputs, select: str) -> dict[str, A
     provenance, with the task actually searched."""
     config = row_config(row)
     same = outputs.equivalent(config)
-    unmeasured = outputs.unmeasured_at_target(config)
+    unmeasured = outputs.unmeasured_at_target(config, int(row["trial"]))
     return {
         "config": config.to_dict(),
         **({"equivalent": same} if same else {}),
@@ -702,7 +711,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
             + _dense_note(outputs, cfg, best)
             + (
                 f"<b>Caveat: {html.escape(unmeasured)}.</b> "
-                if (unmeasured := outputs.unmeasured_at_target(cfg))
+                if (unmeasured := outputs.unmeasured_at_target(cfg, int(best["trial"])))
                 else ""
             )
             + "Written to <code>best_config.yaml</code>; <code>attn-search export RUN_DIR --format python</code> "

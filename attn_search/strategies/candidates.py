@@ -18,7 +18,7 @@ search space. Here:
   reached its mean or its mean plus one or two standard deviations, and the budget used.
 * **Policy** (:class:`CandidatePolicy`): one small MLP scores every candidate (shared weights, so
   the candidates' order and number do not matter), plus a learned multiple of the optimistic
-  hypervolume gain, so that an untrained policy starts as a greedy UCB-style acquisition and
+  hypervolume gain, so that an untrained policy starts near a UCB-style acquisition and
   meta-training learns what to change. A stable-baselines3 PPO ``ActorCriticPolicy``.
 * **Meta-training** (:func:`meta_train`): PPO on :class:`CandidateEnv` episodes, each a search of
   one recorded table (one task family) with a budget of 10, 20 or 50 trials and compute counted
