@@ -382,7 +382,8 @@ class RunOutputs:
             rows = rows[(rows["trial"] == trial) & (rows["seq_len"] == target) & (rows["d_model"] == config.d_model)
                         & (rows["n_layers"] == config.n_layers)]  # fmt: skip
             if not rows.empty:
-                return f"{said}, and retrained there (confirm --seq-len {target}) it reached accuracy {float(rows[M.ACCURACY].iloc[-1]):.3f}"
+                measured = float(rows[M.ACCURACY].iloc[-1])
+                return f"{said}, and retrained there (confirm --seq-len {target}) it reached accuracy {measured:.3f}"
         return (f"{said}, and its accuracy there is not measured (attn-search confirm {self.run_dir} --seq-len "
                 f"{target} retrains the front at that length)")  # fmt: skip
 

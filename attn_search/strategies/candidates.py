@@ -12,7 +12,8 @@ search space. Here:
   regularisation. Two configurations with the same mask have the same descriptor.
 * **Surrogate**: a Gaussian process on the descriptors of the search so far (Matern 5/2, its
   length scale chosen by marginal likelihood, its amplitude the spread of the accuracies seen but at
-  least :attr:`GP.SD_FLOOR`), giving each candidate a predicted accuracy and an uncertainty. Compute is known before training (analytic FLOPs, at the length that counts).
+  least :attr:`GP.SD_FLOOR`), giving each candidate a predicted accuracy and an uncertainty.
+  Compute is known before training (analytic FLOPs, at the length that counts).
 * **Features** per candidate (:data:`FEATURES`): the surrogate's mean and uncertainty, the
   predicted improvement, the candidate's compute, the front's hypervolume gain if the candidate
   reached its mean or its mean plus one or two standard deviations, and the budget used.
@@ -27,8 +28,9 @@ search space. Here:
 
 The strategy (:class:`CandidateStrategy`, ``--strategy ppo``) queries the policy in :meth:`ask`
 and draws a candidate from its distribution with the search's seeded generator, as PPO acted in
-meta-training (:func:`choose`): no thread, no environment of its own. Its candidates are the untried rows of a table (replays)
-or draws from the space (real searches), so it works on any space.
+meta-training (:func:`choose`): no thread, no environment of its own. Its candidates are the
+untried rows of a table (replays) or draws from the space (real searches), so it works on any
+space.
 """
 
 from __future__ import annotations
