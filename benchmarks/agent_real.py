@@ -46,6 +46,7 @@ def search(strategy: str, seed: int, args: argparse.Namespace, out: Path, thread
     cmd = [sys.executable, str(ROOT / "run_search.py"), "--space", "sparse", "--strategy", strategy,
            "--seed", str(seed), "--trials", str(args.trials), "--preset", "default", "--steps", str(args.steps),
            "--pruner", "none", "--time-budget", "1e9", "--confirm", "0", "--device", "cpu", "--task", args.task,
+           "--compute", "flops",  # its recorded figures count the whole model's FLOPs
            "--out", str(out),
            "--quiet"]  # fmt: skip
     for kv in args.task_param:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in concurrent.futures.as_completed(futures):
             s, seed = futures[f]
             print(f"  {s} seed {seed}: {f.result():.0f} s ({time.perf_counter() - start:.0f} s in all)", flush=True)
-    space = load_space("sparse")
+    space = load_space("sparse").with_compute("flops")
     task_kwargs = dict(kv.split("=", 1) for kv in args.task_param)
     kwargs = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in task_kwargs.items()}
     evaluator = TrainingEvaluator(space, task=args.task, task_kwargs=kwargs)

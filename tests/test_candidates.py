@@ -3,6 +3,7 @@ provenance and the family-out guard, and searches on spaces it was never trained
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -196,3 +197,34 @@ def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
     heads = 5 if space == "full" else 0
     assert len(ran) == 7 and by == ["ppo-head"] * heads + ["ppo"] * (7 - heads)
     assert len({json.dumps(t.params, sort_keys=True) for t in ran}) == 7
+
+
+def test_the_policy_sees_the_same_costs_under_either_flops_where_width_and_depth_are_fixed(tmp_path: Path) -> None:
+    """The candidate policy weighs candidates by the search's own compute objective, normalised over
+    the space. On the sparse space (width and depth fixed) attention FLOPs and the whole model's
+    differ by a constant, so the policy sees the same costs under either; on the full space, where
+    width and depth vary, they rank candidates differently, and the strategy counts the one searched."""
+    from attn_search.engine.cost import analytic_compute
+    from attn_search.search.space import load_space
+    from attn_search.strategies.base import StrategyContext
+
+    def costs(name: str, compute: str) -> tuple[list[float], list[float]]:
+        space = load_space(name).with_compute(compute)
+        if space.target_len:  # (1024, not 4096: counting 4096^2 masks of ~600 drawn configurations takes 40 s)
+            space = dataclasses.replace(space, target_len=1024)
+        context = StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False,
+                                  compute=compute, options={"agent": "none"})  # fmt: skip
+        strategy = C.CandidateStrategy(context)
+        configs = [space.make_config(strategy._draw(), seed=0) for _ in range(40)]
+        assert [strategy._cost(c) for c in configs] == [
+            analytic_compute(space.metrics[1], c, seq_len=space.target_len or 256, n_classes=strategy.n_classes)
+            for c in configs
+        ]
+        return [strategy._norm_cost(strategy._cost(c)) for c in configs], [float(c.d_model) for c in configs]
+
+    whole, _ = costs("sparse", "flops")
+    attention, _ = costs("sparse", "attn_flops")
+    assert np.allclose(whole, attention, atol=1e-9) and np.ptp(attention) > 0.5
+    whole, widths = costs("full", "flops")
+    attention, _ = costs("full", "attn_flops")
+    assert len(set(widths)) > 1 and not np.allclose(whole, attention, atol=0.05)

@@ -5,7 +5,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from attn_search import AttentionConfig, build_model, make_task, model_flops, pattern_density
-from attn_search.engine.cost import attention_flops, measure_latency_ms, peak_memory_mb
+from attn_search.engine.cost import (
+    analytic_compute,
+    attention_flops,
+    measure_latency_ms,
+    model_attention_flops,
+    peak_memory_mb,
+)
 
 
 @pytest.mark.parametrize("d_model,n_layers,n_heads,L", [(64, 1, 4, 128), (32, 3, 2, 200), (96, 2, 6, 64)])
@@ -28,6 +34,9 @@ def test_analytic_flops_match_flop_counter_on_dense_path(d_model: int, n_layers:
     measured_per_seq = counter.get_total_flops() / 3
     analytic = model_flops(config, seq_len=L, n_classes=task.n_classes)
     assert analytic == pytest.approx(measured_per_seq, rel=0.05)
+    # attn_flops is the attention kernel's share of that count alone (the projections are the rest)
+    sdpa = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" in str(op)) / 3
+    assert sdpa > 0 and model_attention_flops(config, seq_len=L) == pytest.approx(sdpa, rel=1e-6)
 
 
 def test_sparse_flops_count_only_kept_entries() -> None:
@@ -41,6 +50,26 @@ def test_sparse_flops_count_only_kept_entries() -> None:
     # the projections are the same, so whole-model flops differ by exactly the attention term
     diff = model_flops(dense, seq_len=L, n_classes=10) - model_flops(window, seq_len=L, n_classes=10)
     assert diff == attention_flops(dense, L) - attention_flops(window, L)
+
+
+def test_attention_flops_rank_like_model_flops_and_their_ratio_does_not_depend_on_width() -> None:
+    """Within a width and depth the two analytic metrics differ by the same amount for every pattern
+    (so a normalised front is the same under either); between patterns, attention FLOPs keep the
+    entries' ratio at any width, while the whole model's ratio shrinks as the projections grow."""
+    L = 4096
+    patterns = [dict(pattern="window", window=8), dict(pattern="bigbird", block_size=32, n_global=4, n_random=3),
+                dict(pattern="dilated", window=128, dilation=4), dict(pattern="dense")]  # fmt: skip
+    ratios = {}
+    for d in (64, 512):
+        configs = [AttentionConfig(d_model=d, n_heads=4, n_layers=2, **p) for p in patterns]  # type: ignore[arg-type]
+        whole = [model_flops(c, seq_len=L, n_classes=32) for c in configs]
+        attn = [analytic_compute("attn_flops", c, seq_len=L, n_classes=32) for c in configs]
+        assert len({w - a for w, a in zip(whole, attn, strict=True)}) == 1
+        ratios[d] = (attn[-1] / attn[0], whole[-1] / whole[0])
+    assert ratios[64][0] == pytest.approx(ratios[512][0]) and ratios[64][0] > 200  # dense / window(8): entries
+    assert ratios[64][1] < 7 and ratios[512][1] < ratios[64][1]  # the whole model's: 6x at d=64, less when wider
+    with pytest.raises(ValueError, match="measured, not counted"):
+        analytic_compute("latency_ms", configs[0], seq_len=L, n_classes=32)
 
 
 def test_latency_is_a_median_of_timed_runs() -> None:

@@ -196,7 +196,7 @@ def test_ppo_pretrained_on_a_table_then_loaded_from_zip(tmp_path: Path, table: P
 def test_rl_strategy_errors(tmp_path: Path) -> None:
     from attn_search.search.loop import SearchOptions, UsageError, run_search
 
-    with pytest.raises(UsageError, match="needs --compute flops or params"):
+    with pytest.raises(UsageError, match="needs --compute flops, attn_flops or params"):
         run_search(
             SearchOptions(space=TINY, strategy="ppo-grid", compute="latency", out=str(tmp_path / "a"), quiet=True)
         )
@@ -287,6 +287,10 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
 
     fits = {name: shipped_agent("ppo-grid", load_space(name)) is not None for name in SHIPPED_SPACES}
     assert fits["sparse"], "the shipped agent must fit the sparse space (make agent)"
+    # trained against flops, it serves the sparse space's attn_flops (a constant apart there), not latency
+    sparse = load_space("sparse")
+    assert shipped_agent("ppo-grid", sparse, "attn_flops") == shipped_agent("ppo-grid", sparse, "flops")
+    assert shipped_agent("ppo-grid", sparse, "latency") is None
     for name in [n for n, ok in fits.items() if ok]:
         space = load_space(name)
         path, info = shipped_agent("ppo-grid", space)  # type: ignore[misc]

@@ -57,7 +57,7 @@ def brute_hypervolume(points: list[tuple[float, float]], lo: float, hi: float) -
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory: pytest.TempPathFactory) -> list[Table]:
     tmp = tmp_path_factory.mktemp("tables")
-    space = load_space("sparse")
+    space = load_space("sparse").with_compute("flops")  # as benchmarks/strategies.py counts it
     return [Table(write_table(tmp / "a.csv"), space), Table(write_table(tmp / "b.csv", shift=0.3), space)]
 
 
@@ -187,7 +187,7 @@ def test_a_table_search_replays_each_trials_recorded_rungs_to_the_loops_early_st
 
     table = tables[0]
     out = tmp_path / "run"
-    run_search(SearchOptions(space="sparse", evaluator=f"table:{table.path}", strategy="random", trials=16, seed=2,
+    run_search(SearchOptions(space="sparse", evaluator=f"table:{table.path}", strategy="random", trials=16, seed=2, compute="flops",
                              out=str(out), quiet=True))  # fmt: skip
     trials = pd.read_csv(out / "trials.csv")
     lookup = TableEvaluator(table.path, table.space)
@@ -200,3 +200,26 @@ def test_a_table_search_replays_each_trials_recorded_rungs_to_the_loops_early_st
         assert (row["steps"] < 120) == (row["state"] == "pruned")
     again = replay(table, "random", trials=16, seed=2, early_stopping=True)
     assert again.pruned == len(pruned) and again.steps[-1] == int(trials["steps"].sum())
+
+
+def test_a_table_recorded_without_attention_flops_counts_them_at_its_recorded_length() -> None:
+    """The shipped tables predate the ``attn_flops`` column: a lookup counts it from each row's
+    configuration at the length the table's header names (L=64 here, not the space's task's 256),
+    so a table search on the sparse space (whose objective it is) ranks compute as a trial would."""
+    from attn_search.engine.cost import model_attention_flops
+    from attn_search.engine.metrics import ATTN_FLOPS
+
+    space = load_space("sparse")
+    assert space.metrics == ["accuracy", ATTN_FLOPS]
+    path = Path(__file__).resolve().parents[1] / "tables" / "ngram-64.csv"
+    assert ATTN_FLOPS not in pd.read_csv(path, comment="#", nrows=1).columns
+    lookup = TableEvaluator(path, space)
+    for _, row in lookup.frame.sample(20, random_state=0).iterrows():
+        values = {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
+        assert lookup(space.make_config(values), values)[ATTN_FLOPS] == model_attention_flops(
+            space.make_config(values), seq_len=64
+        )
+    low, high = lookup.bounds(space, ATTN_FLOPS, [])
+    assert high / low > 4  # at L=64 the grid's attention spans 4x and more; its whole model's FLOPs 1.1x
+    whole = lookup.frame["flops"]
+    assert whole.max() / whole.min() < 1.2

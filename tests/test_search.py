@@ -586,7 +586,7 @@ def test_the_default_pick_does_not_give_up_large_accuracy_for_small_compute() ->
     chooses among points within 95% of the best accuracy, ``knee=0`` is the plain knee."""
     from attn_search.report.outputs import describe_selection, parse_selection, select_row
 
-    space = load_space("sparse")
+    space = load_space("sparse").with_compute("flops")
     front = pd.DataFrame({"trial": [0, 1, 2, 3], "state": "complete", "feasible": True,
                           "accuracy": [0.35, 0.665, 0.912, 1.0], "flops": [2.67e7, 2.70e7, 3.08e7, 3.24e7]})  # fmt: skip
     assert int(select_row(front, space, "knee=0")["trial"]) == 1
@@ -868,3 +868,34 @@ def test_the_run_record_is_written_and_read_through_one_type(tmp_path: Path) -> 
         RunRecord.read(out)
     with pytest.raises(ValueError, match=r"no run\.json"):
         RunRecord.read(tmp_path)
+
+
+def test_the_sparse_space_counts_attention_flops_and_a_resume_keeps_the_runs_compute(tmp_path: Path) -> None:
+    """With no --compute the sparse space's own objective, attention FLOPs, is searched and counted at
+    the target length; run.json records the choice, so a run started with --compute flops resumes
+    with flops when the flag is not given again (and the space's fingerprint still matches)."""
+    import optuna
+
+    from attn_search.engine.cost import model_attention_flops
+
+    space = load_space("sparse")
+    out = tmp_path / "attn"
+    run_search(SearchOptions(space="sparse", strategy="random", trials=2, steps=2, pruner="none", confirm=0,
+                             target_len=1024, out=str(out), quiet=True, attention_picture=False))  # fmt: skip
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
+    assert study.metric_names == ["accuracy", "attn_flops"]
+    assert json.loads((out / "run.json").read_text())["options"]["compute"] == "attn_flops"
+    trials = pd.read_csv(out / "trials.csv")
+    for _, t in trials.iterrows():
+        values = {p.name: t[p.name] for p in space.params if not pd.isna(t[p.name])}
+        config = space.make_config(values)
+        assert t["attn_flops"] == model_attention_flops(config, seq_len=1024) < t["flops"]
+    assert "Its attention costs" in (out / "report.html").read_text()  # of dense's attention FLOPs at L=1024
+
+    whole = tmp_path / "whole"
+    options = dict(space="sparse", strategy="random", steps=2, pruner="none", confirm=0, target_len=1024,
+                   out=str(whole), quiet=True, attention_picture=False)  # fmt: skip
+    run_search(SearchOptions(**options, trials=1, compute="flops"))  # type: ignore[arg-type]
+    run_search(SearchOptions(**options, trials=2, resume=True))  # type: ignore[arg-type]
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{whole / 'study.db'}")
+    assert study.metric_names == ["accuracy", "flops"] and len(study.trials) == 2

@@ -11,6 +11,9 @@
   ``P V`` summed over heads. Embeddings, LayerNorm, softmax and GELU are not counted (as
   ``torch.utils.flop_counter`` does not count them either). Checked against ``FlopCounterMode``
   on the dense path in tests.
+* :func:`model_attention_flops` — the ``4 E d`` term alone, every layer (the ``attn_flops``
+  metric): what the pattern changes. The sparse space counts compute this way, since its width and
+  depth are fixed and ``flops`` would add the same projections to every configuration.
 * :func:`measure_latency` — median wall time of forward passes after warm-up, and their spread.
 * :func:`peak_memory_mb` — peak memory a callable adds: on CUDA, ``max_memory_allocated`` above
   the memory allocated before; on Linux CPUs, the growth of the process's peak resident set
@@ -36,6 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.patterns import pattern_entries
 
@@ -53,6 +57,21 @@ def model_flops(config: AttentionConfig, *, seq_len: int, n_classes: int) -> int
     d = config.d_model
     per_layer = 24 * seq_len * d * d + attention_flops(config, seq_len)
     return config.n_layers * per_layer + 2 * seq_len * d * n_classes
+
+
+def model_attention_flops(config: AttentionConfig, *, seq_len: int) -> int:
+    """Forward FLOPs of the attention products, every layer, one sequence (``n_layers * 4 E d``)."""
+    return config.n_layers * attention_flops(config, seq_len)
+
+
+def analytic_compute(metric: str, config: AttentionConfig, *, seq_len: int, n_classes: int) -> float:
+    """``metric`` (``flops`` or ``attn_flops``, :data:`~attn_search.engine.metrics.ANALYTIC`) of
+    ``config`` at ``seq_len``."""
+    if metric == M.FLOPS:
+        return float(model_flops(config, seq_len=seq_len, n_classes=n_classes))
+    if metric == M.ATTN_FLOPS:
+        return float(model_attention_flops(config, seq_len=seq_len))
+    raise ValueError(f"{metric} is measured, not counted: analytic compute is flops or attn_flops")
 
 
 def _sync(device: torch.device) -> None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 ACCURACY = "accuracy"
 FLOPS = "flops"
+ATTN_FLOPS = "attn_flops"
+"""Forward FLOPs of the attention products alone (``Q K^T`` and ``P V``, every layer): the part of
+``flops`` a sparsity pattern changes. The rest of ``flops`` (projections, MLP, classifier) is the
+same for every configuration of a space with fixed width and depth, so the two rank a front alike,
+but this one shows what a pattern saves and carries over to a wider model: its ratio between two
+patterns does not depend on ``d_model``."""
 PARAMS = "params"
 LATENCY_MS = "latency_ms"
 PEAK_MEM_MB = "peak_mem_mb"
@@ -25,6 +31,7 @@ MINIMIZE = "minimize"
 DIRECTIONS: dict[str, str] = {
     ACCURACY: MAXIMIZE,
     FLOPS: MINIMIZE,
+    ATTN_FLOPS: MINIMIZE,
     PARAMS: MINIMIZE,
     LATENCY_MS: MINIMIZE,
     PEAK_MEM_MB: MINIMIZE,
@@ -33,11 +40,23 @@ DIRECTIONS: dict[str, str] = {
 
 COMPUTE_OBJECTIVES: dict[str, str] = {
     "flops": FLOPS,
+    "attn_flops": ATTN_FLOPS,
     "latency": LATENCY_MS,
     "memory": PEAK_MEM_MB,
     "params": PARAMS,
 }
 """``--compute`` choices and the metric each one minimises."""
+
+ANALYTIC = (FLOPS, ATTN_FLOPS)
+"""Compute metrics counted from the configuration alone (no measurement): a range over the space is
+known before any trial, and an agent trained against one serves the other where width and depth
+are fixed (they differ by a constant there, which a normalised range removes)."""
+
+
+def compute_choice(metric: str) -> str:
+    """The ``--compute`` choice that minimises ``metric`` (``flops``, ``attn_flops``, ``latency``...)."""
+    return {m: c for c, m in COMPUTE_OBJECTIVES.items()}[metric]
+
 
 # Trial states
 COMPLETE = "complete"

@@ -27,7 +27,13 @@ import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import measure_latency, model_flops, peak_memory_mb, training_state_mb
+from attn_search.engine.cost import (
+    measure_latency,
+    model_attention_flops,
+    model_flops,
+    peak_memory_mb,
+    training_state_mb,
+)
 from attn_search.engine.model import AttentionModel, build_model, count_params, member_losses, shape_key
 from attn_search.engine.tasks import IGNORE, Task, make_task
 
@@ -543,7 +549,7 @@ class Population:
         figures = {M.PARAMS: float(count_params(self.model))}
         if bud.target_len is None:
             figures.update({M.FLOPS: float(model_flops(config, seq_len=L, n_classes=self.task.n_classes)),
-                            **self.pop_figures})  # fmt: skip
+                            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=L)), **self.pop_figures})  # fmt: skip
         else:  # each member alone at the user's length (its own pattern's cost); accuracy where it trains
             figures.update(measure_at_length(config, self.task, bud.target_len, device=self.dev,
                                              batch=target_batch(bud, L), kernel=self.kernel))  # fmt: skip
@@ -977,7 +983,7 @@ def measure_at_length(
     config: AttentionConfig, task: Task, length: int, *, device: torch.device, batch: int, kernel: str = "auto"
 ) -> dict[str, float]:
     """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
-    analytic ``flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
+    analytic ``flops`` and ``attn_flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
     (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` with the
     attention kernel a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
     Pattern parameters are absolute: a window of 46 stays 46 at any length."""
@@ -994,7 +1000,8 @@ def measure_at_length(
     latency, spread = measure_latency(forward, device=device)
     _, peak = peak_memory_mb(forward, device=device)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {M.FLOPS: float(model_flops(config, seq_len=length, n_classes=task.n_classes)), M.LATENCY_MS: latency,
+    return {M.FLOPS: float(model_flops(config, seq_len=length, n_classes=task.n_classes)),
+            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=length)), M.LATENCY_MS: latency,
             M.LATENCY_SPREAD: spread, M.PEAK_MEM_MB: weights_mb + (0.0 if math.isnan(peak) else peak)}  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from attn_search.search.pareto import knee_point, normalized_hypervolume, pareto
 from attn_search.search.rundir import RUN_FILE, RunRecord
 from attn_search.search.space import SearchSpace, parse_space
 
-METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
+METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.ATTN_FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS, M.LATENCY_SPREAD]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
@@ -47,7 +47,7 @@ savings (a window at 0.67 chosen over BigBird at 0.91-1.00 for 14-20% more FLOPs
 
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
     """``knee`` (``knee=F``: accuracy floor F of the best, default :data:`KNEE_MIN_ACCURACY`),
-    ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|latency|memory|params>=N``."""
+    ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|attn_flops|latency|memory|params>=N``."""
     if rule in SELECTIONS:
         return rule, None, KNEE_MIN_ACCURACY if rule == "knee" else None
     if rule.startswith("knee="):
@@ -67,7 +67,7 @@ def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
                 pass
     raise ValueError(
         f"--select {rule!r} is unknown: use knee (or knee=F, F in [0, 1]), max-accuracy, min-compute or "
-        "max-accuracy-under-flops=N (also -latency=, -memory=, -params=)"
+        "max-accuracy-under-flops=N (also -attn_flops=, -latency=, -memory=, -params=)"
     )
 
 
@@ -337,16 +337,18 @@ class RunOutputs:
                 self._dims = (None, None)
         return self._dims
 
-    def dense_share(self, config: AttentionConfig, flops: float) -> tuple[float, int] | None:
-        """``flops`` as a fraction of dense attention's (``config`` with the dense pattern) at the
-        length compute is counted (the target length, else the task's), and that length."""
-        from attn_search.engine.cost import model_flops
+    def dense_share(self, config: AttentionConfig, value: float, metric: str = M.FLOPS) -> tuple[float, int] | None:
+        """``value`` of ``metric`` (``flops`` or ``attn_flops``) as a fraction of dense attention's
+        (``config`` with the dense pattern) at the length compute is counted (the target length,
+        else the task's), and that length."""
+        from attn_search.engine.cost import analytic_compute
 
         task_len, n_classes = self._task_dims()
         length = self.space.target_len or task_len
         if length is None or n_classes is None:
             return None
-        return float(flops) / float(model_flops(as_dense(config), seq_len=length, n_classes=n_classes)), length
+        dense = analytic_compute(metric, as_dense(config), seq_len=length, n_classes=n_classes)
+        return float(value) / dense, length
 
     def equivalent(self, config: AttentionConfig) -> str | None:
         """``"dense: ... keeps every entry at L=256"`` where ``config``'s pattern computes dense
@@ -499,6 +501,13 @@ def _pattern_colors(patterns: Sequence[str]) -> dict[str, Any]:
     return {p: cmap(i % 10) for i, p in enumerate(sorted(set(patterns)))}
 
 
+def _spans_decade(values: pd.Series) -> bool:
+    """Whether positive ``values`` span more than 10x (the front plot then uses a log axis)."""
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    v = v[v > 0]
+    return bool(len(v) > 1 and v.max() > 10 * v.min())
+
+
 def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bounds | None = None,
                 best: pd.Series | None = None, task_len: int | None = None) -> None:  # fmt: skip
     """``pareto.png`` (the chosen point ``best`` starred), ``hypervolume.png``, the interactive
@@ -532,7 +541,11 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bou
     if best is not None:
         ax.scatter([best[compute]], [best[M.ACCURACY]], marker="*", s=260, color="crimson", edgecolors="black",
                    zorder=5, label="chosen (best_config.yaml)")  # fmt: skip
-    ax.set_xlabel(f"{compute} ({'lower is better'})")
+    at = f" at L={space.target_len}" if space.target_len else ""
+    log_x = _spans_decade(done[compute])
+    if log_x:  # attention FLOPs at a deployment length span 30x or more: a linear axis crowds the cheap end
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{compute}{at} (lower is better{', log scale' if log_x else ''})")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"attn_search: {space.name} ({len(done)} complete trials)")
     ax.grid(alpha=0.3)
@@ -583,7 +596,8 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bou
         pfig.add_trace(go.Scatter(x=[best[compute]], y=[best[M.ACCURACY]], mode="markers", name="chosen",
                                   marker={"symbol": "star", "size": 16, "color": "crimson"},
                                   text=[row_config(best).describe()], hoverinfo="text+x+y"))  # fmt: skip
-    pfig.update_layout(title=f"{space.name}: accuracy vs {compute}", xaxis_title=compute, yaxis_title="accuracy")
+    pfig.update_layout(title=f"{space.name}: accuracy vs {compute}{at}", xaxis_title=f"{compute}{at}",
+                       xaxis_type="log" if log_x else "linear", yaxis_title="accuracy")  # fmt: skip
     pfig.write_html(run_dir / "pareto.html", include_plotlyjs=True, full_html=True)
     if best is not None and task_len:
         write_pattern_picture(run_dir / "pattern.png", row_config(best), task_len, space.target_len)
@@ -734,7 +748,7 @@ framework overhead {overhead}.{_latency_note(df)}</p>
 <h2>Chosen configuration</h2>{best_html}{_img(run_dir / "pattern.png")}{_attention_section(run_dir, best)}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
-<h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
+<h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.ATTN_FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
 {_scale_section(run_dir)}
 <h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
 <p>{html.escape(HYPERVOLUME_DEFINITION)} {html.escape(_bounds_text(space, outputs.bounds))}</p>
@@ -751,18 +765,20 @@ compute; the report says so where none within the selection's accuracy floor doe
 
 def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series) -> str:
     """What the pick costs against dense attention at the length compute is counted ('' where the
-    compute objective is not FLOPs)."""
+    compute objective is not analytic FLOPs)."""
     compute = outputs.space.metrics[1] if len(outputs.space.metrics) > 1 else None
-    if compute != M.FLOPS or pd.isna(best.get(M.FLOPS)):
+    if compute not in M.ANALYTIC or pd.isna(best.get(compute)):
         return ""
-    share = outputs.dense_share(config, float(best[M.FLOPS]))
+    share = outputs.dense_share(config, float(best[compute]), compute)
     if share is None:
         return ""
     fraction, length = share
-    note = f"It costs {100 * fraction:.0f}% of dense attention's FLOPs at L={length}. "
+    what = "attention FLOPs" if compute == M.ATTN_FLOPS else "FLOPs"
+    subject = "Its attention" if compute == M.ATTN_FLOPS else "It"
+    note = f"{subject} costs {100 * fraction:.0f}% of dense attention's FLOPs at L={length}. "
     if fraction > DENSE_SHARE_WANTED:
         note += (f"<b>No configuration within the selection's accuracy floor costs {100 * DENSE_SHARE_WANTED:.0f}% "
-                 f"of dense's FLOPs or less at L={length}</b>: the cheaper ones on the front lose more accuracy than "
+                 f"of dense's {what} or less at L={length}</b>: the cheaper ones on the front lose more accuracy than "
                  "the rule allows (see the front below). ")  # fmt: skip
     return note
 
@@ -820,7 +836,7 @@ def target_note(space: SearchSpace) -> str:
     """What ``target_len`` means for the compute figures ('' without one)."""
     if space.target_len is None:
         return ""
-    return (f" Compute objectives (FLOPs; latency and memory of a forward pass) are at sequence length "
+    return (f" Compute objectives (FLOPs, attention FLOPs; latency and memory of a forward pass) are at sequence length "
             f"{space.target_len}, the target length; accuracy was trained at the task's length. Pattern parameters "
             "are absolute: a window of 46 covers 46 positions at any length.")  # fmt: skip
 

@@ -9,9 +9,11 @@ normalisation of the hypervolume (:func:`attn_search.search.pareto.normalized_hy
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +23,7 @@ import pandas as pd
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import model_flops
+from attn_search.engine.cost import analytic_compute, model_attention_flops
 from attn_search.engine.tasks import make_task
 from attn_search.engine.trainer import PRESETS, evaluate
 from attn_search.search.space import SearchSpace
@@ -100,8 +102,8 @@ class TrainingEvaluator:
         return grids_of(space, bins)
 
     def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
-        if metric not in (M.FLOPS, M.PARAMS):
-            raise ValueError(f"the training evaluator knows bounds for flops and params only, not {metric}")
+        if metric not in (*M.ANALYTIC, M.PARAMS):
+            raise ValueError(f"the training evaluator knows bounds for flops, attn_flops and params only, not {metric}")
         task = make_task(self.task, **self.task_kwargs)
         length = self.target_len or task.seq_len  # compute is reported at the target length
         rng = np.random.default_rng(0)
@@ -109,8 +111,8 @@ class TrainingEvaluator:
         for _ in range(256):  # analytic, so a sample of the grid gives the range cheaply
             action = np.array([rng.integers(len(g)) for g in grids])
             config = space.make_config(decode(space, grids, action))
-            if metric == M.FLOPS:
-                values.append(model_flops(config, seq_len=length, n_classes=task.n_classes))
+            if metric in M.ANALYTIC:
+                values.append(analytic_compute(metric, config, seq_len=length, n_classes=task.n_classes))
             else:
                 d, L = config.d_model, config.n_layers
                 values.append(2 * task.vocab_size * d + L * 12 * d * d + d * task.n_classes)
@@ -130,12 +132,21 @@ class TableEvaluator:
     def __init__(self, path: str | Path, space: SearchSpace) -> None:
         self.path = Path(path)
         frame = pd.read_csv(self.path, comment="#")
-        frame = frame[frame["state"] == M.COMPLETE]
+        frame = frame[frame["state"] == M.COMPLETE].copy()
+        if M.ATTN_FLOPS not in frame and not frame.empty:
+            # a table recorded before attn_flops was a column: counted from each row's configuration
+            # at the length the table was recorded at (its header's task; else the space's task's),
+            # analytic, so the same figure a trial there reports
+            seq_len = recorded_task_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
+            frame[M.ATTN_FLOPS] = [
+                float(model_attention_flops(space.make_config(_row_values(space, row)), seq_len=int(seq_len)))
+                for _, row in frame.iterrows()
+            ]
         self.frame = frame
         self.rows: dict[tuple[Any, ...], dict[str, float]] = {}
         self.curves: dict[tuple[Any, ...], list[tuple[int, float]]] = {}
         for _, row in frame.iterrows():
-            values = {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
+            values = _row_values(space, row)
             key = table_key(space, values)
             self.rows[key] = {m: float(row[m]) for m in M.DIRECTIONS if m in row}
             final = [(int(row.get(M.STEPS, 0) or 0), float(row[M.ACCURACY]))]  # a table without curves
@@ -174,6 +185,29 @@ class TableEvaluator:
                 values = [int(v) for v in values] if p.kind == "int" else values
             out.append(values or [p.grid(1)[0]])
         return out
+
+
+def _row_values(space: SearchSpace, row: pd.Series) -> dict[str, Any]:
+    return {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
+
+
+def recorded_task(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The task (its family) and parameters a table was recorded on, from its first line."""
+    with open(path) as fh:
+        header = fh.readline()
+    found = re.search(r"on task '(\w+)' (\{.*?\})", header)  # record.py's header
+    if found is None:
+        raise ValueError(f"{path}: its first line does not name the task it was recorded on")
+    return found.group(1), ast.literal_eval(found.group(2))
+
+
+def recorded_task_length(path: str | Path) -> int | None:
+    """The sequence length a table was recorded at (``None``: its header does not say)."""
+    try:
+        family, params = recorded_task(path)
+        return int(make_task(family, **params).seq_len)
+    except (ValueError, OSError):
+        return None
 
 
 def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:

@@ -92,7 +92,9 @@ class SearchOptions:
     seed: int = 0
     device: str = "auto"
     select: str = "knee"
-    compute: str = "flops"
+    compute: str | None = None
+    """``--compute``: a :data:`~attn_search.engine.metrics.COMPUTE_OBJECTIVES` choice or ``none``;
+    ``None``: the space's own compute objective (the sparse space's is ``attn_flops``)."""
     max_flops: float | None = None
     max_latency_ms: float | None = None
     pruner: str | None = None
@@ -168,6 +170,9 @@ def make_plan(opts: SearchOptions) -> RunPlan:
     before the run dir exists)."""
     opts = _resumed_defaults(opts)
     space, preset = _check(opts)
+    # the compute objective searched, recorded as a --compute choice (run.json, a resume)
+    compute = M.compute_choice(space.metrics[1]) if len(space.metrics) > 1 else "none"
+    opts = dataclasses.replace(opts, compute=compute)
     task, task_kwargs = _task(space, opts)
     storage = _preflight(opts, task, task_kwargs)
     out = Path(opts.out) if opts.out else default_out(opts.space)
@@ -190,7 +195,7 @@ def make_plan(opts: SearchOptions) -> RunPlan:
         pruner=opts.pruner or ("moasha" if len(space.objectives) > 1 else "asha"), eta=opts.eta, seed=opts.seed,
         device=opts.device, resume=opts.resume, enqueue=tuple(opts.enqueue or ()),
         attention_picture=opts.attention_picture, backend=opts.backend, backend_options=_backend_options(opts),
-        max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms, compute=opts.compute, quiet=opts.quiet,
+        max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms, compute=compute, quiet=opts.quiet,
     )  # fmt: skip
 
 
@@ -205,7 +210,7 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         raise UsageError(str(exc)) from exc
     if opts.preset not in SEARCH_PRESETS:
         raise UsageError(f"--preset {opts.preset!r} is unknown: use one of {', '.join(SEARCH_PRESETS)}")
-    if opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
+    if opts.compute is not None and opts.compute not in (*M.COMPUTE_OBJECTIVES, "none"):
         raise UsageError(f"--compute {opts.compute!r} is unknown: use one of {', '.join(M.COMPUTE_OBJECTIVES)} or none")
     if opts.confirm is not None and opts.confirm < 0:
         raise UsageError(f"--confirm {opts.confirm} is invalid: give 0 (no confirmation) or more seeds")
@@ -229,7 +234,8 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         space = load_space(opts.space)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    space = space.with_compute(None if opts.compute == "none" else opts.compute)
+    if opts.compute is not None:
+        space = space.with_compute(None if opts.compute == "none" else opts.compute)
     if opts.target_len is not None:
         if opts.target_len < 1:
             raise UsageError(f"--target-len {opts.target_len} is invalid: it must be a sequence length >= 1")
@@ -349,6 +355,7 @@ def _resumed_defaults(opts: SearchOptions) -> SearchOptions:
         opts,
         target_len=started.target_len if opts.target_len is None else opts.target_len,
         population=started.population if opts.population is None else opts.population,
+        compute=started.compute if opts.compute is None else opts.compute,
     )
 
 

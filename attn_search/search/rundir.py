@@ -114,6 +114,11 @@ class RunRecord:
         return self.options.get("target_len")
 
     @property
+    def compute(self) -> str | None:
+        """The ``--compute`` choice the run searched with (``None``: a run from before it was recorded)."""
+        return self.options.get("compute")
+
+    @property
     def constrained(self) -> bool:
         """Whether the search had a compute constraint (``--max-flops``, ``--max-latency-ms``)."""
         return self.options.get("max_flops") is not None or self.options.get("max_latency_ms") is not None

@@ -53,8 +53,10 @@ def check_strategy(
             raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")
         if constrained:
             raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
-        if evaluator == "training" and space.metrics[1] != M.FLOPS:
-            raise ValueError(f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops")
+        if evaluator == "training" and space.metrics[1] not in M.ANALYTIC:
+            raise ValueError(
+                f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops or attn_flops"
+            )
         agent = options.get("agent")
         if agent and agent != "none" and not Path(agent).is_file():
             raise ValueError(f"--agent {agent!r}: no such file (a policy saved by meta-training, or none)")
@@ -76,8 +78,8 @@ def check_strategy(
             raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")
         if constrained:
             raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
-        if not options.get("pretrain") and evaluator == "training" and space.metrics[1] not in (M.FLOPS, M.PARAMS):
-            raise ValueError(f"--strategy {name} needs --compute flops or params (or --pretrain TABLE)")
+        if not options.get("pretrain") and evaluator == "training" and space.metrics[1] not in (*M.ANALYTIC, M.PARAMS):
+            raise ValueError(f"--strategy {name} needs --compute flops, attn_flops or params (or --pretrain TABLE)")
         return
     make_sampler(name, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)
 

@@ -112,9 +112,16 @@ def shipped_agents(name: str) -> list[tuple[Path, dict[str, Any]]]:
 
 def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tuple[Path, dict[str, Any]] | None:
     """The shipped agent of algorithm ``name`` that fits ``space`` (:func:`grid_for`) and was
-    trained against the ``compute`` objective, if any."""
+    trained against the ``compute`` objective, if any. ``flops`` and ``attn_flops`` serve each
+    other where the space fixes width and depth: they differ there by a constant, which the
+    hypervolume's normalised range removes, so the agent sees the same observations and rewards."""
+    fixed_size = not ({"d_model", "n_layers"} & {p.name for p in space.params})
     for path, info in shipped_agents(name):
-        if grid_for(space, info) is not None and info.get("compute", M.FLOPS) == compute:
+        trained = info.get("compute", M.FLOPS)
+        same = trained == compute or (
+            fixed_size and {M.COMPUTE_OBJECTIVES.get(trained), M.COMPUTE_OBJECTIVES.get(compute)} <= set(M.ANALYTIC)
+        )
+        if grid_for(space, info) is not None and same:
             return path, info
     return None
 

@@ -35,13 +35,11 @@ space.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import inspect
 import json
 import math
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +52,9 @@ from torch import nn
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import model_flops
+from attn_search.engine.cost import analytic_compute, model_flops
 from attn_search.engine.patterns import pattern_mask
+from attn_search.search.evaluators import recorded_task
 from attn_search.strategies.base import Outcome, StrategyContext
 
 N_CANDIDATES = 32
@@ -266,16 +265,6 @@ def choose(policy: Any, features: np.ndarray, rng: np.random.Generator | None = 
 
 
 # -- tables as candidate sets -------------------------------------------------------------------------
-def recorded_task(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """The task (its family) and parameters a table was recorded on, from its first line."""
-    with open(path) as fh:
-        header = fh.readline()
-    found = re.search(r"on task '(\w+)' (\{.*?\})", header)  # record.py's header
-    if found is None:
-        raise ValueError(f"{path}: its first line does not name the task it was recorded on")
-    return found.group(1), ast.literal_eval(found.group(2))
-
-
 class TableTask:
     """A recorded table seen as a candidate set: every row's descriptor, accuracy and compute (at
     the task's length, and analytic FLOPs at ``deploy_len``), and its best hypervolume."""
@@ -520,6 +509,7 @@ class CandidateStrategy:
             task = make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
         self.seq_len, self.n_classes = task.seq_len, task.n_classes
         self.count_len = space.target_len or self.seq_len
+        self.metric = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS  # analytic (check_strategy)
         self._rows: list[tuple[dict[str, Any], AttentionConfig, float]] | None = None
         self.proposals = 0
 
@@ -576,8 +566,12 @@ class CandidateStrategy:
                 continue
             if self._key(config) in self.tried | set(self.pending):
                 continue
-            out.append((values, config, float(model_flops(config, seq_len=self.count_len, n_classes=self.n_classes))))
+            out.append((values, config, self._cost(config)))
         return out
+
+    def _cost(self, config: AttentionConfig) -> float:
+        """The search's compute objective (``flops`` or ``attn_flops``) at the length it is counted at."""
+        return analytic_compute(self.metric, config, seq_len=self.count_len, n_classes=self.n_classes)
 
     @staticmethod
     def _key(config: AttentionConfig) -> str:
@@ -588,8 +582,7 @@ class CandidateStrategy:
             if self.table is not None:
                 costs = [c for _, _, c in self._candidates_all()]
             else:
-                costs = [float(model_flops(c, seq_len=self.count_len, n_classes=self.n_classes))
-                         for c in (self.space.make_config(self._draw(), seed=0) for _ in range(256))]  # fmt: skip
+                costs = [self._cost(self.space.make_config(self._draw(), seed=0)) for _ in range(256)]
             self._bounds = (min(costs), max(costs))
         return self._bounds
 
