@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import importlib.util
+import io
 import json
 import math
 import subprocess
@@ -880,8 +881,11 @@ def test_the_sparse_space_counts_attention_flops_and_a_resume_keeps_the_runs_com
 
     space = load_space("sparse")
     out = tmp_path / "attn"
+    console = io.StringIO()
     run_search(SearchOptions(space="sparse", strategy="random", trials=2, steps=2, pruner="none", confirm=0,
-                             target_len=1024, out=str(out), quiet=True, attention_picture=False))  # fmt: skip
+                             target_len=1024, out=str(out), attention_picture=False), stream=console)  # fmt: skip
+    assert ("compute: attn_flops (the attention's analytic FLOPs) at L=1024, the target length; accuracy trains at "
+            "the task's L=256") in console.getvalue()  # fmt: skip
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
     assert study.metric_names == ["accuracy", "attn_flops"]
     assert json.loads((out / "run.json").read_text())["options"]["compute"] == "attn_flops"

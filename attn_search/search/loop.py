@@ -153,6 +153,20 @@ def _run_locked(plan: RunPlan, stream: TextIO) -> SearchSummary:
     return loop.run()
 
 
+_COMPUTE_WORDS = {M.FLOPS: "the whole model's analytic forward FLOPs", M.ATTN_FLOPS: "the attention's analytic FLOPs",
+                  M.LATENCY_MS: "measured forward latency", M.PEAK_MEM_MB: "measured peak memory",
+                  M.PARAMS: "parameters"}  # fmt: skip
+
+
+def compute_line(space: SearchSpace, task_len: int | None) -> str:
+    """``compute: attn_flops (the attention's analytic FLOPs) at L=4096, ...``: what the front's
+    compute axis counts and at which length (the search's first lines say it)."""
+    metric = space.metrics[1]
+    where = (f"at L={space.target_len}, the target length; accuracy trains at the task's L={task_len}"
+             if space.target_len and space.target_len != task_len else f"at the task's length L={task_len}")  # fmt: skip
+    return f"compute: {metric} ({_COMPUTE_WORDS.get(metric, metric)}) {where} (--compute, --target-len change it)"
+
+
 # -- the loop ------------------------------------------------------------------------------------------
 class _Rule:
     """The early-stopping rule, one for every backend: MO-ASHA with two objectives, Optuna's
@@ -284,6 +298,8 @@ class SearchLoop:
             how = "--population" if self._population_given else f"the default on {self.backend.device_kind()}"
             self.progress.note(f"  populations: up to {self.population} trials train together per slot ({how}; "
                                "--population 1 trains one at a time)")  # fmt: skip
+        if len(space.metrics) > 1:
+            self.progress.note("  " + compute_line(space, self.outputs.task_len()))
         if self.confirm > 0:
             self.progress.note(f"  then the front is confirmed: each point trained again with {self.confirm} more "
                                "seed(s), its accuracy the mean (--confirm 0 skips this)")  # fmt: skip
