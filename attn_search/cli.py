@@ -132,13 +132,15 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", default="knee",
                    help="best_config.yaml rule (default: knee, the front's knee among points within 95%% of the "
                    "best accuracy; knee=F sets that floor): knee, max-accuracy, min-compute, "
-                   "max-accuracy-under-flops=N")  # fmt: skip
+                   "max-accuracy-under-flops=N (also -attn_flops=, -latency=, -memory=, -params=)")  # fmt: skip
     p.add_argument("--compute", default=None, choices=(*COMPUTE_OBJECTIVES, "none"), metavar="NAME",
                    help="compute objective (default: the space's; sparse: attn_flops): flops (the whole model's "
                    "analytic forward FLOPs), attn_flops (the attention products' alone, what a pattern changes), "
                    "latency, memory, params, or none (accuracy only)")  # fmt: skip
     p.add_argument(
-        "--max-flops", type=_positive_float, help="constraint: forward FLOPs per sequence at most this (default: none)"
+        "--max-flops",
+        type=_positive_float,
+        help="constraint: the whole model's forward FLOPs per sequence (flops) at most this (default: none)",
     )
     p.add_argument(
         "--max-latency-ms", type=_positive_float, help="constraint: forward latency in ms at most this (default: none)"

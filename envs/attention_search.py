@@ -50,7 +50,8 @@ An empty front, all-zero last action and metrics, full budget.
 ## Arguments
 ``space`` (name or YAML path), ``evaluator`` (``"training"``, ``"table:PATH"`` or an
 :class:`Evaluator`), ``budget`` (trials per episode), ``bins`` (values per numeric parameter),
-``compute`` (``flops``, ``latency``, ``memory``, ``params``), ``preset`` (per-trial training
+``compute`` (``flops``, ``attn_flops``, ``latency``, ``memory``, ``params``; default: the space's
+own compute objective, ``flops`` for a space of accuracy alone), ``preset`` (per-trial training
 budget of the ``training`` evaluator), ``device``, ``reward_scale``.
 """
 
@@ -78,7 +79,7 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         *,
         budget: int = 20,
         bins: int = 5,
-        compute: str = "flops",
+        compute: str | None = None,
         preset: str = "smoke",
         device: str = "auto",
         reward_scale: float = 1.0,
@@ -87,7 +88,7 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
         if budget < 1:
             raise ValueError(f"budget={budget} is invalid: an episode needs at least one trial")
         base = space if isinstance(space, SearchSpace) else load_space(space)
-        self.space = base.with_compute(compute)
+        self.space = base.with_compute(compute or base.own_compute() or "flops")
         kwargs = {"preset": preset, "device": device} if evaluator == "training" else {}
         self.evaluator = make_evaluator(evaluator, self.space, **kwargs)
         self.grids = self.evaluator.grids(self.space, bins)

@@ -903,3 +903,35 @@ def test_the_sparse_space_counts_attention_flops_and_a_resume_keeps_the_runs_com
     run_search(SearchOptions(**options, trials=2, resume=True))  # type: ignore[arg-type]
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{whole / 'study.db'}")
     assert study.metric_names == ["accuracy", "flops"] and len(study.trials) == 2
+
+
+def test_the_spaces_own_compute_is_its_first_and_a_table_search_counts_at_its_tables_task(tmp_path: Path) -> None:
+    """Without --compute a space's first compute objective is searched, whatever order its YAML
+    lists them in (two objectives, so a resume rebuilds the same space); a table search names the
+    task its table was recorded on (its header), so the console, the report's share of dense and
+    the export count at that length; the candidate policy refuses a measured objective from any
+    evaluator that is not a table."""
+    from attn_search.search.plan import make_plan
+    from attn_search.strategies import check_strategy
+
+    spec = yaml.safe_load(Path(TINY).read_text())
+    spec["objectives"] = {"attn_flops": "minimize", "accuracy": "maximize", "latency_ms": "minimize"}
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    plan = make_plan(SearchOptions(space=str(path), out=str(tmp_path / "p"), quiet=True))
+    assert plan.space.metrics == ["accuracy", "attn_flops"] and plan.compute == "attn_flops"
+
+    table = Path(__file__).resolve().parents[1] / "tables" / "ngram-64.csv"
+    out = tmp_path / "table"
+    console = io.StringIO()
+    run_search(SearchOptions(space="sparse", evaluator=f"table:{table}", strategy="random", trials=3, out=str(out)),
+               stream=console)  # fmt: skip
+    record = json.loads((out / "run.json").read_text())
+    assert record["task"] == "ngram" and record["task_params"]["seq_len"] == 64
+    assert "at the task's length L=64" in console.getvalue()
+    assert "of dense attention's FLOPs at L=64" in (out / "report.html").read_text()
+
+    latency = load_space("sparse").with_compute("latency")
+    with pytest.raises(ValueError, match="needs --compute flops or attn_flops"):
+        check_strategy("ppo", latency, evaluator="my_module:evaluator", constrained=False, options={})
+    check_strategy("ppo", load_space("sparse"), evaluator="my_module:evaluator", constrained=False, options={})

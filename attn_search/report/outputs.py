@@ -543,7 +543,7 @@ def write_plots(run_dir: Path, df: pd.DataFrame, space: SearchSpace, bounds: Bou
                    zorder=5, label="chosen (best_config.yaml)")  # fmt: skip
     at = f" at L={space.target_len}" if space.target_len else ""
     log_x = _spans_decade(done[compute])
-    if log_x:  # attention FLOPs at a deployment length span 30x or more: a linear axis crowds the cheap end
+    if log_x:  # past 10x (attention FLOPs at a deployment length): a linear axis crowds the cheap end
         ax.set_xscale("log")
     ax.set_xlabel(f"{compute}{at} (lower is better{', log scale' if log_x else ''})")
     ax.set_ylabel("held-out accuracy")

@@ -28,7 +28,7 @@ from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, resolve_device
 from attn_search.errors import UsageError
 from attn_search.report.outputs import parse_selection
-from attn_search.search.evaluators import restrict_to_evaluator
+from attn_search.search.evaluators import recorded_task, restrict_to_evaluator
 from attn_search.search.failures import describe
 from attn_search.search.rundir import RUN_FILE, RunRecord
 from attn_search.search.space import SearchSpace, load_space
@@ -234,7 +234,9 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
         space = load_space(opts.space)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if opts.compute is not None:
+    if opts.compute is None:  # the space's own compute objective: its first (a YAML may list several)
+        space = space.with_compute(space.own_compute())
+    else:
         space = space.with_compute(None if opts.compute == "none" else opts.compute)
     if opts.target_len is not None:
         if opts.target_len < 1:
@@ -287,6 +289,12 @@ for whole batches)."""
 
 def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
     given = dict(opts.task_params or {})
+    if opts.evaluator.startswith("table:") and opts.task is None:
+        try:  # a recorded table's results are its task's, at its length (record.py's header says which)
+            family, params = recorded_task(opts.evaluator[len("table:") :])
+            return family, {**params, **given}
+        except (ValueError, OSError):
+            pass  # a table without the recorder's header: the space's task
     if opts.task is None or opts.task == space.task:
         return space.task, {**space.task_params, **given}
     return opts.task, given

@@ -106,6 +106,12 @@ class SearchSpace:
     def metrics(self) -> list[str]:
         return [m for m, _ in self.objectives]
 
+    def own_compute(self) -> str | None:
+        """The ``--compute`` choice of the space's first compute objective (``None``: accuracy only):
+        what a search counts when ``--compute`` is not given."""
+        own = [m for m in self.metrics if m != M.ACCURACY]  # (parse_space admits compute metrics only)
+        return M.compute_choice(own[0]) if own else None
+
     def with_compute(self, compute: str | None) -> SearchSpace:
         """Replace the compute objective(s) by ``compute`` (a ``--compute`` choice), or drop them
         (``None``: accuracy only)."""

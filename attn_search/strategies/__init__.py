@@ -53,7 +53,7 @@ def check_strategy(
             raise ValueError(f"--strategy {name} rewards front hypervolume: it needs a compute objective")
         if constrained:
             raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
-        if evaluator == "training" and space.metrics[1] not in M.ANALYTIC:
+        if not evaluator.startswith("table:") and space.metrics[1] not in M.ANALYTIC:  # (a table's is looked up)
             raise ValueError(
                 f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops or attn_flops"
             )
