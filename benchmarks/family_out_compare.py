@@ -1,0 +1,49 @@
+"""``ppo``'s regrets in two family-out runs, paired (same tables and seeds): per family, length and
+budget the two medians beside the best baseline's (second run), and over every family a paired
+Wilcoxon test of the two. For recipe changes of the proposer (``--steps``, features) whose searches
+keep the baselines' seeds.
+
+Usage::
+
+    python benchmarks/family_out_compare.py benchmarks/results/family_out.json benchmarks/results/family_out_16k.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: family_out_compare.py BEFORE.json AFTER.json", file=sys.stderr)
+        return 2
+    a, b = (json.loads(Path(p).read_text()) for p in args)
+    print("family/length/budget: ppo median before -> after | best baseline's median (after)")
+    for length in ("task", "deploy"):
+        for budget in map(str, a["budgets"]):
+            before, after = [], []
+            for f in a["families"]:
+                ra, rb = a["regret"][f][length][budget], b["regret"][f][length][budget]
+                keys = sorted(ra["ppo"])
+                pa, pb = np.array([ra["ppo"][k] for k in keys]), np.array([rb["ppo"][k] for k in keys])
+                base = {s: float(np.median(list(v.values()))) for s, v in rb.items() if s != "ppo"}
+                best = min(base, key=base.__getitem__)
+                print(f"{f:16s} {length:6s} {budget:>2s}: {np.median(pa):.3f} -> {np.median(pb):.3f} | "
+                      f"{best} {base[best]:.3f}")  # fmt: skip
+                before += list(pa)
+                after += list(pb)
+            x, y = np.array(before), np.array(after)
+            p = wilcoxon(x, y).pvalue if np.any(x != y) else 1.0
+            print(f"all families {length} {budget}: mean {x.mean():.3f} -> {y.mean():.3f}, paired Wilcoxon p={p:.3g}, "
+                  f"n={len(x)}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
