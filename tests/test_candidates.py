@@ -73,6 +73,27 @@ def test_the_surrogate_interpolates_what_it_saw_and_is_unsure_far_from_it() -> N
     assert np.abs(far_mean - y.mean()).max() < 0.05  # back to the prior mean
 
 
+def test_front_gains_are_the_hypervolume_each_candidate_adds() -> None:
+    """The policy's gain features, computed for every candidate at once, equal the normalised
+    hypervolume of the front with the candidate minus without it (:func:`C._hv`, one candidate at a
+    time): candidates the front dominates gain nothing, ties in cost and candidates outside
+    ``[0, 1]`` included."""
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 4, 25):
+        front = np.column_stack([rng.random(n), np.round(rng.random(n), 1)])  # rounded: ties in cost
+        acc = rng.random(40) * 1.2 - 0.1
+        cost = np.concatenate([front[:3, 1], [0.0, 1.0], rng.random(40)])[:40]  # some at a front point's cost
+        gains = C._hv_gains(front, acc, cost)
+        base = C._hv(front)
+        one_by_one = [
+            C._hv(np.vstack([front, [[min(max(a, 0), 1), c]]])) - base for a, c in zip(acc, cost, strict=True)
+        ]
+        assert np.allclose(gains, one_by_one, atol=1e-12)
+        assert (gains >= -1e-12).all()
+    dominated = C._hv_gains(np.array([[0.9, 0.1]]), np.array([0.8, 0.95]), np.array([0.5, 0.5]))
+    assert dominated[0] == 0.0 and dominated[1] > 0.0
+
+
 def test_the_surrogate_stays_unsure_after_configurations_that_all_scored_alike() -> None:
     """Twelve configurations near chance (spread 0.003) must not convince the surrogate that
     nothing untried can do better: far from them its uncertainty is the prior's floor, so a distant
