@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import time
@@ -124,7 +125,25 @@ def _job_key(job: tuple[str, str, int, int, dict[str, Any], list[dict[str, Any]]
     table = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     # the proposer's own code: what its policy is (code_version) and how the strategy queries it
     code = code_version() + proposer_version() if strategy in ("ppo", ACQUISITION) else ""
-    return f"{Path(path).name}|{table}|{strategy}|{seed}|{trials}|{agent_hash}|{folio}|{code}"
+    return f"{Path(path).name}|{table}|{strategy}|{seed}|{trials}|{agent_hash}|{folio}|{code}|{_replay_version()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _replay_version() -> str:
+    """sha256 of the code every replay runs through (the replay loop, the Optuna samplers and their
+    adapter, the table evaluator) and Optuna's version: a baseline's cached search is reused only if
+    that code is unchanged (a run once reused TPE searches cached by older code, and its TPE figures
+    differed from a fresh run's in 3 to 13 of MQAR's 20 searches per cell)."""
+    import hashlib
+
+    import optuna
+
+    from attn_search import replay as replay_module
+    from attn_search.search import evaluators, loop
+    from attn_search.strategies import base, samplers
+
+    text = "".join(Path(m.__file__).read_text() for m in (replay_module, loop, evaluators, base, samplers))  # type: ignore[arg-type]
+    return hashlib.sha256((text + optuna.__version__).encode()).hexdigest()[:16]
 
 
 _TABLES: dict[str, Table] = {}
@@ -237,8 +256,9 @@ def main() -> None:
                             jobs.append((files[p], strategy, seed, b, options, configs))
                             keys.append((f, length, Path(p).stem, strategy, seed, b))
     # a finished search is cached by what determines it (table file, strategy, seed, trials, agent
-    # file hash, portfolio or head, and for ppo the proposer's code: code_version + proposer_version),
-    # so a stopped benchmark resumes and a new table reruns nothing else
+    # file hash, portfolio or head, for ppo the proposer's code: code_version + proposer_version, and
+    # for every strategy the replay's code), so a stopped benchmark resumes and a new table reruns
+    # nothing else
     cache_path = Path(args.agents_dir) / "family_out_cache.jsonl"
     cache = {}
     if cache_path.is_file():

@@ -171,7 +171,7 @@ def make_plan(opts: SearchOptions) -> RunPlan:
     opts = _resumed_defaults(opts)
     space, preset = _check(opts)
     # the compute objective searched, recorded as a --compute choice (run.json, a resume)
-    compute = M.compute_choice(space.metrics[1]) if len(space.metrics) > 1 else "none"
+    compute = space.own_compute() or "none"
     opts = dataclasses.replace(opts, compute=compute)
     task, task_kwargs = _task(space, opts)
     storage = _preflight(opts, task, task_kwargs)
