@@ -2,12 +2,15 @@
 
 ``make(space)`` looks configurations up in ``tables/sparse-smoke.csv`` after :data:`DELAY`
 seconds (so a search can be killed in the middle of a trial), except for the non-dense rows with
-``lr == 0.006``: those lookups raise, as a trial that crashes would. Plugged in as
-``--evaluator tests.contract_eval:make``.
+``lr == 0.006``: those lookups raise, as a trial that crashes would. Where the environment names a
+file in ``CONTRACT_CRASH_ONCE``, the first lookup of the run (across a kill and its resume) raises
+too, so every search has a crashed trial whatever its strategy proposes (a proposer that stays at
+``lr == 0.003`` never meets a hole). Plugged in as ``--evaluator tests.contract_eval:make``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +34,14 @@ class HoledTable(TableEvaluator):
 
     def __call__(self, config: AttentionConfig, values: Mapping[str, Any]) -> dict[str, float] | None:
         time.sleep(DELAY)
+        marker = os.environ.get("CONTRACT_CRASH_ONCE")
+        if marker:
+            try:  # O_EXCL: one lookup of the run creates the marker, and only that one raises
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                raise KeyError(f"{TABLE.name} has no row for {dict(values)} (the contract's crashing trial)")
         return super().__call__(config, values)
 
 

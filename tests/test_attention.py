@@ -268,6 +268,7 @@ def test_flex_pads_small_head_dims_before_calling_the_kernel(monkeypatch: pytest
     assert seen == [(16, pytest.approx(8**-0.5))] and out.shape == q.shape
 
 
+@pytest.mark.slow  # (15-31 s: the default suite stays under 10 minutes on 2 cores)
 def test_one_by_one_flex_compiles_once_for_every_pattern_and_parameter(flex_compiles: dict[str, int]) -> None:
     """A search's one-by-one trials on CUDA run FlexAttention with each trial's pattern: its mask
     rule reads a table (up to TABLE_MASK_MAX_LEN), so new patterns and parameter values reuse the

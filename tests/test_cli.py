@@ -101,6 +101,7 @@ def test_a_search_whose_first_trials_all_fail_exits_1_with_the_error_as_last_lin
     assert list(pd.read_csv(out / "trials.csv")["state"]) == ["failed"] * 3
 
 
+@pytest.mark.slow  # (15-31 s: the default suite stays under 10 minutes on 2 cores)
 def test_one_search_per_run_dir(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "run_search.py"), "--space", TINY, "--trials", "50", "--steps", "200",

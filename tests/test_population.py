@@ -386,6 +386,7 @@ def _tensors(obj: object) -> dict[str, torch.Tensor]:
     return {name: t for name, t in vars(obj).items() if isinstance(t, torch.Tensor)}
 
 
+@pytest.mark.slow  # (15-31 s: the default suite stays under 10 minutes on 2 cores)
 def test_a_refill_copies_into_the_plan_so_no_tensor_moves(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a CUDA graph or compiled kernel captured stays valid across refills: the grouped layout's
     tables (masks, group membership, rotary, DropKey rates) and every group's BlockMask tensors keep

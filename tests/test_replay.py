@@ -108,6 +108,7 @@ def test_ranks_share_ties_and_average_over_tables() -> None:
     assert mean_ranks(regret, [10], ["a", "b"]) == {10: {"a": 1.25, "b": 1.75}}
 
 
+@pytest.mark.slow  # (15-31 s: the default suite stays under 10 minutes on 2 cores)
 def test_every_strategy_and_the_portfolio_run_through_the_protocol(tables: list[Table], tmp_path: Path) -> None:
     strategies = ["random", "tpe", "nsga2", "gp", "ppo-grid", "ppo", META, PORTFOLIO]
     result = run_protocol(tables, strategies, [3, 6], [0, 1], meta_steps=300, agents_dir=tmp_path)

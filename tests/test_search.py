@@ -756,6 +756,7 @@ class _Scripted:
         self.inner.close()
 
 
+@pytest.mark.slow  # (15-31 s: the default suite stays under 10 minutes on 2 cores)
 def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_dense(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
