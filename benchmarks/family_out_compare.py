@@ -1,6 +1,6 @@
 """``ppo``'s regrets in two family-out runs, paired (same tables and seeds): per family, length and
-budget the two medians beside the best baseline's (second run), and over every family a paired
-Wilcoxon test of the two. For recipe changes of the proposer (``--steps``, features) whose searches
+budget the two medians beside the best baseline's (second run, or the first where the second ran
+``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two. For recipe changes of the proposer (``--steps``, features) whose searches
 keep the baselines' seeds.
 
 Usage::
@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     for length in ("task", "deploy"):
         for budget in map(str, a["budgets"]):
             before, after = [], []
-            for f in a["families"]:
+            for f in [f for f in a["families"] if f in b["regret"]]:
                 ra, rb = a["regret"][f][length][budget], b["regret"][f][length][budget]
                 keys = sorted(ra["ppo"])
                 pa, pb = np.array([ra["ppo"][k] for k in keys]), np.array([rb["ppo"][k] for k in keys])
-                base = {s: float(np.median(list(v.values()))) for s, v in rb.items() if s != "ppo"}
+                base = {
+                    s: float(np.median(list(v.values()))) for s, v in (rb if len(rb) > 1 else ra).items() if s != "ppo"
+                }
                 best = min(base, key=base.__getitem__)
                 print(f"{f:16s} {length:6s} {budget:>2s}: {np.median(pa):.3f} -> {np.median(pb):.3f} | "
                       f"{best} {base[best]:.3f}")  # fmt: skip

@@ -29,8 +29,10 @@ class Loopback:
     def __init__(self) -> None:
         self.holder = subprocess.Popen(["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 100000"])
         self.root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
+        # CONTRACT_CRASH_POINTER: where the contract test tells Ray's workers its marker (tests/contract_eval.py)
         self.env = {**os.environ, "RAY_TMPDIR": str(self.root / "t"), "HOME": str(self.root / "home"),
-                    "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+                    "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
+                    "CONTRACT_CRASH_POINTER": str(self.root / "contract-crash")}  # fmt: skip
         for _ in range(50):
             up = subprocess.run(self.wrap(["ip", "-o", "link", "show", "lo"]), capture_output=True, text=True)
             if "UP" in up.stdout:

@@ -12,7 +12,8 @@ and resumed. Then:
 * a trial that raises is recorded ``failed`` with the exception as its reason.
 
 Ray runs join one loopback cluster shared by the test session (``ray_cluster`` in conftest.py:
-``ray start --head``, two CPUs, two trials at a time). The Ray pairings are marked slow (see :data:`RAY_IN_EVERY_RUN`).
+``ray start --head``, two CPUs, two trials at a time). The Ray pairings and most local ones are
+marked slow (see :data:`LOCAL_IN_EVERY_RUN` and :data:`RAY_IN_EVERY_RUN`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attn_search.strategies import AGENT_STRATEGIES, SINGLE_OBJECTIVE_ONLY, STRATEGIES
+from attn_search.strategies import SINGLE_OBJECTIVE_ONLY, STRATEGIES
 
 from .raycluster import ROOT, load_study, rows, wait_for
 
@@ -34,6 +35,10 @@ TRIALS = 12
 KILL_AFTER = 4
 CONFIG = ["n_heads", "pattern", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr"]
 CONTRACT_STRATEGIES = [s for s in STRATEGIES if s not in SINGLE_OBJECTIVE_ONLY]
+LOCAL_IN_EVERY_RUN = ("random", "tpe", "ppo")
+"""The local pairings in every test run: the default sampler, the learned proposer and the simplest.
+The other samplers' local pairings (12-19 s each on 2 cores) are marked slow, with the Ray pairings,
+to keep ``make test`` under 10 minutes; CI runs them all."""
 RAY_IN_EVERY_RUN: tuple[str, ...] = ()
 """The pairings with Ray (45-125 s each on 2 cores, most of it Ray starting worker processes that
 import torch) are marked slow: ``make test-all`` runs them. Ray runs in every test run through
@@ -43,8 +48,8 @@ import torch) are marked slow: ``make test-all`` runs them. Ray runs in every te
 def pairings() -> list[object]:
     out: list[object] = []
     for strategy in CONTRACT_STRATEGIES:
-        # the grid agents train an SB3 agent inside the search (12-14 s each): with the slow tests
-        local = (pytest.mark.slow,) if strategy in AGENT_STRATEGIES else ()
+        # (the grid agents also train an SB3 agent inside the search, 12-14 s each)
+        local = () if strategy in LOCAL_IN_EVERY_RUN else (pytest.mark.slow,)
         out.append(pytest.param(strategy, "local", id=f"{strategy}-local", marks=local))
         marks = () if strategy in RAY_IN_EVERY_RUN else (pytest.mark.slow,)
         out.append(pytest.param(strategy, "ray", id=f"{strategy}-ray", marks=marks))
@@ -69,14 +74,15 @@ def test_every_strategy_on_every_backend(
 ) -> None:
     out = tmp_path / "run"
     extra: list[str] = []
-    # locally the first lookup crashes (tests/contract_eval.py), so every strategy meets a failed trial;
-    # Ray's workers get the cluster's environment, where the table's holes alone make them
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CONTRACT_CRASH_ONCE": str(tmp_path / "crashed")}
+    # the run's first lookup crashes (tests/contract_eval.py), so every strategy meets a failed trial
+    marker = str(tmp_path / "crashed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CONTRACT_CRASH_ONCE": marker}
     popen, run = subprocess.Popen, subprocess.run
     if backend == "ray":
         ns, address = request.getfixturevalue("ray_cluster")
         extra = ["--backend", "ray", "--address", address, "--max-concurrent", "2"]
         env = ns.env
+        Path(ns.env["CONTRACT_CRASH_POINTER"]).write_text(marker)  # Ray's workers have the cluster's env
         popen = lambda cmd, **kw: subprocess.Popen(ns.wrap(cmd), **kw)  # noqa: E731
         run = lambda cmd, **kw: subprocess.run(ns.wrap(cmd), **kw)  # noqa: E731
     cmd = search_cmd(strategy, out, *extra)
