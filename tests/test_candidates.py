@@ -191,7 +191,11 @@ def test_a_family_out_agent_never_saw_its_family(tmp_path: Path) -> None:
     assert again is not None and again["tables"] == ["mqar", "ngram"]
 
 
-@pytest.mark.parametrize("space", [TINY, "full"], ids=["custom-yaml", "full"])
+@pytest.mark.parametrize(
+    "space",
+    [TINY, pytest.param("full", marks=pytest.mark.slow)],  # (the full space's search: 16 s)
+    ids=["custom-yaml", "full"],
+)
 def test_ppo_searches_a_space_it_was_not_trained_on_with_the_shipped_policy(
     tmp_path: Path, space: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

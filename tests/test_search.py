@@ -872,6 +872,7 @@ def test_the_run_record_is_written_and_read_through_one_type(tmp_path: Path) -> 
         RunRecord.read(tmp_path)
 
 
+@pytest.mark.slow  # two real searches of the sparse space (14 s)
 def test_the_sparse_space_counts_attention_flops_and_a_resume_keeps_the_runs_compute(tmp_path: Path) -> None:
     """With no --compute the sparse space's own objective, attention FLOPs, is searched and counted at
     the target length; run.json records the choice, so a run started with --compute flops resumes
