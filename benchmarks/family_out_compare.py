@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: family_out_compare.py BEFORE.json AFTER.json", file=sys.stderr)
         return 2
     a, b = (json.loads(Path(p).read_text()) for p in args)
-    print("family/length/budget: ppo median before -> after | best baseline's median (after)")
+    source = "after" if all(len(b["regret"][f]["task"][str(b["budgets"][0])]) > 1 for f in b["regret"]) else "before"
+    print(f"family/length/budget: ppo median before -> after | best baseline's median ({source})")
     for length in ("task", "deploy"):
         for budget in map(str, a["budgets"]):
             before, after = [], []
