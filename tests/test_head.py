@@ -111,3 +111,32 @@ def test_ppo_starts_with_the_head_shipped_beside_its_policy_unless_told_none(tmp
     plain = make_strategy("ppo", StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path,
                                                  resume=False, options={"head": "none"}))  # fmt: skip
     assert isinstance(plain, CandidateStrategy)
+
+
+def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Path) -> None:
+    """``--strategy portfolio+gp``: the shipped policy's learned first configurations (those the
+    space can build), then Optuna's GP sampler, which is told the head's results too."""
+    info = provenance(SHIPPED)
+    assert info is not None
+    space = load_space("sparse")
+    context = StrategyContext(space=space, seed=0, trials=8, slots=1, run_dir=tmp_path, resume=False)
+    strategy = make_strategy("portfolio+gp", context)
+    assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio+gp"
+    head = [head_values(space, c) for c in info["head"]]
+    assert len(head) == 5 and strategy.queue == head
+    line = strategy.start([]) or ""
+    assert "portfolio+gp: 5 learned first configurations, then Optuna's GP sampler" in line
+    study = optuna.create_study(directions=space.directions)
+    proposed = []
+    for i in range(7):
+        trial = ask_new(strategy, study, space, {})
+        assert trial is not None
+        values = space.active_values(dict(trial.params))
+        acc = 0.3 + 0.05 * i
+        study.tell(trial, [acc, 1e7 * (1 + i)])
+        strategy.tell(values, Outcome("complete", {"accuracy": acc}, (acc, 1e7 * (1 + i))))
+        proposed.append(values)
+    assert proposed[:5] == head
+    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["gp-head"] * 5 + ["gp"] * 2
+    gp_study = strategy.inner.study  # type: ignore[attr-defined]
+    assert len(gp_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 7  # told the head's too

@@ -23,10 +23,15 @@ AGENT_STRATEGIES = ("ppo-grid", "a2c")
 """Agents that act on one space's grid and learn within a search (:mod:`~attn_search.strategies.agent`)."""
 POLICY_STRATEGY = "ppo"
 """The meta-trained candidate policy (:mod:`~attn_search.strategies.candidates`): any space."""
-STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, *AGENT_STRATEGIES)
+HEAD_GP_STRATEGY = "portfolio+gp"
+"""The shipped policy's learned first configurations (:mod:`~attn_search.strategies.head`), then
+Optuna's GP sampler: the family-out benchmark's ``portfolio+gp``, its best recipe at L=4096 for
+10-20 trials (README, "Which strategy should I use?")."""
+STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, *AGENT_STRATEGIES)
 
 __all__ = [
     "AGENT_STRATEGIES",
+    "HEAD_GP_STRATEGY",
     "OPTUNA_STRATEGIES",
     "POLICY_STRATEGY",
     "SINGLE_OBJECTIVE_ONLY",
@@ -81,7 +86,8 @@ def check_strategy(
         if not options.get("pretrain") and evaluator == "training" and space.metrics[1] not in (*M.ANALYTIC, M.PARAMS):
             raise ValueError(f"--strategy {name} needs --compute flops, attn_flops or params (or --pretrain TABLE)")
         return
-    make_sampler(name, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)
+    sampler = "gp" if name == HEAD_GP_STRATEGY else name
+    make_sampler(sampler, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)
 
 
 def make_strategy(name: str, context: StrategyContext, *, constrained: bool = False) -> Strategy:
@@ -99,6 +105,13 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         if head is None:
             head = (policy.info or {}).get("head", [])
         return HeadFirst(policy, head, context.space) if head and head != "none" else policy
+    if name == HEAD_GP_STRATEGY:
+        from attn_search.strategies.candidates import SHIPPED, provenance
+        from attn_search.strategies.head import HeadFirst
+
+        head = (provenance(SHIPPED) or {}).get("head", [])  # learned on the shipped tables (make agent)
+        gp = SamplerStrategy("gp", context, constrained=constrained)
+        return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")
     if name in AGENT_STRATEGIES:
         from attn_search.strategies.agent import AgentStrategy
 

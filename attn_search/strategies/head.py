@@ -104,17 +104,20 @@ def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any]
 
 class HeadFirst(FirstThese):
     """A :class:`~attn_search.strategies.base.Strategy` that proposes the head's configurations the
-    space can build, in order (``proposed_by``: ``NAME-head``), then asks ``inner``; ``inner`` is
-    told every trial, the head's too."""
+    space can build, in order (``proposed_by``: ``NAME-head``), then asks ``inner`` (``then`` says
+    what it is); ``inner`` is told every trial, the head's too. ``name``: the strategy's (default:
+    ``inner``'s)."""
 
-    def __init__(self, inner: Strategy, head: Sequence[Mapping[str, Any]], space: SearchSpace) -> None:
+    def __init__(self, inner: Strategy, head: Sequence[Mapping[str, Any]], space: SearchSpace, *,
+                 name: str | None = None, then: str = "the policy") -> None:  # fmt: skip
         fits = [head_values(space, c) for c in head]
-        super().__init__(inner, [v for v in fits if v is not None], label=f"{inner.name}-head")
+        super().__init__(inner, [v for v in fits if v is not None], name=name, label=f"{inner.name}-head")
         self.skipped = len(head) - len(self.queue)
+        self.then = then
 
     def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
         line = super().start(history)
-        note = f"  ppo: {len(self.queue)} learned first configurations, then the policy"
+        note = f"  {self.name}: {len(self.queue)} learned first configurations, then {self.then}"
         if self.skipped:
             note += f" ({self.skipped} of the head are outside this space)"
         return f"{line}\n{note}" if line else note
