@@ -1,7 +1,7 @@
 """``ppo``'s regrets in two family-out runs, paired (same tables and seeds): per family, length and
 budget the two medians beside the best baseline's (second run, or the first where the second ran
-``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two. For recipe changes of the proposer (``--steps``, features) whose searches
-keep the baselines' seeds.
+``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two. For
+recipe changes of the proposer (``--steps``, features) whose searches keep the baselines' seeds.
 
 Usage::
 
@@ -24,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: family_out_compare.py BEFORE.json AFTER.json", file=sys.stderr)
         return 2
     a, b = (json.loads(Path(p).read_text()) for p in args)
-    source = "after" if all(len(b["regret"][f]["task"][str(b["budgets"][0])]) > 1 for f in b["regret"]) else "before"
-    print(f"family/length/budget: ppo median before -> after | best baseline's median ({source})")
+    # a run of ppo alone (a recipe variant on some families) is scored against the first run's baselines
+    alone = all(set(cell) == {"ppo"} for f in b["regret"] for by_budget in b["regret"][f].values()
+                for cell in by_budget.values())  # fmt: skip
+    baselines = a if alone else b
+    print(
+        f"family/length/budget: ppo median before -> after | best baseline's median ({'before' if alone else 'after'})"
+    )
     for length in ("task", "deploy"):
         for budget in map(str, a["budgets"]):
             before, after = [], []
@@ -33,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 ra, rb = a["regret"][f][length][budget], b["regret"][f][length][budget]
                 keys = sorted(ra["ppo"])
                 pa, pb = np.array([ra["ppo"][k] for k in keys]), np.array([rb["ppo"][k] for k in keys])
-                base = {
-                    s: float(np.median(list(v.values()))) for s, v in (rb if len(rb) > 1 else ra).items() if s != "ppo"
-                }
+                cell = baselines["regret"][f][length][budget]
+                base = {s: float(np.median(list(v.values()))) for s, v in cell.items() if s != "ppo"}
                 best = min(base, key=base.__getitem__)
                 print(f"{f:16s} {length:6s} {budget:>2s}: {np.median(pa):.3f} -> {np.median(pb):.3f} | "
                       f"{best} {base[best]:.3f}")  # fmt: skip
