@@ -12,6 +12,7 @@ Prints one line per count:
 * ``root modules``: modules at the package's root, beside its folders (the layers show in the
   folder tree when only the commands sit there);
 * ``export lines``: lines of the Python export of one configuration;
+* ``a trial of one trains``: the model class a lone trial trains, and whether it has a member axis;
 * ``callback layers a freed seat climbs``: a small local search with populations (tiny space,
   8 trials, 3 at a time) runs, and at every ``ask`` of its strategy the call stack is read: the
   frames of the engine and the backends on it are the layers through which a freed population
@@ -89,6 +90,24 @@ def export_lines() -> int:
     return len(text.splitlines())
 
 
+def lone_trial_model() -> str:
+    """The classes of the model a trial of one trains (a population of one on the CPU), outermost
+    first: before the change the member-axis model with K = 1, after it the plain model (what the
+    Python export writes) behind the population's interface."""
+    from attn_search import AttentionConfig, Budget
+    from attn_search.engine.trainer import train_model
+
+    model, _ = train_model(AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8), "mqar",
+                           budget=Budget(steps=2, rungs=1, n_eval=8, latency_batch=2), device="cpu",
+                           task_kwargs={"seq_len": 32, "n_pairs": 4, "n_keys": 8, "n_values": 8})  # fmt: skip
+    inner = getattr(model, "net", None)
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    if inner is not None:
+        name += f" -> {type(inner).__module__}.{type(inner).__name__}"
+    stacked = any(p.dim() == 3 for p in model.parameters())  # (K, in, out) linear weights
+    return f"{name} (member axis: {'yes' if stacked else 'no'})"
+
+
 def refill_climb() -> tuple[int, int, list[str]]:
     """(asks, the most engine and backend frames on the stack at one ask, those frames' functions)."""
     import inspect
@@ -138,6 +157,7 @@ def main() -> None:
     root = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
     print(f"root modules: {len(root)} ({', '.join(root)})")
     print(f"export lines: {export_lines()}")
+    print(f"a trial of one trains: {lone_trial_model()}")
     asks, depth, frames = refill_climb()
     print(
         f"callback layers a freed seat climbs: {depth} (the most engine and backend frames on the stack at any "

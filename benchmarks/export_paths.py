@@ -7,10 +7,12 @@ computed, padding included) beside the ratio: below about 0.4 the tiles win, abo
 mask does. :data:`attn_search.engine.plain.MAX_TILE_DENSITY` is set from this table.
 
 Then the exported model (:class:`~attn_search.engine.plain.PatternModel`, what ``attn-search
-export --format python`` writes) against the search's own model of one configuration (what a trial
-trains and times), one training step's forward+backward per pattern, at L=256 (the default task's
-length) and L=1024: above 1 the export is slower than what the search measured. Medians of 7 runs
-after 2 warm-ups, the two models interleaved.
+export --format python`` writes and what a lone trial trains) against the member-axis model of one
+configuration (the engine's own single-pattern kernels: what each member of a CPU population runs),
+one training step's forward+backward per pattern, at L=64 (the recorded tables'), L=256 (the default
+task's length) and L=1024:
+above 1 the plain model is slower than the member model. Medians of 7 runs after 2 warm-ups, the
+two models interleaved.
 
 Usage::
 
@@ -19,19 +21,18 @@ Usage::
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.model import build_model
-from attn_search.engine.patterns import pattern_mask, pattern_rule
+from attn_search.engine.patterns import pattern_mask
 from attn_search.engine.plain import MAX_TILE_DENSITY, PatternModel, Tiles
+from attn_search.engine.single import rule_factory
 from attn_search.engine.tasks import make_task
 
 CONFIGS = {
@@ -40,11 +41,6 @@ CONFIGS = {
     "bigbird(16,2,2)": {"pattern": "bigbird", "block_size": 16, "n_global": 2, "n_random": 2},
     "dense": {"pattern": "dense"},
 }
-
-
-def plain_rule(config: AttentionConfig, seq_len: int, device: torch.device) -> Any:
-    """``config``'s pattern as the export's rule factory ``(seq_len, device) -> rule``."""
-    return pattern_rule(config.pattern, seq_len, causal=config.causal, device=device, **config.pattern_params())
 
 
 def median_ms(fn: Callable[[], None], repeats: int = 7) -> float:
@@ -69,15 +65,16 @@ def main() -> None:
             a = median_ms(lambda: tiles(q, k, v, 0.17, 0.0).sum().backward())
             b = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward())
             print(f"{seq_len:>5} {window:>6} {tiles.density:>7.2f} {a:>8.1f} {b:>9.1f} {a / b:>12.2f}")
-    print("\nthe exported model against the search's (one configuration), forward+backward of a training step")
-    print(f"{'L':>5} {'batch':>5} {'pattern':<16} {'search_ms':>9} {'export_ms':>9} {'export/search':>13}")
-    for seq_len, batch in ((256, 32), (1024, 8)):
-        task = make_task("mqar", seq_len=seq_len)
+    print("\nthe plain model (export, lone trial) against the member model of one configuration,")
+    print("forward+backward of a training step")
+    print(f"{'L':>5} {'batch':>5} {'pattern':<16} {'member_ms':>9} {'plain_ms':>9} {'plain/member':>13}")
+    for seq_len, batch in ((64, 32), (256, 32), (1024, 8)):
+        task = make_task("mqar", seq_len=seq_len, n_pairs=min(32, seq_len // 4))
         x = task.data("train", batch)[0]
         for name, params in CONFIGS.items():
             config = AttentionConfig(**params)
             ours = build_model(config, task)
-            rule_of = functools.partial(plain_rule, config)
+            rule_of = rule_factory(config)
             theirs = PatternModel(vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=config.d_model,
                                   n_heads=config.n_heads, n_layers=config.n_layers, rule_of=rule_of)  # fmt: skip
             times: dict[str, list[float]] = {"search": [], "export": []}

@@ -113,9 +113,12 @@ def step_times(device: torch.device, sizes: list[int], steps: int) -> dict[str, 
             pop.train_step()
             pop.timer.stop(started, 1.0)
             times.append(pop.timer.settle() * 1000)
-        plan = next(iter(pop.model.blocks[0].attn._plans.values()))
-        path = ("flex" if isinstance(plan, MemberPlan) and plan.block_masks is not None else
-                "per-member" if isinstance(plan, list) or getattr(plan, "alone", None) else "dense")  # fmt: skip
+        if not pop.model.member_axis:  # a population of one trains the plain model (attn_search.engine.single)
+            path = "plain"
+        else:
+            plan = next(iter(pop.model.blocks[0].attn._plans.values()))
+            path = ("flex" if isinstance(plan, MemberPlan) and plan.block_masks is not None else
+                    "per-member" if isinstance(plan, list) or getattr(plan, "alone", None) else "dense")  # fmt: skip
         dropping = sum(c.attn_dropout > 0 for c in configs)
         out[str(k)] = {"step_ms": round(statistics.median(times), 3), "path": path, "with_attn_dropout": dropping,
                        "ms_per_member_step": round(statistics.median(times) / k, 4)}  # fmt: skip

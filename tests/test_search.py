@@ -829,8 +829,8 @@ def test_the_report_shows_what_the_chosen_model_attends(tmp_path: Path) -> None:
     """After the search the chosen configuration is trained once more and its first layer's
     attention drawn: the probabilities are rows that sum to 1, zero outside its pattern; the
     picture is in the report while it is of the chosen trial, and a note replaces it otherwise."""
-    from attn_search.engine.model import attention_probs
     from attn_search.engine.patterns import pattern_mask
+    from attn_search.engine.single import attention_probs
     from attn_search.engine.trainer import train_model
 
     out, _ = search(tmp_path, trials=4, attention_picture=True)

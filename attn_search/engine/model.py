@@ -1,8 +1,9 @@
 """The small attention model a trial trains: a pre-LayerNorm transformer with pattern-sparse
 self-attention and a per-position classification head (nanoGPT's layout), written once with a
 *member axis*: one module holds ``K`` configurations that share a shape (``d_model``, ``n_layers``)
-and trains them as one model (HFTA's fused ops, Wang et al. MLSys 2021). A single trial is a
-population of one (``K = 1``).
+and trains them as one model (HFTA's fused ops, Wang et al. MLSys 2021): what a population trains.
+A lone trial trains the plain model instead (:mod:`attn_search.engine.single`), with this model's
+initial weights, unless a kernel is forced (``kernel`` other than ``auto``: then ``K = 1`` here).
 
 * Every parameter is stacked on a leading member axis (``Linear.weight`` is ``(K, in, out)``) and
   every layer is one batched op for all members (``baddbmm``); shape comments carry the member
@@ -18,9 +19,10 @@ population of one (``K = 1``).
 * ``init_member(k, seed)`` and ``set_member(k, config)`` give slot ``k`` a new configuration and
   fresh weights from its own seed, so a member's weights are those of its one-by-one trial and a
   slot can be refilled while the others train on (the trainer's continuous batching).
-* With ``K = 1`` attention takes the single-pattern paths of :func:`~attn_search.engine.attention.attention_plan`
-  (the block-sparse kernel on CPU, FlexAttention on CUDA); the export writes out the same model
-  without a member axis (:mod:`attn_search.engine.plain`), checked against this one in tests.
+* With ``K = 1`` (a forced kernel, a population shrunk to one) attention takes the single-pattern
+  paths of :func:`~attn_search.engine.attention.attention_plan` (the block-sparse kernel on CPU,
+  FlexAttention on CUDA); the plain model (:mod:`attn_search.engine.plain`) computes the same
+  function, checked against this one in tests.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from torch import nn
 from attn_search.engine.attention import dropout_mask
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.member_layout import LAYOUTS, MemberPlan, head_groups, single_paths
-from attn_search.engine.patterns import pattern_mask
-from attn_search.engine.plain import rotary as rotary_tables
 from attn_search.engine.plain import rotate as apply_rotary
 from attn_search.engine.tasks import Task
 
@@ -262,6 +262,8 @@ class AttentionModel(nn.Module):
     to ``(B, L, n_classes)`` for a model of one member.
     """
 
+    member_axis = True  # every parameter is stacked on a leading member axis
+
     def __init__(
         self,
         configs: Members,
@@ -366,27 +368,6 @@ class AttentionModel(nn.Module):
         return total
 
 
-@torch.no_grad()
-def attention_probs(model: AttentionModel, idx: torch.Tensor) -> torch.Tensor:
-    """What each head of a one-member model's first layer attends on the sequence ``idx`` ``(L,)``:
-    its attention probabilities ``(n_heads, L, L)`` (row: query, column: key; zero outside the
-    pattern), computed as the layer computes them (rotary positions, the pattern's mask)."""
-    c = model.members[0]
-    assert len(model.members) == 1, "attention_probs reads a model of one member"
-    L, C, H = idx.shape[-1], c.d_model, c.n_heads
-    x = idx.view(1, 1, L)
-    prev = F.pad(x[..., :-1], (1, 0))
-    block = model.blocks[0]
-    assert isinstance(block, Block)
-    h = block.ln1(model.tok_emb(x) + model.prev_emb(prev))  # (1, 1, L, C)
-    q, k, _ = block.attn.qkv(h)[0, 0].split(C, dim=-1)  # (L, C) each
-    q, k = (t.view(L, H, C // H).transpose(0, 1) for t in (q, k))  # (H, L, d)
-    cos, sin = rotary_tables(L, C // H, device=idx.device)
-    scores = apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2) / math.sqrt(C // H)
-    mask = pattern_mask(c.pattern, L, causal=c.causal, device=idx.device, **c.pattern_params())
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
 def shape_key(config: AttentionConfig) -> tuple[Any, ...]:
     """What the members of one model must share; everything else (head count, pattern, rates,
     learning rate, seed) can differ between them."""
@@ -418,8 +399,9 @@ def build_model(
 
 
 def count_params(model: nn.Module) -> int:
-    """Trainable parameters of one member."""
-    return sum(p[0].numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters of one member (of a model with a member axis, or of a plain one)."""
+    stacked = getattr(model, "member_axis", False)
+    return sum(p[0].numel() if stacked else p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """One attention model, plain: no member axis, one attention path per device, torch alone.
 
-This is what the Python export writes out (``attn-search export --format python``), with the
-searched pattern's rule and configuration appended, and what a user reads: nanoGPT's layout
+This is what a lone trial trains (:mod:`attn_search.engine.single`) and what the Python export
+writes out (``attn-search export --format python``), with the searched pattern's rule and
+configuration appended, and what a user reads: nanoGPT's layout
 (pre-LayerNorm blocks, GELU MLP, a per-position head) with the search's model around it (token and
 previous-token embeddings, rotary positions) and attention restricted to a pattern, given as a rule
 ``pattern_rule(seq_len, device) -> rule(q_idx, kv_idx) -> bool`` (causality included).

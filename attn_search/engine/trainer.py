@@ -1,7 +1,8 @@
 """Training: build the model configurations describe, train it on a task for a budget, measure it.
 
 One loop trains ``K`` members of one model (:mod:`attn_search.engine.model`'s member axis); a
-single trial is a population of one. A :class:`Population` is steppable: :meth:`Population.advance`
+single trial is a population of one, and trains the plain model the export writes
+(:func:`model_for`: :mod:`attn_search.engine.single`). A :class:`Population` is steppable: :meth:`Population.advance`
 trains until there is something to say and returns it as events (compute known, a rung reached, a
 member ended, a slot freed), and the caller answers with commands (:meth:`Population.stop` a member
 at its rung, :meth:`Population.admit` a configuration into a freed slot). Nothing here calls back
@@ -35,6 +36,7 @@ from attn_search.engine.cost import (
     training_state_mb,
 )
 from attn_search.engine.model import AttentionModel, build_model, count_params, member_losses, shape_key
+from attn_search.engine.single import SingleModel
 from attn_search.engine.tasks import IGNORE, Task, make_task
 
 Reporter = Callable[[int, float], "bool | None"]
@@ -276,15 +278,16 @@ def train_model(
     budget: Budget | str | int | None = None,
     device: str | torch.device = "auto",
     task_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[AttentionModel, TrialResult]:
-    """Train ``config`` exactly as :func:`evaluate` does and also return the trained model (to look
-    inside it: the report's picture of what each head attends)."""
+) -> tuple[SingleModel, TrialResult]:
+    """Train ``config`` exactly as :func:`evaluate` does and also return the trained model, the
+    plain model of a trial of one (to look inside it: the report's picture of what each head attends)."""
     dev, bud = resolve_device(device), _resolve_budget(budget)
     the_task = make_task(task, **dict(task_kwargs or {}))
     pop = Population([(0, config)], the_task, bud, dev, "auto")
     results: list[TrialResult] = []
     while not pop.done:
         results += [event.result for event in pop.advance() if isinstance(event, Ended)]
+    assert isinstance(pop.model, SingleModel)
     return pop.model.eval(), results[0]
 
 
@@ -377,6 +380,17 @@ def evaluate_many(
     return [results[i] for i in sorted(results)]
 
 
+def model_for(configs: Sequence[AttentionConfig], task: Task, *, kernel: str = "auto",
+              heads: tuple[int, int] | None = None, member_layout: str = "auto") -> AttentionModel | SingleModel:  # fmt: skip
+    """The model a population trains: for one configuration on the ``auto`` kernel and layout, the
+    plain model the export writes (:class:`~attn_search.engine.single.SingleModel`), so a lone
+    trial is trained and timed on what a user deploys; otherwise the member-axis model
+    (:func:`~attn_search.engine.model.build_model`), whose members train as their lone trials do."""
+    if len(configs) == 1 and kernel == "auto" and member_layout == "auto":
+        return SingleModel(configs[0], task)
+    return build_model(configs, task, kernel=kernel, heads=heads, member_layout=member_layout)
+
+
 class Training:
     """Configurations of any shapes trained as populations, one shape at a time (members that share
     :func:`~attn_search.engine.model.shape_key` train as one :class:`Population`), behind the
@@ -463,7 +477,7 @@ class Population:
         torch.manual_seed(cfgs[0].seed)  # dropout draws (weights come from each member's own seed)
         if heads is not None:  # the range must hold the first members too
             heads = (min(heads[0], *(c.n_heads for c in cfgs)), max(heads[1], *(c.n_heads for c in cfgs)))
-        self.model = build_model(cfgs, task, kernel=kernel, heads=heads, member_layout=member_layout).to(dev)
+        self.model = model_for(cfgs, task, kernel=kernel, heads=heads, member_layout=member_layout).to(dev)
         self.timer = _StepTimer(dev)
         self.opt = MemberAdamW(self.model)
         self.slots: list[int | None] = [i for i, _ in members]  # member id in each slot; None: free
@@ -844,7 +858,9 @@ class _GraphedStep:
             self.out = self.pop.train_step()
 
     def __call__(self) -> torch.Tensor:
-        key = (self.pop.K, self.pop.model.plans_dropped())
+        model = self.pop.model
+        assert isinstance(model, AttentionModel), "only a population of several members is captured"
+        key = (self.pop.K, model.plans_dropped())
         if key != self.key:  # tensors moved: what was captured reads stale storage
             self.key, self.graph, self.eager = key, None, 0
         if self.graph is None:
@@ -917,15 +933,17 @@ class MemberAdamW:
     launches per parameter when the learning rate is a tensor). Weight decay applies to matrices
     only (not biases, LayerNorms or embeddings)."""
 
-    def __init__(self, model: AttentionModel, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
-                 max_norm: float = 1.0) -> None:  # fmt: skip
+    def __init__(self, model: AttentionModel | SingleModel, betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-8, max_norm: float = 1.0) -> None:  # fmt: skip
         named = list(model.named_parameters())
         self.params = [p for _, p in named]
-        K = self.params[0].shape[0]
+        self.stacked = model.member_axis  # parameters on a member axis; else one member's, unstacked
+        K = self.params[0].shape[0] if self.stacked else 1
         dev = self.params[0].device
         self.flat = torch.cat([p.detach().reshape(K, -1) for p in self.params], dim=1)  # (K, P)
         self._bind()
-        decays = [torch.full((p[0].numel(),), float(p.dim() >= 3 and "emb" not in name)) for name, p in named]
+        matrix = 3 if self.stacked else 2  # dimensions of a weight matrix (with its member axis)
+        decays = [torch.full((p.numel() // K,), float(p.dim() >= matrix and "emb" not in name)) for name, p in named]
         self.decay = torch.cat(decays).to(dev).view(1, -1)  # (1, P)
         self.weight_decay = torch.tensor([c.weight_decay for c in model.members], device=dev).view(K, 1)
         self.m = torch.zeros_like(self.flat)
@@ -939,8 +957,9 @@ class MemberAdamW:
         offset = 0
         K = self.flat.shape[0]
         for p in self.params:
-            n = p[0].numel()
-            p.data = self.flat[:, offset : offset + n].view(K, *p.shape[1:])
+            n = p[0].numel() if self.stacked else p.numel()
+            columns = self.flat[:, offset : offset + n]
+            p.data = columns.view(K, *p.shape[1:]) if self.stacked else columns.view(p.shape)
             offset += n
 
     def keep(self, index: torch.Tensor) -> None:
@@ -984,13 +1003,16 @@ def measure_at_length(
 ) -> dict[str, float]:
     """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
     analytic ``flops`` and ``attn_flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
-    (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` with the
-    attention kernel a trial uses (memory: the weights and the pass's peak, no training state). Weights do not change the cost, so a fresh model is measured.
-    Pattern parameters are absolute: a window of 46 stays 46 at any length."""
+    (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` on the model a
+    lone trial trains (:func:`model_for`: on the ``auto`` kernel, the plain model the export writes,
+    so the latency counted is the deployed layer's). Memory: the weights and the pass's peak, no
+    training state. Weights do not change the cost, so a fresh model is measured. Pattern
+    parameters are absolute: a window of 46 stays 46 at any length."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the trial's draws stay its own
         torch.manual_seed(config.seed)
-        model = AttentionModel(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=length,
-                               kernel=kernel).to(device).eval()  # fmt: skip
+        model = model_for([config], task, kernel=kernel).to(device).eval()
+        if isinstance(model, AttentionModel):
+            model.max_len = length
         x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
 
     def forward() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from attn_search.engine.model import attention_probs
+from attn_search.engine.single import attention_probs
 from attn_search.engine.tasks import IGNORE, make_task
 from attn_search.engine.trainer import train_model
 from attn_search.report.outputs import RunOutputs, load_run, row_config, select_row
