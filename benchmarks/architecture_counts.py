@@ -100,10 +100,7 @@ def lone_trial_model() -> str:
     model, _ = train_model(AttentionConfig(d_model=16, n_heads=2, pattern="window", window=4, batch_size=8), "mqar",
                            budget=Budget(steps=2, rungs=1, n_eval=8, latency_batch=2), device="cpu",
                            task_kwargs={"seq_len": 32, "n_pairs": 4, "n_keys": 8, "n_values": 8})  # fmt: skip
-    inner = getattr(model, "net", None)
-    name = f"{type(model).__module__}.{type(model).__name__}"
-    if inner is not None:
-        name += f" -> {type(inner).__module__}.{type(inner).__name__}"
+    name = " < ".join(f"{c.__module__}.{c.__name__}" for c in type(model).__mro__ if c.__module__.startswith("attn"))
     stacked = any(p.dim() == 3 for p in model.parameters())  # (K, in, out) linear weights
     return f"{name} (member axis: {'yes' if stacked else 'no'})"
 

@@ -6,7 +6,9 @@ Counted on any device with a ``TorchDispatchMode`` (every aten op the training r
 backward and optimiser), on a real population of the trainer (``attn_search.engine.trainer``):
 
 * one by one: ``K = 1`` with the kernel CUDA would choose counted as one attention op (SDPA;
-  FlexAttention is also one op, and its CPU backward does not exist);
+  FlexAttention is also one op, and its CPU backward does not exist). A forced kernel keeps the
+  member model; a lone trial of a search trains the plain model (``engine/single.py``), which has
+  the same layers and also calls one attention op on CUDA, so this stands in for it;
 * populations as CUDA runs them: one attention call per head group (the grouped layout), evaluation
   passes of 256 sequences per member;
 * populations of ``--sizes`` mixed proposals of the sparse space (head counts 2/4/8, every pattern);

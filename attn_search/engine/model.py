@@ -3,7 +3,8 @@ self-attention and a per-position classification head (nanoGPT's layout), writte
 *member axis*: one module holds ``K`` configurations that share a shape (``d_model``, ``n_layers``)
 and trains them as one model (HFTA's fused ops, Wang et al. MLSys 2021): what a population trains.
 A lone trial trains the plain model instead (:mod:`attn_search.engine.single`), with this model's
-initial weights, unless a kernel is forced (``kernel`` other than ``auto``: then ``K = 1`` here).
+initial weights, unless a kernel is forced (``kernel`` other than ``auto``) or the grouped member
+layout is asked for: then ``K = 1`` here.
 
 * Every parameter is stacked on a leading member axis (``Linear.weight`` is ``(K, in, out)``) and
   every layer is one batched op for all members (``baddbmm``); shape comments carry the member
@@ -400,7 +401,7 @@ def build_model(
 
 def count_params(model: nn.Module) -> int:
     """Trainable parameters of one member (of a model with a member axis, or of a plain one)."""
-    stacked = getattr(model, "member_axis", False)
+    stacked = getattr(model, "member_axis", True)  # (a member model's submodules are stacked too)
     return sum(p[0].numel() if stacked else p.numel() for p in model.parameters() if p.requires_grad)
 
 

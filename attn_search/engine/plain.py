@@ -36,9 +36,9 @@ Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RuleFactory = Callable[[int, torch.device], Rule]
 TILE = 64
 MAX_TILE_DENSITY = 0.4
-"""Above this fraction of the tile grid computed, the CPU attends over the whole mask with SDPA: the
-gathers cost more than the skipped tiles save (``benchmarks/export_paths.py``: at density 0.50 the
-tiles take 1.1-1.2x SDPA's time, at 0.34 and below 0.3-0.8x)."""
+"""Above this fraction of the tile grid computed, the CPU attends over the whole mask with SDPA
+(``benchmarks/export_paths.py``, forward+backward: at density 0.50 the tiles take 0.87-1.07x SDPA's
+time, at 0.62-0.81 1.2-1.5x, at 0.34 and below 0.3-0.7x)."""
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's kernels need head dims >= 16: smaller ones are zero-padded (exact)
 
 
@@ -87,6 +87,7 @@ class Tiles:
         needed = full.view(n, tile, n, tile).any(3).any(1)  # (n, n): query tile a needs key tile b
         counts = needed.sum(1).tolist()
         order = sorted(range(n), key=lambda a: -counts[a])
+        self.tile = tile
         self.groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         span = torch.arange(tile, device=mask.device)
         while order:
@@ -95,13 +96,13 @@ class Tiles:
             order = [a for a in order if 2 * counts[a] < width]
             lists = [needed[a].nonzero().flatten() for a in members]
             kv = torch.stack([torch.cat([ids, ids[:1].expand(width - len(ids))]) for ids in lists])  # (g, width)
-            rows = (torch.tensor(members, device=mask.device)[:, None] * tile + span).flatten()  # (g*tile,)
-            keys = (kv[:, :, None] * tile + span).flatten(1)  # (g, width*tile)
-            allowed = full[rows.view(len(members), tile, 1), keys[:, None, :]]  # (g, tile, width*tile)
+            qt = torch.tensor(members, device=mask.device)  # (g,)
+            rows, keys = qt[:, None] * tile + span, (kv[:, :, None] * tile + span).flatten(1)  # (g, tile), (g, w*tile)
+            allowed = full[rows[:, :, None], keys[:, None, :]]  # (g, tile, width*tile)
             for i, ids in enumerate(lists):  # a padded slot repeats a real tile: it must add nothing
                 allowed[i, :, len(ids) * tile :] = False
-            self.groups.append((rows, keys, allowed))
-        self.density = sum(k.shape[0] * k.shape[1] // tile for _, k, _ in self.groups) / n**2  # tiles computed
+            self.groups.append((qt, kv, ~allowed))
+        self.density = sum(kv.numel() for _, kv, _ in self.groups) / n**2  # tiles computed
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, drop: float) -> torch.Tensor:
         pad = self.padded - q.shape[2]
@@ -109,14 +110,13 @@ class Tiles:
         return _TileAttention.apply(q, k, v, self, scale, drop)[:, :, : self.L]
 
     def chunks(self, B: int, H: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(query rows, key rows, allowed) of a few query tiles at a time: score buffers of about
-        4 MB stay in cache (and below glibc's mmap threshold, where each fresh buffer page-faults)."""
-        for rows, keys, allowed in self.groups:
-            g, width = keys.shape
-            tile = len(rows) // g
-            step = max(1, (4 << 20) // (B * H * tile * width * 4))
+        """(query tiles, their key tiles, blocked entries) of a few query tiles at a time: score buffers
+        of about 4 MB stay in cache (and below glibc's mmap threshold, where fresh pages fault)."""
+        for qt, kv, blocked in self.groups:
+            g, width = kv.shape
+            step = max(1, (4 << 20) // (B * H * self.tile * width * self.tile * 4))
             for a in range(0, g, step):
-                yield rows[a * tile : (a + step) * tile], keys[a : a + step].flatten(), allowed[a : a + step]
+                yield qt[a : a + step], kv[a : a + step].flatten(), blocked[a : a + step]
 
 
 class _TileAttention(torch.autograd.Function):
@@ -129,20 +129,22 @@ class _TileAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: Tiles, scale: float,
                 drop: float) -> torch.Tensor:  # fmt: skip
         B, H, L, D = q.shape
+        T = tiles.tile
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in float32 at least
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)
+        # tiled views (B, H, n, T, D): a gather moves whole tiles, not single rows
+        q4, k4, v4, out4 = (t.reshape(B, H, -1, T, D) for t in (q, k, v, out))
         probs = []
-        for rows, keys, allowed in tiles.chunks(B, H):
-            n, tile, wide = allowed.shape
-            s = torch.matmul(
-                q[:, :, rows].view(B, H, n, tile, D), k[:, :, keys].view(B, H, n, wide, D).transpose(-1, -2)
-            )
-            keep = allowed
+        for qt, keys, blocked in tiles.chunks(B, H):
+            n, _, wide = blocked.shape
+            kg = k4.index_select(2, keys).view(B, H, n, wide, D)
+            s = torch.matmul(q4.index_select(2, qt), kg.transpose(-1, -2)).to(acc).mul_(scale)  # (B, H, n, T, wide)
             if drop > 0:  # DropKey before the softmax; a query's own key is kept
-                own = keys.view(n, 1, wide) == rows.view(n, tile, 1)
-                keep = allowed & ((torch.rand(s.shape, device=q.device) >= drop) | own)
-            p = (s.to(acc) * scale).masked_fill_(~keep, float("-inf")).softmax(-1).to(q.dtype)
-            out[:, :, rows] = torch.matmul(p, v[:, :, keys].view(B, H, n, wide, D)).view(B, H, -1, D)
+                span = torch.arange(T, device=q.device)
+                own = (keys.view(n, -1, 1) * T + span).view(n, 1, wide) == (qt.view(n, 1, 1) * T + span.view(1, T, 1))
+                blocked = blocked | ((torch.rand(s.shape, device=q.device) < drop) & ~own)
+            p = s.masked_fill_(blocked, float("-inf")).softmax(-1).to(q.dtype)
+            out4.index_copy_(2, qt, torch.matmul(p, v4.index_select(2, keys).view(B, H, n, wide, D)))
             probs.append(p)
         ctx.tiles, ctx.scale, ctx.probs = tiles, scale, probs
         ctx.save_for_backward(q, k, v, out)
@@ -152,20 +154,20 @@ class _TileAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out = ctx.saved_tensors
         B, H, L, D = q.shape
+        T = ctx.tiles.tile
         acc = torch.promote_types(q.dtype, torch.float32)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # (B, H, L, 1)
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for (rows, keys, _), p in zip(ctx.tiles.chunks(B, H), ctx.probs, strict=True):
-            n, tile, wide = p.shape[2:]
-            do = dout[:, :, rows].view(B, H, n, tile, D)
-            kg, vg = (t[:, :, keys].view(B, H, n, wide, D) for t in (k, v))
-            ds = (torch.matmul(do, vg.transpose(-1, -2)).to(acc) - delta[:, :, rows].view(B, H, n, tile, 1)) * p
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True).view(B, H, -1, T, 1)  # (B, H, n, T, 1)
+        dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))
+        q4, k4, v4, do4, dq4, dk4, dv4 = (t.reshape(B, H, -1, T, D) for t in (q, k, v, dout, dq, dk, dv))
+        for (qt, keys, _), p in zip(ctx.tiles.chunks(B, H), ctx.probs, strict=True):
+            n, wide = p.shape[2], p.shape[4]
+            do = do4.index_select(2, qt)  # (B, H, n, T, D)
+            kg, vg = (t.index_select(2, keys).view(B, H, n, wide, D) for t in (k4, v4))
+            ds = (torch.matmul(do, vg.transpose(-1, -2)).to(acc) - delta.index_select(2, qt)) * p
             ds = ds.to(q.dtype) * ctx.scale
-            dq[:, :, rows] = torch.matmul(ds, kg).view(B, H, -1, D)
-            dk.index_add_(
-                2, keys, torch.matmul(ds.transpose(-1, -2), q[:, :, rows].view(B, H, n, tile, D)).flatten(2, 3)
-            )
-            dv.index_add_(2, keys, torch.matmul(p.transpose(-1, -2), do).flatten(2, 3))
+            dq4.index_copy_(2, qt, torch.matmul(ds, kg))
+            dk4.index_add_(2, keys, torch.matmul(ds.transpose(-1, -2), q4.index_select(2, qt)).view(B, H, -1, T, D))
+            dv4.index_add_(2, keys, torch.matmul(p.transpose(-1, -2), do).view(B, H, -1, T, D))
         return dq, dk, dv, None, None, None
 
 
@@ -318,13 +320,15 @@ class PatternModel(nn.Module):
 
 def load_searched(module: nn.Module, state_dict: dict[str, torch.Tensor], member: int = 0) -> None:
     """Load weights trained by attn_search into this plain ``module`` (``PatternModel`` or a layer):
-    its models stack every parameter on a member axis (``member`` picks one) and keep linear
-    weights as ``(in, out)``, where ``nn.Linear`` keeps ``(out, in)``."""
+    a lone trial's load as they are; a population's carry a member axis (``member`` picks one) and
+    keep linear weights as ``(in, out)``, where ``nn.Linear`` keeps ``(out, in)``."""
     linear = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)}
     own = module.state_dict()
     missing = set(own) - set(state_dict)
     assert not missing, f"weights missing from the searched state_dict: {sorted(missing)}"
     with torch.no_grad():
         for name, target in own.items():
-            value = state_dict[name][member]
-            target.copy_(value.T if name in linear else value)
+            value = state_dict[name]
+            if value.dim() == target.dim() + 1:  # a member axis
+                value = value[member].T if name in linear else value[member]
+            target.copy_(value)

@@ -2,15 +2,15 @@
 
 One loop trains ``K`` members of one model (:mod:`attn_search.engine.model`'s member axis); a
 single trial is a population of one, and trains the plain model the export writes
-(:func:`model_for`: :mod:`attn_search.engine.single`). A :class:`Population` is steppable: :meth:`Population.advance`
-trains until there is something to say and returns it as events (compute known, a rung reached, a
-member ended, a slot freed), and the caller answers with commands (:meth:`Population.stop` a member
-at its rung, :meth:`Population.admit` a configuration into a freed slot). Nothing here calls back
-into a caller. :class:`Training` does the same for configurations of several shapes (one
-population per shape, in turn). :func:`evaluate` and :func:`evaluate_many` drive them for a
-library user, with callbacks: ``reporter(step, accuracy)`` at rungs may stop a trial early
-(return ``True`` or raise :class:`StopTrial`). A non-finite loss ends the trial with
-``state="failed"`` and a reason.
+(:func:`model_for`: :mod:`attn_search.engine.single`). A :class:`Population` is steppable:
+:meth:`Population.advance` trains until there is something to say and returns it as events
+(compute known, a rung reached, a member ended, a slot freed), and the caller answers with
+commands (:meth:`Population.stop` a member at its rung, :meth:`Population.admit` a configuration
+into a freed slot). Nothing here calls back into a caller. :class:`Training` does the same for
+configurations of several shapes (one population per shape, in turn). :func:`evaluate` and
+:func:`evaluate_many` drive them for a library user, with callbacks: ``reporter(step, accuracy)``
+at rungs may stop a trial early (return ``True`` or raise :class:`StopTrial`). A non-finite loss
+ends the trial with ``state="failed"`` and a reason.
 """
 
 from __future__ import annotations
@@ -308,9 +308,10 @@ def evaluate_many(
     member_layout: str = "auto",
 ) -> list[TrialResult]:
     """Train several configurations at once as populations (one model with a member axis,
-    :mod:`attn_search.engine.model`); returns one :class:`TrialResult` per member in member order,
-    each what training that configuration alone gives (the same initial weights, data order,
-    schedule and optimiser arithmetic).
+    :mod:`attn_search.engine.model`; a population of one trains the plain model, :func:`model_for`);
+    returns one :class:`TrialResult` per member in member order, each what training that
+    configuration alone gives (the same initial weights, data order, schedule and optimiser
+    arithmetic).
 
     Configurations that share :func:`~attn_search.engine.model.shape_key` (whatever their head
     counts and patterns) train as one population of fixed size. A member that finishes, is stopped
@@ -465,7 +466,7 @@ class Population:
                kernel: str, deadline: float | None, heads: tuple[int, int] | None, member_layout: str) -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
-        self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
+        self.task, self.bud, self.dev, self.kernel, self.member_layout = task, bud, dev, kernel, member_layout
         cfgs = [c for _, c in members]
         self.key = shape_key(cfgs[0])
         self.K = K = len(cfgs)
@@ -566,7 +567,8 @@ class Population:
                             M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=L)), **self.pop_figures})  # fmt: skip
         else:  # each member alone at the user's length (its own pattern's cost); accuracy where it trains
             figures.update(measure_at_length(config, self.task, bud.target_len, device=self.dev,
-                                             batch=target_batch(bud, L), kernel=self.kernel))  # fmt: skip
+                                             batch=target_batch(bud, L), kernel=self.kernel,
+                                             member_layout=self.member_layout))  # fmt: skip
         return figures
 
     # -- training ----------------------------------------------------------------------------------
@@ -924,7 +926,8 @@ def _batch_rows(seed: int, n_train: int, batch: int, steps: int) -> torch.Tensor
 class MemberAdamW:
     """AdamW (``torch.optim.AdamW``'s arithmetic, betas 0.9/0.98) with per-member gradient clipping
     (norm 1, as ``clip_grad_norm_``) for a model whose parameters carry a member axis, each member
-    with its own learning rate, weight decay and step count.
+    with its own learning rate, weight decay and step count, or for the plain model of a trial of
+    one (``member_axis`` false: one member, parameters in their own shapes).
 
     Why not ``torch.optim.AdamW``: it takes one learning rate and weight decay per parameter group,
     not one per slice of a tensor, and clipping per member is not ``clip_grad_norm_`` either. Here
@@ -999,7 +1002,14 @@ class MemberAdamW:
 
 
 def measure_at_length(
-    config: AttentionConfig, task: Task, length: int, *, device: torch.device, batch: int, kernel: str = "auto"
+    config: AttentionConfig,
+    task: Task,
+    length: int,
+    *,
+    device: torch.device,
+    batch: int,
+    kernel: str = "auto",
+    member_layout: str = "auto",
 ) -> dict[str, float]:
     """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
     analytic ``flops`` and ``attn_flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
@@ -1010,7 +1020,7 @@ def measure_at_length(
     parameters are absolute: a window of 46 stays 46 at any length."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the trial's draws stay its own
         torch.manual_seed(config.seed)
-        model = model_for([config], task, kernel=kernel).to(device).eval()
+        model = model_for([config], task, kernel=kernel, member_layout=member_layout).to(device).eval()
         if isinstance(model, AttentionModel):
             model.max_len = length
         x = torch.randint(0, max(1, task.vocab_size), (batch, length), device=device)
