@@ -129,3 +129,41 @@ def test_a_lone_trials_step_runs_under_bf16_autocast_like_float32(pattern: str, 
     assert g32.norm() > 1e-4
     assert half == pytest.approx(exact, rel=1e-3)
     assert ((g16 - g32).norm() / g32.norm()).item() < 0.02  # (measured: 0.3-0.4%)
+
+
+def test_the_plain_models_flex_path_compiles_once_for_every_dropout_rate_and_pattern(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone trial's CUDA path (FlexAttention over the pattern's BlockMask, DropKey in the kernel),
+    run forward on the CPU: refills bring other attention-dropout rates and patterns, and the
+    kernel is compiled once. (A rate baked into the kernel as a constant compiled a kernel per rate,
+    and past dynamo's limit of 8 fell back to eager attention silently.) The rate takes effect.
+    Dynamo's graph capture is what recompiles, so the counting backend runs the captured graph as
+    it is: inductor's CPU build of the kernel takes about 10 minutes and adds nothing here."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attn_search.engine import plain
+    from attn_search.engine.patterns import pattern_mask
+    from attn_search.engine.single import rule_factory
+
+    compiles = {"n": 0}
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        compiles["n"] += 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(plain, "_FLEX", torch.compile(flex_attention, dynamic=False, backend=counting))
+    L = 128
+    layer = PatternAttention(32, 2, rule_factory(AttentionConfig(pattern="window", window=8)))
+    q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))
+    block_mask = {p: create_block_mask(plain.table_mask_mod(pattern_mask(p, L, causal=True, **PARAMS)), None, None,
+                                       L, L, device="cpu") for p in ("window", "bigbird", "dilated")}  # fmt: skip
+    outs = {}
+    with torch.no_grad():
+        for pattern, rate in (("window", 0.05), ("window", 0.5), ("bigbird", 0.1), ("dilated", 0.3), ("window", 0.2)):
+            outs[pattern, rate] = layer.flex((q, k, v), block_mask[pattern], 0.25, rate)
+        assert compiles["n"] == 1
+        undropped = layer.flex((q, k, v), block_mask["window"], 0.25, 0.0)
+    near, far = ((outs["window", r] - undropped).norm() for r in (0.05, 0.5))
+    assert 0 < near < far

@@ -179,9 +179,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def dropkey_score_mod(p: float, seed: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """DropKey inside FlexAttention: a uniform draw per ``(seed, b, h, q, kv)`` from a counter-based
-    hash (so the backward redraws the same drops and no mask is stored); ``seed`` advances in place."""
+def dropkey_score_mod(p: torch.Tensor, seed: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """DropKey inside FlexAttention: a uniform draw per ``(seed, b, h, q, kv)`` from a counter-based hash
+    (the backward redraws the same drops; no mask is stored). ``p`` and ``seed``: 0-dim tensors."""
 
     def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> Any:
         x = _mix32((seed.to(torch.int64) & 0xFFFFFFFF) ^ 0x9E3779B9)
@@ -197,12 +197,14 @@ _FLEX: Any = None
 
 
 def compiled_flex() -> Any:
-    """FlexAttention compiled once (uncompiled it materialises every score, which defeats it)."""
+    """FlexAttention compiled once (uncompiled it materialises every score). A kernel per length, head dim
+    and batch shape: past dynamo's limit of 8 it would fall back to eager silently, so it is raised."""
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False)
+        _FLEX = torch.compile(flex_attention, dynamic=False)  # (imports dynamo, whose limit follows)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return _FLEX
 
 
@@ -255,15 +257,7 @@ class PatternAttention(nn.Module):
         drop = self.attn_dropout if self.training else 0.0
         scale = 1.0 / math.sqrt(D)
         if kind == "flex":
-            score_mod = None
-            if drop > 0:
-                if self._seed is None:
-                    self._seed = torch.randint(0, 2**31 - 1, (), device=q.device)
-                self._seed.add_(1)
-                score_mod = dropkey_score_mod(drop, self._seed)
-            pad = max(0, FLEX_MIN_HEAD_DIM - D)
-            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-            return compiled_flex()(q, k, v, block_mask=what, score_mod=score_mod, scale=scale)[..., :D]
+            return self.flex((q, k, v), what, scale, drop)
         if kind == "tiles":
             return what(q, k, v, scale, drop)
         if kind == "masked" or drop > 0:  # the whole mask (with DropKey: the drawn one)
@@ -271,6 +265,17 @@ class PatternAttention(nn.Module):
                 mask = mask & dropkey_keep((*q.shape[:2], L, L), drop, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, is_causal=what)
+
+    def flex(self, qkv: tuple[torch.Tensor, ...], block_mask: Any, scale: float, drop: float) -> torch.Tensor:
+        """FlexAttention over the pattern's BlockMask, DropKey at rate ``drop`` in the kernel (rate and
+        seed are tensors: one kernel for every rate); head dims below 16 zero-padded (exact)."""
+        dev, D, score_mod = qkv[0].device, qkv[0].shape[-1], None
+        if drop > 0:
+            if self._seed is None or self._seed.device != dev:  # (with the rate: drawn on first use)
+                self._seed, self._rate = torch.randint(0, 2**31 - 1, (), device=dev), torch.zeros((), device=dev)
+            score_mod = dropkey_score_mod(self._rate.fill_(drop), self._seed.add_(1))
+        q, k, v = (F.pad(t, (0, max(0, FLEX_MIN_HEAD_DIM - D))) for t in qkv)
+        return compiled_flex()(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale)[..., :D]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
