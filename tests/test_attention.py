@@ -157,6 +157,54 @@ def test_the_dropkey_hash_is_uniform_and_independent_across_its_indices() -> Non
     )
 
 
+def _inlined_size(score_mod: object) -> int:
+    """Nodes Inductor lowers for ``score_mod`` inlined into FlexAttention's kernel: it lowers a pointwise
+    chain as a tree, every use of a value lowering it again, so a node counts once per path to the
+    output (the traced graph counts it once)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    i = torch.tensor(3)
+    graph = make_fx(score_mod)(torch.tensor(0.5), i, i, i, i).graph  # type: ignore[arg-type]
+    size: dict[object, int] = {}
+    for node in graph.nodes:
+        size[node] = 1 + sum(size[a] for a in node.all_input_nodes)
+    return size[next(n for n in graph.nodes if n.op == "output")]
+
+
+def test_the_dropkey_kernels_stay_small_when_inductor_inlines_them() -> None:
+    """A hash round per index (five murmur3 finalisers) lowered to 243,422 nodes: compiling DropKey's
+    FlexAttention took minutes on an H200 and 601 s on the CPU. Two rounds lower to under a thousand."""
+    from attn_search.engine import plain
+    from attn_search.engine.attention import dropkey_score_mod
+
+    seed = torch.tensor(7)
+    # (the member model's per-member rate, rates[b], adds one lookup that tracing cannot follow)
+    for score_mod in (plain.dropkey_score_mod(torch.tensor(0.1), seed),
+                      dropkey_score_mod(torch.tensor([0.1]), seed, per_batch=False)):  # fmt: skip
+        assert _inlined_size(score_mod) < 2000
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_dropkey_kernel_to_the_drops_of_eager_torch() -> None:
+    """FlexAttention with DropKey compiled by Inductor (its C++ build here; 20-30 s, before the hash had
+    two rounds 601 s) drops exactly what the uncompiled kernel drops: the int64 arithmetic agrees."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attn_search.engine import plain
+
+    L = 128
+    block_mask = create_block_mask(plain.table_mask_mod(torch.ones(L, L, dtype=torch.bool).tril()), None, None, L, L,
+                                   device="cpu")  # fmt: skip
+    q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))
+    score_mod = plain.dropkey_score_mod(torch.tensor(0.3), torch.tensor(123456789))
+    compiled = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=block_mask, score_mod=score_mod)
+    eager = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
+    undropped = flex_attention(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eager, undropped, atol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_dropkey_score_mod_matches_its_dense_mask(eager_flex: None) -> None:
     """The FlexAttention path (CUDA's) drops exactly the keys its hash says, per member."""
     from attn_search.engine.attention import _flex, dropkey_score_mod, hash_uniform, member_block_mask

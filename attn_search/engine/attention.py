@@ -44,6 +44,7 @@ from attn_search.engine.patterns import (
     pattern_rule,
     resolve_params,
 )
+from attn_search.engine.plain import hash_uniform
 
 KERNELS = ("auto", "reference", "blocked", "flex")
 
@@ -387,32 +388,6 @@ def _flex(
     out = _flex_fn()(q, k, v, score_mod=score_mod, block_mask=block_mask,
                      scale=1.0 / math.sqrt(D) if scale is None else scale)  # fmt: skip
     return out[..., :D]
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit finaliser (murmur3's fmix32) on int64 tensors holding values in ``[0, 2**32)``:
-    products stay below 2**63 and every step is masked back to 32 bits, so eager torch, Inductor's
-    C++ and Triton give the same bits (no signed overflow anywhere)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def hash_uniform(
-    seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
-) -> torch.Tensor:
-    """A uniform draw in ``[0, 1)`` per ``(seed, b, h, q, kv)``, pointwise and stateless (a counter-
-    based generator, as Philox is), so a FlexAttention ``score_mod`` can draw DropKey's drops inside
-    its kernel and its backward redraws the same ones. Arguments broadcast; all are integers."""
-    x = _mix32((seed.to(torch.int64) & _M32) ^ 0x9E3779B9)
-    for part in (b, h, q, kv):  # chained, so that no two index tuples share a stream
-        x = _mix32((x + (part.to(torch.int64) & _M32) * 0x27D4EB2F) & _M32)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def dropkey_score_mod(rates: torch.Tensor, seed: torch.Tensor, *, per_batch: bool) -> Callable[..., torch.Tensor]:

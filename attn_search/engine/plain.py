@@ -171,24 +171,36 @@ class _TileAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:  # murmur3's finaliser; int64 holding 32 bits, masked each step
     x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x = (x * 0x85EBCA6B) & _M32
     x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    x = (x * 0xC2B2AE35) & _M32
     return x ^ (x >> 16)
 
 
+def hash_uniform(
+    seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
+    """A uniform draw in ``[0, 1)`` per ``(seed, b, h, q, kv)`` (counter-based, so the backward redraws the
+    forward's drops): a stream per ``(seed, b, h)``, then the position (16 bits per index). Two rounds, not
+    one per index: Inductor lowers a ``score_mod`` as a tree, each ``x ^ (x >> s)`` lowering ``x`` twice,
+    so five rounds took minutes to compile (``tests/test_attention.py`` counts the nodes)."""
+    i64 = torch.int64
+    stream = _mix32(((seed.to(i64) & _M32) * 0x165667B1 + b.to(i64) * 0x27D4EB2F + h.to(i64) * 0x61C88647) & _M32)
+    x = _mix32(stream ^ (((((q.to(i64) & 0xFFFF) << 16) | (kv.to(i64) & 0xFFFF)) * 0x2545F491) & _M32))
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
 def dropkey_score_mod(p: torch.Tensor, seed: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """DropKey inside FlexAttention: a uniform draw per ``(seed, b, h, q, kv)`` from a counter-based hash
-    (the backward redraws the same drops; no mask is stored). ``p`` and ``seed``: 0-dim tensors."""
+    """DropKey inside FlexAttention: score ``(b, h, q, kv)`` becomes ``-inf`` with probability ``p`` but never
+    on the diagonal; ``p`` and ``seed``: 0-dim tensors (one compiled kernel for every rate and step)."""
 
     def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> Any:
-        x = _mix32((seed.to(torch.int64) & 0xFFFFFFFF) ^ 0x9E3779B9)
-        for part in (b, h, q, kv):
-            x = _mix32((x + (part.to(torch.int64) & 0xFFFFFFFF) * 0x27D4EB2F) & 0xFFFFFFFF)
-        u = (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
-        return torch.where((u < p) & (q != kv), float("-inf"), score)
+        return torch.where((hash_uniform(seed, b, h, q, kv) < p) & (q != kv), float("-inf"), score)
 
     return score_mod
 
