@@ -44,7 +44,7 @@ from attn_search.engine.patterns import (
     pattern_rule,
     resolve_params,
 )
-from attn_search.engine.plain import hash_uniform
+from attn_search.engine.plain import compiled_flex, hash_uniform
 
 KERNELS = ("auto", "reference", "blocked", "flex")
 
@@ -280,6 +280,9 @@ _FLEX_KERNELS = 256
 
 
 def _flex_fn() -> Any:
+    """FlexAttention compiled: the plain model's compiled function (one ``torch.compile`` of it in
+    the process, so both models' kernels share dynamo's cache and its limits), with more kernels
+    allowed than the plain model needs."""
     global _FLEX_COMPILED
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -288,6 +291,7 @@ def _flex_fn() -> Any:
     if _FLEX_COMPILED is None:
         import torch._dynamo.config as dynamo_config
 
+        _FLEX_COMPILED = compiled_flex()
         # Patterns are read from tables (TABLE_MASK_MAX_LEN), so a kernel is compiled per length,
         # head dim and batch shape, not per pattern; past dynamo's default of 8 recompiles it would
         # silently fall back to eager FlexAttention, which materialises every score (measured:
@@ -295,7 +299,6 @@ def _flex_fn() -> Any:
         # pattern and parameters, so allow many kernels.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _FLEX_KERNELS)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * _FLEX_KERNELS)
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
 
 
