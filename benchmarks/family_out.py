@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument(
         "--no-head", action="store_true", help="score ppo without its learned first configurations (the policy alone)"
     )
+    parser.add_argument("--head-size", type=int, default=head_module.HEAD_SIZE,
+                        help="ppo's learned first configurations (default: the shipped recipe's)")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -232,7 +234,7 @@ def main() -> None:
     heads: dict[str, list[dict[str, Any]]] = {}
     if "ppo" in args.strategies:
         tasks = {str(p): TableTask(p, deploy_len=args.deploy_len) for p in paths}
-        heads = {f: learn_head([t for p, t in tasks.items() if family[p] != f]) for f in held}
+        heads = {f: learn_head([t for p, t in tasks.items() if family[p] != f], args.head_size) for f in held}
         if args.no_head:
             heads = {f: [] for f in held}
 

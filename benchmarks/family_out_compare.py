@@ -2,6 +2,9 @@
 budget the two medians beside the best baseline's (second run, or the first where the second ran
 ``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two. For
 recipe changes of the proposer (``--steps``, features) whose searches keep the baselines' seeds.
+Where the second run scored ``ppo`` alone on every family, it is then scored as the first run's
+``ppo`` was (``family_out.summarise_family_out`` against the first run's baselines): mean ranks,
+and the cells where a baseline beats it significantly (paired Wilcoxon p < 0.05).
 
 Usage::
 
@@ -49,7 +52,31 @@ def main(argv: list[str] | None = None) -> int:
             p = wilcoxon(x, y).pvalue if np.any(x != y) else 1.0
             print(f"all families {length} {budget}: mean {x.mean():.3f} -> {y.mean():.3f}, paired Wilcoxon p={p:.3g}, "
                   f"n={len(x)}")  # fmt: skip
+    if alone and set(b["regret"]) == set(a["regret"]):
+        against_baselines(a, b)
     return 0
+
+
+def against_baselines(a: dict, b: dict) -> None:
+    """``b``'s ppo in place of ``a``'s, scored against ``a``'s baselines (every family)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from family_out import summarise_family_out
+
+    regret = json.loads(json.dumps(a["regret"]))
+    for f, lengths in b["regret"].items():
+        for length, cells in lengths.items():
+            for budget, cell in cells.items():
+                regret[f][length][budget]["ppo"] = cell["ppo"]
+    report = summarise_family_out(regret, b["per_agent"], a["budgets"])
+    for key, ranks in report["ranks"].items():
+        print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+    losses = [(key, s, t) for key, tests in sorted(report["tests"].items()) for s, t in tests.items()
+              if t["p"] < 0.05 and t["mean_diff"] > 0]  # fmt: skip
+    small = [x for x in losses if not x[0].endswith("/50")]
+    print(f"baselines significantly better than ppo (p < 0.05): {len(small)} cells at 10-20 trials, "
+          f"{len(losses) - len(small)} at 50")  # fmt: skip
+    for key, s, t in losses:
+        print(f"  {key:<28} {s} (+{t['mean_diff']:.3f}, p={t['p']:.3g})")
 
 
 if __name__ == "__main__":
