@@ -178,7 +178,7 @@ def test_the_dropkey_kernels_stay_small_when_inductor_inlines_them() -> None:
     from attn_search.engine.attention import dropkey_score_mod
 
     seed = torch.tensor(7)
-    # (the member model's per-member rate, rates[b], adds one lookup that tracing cannot follow)
+    # (the member model's per-member rate, rates[b], is one lookup more; tracing it needs b < len(rates))
     for score_mod in (plain.dropkey_score_mod(torch.tensor(0.1), seed),
                       dropkey_score_mod(torch.tensor([0.1]), seed, per_batch=False)):  # fmt: skip
         assert _inlined_size(score_mod) < 2000
@@ -188,21 +188,34 @@ def test_the_dropkey_kernels_stay_small_when_inductor_inlines_them() -> None:
 def test_inductor_compiles_the_dropkey_kernel_to_the_drops_of_eager_torch() -> None:
     """FlexAttention with DropKey compiled by Inductor (its C++ build here; 20-30 s, before the hash had
     two rounds 601 s) drops exactly what the uncompiled kernel drops: the int64 arithmetic agrees."""
+    from torch._inductor.compile_fx import compile_fx
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attn_search.engine import plain
+
+    compiles = []
+
+    def inductor(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        compiles.append(gm)
+        return compile_fx(gm, inputs)
 
     L = 128
     block_mask = create_block_mask(plain.table_mask_mod(torch.ones(L, L, dtype=torch.bool).tril()), None, None, L, L,
                                    device="cpu")  # fmt: skip
     q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))
     score_mod = plain.dropkey_score_mod(torch.tensor(0.3), torch.tensor(123456789))
-    compiled = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=block_mask, score_mod=score_mod)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(flex_attention, dynamic=False, backend=inductor)(
+            q, k, v, block_mask=block_mask, score_mod=score_mod
+        )
+        assert compiles, "Inductor compiled nothing: dynamo ran FlexAttention eagerly"
+    finally:
+        torch._dynamo.reset()
     eager = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
     undropped = flex_attention(q, k, v, block_mask=block_mask)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eager, undropped, atol=1e-3)
-    torch._dynamo.reset()
 
 
 def test_dropkey_score_mod_matches_its_dense_mask(eager_flex: None) -> None:

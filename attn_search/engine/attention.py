@@ -276,22 +276,26 @@ BlockMask semantics: slow and O(L^2) memory, used by the CPU test matrix to avoi
 case."""
 
 _FLEX_COMPILED: Any = None
+"""A stand-in for the compiled function (a test's counting compile); ``None``: the plain model's."""
 _FLEX_KERNELS = 256
+_limits_raised = False
 
 
 def _flex_fn() -> Any:
     """FlexAttention compiled: the plain model's compiled function (one ``torch.compile`` of it in
     the process, so both models' kernels share dynamo's cache and its limits), with more kernels
     allowed than the plain model needs."""
-    global _FLEX_COMPILED
+    global _limits_raised
     from torch.nn.attention.flex_attention import flex_attention
 
     if not FLEX_COMPILE:
         return flex_attention
-    if _FLEX_COMPILED is None:
+    if _FLEX_COMPILED is not None:
+        return _FLEX_COMPILED
+    compiled = compiled_flex()
+    if not _limits_raised:
         import torch._dynamo.config as dynamo_config
 
-        _FLEX_COMPILED = compiled_flex()
         # Patterns are read from tables (TABLE_MASK_MAX_LEN), so a kernel is compiled per length,
         # head dim and batch shape, not per pattern; past dynamo's default of 8 recompiles it would
         # silently fall back to eager FlexAttention, which materialises every score (measured:
@@ -299,7 +303,8 @@ def _flex_fn() -> Any:
         # pattern and parameters, so allow many kernels.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _FLEX_KERNELS)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * _FLEX_KERNELS)
-    return _FLEX_COMPILED
+        _limits_raised = True
+    return compiled
 
 
 TABLE_MASK_MAX_LEN = 4096

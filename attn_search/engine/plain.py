@@ -171,38 +171,23 @@ class _TileAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:  # murmur3's finaliser; int64 holding 32 bits, masked each step
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
+def _mix32(x: torch.Tensor) -> torch.Tensor:  # murmur3's finaliser on 32 bits in int64 (products wrap: masked)
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
     return x ^ (x >> 16)
 
 
-def hash_uniform(
-    seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
-) -> torch.Tensor:
-    """A uniform draw in ``[0, 1)`` per ``(seed, b, h, q, kv)`` (counter-based, so the backward redraws the
-    forward's drops): a stream per ``(seed, b, h)``, then the position (16 bits per index). Two rounds, not
-    one per index: Inductor lowers a ``score_mod`` as a tree, each ``x ^ (x >> s)`` lowering ``x`` twice,
-    so five rounds took minutes to compile (``tests/test_attention.py`` counts the nodes)."""
-    i64 = torch.int64
-    stream = _mix32(((seed.to(i64) & _M32) * 0x165667B1 + b.to(i64) * 0x27D4EB2F + h.to(i64) * 0x61C88647) & _M32)
-    x = _mix32(stream ^ (((((q.to(i64) & 0xFFFF) << 16) | (kv.to(i64) & 0xFFFF)) * 0x2545F491) & _M32))
+def hash_uniform(seed: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> Any:
+    """Uniform in ``[0, 1)`` per ``(seed, b, h, q, kv)``: a stream per ``(seed, b, h)``, then the position (16 bits
+    an index). Two rounds: Inductor inlines a ``score_mod`` as a tree (five rounds took minutes to compile)."""
+    stream = _mix32((seed.long() * 0x165667B1 + b.long() * 0x27D4EB2F + h.long() * 0x61C88647) & 0xFFFFFFFF)
+    x = _mix32(stream ^ (((((q.long() & 0xFFFF) << 16) | (kv.long() & 0xFFFF)) * 0x2545F491) & 0xFFFFFFFF))
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def dropkey_score_mod(p: torch.Tensor, seed: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """DropKey inside FlexAttention: score ``(b, h, q, kv)`` becomes ``-inf`` with probability ``p`` but never
-    on the diagonal; ``p`` and ``seed``: 0-dim tensors (one compiled kernel for every rate and step)."""
-
-    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> Any:
-        return torch.where((hash_uniform(seed, b, h, q, kv) < p) & (q != kv), float("-inf"), score)
-
-    return score_mod
+    """DropKey in FlexAttention: each score but the diagonal ``-inf`` with probability ``p`` (0-dim tensors)."""
+    return lambda score, b, h, q, kv: torch.where((hash_uniform(seed, b, h, q, kv) < p) & (q != kv), -math.inf, score)
 
 
 _FLEX: Any = None
