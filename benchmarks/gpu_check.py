@@ -1,6 +1,7 @@
 """One GPU check that fits a short loan of a GPU machine (under 8 minutes on an H100 or H200).
 
-Prints one JSON line with:
+Prints one JSON line per section as it ends (so a run cut short keeps what it measured), then one
+with all of them:
 
 * ``pytest_gpu``: the ``gpu``-marked tests (``pytest -m gpu``): passed / failed counts;
 * ``twin``: a K=32 population of sparse-space proposals (in eval mode, so no dropout draws differ) against each member's lone model, logits and gradients under bf16 autocast through
@@ -199,6 +200,7 @@ def main() -> None:
         except Exception as exc:  # one failing section must not lose the others' figures
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         result.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: result[name], "seconds": result["seconds"][name]}), flush=True)  # (if cut short)
     result["total_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))
 

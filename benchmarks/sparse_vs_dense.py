@@ -44,14 +44,19 @@ PATTERNS: dict[str, dict[str, Any]] = {
 
 
 def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, runs interleaved so drift hits all alike."""
+    """Median seconds of each function, runs interleaved so drift hits all alike. On CUDA the clock is
+    read after the device finished (kernels run asynchronously: without the synchronisation a timing
+    is the launch's, and the kernel with the most Python in front of it looks the slowest)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():
         fn()  # warm-up (layouts, compiled kernels)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -163,7 +163,7 @@ def test_the_exported_model_runs_flex_on_cuda_and_matches_the_search(tmp_path: P
     """The plain model of the Python export takes FlexAttention's path on CUDA (a length that is
     no multiple of its 128-position tiles) and, given the searched weights, computes what the
     searched model computes, forward and backward."""
-    import runpy
+    import importlib.util
 
     from attn_search import build_model
     from attn_search.export import python_module
@@ -172,7 +172,13 @@ def test_the_exported_model_runs_flex_on_cuda_and_matches_the_search(tmp_path: P
     task = make_task("mqar", seq_len=200, n_pairs=8)
     path = tmp_path / "exported.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=200))
-    ns = runpy.run_path(str(path))
+    # imported as a module, as a user imports it (dynamo resolves the module's globals by its name,
+    # which runpy's "<run_path>" is not)
+    spec = importlib.util.spec_from_file_location("exported_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules["exported_gpu"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ns = vars(module)
     ours = build_model(config, task, kernel="reference").cuda().eval()
     theirs = ns["build_model"]().cuda().eval()
     ns["load_searched"](theirs, ours.state_dict())
