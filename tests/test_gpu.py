@@ -172,8 +172,7 @@ def test_the_exported_model_runs_flex_on_cuda_and_matches_the_search(tmp_path: P
     task = make_task("mqar", seq_len=200, n_pairs=8)
     path = tmp_path / "exported.py"
     path.write_text(python_module(config, vocab_size=task.vocab_size, n_classes=task.n_classes, max_len=200))
-    # imported as a module, as a user imports it (dynamo resolves the module's globals by its name,
-    # which runpy's "<run_path>" is not)
+    # (the other ways a user loads a file, runpy's included: test_search.py, on the CPU)
     spec = importlib.util.spec_from_file_location("exported_gpu", path)
     assert spec is not None and spec.loader is not None
     module = sys.modules["exported_gpu"] = importlib.util.module_from_spec(spec)

@@ -16,11 +16,12 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from attn_search import AttentionConfig, Budget, build_model, load_config, make_task
 from attn_search.backends import TrialRunner
-from attn_search.engine.patterns import pattern_entries, resolve_params
+from attn_search.engine.patterns import pattern_entries, pattern_mask, resolve_params
 from attn_search.engine.trainer import PRESETS
 from attn_search.export import export_run
 from attn_search.report.outputs import rebuild
@@ -205,7 +206,17 @@ def test_the_export_loads_however_a_user_loads_a_file(
         namespace = vars(module)
     model = namespace["build_model"]()
     assert model(task.data("eval", 2)[0]).shape == (2, 32, task.n_classes)
-    assert namespace["SearchedAttention"](16, 2)(torch.randn(2, 32, 16)).shape == (2, 32, 16)
+    layer = namespace["SearchedAttention"](16, 2)
+    assert layer(torch.randn(2, 32, 16)).shape == (2, 32, 16)
+    # its CUDA path, FlexAttention under torch.compile (whose forward runs on a CPU too): dynamo reads
+    # the mask_mod's globals by importing its module by name, which failed for the last two ways
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = pattern_mask("window", 32, causal=True, window=5)
+    block_mask = create_block_mask(namespace["table_mask_mod"](mask), None, None, 32, 32, device="cpu")
+    q, k, v = torch.randn(3, 1, 2, 32, 8).unbind(0)
+    out = layer.flex((q, k, v), block_mask, 8**-0.5, 0.0)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5)
 
 
 def test_report_rebuilds_from_the_study(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ computes what the search trained, for every pattern, forward and backward.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,8 +66,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def dropkey_keep(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """DropKey's kept keys (Li et al. 2023): each off-diagonal score dropped before the softmax with
     probability ``p``; the diagonal is kept, so no row is empty."""
-    L = shape[-1]
-    return (torch.rand(shape, device=device) >= p) | torch.eye(shape[-2], L, dtype=torch.bool, device=device)
+    return (torch.rand(shape, device=device) >= p) | torch.eye(*shape[-2:], dtype=torch.bool, device=device)
 
 
 class Tiles:
@@ -194,9 +194,13 @@ _FLEX: Any = None
 
 
 def compiled_flex() -> Any:
-    """FlexAttention compiled once (uncompiled it materialises every score). A kernel per length, head dim
-    and batch shape: past dynamo's limit of 8 it would fall back to eager silently, so it is raised."""
+    """FlexAttention compiled once (uncompiled it materialises every score). A kernel per length, head dim and
+    batch shape: past dynamo's limit of 8 it would fall back to eager silently, so it is raised. Dynamo imports
+    the mods' module by name: loaded by ``runpy`` or ``exec_module`` alone it is not in sys.modules, so a copy is."""
     global _FLEX
+    if getattr(sys.modules.get(__name__), "__dict__", None) is not globals():
+        sys.modules[__name__] = type(sys)(__name__)  # (a module)
+        vars(sys.modules[__name__]).update(globals())
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -306,9 +310,8 @@ class PatternModel(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.prev_emb = nn.Embedding(vocab_size, d_model)  # the previous token's (a token shift)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            [Block(d_model, n_heads, rule_of, dropout=dropout, attn_dropout=attn_dropout) for _ in range(n_layers)]
-        )
+        self.blocks = nn.ModuleList([Block(d_model, n_heads, rule_of, dropout=dropout, attn_dropout=attn_dropout)
+                                     for _ in range(n_layers)])  # fmt: skip
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 
