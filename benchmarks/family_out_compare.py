@@ -73,7 +73,7 @@ def against_baselines(a: dict, b: dict) -> None:
     losses = [(key, s, t) for key, tests in sorted(report["tests"].items()) for s, t in tests.items()
               if t["p"] < 0.05 and t["mean_diff"] > 0]  # fmt: skip
     small = [x for x in losses if not x[0].endswith("/50")]
-    print(f"baselines significantly better than ppo (p < 0.05): {len(small)} cells at 10-20 trials, "
+    print(f"baselines significantly better than ppo (p < 0.05): {len(small)} (family, length, budget, baseline) cells at 10-20 trials, "
           f"{len(losses) - len(small)} at 50")  # fmt: skip
     for key, s, t in losses:
         print(f"  {key:<28} {s} (+{t['mean_diff']:.3f}, p={t['p']:.3g})")

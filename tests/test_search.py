@@ -178,12 +178,13 @@ def test_the_export_is_a_small_module_that_needs_only_torch(tmp_path: Path) -> N
     assert done.returncode == 0 and done.stdout.strip() == "(2, 64, 4)", done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("how", ["import", "importlib-unregistered", "runpy"])
+@pytest.mark.parametrize("how", ["import", "importlib-unregistered", "runpy", "runpy-as-main"])
 def test_the_export_loads_however_a_user_loads_a_file(
     tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """By ``import``, by importlib's spec_from_file_location + exec_module without registering the
-    module (its dataclasses once raised AttributeError there), and by ``runpy.run_path``."""
+    module (its dataclasses once raised AttributeError there), and by ``runpy.run_path`` (as
+    IPython's ``%run`` does, as ``__main__`` too, whose module stays the caller's)."""
     import runpy
 
     from attn_search.export import python_module
@@ -196,8 +197,8 @@ def test_the_export_loads_however_a_user_loads_a_file(
     if how == "import":
         monkeypatch.syspath_prepend(str(tmp_path))
         namespace = vars(importlib.import_module(name))
-    elif how == "runpy":
-        namespace = runpy.run_path(str(path))
+    elif how.startswith("runpy"):
+        namespace = runpy.run_path(str(path), run_name="__main__" if how == "runpy-as-main" else None)
     else:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
@@ -215,8 +216,13 @@ def test_the_export_loads_however_a_user_loads_a_file(
     mask = pattern_mask("window", 32, causal=True, window=5)
     block_mask = create_block_mask(namespace["table_mask_mod"](mask), None, None, 32, 32, device="cpu")
     q, k, v = torch.randn(3, 1, 2, 32, 8).unbind(0)
+    main = sys.modules["__main__"]
     out = layer.flex((q, k, v), block_mask, 8**-0.5, 0.0)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5)
+    assert sys.modules["__main__"] is main  # (the caller's modules are left alone)
+    names = set(sys.modules)
+    layer.flex((q, k, v), block_mask, 8**-0.5, 0.0)
+    assert set(sys.modules) == names  # (registered once, not at every call)
 
 
 def test_report_rebuilds_from_the_study(tmp_path: Path) -> None:

@@ -196,11 +196,11 @@ _FLEX: Any = None
 def compiled_flex() -> Any:
     """FlexAttention compiled once (uncompiled it materialises every score). A kernel per length, head dim and
     batch shape: past dynamo's limit of 8 it would fall back to eager silently, so it is raised. Dynamo imports
-    the mods' module by name: loaded by ``runpy`` or ``exec_module`` alone it is not in sys.modules, so a copy is."""
+    the mods' module by name: loaded by runpy or exec_module alone it cannot, so a copy gets a private name."""
     global _FLEX
-    if getattr(sys.modules.get(__name__), "__dict__", None) is not globals():
-        sys.modules[__name__] = type(sys)(__name__)  # (a module)
-        vars(sys.modules[__name__]).update(globals())
+    if getattr(sys.modules.get(__name__), "compiled_flex", None) is not compiled_flex:  # (not the own name:
+        alias = globals()["__name__"] = f"_attn_search_plain_{id(globals()):x}"  # %run's __main__ is the user's)
+        vars(sys.modules.setdefault(alias, type(sys)(alias))).update(globals())
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
