@@ -11,11 +11,13 @@ Usage::
 
     python benchmarks/export_speed.py                       # L=4096, d_model 256, 4 heads, on CPU
     python benchmarks/export_speed.py --device cuda --seq-len 8192
+    python benchmarks/export_speed.py --device cuda --seq-len 8192 --dtype bf16   # under bf16 autocast
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -60,8 +62,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: under bf16 autocast, as the search trains on CUDA (not yet measured on a GPU)",
+    )
     args = parser.parse_args()
-    L, dev = args.seq_len, torch.device(args.device)
+    L, dev, dtype = args.seq_len, torch.device(args.device), args.dtype
+    cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
     x = torch.randn(args.batch, L, args.d_model, device=dev)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,14 +82,16 @@ def main() -> None:
 
         def forward(layer: torch.nn.Module) -> Any:
             def run() -> None:
-                with torch.no_grad():
+                with torch.no_grad(), cast():
                     layer(x)
 
             return run
 
         def train(layer: torch.nn.Module) -> Any:
             def run() -> None:
-                layer(x).sum().backward()
+                with cast():
+                    out = layer(x)
+                out.float().sum().backward()
 
             return run
 
@@ -88,7 +99,7 @@ def main() -> None:
         bwd = median_times({n: train(m) for n, (_, m) in layers.items()}, args.repeats)
     dense_entries = pattern_entries("dense", L, causal=True)
     print(f"exported SearchedAttention at L={L}, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
-          f"on {dev.type}: speedup over the dense export")  # fmt: skip
+          f"on {dev.type} ({dtype}): speedup over the dense export")  # fmt: skip
     print(f"{'pattern':<12} {'flop_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} {'train_x':>7}  kernel")
     for name, (config, _) in layers.items():
         ratio = dense_entries / pattern_entries(config.pattern, L, causal=True, **config.pattern_params())
@@ -98,7 +109,7 @@ def main() -> None:
         results[name] = row
         print(f"{name:<12} {ratio:>10.1f} {row['forward_ms']:>8.1f} {row['forward_speedup']:>6.2f} "
               f"{row['train_ms']:>9.1f} {row['train_speedup']:>7.2f}  {kernel}")  # fmt: skip
-    print(json.dumps({"seq_len": L, "device": dev.type, "results": results}))
+    print(json.dumps({"seq_len": L, "device": dev.type, "dtype": dtype, "batch": args.batch, "results": results}))
 
 
 if __name__ == "__main__":

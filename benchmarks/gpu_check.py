@@ -134,6 +134,7 @@ def step_times(device: torch.device, sizes: list[int], steps: int) -> dict[str, 
                 pop.timer.stop(started, 1.0)
                 times.append(pop.timer.settle() * 1000)
             out[str(k)]["graphed_step_ms"] = round(statistics.median(times), 3)
+        print(f"steps: K={k} {json.dumps(out[str(k)])}", file=sys.stderr, flush=True)  # (a run cut short keeps it)
         del pop
         if device.type == "cuda":
             torch.cuda.empty_cache()
