@@ -231,12 +231,13 @@ def main() -> None:
 
     # -- the shipped recipe's first configurations (attn_search.strategies.head), learned like the
     # shipped policy's but from the other families' tables only
-    heads: dict[str, list[dict[str, Any]]] = {}
+    heads: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if "ppo" in args.strategies:
         tasks = {str(p): TableTask(p, deploy_len=args.deploy_len) for p in paths}
-        heads = {f: learn_head([t for p, t in tasks.items() if family[p] != f], args.head_size) for f in held}
+        heads = {(f, n): learn_head([t for p, t in tasks.items() if family[p] != f], args.head_size, (n,))
+                 for f in held for n in by_length}  # fmt: skip
         if args.no_head:
-            heads = {f: [] for f in held}
+            heads = {k: [] for k in heads}
 
     # -- searches
     jobs, keys = [], []
@@ -254,7 +255,10 @@ def main() -> None:
                                 continue
                             options = {}
                             if strategy == "ppo":
-                                options = {"agent": str(train[f, seed % args.agents]), "head": heads[f] or "none"}
+                                options = {
+                                    "agent": str(train[f, seed % args.agents]),
+                                    "head": heads[f, length] or "none",
+                                }
                             jobs.append((files[p], strategy, seed, b, options, configs))
                             keys.append((f, length, Path(p).stem, strategy, seed, b))
     # a finished search is cached by what determines it (table file, strategy, seed, trials, agent

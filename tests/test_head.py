@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,26 @@ def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build
     assert HeadFirst(Recorder(dense), head, dense).queue == []
 
 
-def test_ppo_starts_with_the_head_shipped_beside_its_policy_unless_told_none(tmp_path: Path) -> None:
+def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_told_none(tmp_path: Path) -> None:
+    """The sidecar holds a head per length, each the greedy cover of the policy's tables' fronts
+    with compute at that length; a search counting compute at a target length (the sparse space's
+    4096) starts with the deployment length's, one at the task's length with the task's."""
     info = provenance(SHIPPED)
-    assert info is not None and len(info["head"]) == 5, "make agent writes the head into the sidecar"
+    assert info is not None and sorted(info["heads"]) == ["deploy", "task"], "make agent writes the heads"
     assert set(info["head_tables"]) == set(info["tables"])  # learned from what the policy saw
+    tables = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"]) for t in info["head_tables"]]
+    for n in ("task", "deploy"):
+        assert info["heads"][n] == learn_head(tables, lengths=(n,))
+    assert info["heads"]["task"] != info["heads"]["deploy"]
     space = load_space("sparse")
-    context = StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False)
-    shipped = make_strategy("ppo", context)
-    assert isinstance(shipped, HeadFirst) and isinstance(shipped.inner, CandidateStrategy)
-    assert shipped.queue == [head_values(space, c) for c in info["head"]]
+    assert space.target_len == info["deploy_len"]
+    for target, length in ((space.target_len, "deploy"), (None, "task")):
+        searched = dataclasses.replace(space, target_len=target)
+        context = StrategyContext(space=searched, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False)
+        shipped = make_strategy("ppo", context)
+        assert isinstance(shipped, HeadFirst) and isinstance(shipped.inner, CandidateStrategy)
+        assert shipped.queue == [head_values(searched, c) for c in info["heads"][length]]
+        assert len(shipped.queue) == 5  # the sparse space builds every one of them
     plain = make_strategy("ppo", StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path,
                                                  resume=False, options={"head": "none"}))  # fmt: skip
     assert isinstance(plain, CandidateStrategy)
@@ -122,7 +134,7 @@ def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Pa
     context = StrategyContext(space=space, seed=0, trials=8, slots=1, run_dir=tmp_path, resume=False)
     strategy = make_strategy("portfolio+gp", context)
     assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio+gp"
-    head = [head_values(space, c) for c in info["head"]]
+    head = [head_values(space, c) for c in info["heads"]["deploy"]]  # (the sparse space counts at L=4096)
     assert len(head) == 5 and strategy.queue == head
     line = strategy.start([]) or ""
     assert "portfolio+gp: 5 learned first configurations, then Optuna's GP sampler" in line

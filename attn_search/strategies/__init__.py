@@ -96,20 +96,21 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         return SamplerStrategy(name, context, constrained=constrained)
     if name == POLICY_STRATEGY:
         from attn_search.strategies.candidates import CandidateStrategy
-        from attn_search.strategies.head import HeadFirst
+        from attn_search.strategies.head import HeadFirst, stored_head
 
         policy = CandidateStrategy(context)
         # the learned first configurations: given (the benchmark passes the held-out family's), or
-        # the ones stored beside the shipped policy; "none" or an agent without one: the policy alone
+        # the ones stored beside the policy for the length the search counts compute at; "none"
+        # or an agent without any: the policy alone
         head = context.options.get("head")
         if head is None:
-            head = (policy.info or {}).get("head", [])
+            head = stored_head(policy.info, context.space)
         return HeadFirst(policy, head, context.space) if head and head != "none" else policy
     if name == HEAD_GP_STRATEGY:
         from attn_search.strategies.candidates import SHIPPED, provenance
-        from attn_search.strategies.head import HeadFirst
+        from attn_search.strategies.head import HeadFirst, stored_head
 
-        head = (provenance(SHIPPED) or {}).get("head", [])  # learned on the shipped tables (make agent)
+        head = stored_head(provenance(SHIPPED), context.space)  # learned on the shipped tables (make agent)
         gp = SamplerStrategy("gp", context, constrained=constrained)
         return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")
     if name in AGENT_STRATEGIES:

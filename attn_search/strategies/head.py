@@ -7,8 +7,9 @@ never saw it spent its first proposals badly (``benchmarks/family_out.py``: behi
 10 trials on MQAR and selective copy). A meta-learned initial design is the field's answer to that
 cold start (Feurer et al., AAAI 2015; Wistuba et al., "Learning hyperparameter optimization
 initializations", DSAA 2015): :func:`learn_head` picks, greedily, the configurations that together
-cover the recorded tables' fronts best, counted at the task's length and at the deployment length.
-The policy sees their results like any other trial's.
+cover the recorded tables' fronts best, one list with compute counted at the task's length and one
+at the deployment length (:func:`add_head`); a search starts with the list of the length its
+compute is counted at (:func:`stored_head`). The policy sees their results like any other trial's.
 
 The head is kept as configurations (:class:`~attn_search.engine.config.AttentionConfig` fields),
 not as one space's values, so any space may use it: :class:`HeadFirst` proposes only those entries
@@ -29,22 +30,34 @@ from attn_search.strategies.base import FirstThese, Outcome, Strategy
 from attn_search.strategies.candidates import TableTask, _hv
 
 HEAD_SIZE = 5
-"""Configurations proposed before the policy: the ``portfolio+gp`` baseline's head
-(:data:`attn_search.replay.PORTFOLIO_HEAD`), so the two recipes differ only in what follows."""
+"""Configurations proposed before the policy: as many as the ``portfolio+gp`` baseline's head
+(:data:`attn_search.replay.PORTFOLIO_HEAD`), learned the same way at the same length, so the two
+recipes differ only in what follows. (One list learned over both lengths at once, as before, was
+not the baseline's: on held-out n-gram at the task's length it reached regret 0.073 at 10 trials
+where the baseline's head reached 0.011; ``benchmarks/results/family_out_variants.txt``, 11.)"""
+
+
+LENGTHS = ("task", "deploy")
+"""The lengths a head is learned for: compute counted at the task's length, and at the deployment
+length."""
 
 
 def _config_key(config: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
 
 
-def learn_head(tables: Sequence[TableTask], size: int = HEAD_SIZE) -> list[dict[str, Any]]:
+def learn_head(
+    tables: Sequence[TableTask], size: int = HEAD_SIZE, lengths: Sequence[str] = LENGTHS
+) -> list[dict[str, Any]]:
     """Up to ``size`` configurations (``AttentionConfig.to_dict()`` without the seed) chosen greedily
-    to maximise the mean, over every table and both lengths (``task``, ``deploy`` where the tables
-    count it), of the front's hypervolume as a fraction of the table's best. Only configurations
-    every table holds are candidates; ties keep the first table's row order."""
+    to maximise the mean, over every table and each of ``lengths`` (``task``, ``deploy`` where the
+    tables count it), of the front's hypervolume as a fraction of the table's best. Only
+    configurations every table holds are candidates; ties keep the first table's row order."""
     if not tables:
         raise ValueError("a head needs at least one table to learn from")
-    lengths = [n for n in ("task", "deploy") if all(n in t.costs for t in tables)]
+    lengths = [n for n in lengths if all(n in t.costs for t in tables)]
+    if not lengths:
+        raise ValueError("a head needs tables that count compute at the lengths it is learned for")
     index = [{k: i for i, k in enumerate(t.keys)} for t in tables]
     common = [k for k in tables[0].keys if all(k in ix for ix in index[1:])]
     points = []  # per (table, length): (accuracy, normalised cost) of every common key, and the best HV
@@ -67,16 +80,36 @@ def learn_head(tables: Sequence[TableTask], size: int = HEAD_SIZE) -> list[dict[
     return [{k: v for k, v in configs[common[j]].to_dict().items() if k != "seed"} for j in chosen]
 
 
-def add_head(agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int = 4096) -> list[dict[str, Any]]:
-    """Learn the head from ``tables`` and store it in the saved policy's sidecar (``"head"``), where
-    ``--strategy ppo`` finds it; the sidecar's other provenance stays as meta-training wrote it."""
-    head = learn_head([TableTask(t, deploy_len=deploy_len) for t in tables])
+def add_head(
+    agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int = 4096
+) -> dict[str, list[dict[str, Any]]]:
+    """Learn a head per length (``task``; ``deploy``, compute at ``deploy_len``) from ``tables`` and
+    store them in the saved policy's sidecar (``"heads"``), where ``--strategy ppo`` and
+    ``portfolio+gp`` find them; the sidecar's other provenance stays as meta-training wrote it."""
+    tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
+    heads = {n: learn_head(tasks, lengths=(n,)) for n in LENGTHS}
     side = Path(agent).with_suffix(".json")
     info = json.loads(side.read_text())
-    info["head"] = head
+    info.pop("head", None)  # (one list for both lengths, as sidecars before the per-length heads kept it)
+    info["heads"] = heads
     info["head_tables"] = sorted(Path(t).stem for t in tables)
     side.write_text(json.dumps(info, indent=1) + "\n")
-    return head
+    return heads
+
+
+def head_length(space: SearchSpace) -> str:
+    """The length whose head a search of ``space`` starts with: ``deploy`` where the space counts
+    compute at a target length (the heads' deployment length stands for any), else ``task``."""
+    return "deploy" if space.target_len else "task"
+
+
+def stored_head(info: Mapping[str, Any] | None, space: SearchSpace) -> list[dict[str, Any]]:
+    """The head a policy's sidecar holds for a search of ``space`` (:func:`head_length`); a sidecar
+    written before the per-length heads holds one list for both."""
+    if not info:
+        return []
+    heads = info.get("heads")
+    return list(heads.get(head_length(space), [])) if heads else list(info.get("head", []))
 
 
 def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any] | None:
