@@ -11,12 +11,12 @@ import numpy as np
 import optuna
 import pytest
 
-from attn_search.replay import Table
+from attn_search.replay import Table, portfolio
 from attn_search.search.space import load_space
 from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import Outcome, ask_new
 from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
-from attn_search.strategies.head import HeadFirst, head_values, learn_head
+from attn_search.strategies.head import HeadFirst, head_values, learn_head, stored_head
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = [ROOT / "tables" / "mqar-64.csv", ROOT / "tables" / "ngram-64.csv"]
@@ -60,6 +60,27 @@ def test_the_first_pick_is_the_configuration_that_covers_the_tables_fronts_best(
     head = learn_head(tasks, 3)
     assert head_values(tables[0].space, head[0]) == pytest.approx(best)
     assert len({json.dumps(c, sort_keys=True) for c in head}) == 3  # no configuration twice
+
+
+def test_a_head_at_one_length_is_the_portfolio_baselines_first_configurations() -> None:
+    """learn_head at the task's length picks what replay.portfolio (the benchmark's baseline, its
+    own hypervolume code) picks, all five in order: portfolio+gp's head and ppo's are the same list."""
+    paths = [*TABLES, ROOT / "tables" / "delay-64.csv"]
+    space = load_space("sparse")
+    tables = [Table(p, space) for p in paths]
+    head = learn_head([TableTask(p) for p in paths], 5, ("task",))
+    assert [head_values(tables[0].space, c) for c in head] == portfolio(tables, 5)
+    with pytest.raises(ValueError, match="count compute at the lengths"):
+        learn_head([TableTask(p) for p in paths], 5, ("deploy",))  # (no deployment costs given)
+
+
+def test_a_search_takes_the_head_of_the_length_nearest_where_it_counts_compute() -> None:
+    info = {"heads": {"task": [{"n": 1}], "deploy": [{"n": 2}]}, "deploy_len": 4096}
+    space = load_space("sparse")
+    for target, want in ((None, 1), (64, 1), (128, 1), (1024, 2), (4096, 2), (16384, 2)):
+        assert stored_head(info, dataclasses.replace(space, target_len=target), 64) == [{"n": want}], target
+    assert stored_head({"head": [{"n": 3}]}, space, 64) == [{"n": 3}]  # a sidecar from before the per-length heads
+    assert stored_head(None, space, 64) == []
 
 
 def test_the_head_is_proposed_first_then_the_inner_strategy_and_it_is_told_everything(
@@ -106,6 +127,7 @@ def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_tol
     4096) starts with the deployment length's, one at the task's length with the task's."""
     info = provenance(SHIPPED)
     assert info is not None and sorted(info["heads"]) == ["deploy", "task"], "make agent writes the heads"
+    assert "head" not in info  # (the one list for both lengths is gone)
     assert set(info["head_tables"]) == set(info["tables"])  # learned from what the policy saw
     tables = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"]) for t in info["head_tables"]]
     for n in ("task", "deploy"):

@@ -24,7 +24,8 @@ AGENT_STRATEGIES = ("ppo-grid", "a2c")
 POLICY_STRATEGY = "ppo"
 """The meta-trained candidate policy (:mod:`~attn_search.strategies.candidates`): any space."""
 HEAD_GP_STRATEGY = "portfolio+gp"
-"""The shipped policy's learned first configurations (:mod:`~attn_search.strategies.head`), then
+"""The shipped policy's learned first configurations for the length the search counts compute at
+(:mod:`~attn_search.strategies.head`), then
 Optuna's GP sampler: the family-out benchmark's ``portfolio+gp``, its best recipe at L=4096 for
 10-20 trials (README, "Which strategy should I use?")."""
 STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, *AGENT_STRATEGIES)
@@ -104,13 +105,16 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         # or an agent without any: the policy alone
         head = context.options.get("head")
         if head is None:
-            head = stored_head(policy.info, context.space)
+            head = stored_head(policy.info, context.space, policy.seq_len)
         return HeadFirst(policy, head, context.space) if head and head != "none" else policy
     if name == HEAD_GP_STRATEGY:
+        from attn_search.engine.tasks import make_task
         from attn_search.strategies.candidates import SHIPPED, provenance
         from attn_search.strategies.head import HeadFirst, stored_head
 
-        head = stored_head(provenance(SHIPPED), context.space)  # learned on the shipped tables (make agent)
+        # learned on the shipped tables (make agent), for the length the search counts compute at
+        task = make_task(context.task or context.space.task, **(context.task_kwargs or dict(context.space.task_params)))
+        head = stored_head(provenance(SHIPPED), context.space, task.seq_len)
         gp = SamplerStrategy("gp", context, constrained=constrained)
         return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")
     if name in AGENT_STRATEGIES:

@@ -19,6 +19,7 @@ the search's space can build exactly, and skips the rest.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,10 @@ from attn_search.strategies.candidates import TableTask, _hv
 
 HEAD_SIZE = 5
 """Configurations proposed before the policy: as many as the ``portfolio+gp`` baseline's head
-(:data:`attn_search.replay.PORTFOLIO_HEAD`), learned the same way at the same length, so the two
-recipes differ only in what follows. (One list learned over both lengths at once, as before, was
-not the baseline's: on held-out n-gram at the task's length it reached regret 0.073 at 10 trials
-where the baseline's head reached 0.011; ``benchmarks/results/family_out_variants.txt``, 11.)"""
+(:data:`attn_search.replay.PORTFOLIO_HEAD`), learned by the same greedy cover at the same length,
+so the two recipes differ only in what follows. (One list learned over both lengths at once, as
+before, was not the baseline's; the per-length lists moved the family-out counts toward the goal
+with mixed effects elsewhere: ``benchmarks/results/family_out_variants.txt``, 11.)"""
 
 
 LENGTHS = ("task", "deploy")
@@ -81,15 +82,17 @@ def learn_head(
 
 
 def add_head(
-    agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int = 4096
+    agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Learn a head per length (``task``; ``deploy``, compute at ``deploy_len``) from ``tables`` and
-    store them in the saved policy's sidecar (``"heads"``), where ``--strategy ppo`` and
-    ``portfolio+gp`` find them; the sidecar's other provenance stays as meta-training wrote it."""
-    tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
-    heads = {n: learn_head(tasks, lengths=(n,)) for n in LENGTHS}
+    """Learn a head per length (``task``; ``deploy``, compute at ``deploy_len``, by default the
+    length the policy was meta-trained at) from ``tables`` and store them in the saved policy's
+    sidecar (``"heads"``), where ``--strategy ppo`` and ``portfolio+gp`` find them; the sidecar's
+    other provenance stays as meta-training wrote it."""
     side = Path(agent).with_suffix(".json")
     info = json.loads(side.read_text())
+    deploy_len = deploy_len or int(info.get("deploy_len", 4096))
+    tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
+    heads = {n: learn_head(tasks, lengths=(n,)) for n in LENGTHS}
     info.pop("head", None)  # (one list for both lengths, as sidecars before the per-length heads kept it)
     info["heads"] = heads
     info["head_tables"] = sorted(Path(t).stem for t in tables)
@@ -97,19 +100,25 @@ def add_head(
     return heads
 
 
-def head_length(space: SearchSpace) -> str:
-    """The length whose head a search of ``space`` starts with: ``deploy`` where the space counts
-    compute at a target length (the heads' deployment length stands for any), else ``task``."""
-    return "deploy" if space.target_len else "task"
+def head_length(space: SearchSpace, task_len: int, deploy_len: int) -> str:
+    """The length whose head a search of ``space`` on a task of length ``task_len`` starts with:
+    ``deploy`` where the space counts compute at a target length nearer (on a log scale) the heads'
+    deployment length ``deploy_len`` than the task's, else ``task``."""
+    target = space.target_len
+    if not target or target == task_len:
+        return "task"
+    return "deploy" if abs(math.log(target / deploy_len)) < abs(math.log(target / task_len)) else "task"
 
 
-def stored_head(info: Mapping[str, Any] | None, space: SearchSpace) -> list[dict[str, Any]]:
-    """The head a policy's sidecar holds for a search of ``space`` (:func:`head_length`); a sidecar
-    written before the per-length heads holds one list for both."""
+def stored_head(info: Mapping[str, Any] | None, space: SearchSpace, task_len: int) -> list[dict[str, Any]]:
+    """The head a policy's sidecar holds for a search of ``space`` on a task of length ``task_len``
+    (:func:`head_length`); a sidecar written before the per-length heads holds one list for both."""
     if not info:
         return []
     heads = info.get("heads")
-    return list(heads.get(head_length(space), [])) if heads else list(info.get("head", []))
+    if not heads:
+        return list(info.get("head", []))
+    return list(heads.get(head_length(space, task_len, int(info.get("deploy_len", 4096))), []))
 
 
 def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any] | None:
