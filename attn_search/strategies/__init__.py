@@ -108,13 +108,11 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
             head = stored_head(policy.info, context.space, policy.seq_len)
         return HeadFirst(policy, head, context.space) if head and head != "none" else policy
     if name == HEAD_GP_STRATEGY:
-        from attn_search.engine.tasks import make_task
-        from attn_search.strategies.candidates import SHIPPED, provenance
+        from attn_search.strategies.candidates import SHIPPED, provenance, searched_task
         from attn_search.strategies.head import HeadFirst, stored_head
 
         # learned on the shipped tables (make agent), for the length the search counts compute at
-        task = make_task(context.task or context.space.task, **(context.task_kwargs or dict(context.space.task_params)))
-        head = stored_head(provenance(SHIPPED), context.space, task.seq_len)
+        head = stored_head(provenance(SHIPPED), context.space, searched_task(context).seq_len)
         gp = SamplerStrategy("gp", context, constrained=constrained)
         return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")
     if name in AGENT_STRATEGIES:

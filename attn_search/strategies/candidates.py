@@ -35,6 +35,7 @@ space.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -475,6 +476,23 @@ def family_out_agent(
 
 
 # -- the strategy ------------------------------------------------------------------------------------
+def searched_task(context: StrategyContext) -> Any:
+    """The task a search's configurations are read at: for a search of a recorded table
+    (``--evaluator table:PATH``), the task and length the table was recorded at, as meta-training
+    reads it (:class:`TableTask`), not the space's; otherwise the search's task."""
+    from attn_search.engine.tasks import make_task
+
+    space = context.space
+    family: str | None = None
+    params: dict[str, Any] = {}
+    if context.evaluator.startswith("table:"):
+        with contextlib.suppress(ValueError):  # (a table without the recorder's header: the space's task)
+            family, params = recorded_task(context.evaluator[6:])
+    if family is not None:
+        return make_task(family, **params)
+    return make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
+
+
 class CandidateStrategy:
     """``--strategy ppo``: asks the meta-trained candidate policy for each proposal (a
     :class:`~attn_search.strategies.base.Strategy`; see the module docstring)."""
@@ -502,19 +520,8 @@ class CandidateStrategy:
         self.front: list[tuple[float, float]] = []
         self.tried: set[str] = set()
         self.pending: list[str] = []  # proposals out, not yet told
-        from attn_search.engine.tasks import make_task
-
         self.table = context.evaluator[6:] if context.evaluator.startswith("table:") else None
-        try:
-            # a search of a recorded table: what a configuration computes is read at the length the
-            # table was recorded at, as meta-training reads it (TableTask), not at the space's task's
-            family, params = recorded_task(self.table) if self.table is not None else (None, {})
-        except ValueError:  # (a table without the recorder's header)
-            family, params = None, {}
-        if family is not None:
-            task = make_task(family, **params)
-        else:
-            task = make_task(context.task or space.task, **(context.task_kwargs or dict(space.task_params)))
+        task = searched_task(context)
         self.seq_len, self.n_classes = task.seq_len, task.n_classes
         self.count_len = space.target_len or self.seq_len
         self.metric = space.metrics[1] if len(space.metrics) > 1 else M.FLOPS  # analytic (check_strategy)
