@@ -269,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_task_arguments(p_record)
     p_record.add_argument("--seed", type=int, default=0)
     p_record.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="NAME")
+    p_record.add_argument("--target-len", type=_positive_int, metavar="L",
+                          help="count compute at sequence length L (default: the task's, whatever the space's "
+                          "target_len: meta-training and replays read a table's compute at its task's length)")  # fmt: skip
     p_record.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     p_record.add_argument("--quiet", action="store_true")
     p_meta = sub.add_parser("meta-train", help="meta-train PPO on recorded tables (how the shipped agent is made: "
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def do_record() -> None:
             print(record(args.space, args.out, bins=args.bins, grid=args.grid, preset=args.preset, steps=args.steps,
-                         task=args.task, task_params=dict(args.task_params or []), seed=args.seed, device=args.device, resume=args.resume, quiet=args.quiet,
+                         task=args.task, task_params=dict(args.task_params or []), seed=args.seed, device=args.device, target_len=args.target_len, resume=args.resume, quiet=args.quiet,
                          argv=list(argv) if argv is not None else None))  # fmt: skip
 
         return _run(do_record, prog)

@@ -14,6 +14,7 @@ can be replayed on the table and a stopped trial costs only the steps it ran.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from attn_search.engine.tasks import make_task
 from attn_search.report.outputs import load_run
 from attn_search.search.evaluators import format_curve, grids_of
 from attn_search.search.loop import SearchOptions, run_search
+from attn_search.search.plan import search_task
 from attn_search.search.space import SearchSpace, load_space
 
 
@@ -85,11 +88,16 @@ def record(
     task_params: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
+    target_len: int | None = None,
     resume: bool = False,
     quiet: bool = False,
     argv: Sequence[str] | None = None,
 ) -> Path:
-    """Record the table (see module docstring); returns its path."""
+    """Record the table (see module docstring); returns its path. Compute (``flops``,
+    ``attn_flops``) is counted at ``target_len``, by default the task's length whatever the space's
+    ``target_len``: what meta-training and the replays read a table's compute as (they count it at
+    a deployment length themselves, analytically), and what the shipped tables hold, so the command
+    in a shipped table's header records it again. The header says which length."""
     out = Path(out)
     loaded = load_space(space)
     configs = grid_configs(loaded, bins=bins, overrides=parse_grid(grid, loaded))
@@ -99,6 +107,10 @@ def record(
         task=task, task_params=dict(task_params or {}) or None, out=str(work), resume=resume, pruner="none", quiet=quiet, enqueue=configs,
         confirm=0,  # a table holds one training run per configuration, as a search's trial is
     )  # fmt: skip
+    if target_len is None:
+        family, params = search_task(loaded, opts)
+        target_len = make_task(family, **params).seq_len
+    opts = dataclasses.replace(opts, target_len=target_len)
     run_search(opts)
     command = "attn-search record " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     study, _, run = load_run(work)
@@ -108,7 +120,7 @@ def record(
     header = (
         f"# attn_search recorded table: {len(configs)} configurations of space {loaded.name!r} on task "
         f"{run.task!r} {run.task_params} (bins={bins}, preset={preset}, steps={steps or 'preset'}, "
-        f"seed={seed})\n# command: {command}\n"
+        f"seed={seed}, compute at L={target_len})\n# command: {command}\n"
     )
     out.write_text(header + frame.to_csv(index=False))
     return out

@@ -18,8 +18,14 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.env_util import make_vec_env
 
 import attn_search  # noqa: F401  (registers the env id)
+from attn_search.engine.cost import model_flops
+from attn_search.engine.tasks import make_task
 from attn_search.record import grid_configs, parse_grid, record
+from attn_search.report.outputs import row_config
+from attn_search.search.evaluators import recorded_compute_length, restrict_to_evaluator
 from attn_search.search.space import load_space
+from attn_search.strategies.candidates import TableTask
+from attn_search.strategies.head import head_length
 
 TINY = str(Path(__file__).parent / "data" / "tiny.yaml")
 
@@ -48,6 +54,41 @@ def test_recorded_table_covers_the_grid_once(table: Path) -> None:
     for curve, acc in zip(df["curve"], df["accuracy"], strict=True):
         points = [tuple(map(float, item.split(":"))) for item in curve.split(";")]
         assert [s for s, _ in points] == [2.0, 4.0] and points[-1][1] == pytest.approx(acc, rel=1e-5)
+
+
+def test_a_table_counts_compute_at_its_tasks_length_unless_told_and_a_search_of_it_at_that_length(
+    table: Path, tmp_path: Path
+) -> None:
+    """A space's target_len (the sparse space's 4096) must not leak into a recording: meta-training
+    and replays read a table's compute at its task's length, as the shipped tables hold it. A table
+    recorded at another length says so, and a search of it counts compute there (its ppo head too)."""
+    space = dataclasses.replace(load_space(TINY), target_len=1024)  # a space that counts compute elsewhere
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(Path(TINY).read_text() + "target_len: 1024\n")
+    grid = ["pattern=window", "n_heads=2", "lr=0.003"]
+    plain = record(str(spec), tmp_path / "plain.csv", bins=2, steps=2, grid=grid, quiet=True)
+    at = record(str(spec), tmp_path / "at.csv", bins=2, steps=2, grid=grid, target_len=2048, quiet=True)
+    n_classes = make_task("mqar", seq_len=32, n_pairs=4, n_keys=8, n_values=8).n_classes
+    for path, length in ((plain, 32), (at, 2048)):
+        assert f"compute at L={length})" in path.read_text().splitlines()[0]
+        assert recorded_compute_length(path) == length
+        df = pd.read_csv(path, comment="#")
+        assert len(df) == 2
+        for _, row in df.iterrows():
+            assert row["flops"] == model_flops(row_config(row), seq_len=length, n_classes=n_classes)
+    assert restrict_to_evaluator(space, f"table:{plain}").target_len is None
+    searched = restrict_to_evaluator(space, f"table:{at}")
+    assert searched.target_len == 2048
+    assert head_length(searched, 32, 4096) == "deploy"  # 2048 is nearer 4096 than 32 on a log scale
+    # meta-training reads every table's compute at its task's length (and at the deployment length)
+    tasks = [TableTask(path, deploy_len=4096) for path in (plain, at)]
+    assert np.array_equal(tasks[0].costs["task"], tasks[1].costs["task"])
+    assert np.array_equal(tasks[0].costs["deploy"], tasks[1].costs["deploy"])
+    # a table whose header predates the length: its task's
+    assert recorded_compute_length(table) == 32
+    old = tmp_path / "old.csv"
+    old.write_text(table.read_text().replace(", compute at L=32)", ")", 1))
+    assert recorded_compute_length(old) == 32 and restrict_to_evaluator(space, f"table:{old}").target_len is None
 
 
 def test_env_checkers_pass_without_warnings(table: Path) -> None:

@@ -137,7 +137,7 @@ class TableEvaluator:
             # a table recorded before attn_flops was a column: counted from each row's configuration
             # at the length the table was recorded at (its header's task; else the space's task's),
             # analytic, so the same figure a trial there reports
-            seq_len = recorded_task_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
+            seq_len = recorded_compute_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
             frame[M.ATTN_FLOPS] = [
                 float(model_attention_flops(space.make_config(_row_values(space, row)), seq_len=int(seq_len)))
                 for _, row in frame.iterrows()
@@ -210,11 +210,37 @@ def recorded_task_length(path: str | Path) -> int | None:
         return None
 
 
+def recorded_compute_length(path: str | Path) -> int | None:
+    """The sequence length a table's compute columns (``flops``, ``attn_flops``) count at: its
+    header's ``compute at L=N`` (:mod:`attn_search.record` writes it), else its task's length
+    (tables recorded before the header said so were recorded at their task's length), else
+    ``None``."""
+    try:
+        with open(path) as fh:
+            found = re.search(r"compute at L=(\d+)", fh.readline())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else recorded_task_length(path)
+
+
+def _counted_at(spec: str | Evaluator) -> int | None:
+    """A table's compute length where it is not its task's (``None``: the task's, or no table)."""
+    if isinstance(spec, TableEvaluator):
+        path: str | Path | None = spec.path
+    else:
+        path = spec[len("table:") :] if isinstance(spec, str) and spec.startswith("table:") else None
+    if path is None:
+        return None
+    counted = recorded_compute_length(path)
+    return counted if counted != recorded_task_length(path) else None
+
+
 def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:
     """The space with every parameter categorical over the values the evaluator knows (a recorded
-    table's values), so that every proposal is one it can score, and no ``target_len`` (the
-    evaluator's compute is what it recorded, at its own length)."""
-    space = dataclasses.replace(space, target_len=None)
+    table's values), so that every proposal is one it can score, and the ``target_len`` the
+    evaluator's compute was recorded at: a table's where its header says it counted compute at
+    another length than its task's (``--target-len`` when it was recorded), else none."""
+    space = dataclasses.replace(space, target_len=_counted_at(spec))
     grids = make_evaluator(spec, space).grids(space, 0)
     params = tuple(
         dataclasses.replace(p, kind="categorical", choices=tuple(g), low=None, high=None, log=False, step=None)

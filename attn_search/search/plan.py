@@ -173,7 +173,7 @@ def make_plan(opts: SearchOptions) -> RunPlan:
     # the compute objective searched, recorded as a --compute choice (run.json, a resume)
     compute = space.own_compute() or "none"
     opts = dataclasses.replace(opts, compute=compute)
-    task, task_kwargs = _task(space, opts)
+    task, task_kwargs = search_task(space, opts)
     storage = _preflight(opts, task, task_kwargs)
     out = Path(opts.out) if opts.out else default_out(opts.space)
     if out.exists() and not out.is_dir():
@@ -245,10 +245,8 @@ def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:
     if opts.target_len is not None and opts.evaluator != "training":
         raise UsageError(f"--target-len {space.target_len}: needs --evaluator training (a table's or your evaluator's "
                          "compute is what it recorded, at its own length)")  # fmt: skip
-    if opts.evaluator != "training":  # the space's own target_len: a table's compute is at the length it recorded
-        space = dataclasses.replace(space, target_len=None)
     if opts.evaluator != "training":
-        try:
+        try:  # (and the length its compute was recorded at, not the space's target_len)
             space = restrict_to_evaluator(space, opts.evaluator)
         except ValueError as exc:
             raise UsageError(f"--evaluator {opts.evaluator}: {exc}") from exc
@@ -287,7 +285,8 @@ Recorded or user evaluators: 1 (a lookup gains nothing from company, and the str
 for whole batches)."""
 
 
-def _task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
+def search_task(space: SearchSpace, opts: SearchOptions) -> tuple[str, dict[str, Any]]:
+    """The task family and parameters a search of ``space`` with ``opts`` trains on."""
     given = dict(opts.task_params or {})
     if opts.evaluator.startswith("table:") and opts.task is None:
         try:  # a recorded table's results are its task's, at its length (record.py's header says which)

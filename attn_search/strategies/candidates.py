@@ -55,7 +55,7 @@ from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import analytic_compute, model_flops
 from attn_search.engine.patterns import pattern_mask
-from attn_search.search.evaluators import recorded_task
+from attn_search.search.evaluators import recorded_compute_length, recorded_task
 from attn_search.strategies.base import Outcome, StrategyContext
 
 N_CANDIDATES = 128
@@ -295,6 +295,9 @@ class TableTask:
         self.accuracy = frame[M.ACCURACY].to_numpy(float)
         self.descriptors = np.stack([describe(c, self.seq_len) for c in self.configs])
         self.costs = {"task": frame[M.FLOPS].to_numpy(float)}
+        if recorded_compute_length(self.path) not in (None, self.seq_len):  # (recorded with --target-len)
+            self.costs["task"] = np.array([model_flops(c, seq_len=self.seq_len, n_classes=n_classes)
+                                           for c in self.configs], dtype=float)  # fmt: skip
         if deploy_len:
             self.costs["deploy"] = np.array([model_flops(c, seq_len=deploy_len, n_classes=n_classes)
                                              for c in self.configs], dtype=float)  # fmt: skip
