@@ -4,7 +4,8 @@ Writes the exported Python module (``attn-search export --format python``, here 
 :func:`attn_search.export.python_module`) for each pattern, loads it as a user would, and times
 ``SearchedAttention`` (the drop-in layer) forward and forward+backward at a long length against
 the same layer exported for dense attention (PyTorch's ``scaled_dot_product_attention``). Prints
-the FLOP ratio (attention FLOPs of dense over the pattern's kept entries), the speedups, and the
+the FLOP ratios (attention FLOPs of dense over the pattern's: ``attn_flops``, its kept entries, and
+``attn_tile_flops``, the 128-tiles FlexAttention computes), the speedups, and the
 path the layer ran on (``tiles`` on CPU, ``flex`` on CUDA, ``dense``: SDPA). Timings interleaved, medians; the last line is one JSON object.
 
 Usage::
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from attn_search import AttentionConfig
-from attn_search.engine.patterns import pattern_entries
+from attn_search.engine.patterns import pattern_entries, pattern_tile_entries
 from attn_search.export import python_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,16 +99,19 @@ def main() -> None:
         fwd = median_times({n: forward(m) for n, (_, m) in layers.items()}, args.repeats)
         bwd = median_times({n: train(m) for n, (_, m) in layers.items()}, args.repeats)
     dense_entries = pattern_entries("dense", L, causal=True)
+    dense_tiles = pattern_tile_entries("dense", L, causal=True)
     print(f"exported SearchedAttention at L={L}, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
           f"on {dev.type} ({dtype}): speedup over the dense export")  # fmt: skip
-    print(f"{'pattern':<12} {'flop_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} {'train_x':>7}  kernel")
+    print(f"{'pattern':<12} {'flop_ratio':>10} {'tile_ratio':>10} {'fwd_ms':>8} {'fwd_x':>6} {'train_ms':>9} "
+          f"{'train_x':>7}  kernel")  # fmt: skip
     for name, (config, _) in layers.items():
         ratio = dense_entries / pattern_entries(config.pattern, L, causal=True, **config.pattern_params())
+        tile_ratio = dense_tiles / pattern_tile_entries(config.pattern, L, causal=True, **config.pattern_params())
         kernel = layers[name][1]._plans[L, x.device][2][0]  # the path the layer took: tiles, flex or dense
-        row = {"flop_ratio": ratio, "forward_ms": fwd[name] * 1e3, "forward_speedup": fwd["dense"] / fwd[name],
+        row = {"flop_ratio": ratio, "tile_ratio": tile_ratio, "forward_ms": fwd[name] * 1e3, "forward_speedup": fwd["dense"] / fwd[name],
                "train_ms": bwd[name] * 1e3, "train_speedup": bwd["dense"] / bwd[name], "kernel": kernel}  # fmt: skip
         results[name] = row
-        print(f"{name:<12} {ratio:>10.1f} {row['forward_ms']:>8.1f} {row['forward_speedup']:>6.2f} "
+        print(f"{name:<12} {ratio:>10.1f} {tile_ratio:>10.1f} {row['forward_ms']:>8.1f} {row['forward_speedup']:>6.2f} "
               f"{row['train_ms']:>9.1f} {row['train_speedup']:>7.2f}  {kernel}")  # fmt: skip
     print(json.dumps({"seq_len": L, "device": dev.type, "dtype": dtype, "batch": args.batch, "results": results}))
 

@@ -77,6 +77,26 @@ def test_density_is_exact_fraction(pattern: str, causal: bool) -> None:
     assert pattern_density(pattern, L, causal=causal, **CASES[pattern]) == int(mask.sum()) / (L * L)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_tile_entries_are_what_flexattentions_block_mask_computes(pattern: str, causal: bool) -> None:
+    """``attn_tile_flops`` counts the tiles of the BlockMask the exported layer builds on CUDA (its own
+    call, run here on the CPU): every 128-tile with a kept entry, whole, edge tiles at their size."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attn_search.engine.patterns import pattern_tile_entries
+    from attn_search.engine.plain import table_mask_mod
+
+    L = 520  # 4 tiles of 128, then one of 8
+    mask = pattern_mask(pattern, L, causal=causal, **CASES[pattern])
+    blocks = create_block_mask(table_mask_mod(mask), None, None, L, L, device="cpu").to_dense()[0, 0].bool()
+    size = torch.tensor([128, 128, 128, 128, 8])
+    computed = int((size[:, None] * size[None, :])[blocks].sum())
+    assert pattern_tile_entries(pattern, L, causal=causal, **CASES[pattern]) == computed
+    kept = int(mask.sum())
+    assert computed > kept if (pattern != "dense" or causal) else computed == kept
+
+
 def test_density_formulas_in_docstrings() -> None:
     L = 4096
     # window: (2w - 1)/L bidirectional, w/L causal, minus edge effects

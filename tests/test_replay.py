@@ -207,8 +207,8 @@ def test_a_table_recorded_without_attention_flops_counts_them_at_its_recorded_le
     """The shipped tables predate the ``attn_flops`` column: a lookup counts it from each row's
     configuration at the length the table's header names (L=64 here, not the space's task's 256),
     so a table search on the sparse space (whose objective it is) ranks compute as a trial would."""
-    from attn_search.engine.cost import model_attention_flops
-    from attn_search.engine.metrics import ATTN_FLOPS
+    from attn_search.engine.cost import model_attention_flops, model_attention_tile_flops
+    from attn_search.engine.metrics import ATTN_FLOPS, ATTN_TILE_FLOPS
 
     space = load_space("sparse")
     assert space.metrics == ["accuracy", ATTN_FLOPS]
@@ -219,6 +219,12 @@ def test_a_table_recorded_without_attention_flops_counts_them_at_its_recorded_le
         values = {p.name: row[p.name] for p in space.params if p.name in row and not pd.isna(row[p.name])}
         assert lookup(space.make_config(values), values)[ATTN_FLOPS] == model_attention_flops(
             space.make_config(values), seq_len=64
+        )
+        # and the tiles FlexAttention would compute: one tile at L=64, dense's for every pattern
+        assert (
+            lookup(space.make_config(values), values)[ATTN_TILE_FLOPS]
+            == model_attention_tile_flops(space.make_config(values), seq_len=64)
+            == model_attention_tile_flops(space.make_config({**values, "pattern": "dense"}), seq_len=64)
         )
     low, high = lookup.bounds(space, ATTN_FLOPS, [])
     assert high / low > 4  # at L=64 the grid's attention spans 4x and more; its whole model's FLOPs 1.1x

@@ -720,6 +720,43 @@ def test_a_search_reports_compute_at_the_target_length_and_resume_keeps_it(tmp_p
     assert_flops_at_512(again)
 
 
+@pytest.mark.parametrize("strategy", ["random", "ppo"])
+def test_a_search_can_count_compute_as_the_tiles_flexattention_computes(tmp_path: Path, strategy: str) -> None:
+    """``--compute attn_tile_flops``: the objective, each trial's figure and the console's compute line
+    are the attention's FLOPs over 128-tiles at the target length (and ppo proposes by them)."""
+    import optuna
+
+    from attn_search.engine.cost import model_attention_flops, model_attention_tile_flops
+
+    console = io.StringIO()
+    out = tmp_path / "run"
+    run_search(SearchOptions(space=TINY, strategy=strategy, trials=3, steps=2, target_len=1024, pruner="none",
+                             compute="attn_tile_flops", out=str(out), attention_picture=False), stream=console)  # fmt: skip
+    assert "compute: attn_tile_flops (the attention's analytic FLOPs over the 128-tiles FlexAttention computes) at " \
+        "L=1024" in console.getvalue()  # fmt: skip
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
+    assert study.metric_names == ["accuracy", "attn_tile_flops"]
+    space = load_space(TINY)
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["state"] == "complete").all()
+    for _, t in trials.iterrows():
+        config = space.make_config({k: t[k] for k in ("n_heads", "pattern", "window", "lr") if not pd.isna(t[k])})
+        assert t["attn_tile_flops"] == model_attention_tile_flops(config, seq_len=1024)
+        assert t["attn_flops"] == model_attention_flops(config, seq_len=1024) <= t["attn_tile_flops"]
+    assert "attn_tile_flops" in (out / "report.html").read_text()
+
+
+def test_a_search_training_on_cuda_with_entry_counted_compute_is_told_about_tiles() -> None:
+    from attn_search.search.loop import tile_hint
+
+    sparse = load_space("sparse")
+    assert sparse.metrics[1] == "attn_flops"
+    assert "--compute attn_tile_flops" in str(tile_hint(sparse, "cuda"))
+    assert tile_hint(sparse, "cpu") is None
+    assert tile_hint(sparse.with_compute("attn_tile_flops"), "cuda") is None
+    assert tile_hint(sparse.with_compute(None), "cuda") is None  # accuracy alone
+
+
 def test_target_length_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="needs --evaluator training"):
         run_search(SearchOptions(space=TINY, target_len=512, evaluator="table:tables/sparse-smoke.csv",
@@ -952,6 +989,6 @@ def test_the_spaces_own_compute_is_its_first_and_a_table_search_counts_at_its_ta
     assert "of dense attention's FLOPs at L=64" in (out / "report.html").read_text()
 
     latency = load_space("sparse").with_compute("latency")
-    with pytest.raises(ValueError, match="needs --compute flops or attn_flops"):
+    with pytest.raises(ValueError, match="needs --compute flops, attn_flops or attn_tile_flops"):
         check_strategy("ppo", latency, evaluator="my_module:evaluator", constrained=False, options={})
     check_strategy("ppo", load_space("sparse"), evaluator="my_module:evaluator", constrained=False, options={})

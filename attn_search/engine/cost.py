@@ -14,6 +14,11 @@
 * :func:`model_attention_flops` — the ``4 E d`` term alone, every layer (the ``attn_flops``
   metric): what the pattern changes. The sparse space counts compute this way, since its width and
   depth are fixed and ``flops`` would add the same projections to every configuration.
+* :func:`model_attention_tile_flops` — the same products over the tiles a block-sparse kernel
+  computes (:func:`~attn_search.engine.patterns.pattern_tile_entries`: FlexAttention's 128 x 128
+  tiles, the exported layer's CUDA path), the ``attn_tile_flops`` metric: a tile with one kept
+  entry costs a whole tile there, so this ranks patterns as a GPU runs them (BigBird with blocks of
+  64 above blocks of 128) where ``attn_flops`` counts only what they keep.
 * :func:`measure_latency` — median wall time of forward passes after warm-up, and their spread.
 * :func:`peak_memory_mb` — peak memory a callable adds: on CUDA, ``max_memory_allocated`` above
   the memory allocated before; on Linux CPUs, the growth of the process's peak resident set
@@ -41,7 +46,7 @@ import torch
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.patterns import pattern_entries
+from attn_search.engine.patterns import pattern_entries, pattern_tile_entries
 
 T = TypeVar("T")
 
@@ -64,14 +69,23 @@ def model_attention_flops(config: AttentionConfig, *, seq_len: int) -> int:
     return config.n_layers * attention_flops(config, seq_len)
 
 
+def model_attention_tile_flops(config: AttentionConfig, *, seq_len: int) -> int:
+    """Forward FLOPs of the attention products over the tiles a block-sparse kernel computes, every
+    layer, one sequence (``n_layers * 4 T d``, ``T`` from :func:`pattern_tile_entries`)."""
+    tiles = pattern_tile_entries(config.pattern, seq_len, causal=config.causal, **config.pattern_params())
+    return config.n_layers * 4 * tiles * config.d_model
+
+
 def analytic_compute(metric: str, config: AttentionConfig, *, seq_len: int, n_classes: int) -> float:
-    """``metric`` (``flops`` or ``attn_flops``, :data:`~attn_search.engine.metrics.ANALYTIC`) of
-    ``config`` at ``seq_len``."""
+    """``metric`` (``flops``, ``attn_flops`` or ``attn_tile_flops``,
+    :data:`~attn_search.engine.metrics.ANALYTIC`) of ``config`` at ``seq_len``."""
     if metric == M.FLOPS:
         return float(model_flops(config, seq_len=seq_len, n_classes=n_classes))
     if metric == M.ATTN_FLOPS:
         return float(model_attention_flops(config, seq_len=seq_len))
-    raise ValueError(f"{metric} is measured, not counted: analytic compute is flops or attn_flops")
+    if metric == M.ATTN_TILE_FLOPS:
+        return float(model_attention_tile_flops(config, seq_len=seq_len))
+    raise ValueError(f"{metric} is measured, not counted: analytic compute is flops, attn_flops or attn_tile_flops")
 
 
 def _sync(device: torch.device) -> None:

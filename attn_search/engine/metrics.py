@@ -10,6 +10,13 @@ ATTN_FLOPS = "attn_flops"
 same for every configuration of a space with fixed width and depth, so the two rank a front alike,
 but this one shows what a pattern saves and carries over to a wider model: its ratio between two
 patterns does not depend on ``d_model``."""
+ATTN_TILE_FLOPS = "attn_tile_flops"
+"""Forward FLOPs of the same products over the tiles a block-sparse kernel computes: every
+128 x 128 tile holding a kept entry, whole (FlexAttention's, the exported layer's CUDA path). On a
+GPU a pattern costs its tiles, not its entries: BigBird with blocks of 64 keeps half the entries
+of blocks of 128 but touches more tiles, and trained 1.4x slower on an H200
+(``benchmarks/results/gpu_h200_2026-12-04.txt``). Counting it ranks a front as FlexAttention runs
+it; at a length of one tile or less every pattern costs dense's."""
 PARAMS = "params"
 LATENCY_MS = "latency_ms"
 PEAK_MEM_MB = "peak_mem_mb"
@@ -32,6 +39,7 @@ DIRECTIONS: dict[str, str] = {
     ACCURACY: MAXIMIZE,
     FLOPS: MINIMIZE,
     ATTN_FLOPS: MINIMIZE,
+    ATTN_TILE_FLOPS: MINIMIZE,
     PARAMS: MINIMIZE,
     LATENCY_MS: MINIMIZE,
     PEAK_MEM_MB: MINIMIZE,
@@ -41,16 +49,21 @@ DIRECTIONS: dict[str, str] = {
 COMPUTE_OBJECTIVES: dict[str, str] = {
     "flops": FLOPS,
     "attn_flops": ATTN_FLOPS,
+    "attn_tile_flops": ATTN_TILE_FLOPS,
     "latency": LATENCY_MS,
     "memory": PEAK_MEM_MB,
     "params": PARAMS,
 }
 """``--compute`` choices and the metric each one minimises."""
 
-ANALYTIC = (FLOPS, ATTN_FLOPS)
+ANALYTIC = (FLOPS, ATTN_FLOPS, ATTN_TILE_FLOPS)
 """Compute metrics counted from the configuration alone (no measurement): a range over the space is
-known before any trial, and an agent trained against one serves the other where width and depth
-are fixed (they differ by a constant there, which a normalised range removes)."""
+known before any trial."""
+
+ENTRY_COUNTED = (FLOPS, ATTN_FLOPS)
+"""Analytic metrics that count the entries a pattern keeps: an agent trained against one serves
+the other where width and depth are fixed (they differ by a constant there, which a normalised
+range removes); ``attn_tile_flops`` ranks configurations otherwise."""
 
 
 def compute_choice(metric: str) -> str:

@@ -308,6 +308,42 @@ def pattern_entries(pattern: str, seq_len: int, *, causal: bool = False, **param
     return round(pattern_density(pattern, seq_len, causal=causal, **params) * seq_len * seq_len)
 
 
+FLEX_BLOCK = 128
+"""FlexAttention's default tile (``create_block_mask``'s ``BLOCK_SIZE``), with which the exported
+layer's CUDA path builds its ``BlockMask``; 64 does not compile with torch 2.11's kernels
+(``benchmarks/results/gpu_h200_2026-12-04.txt``)."""
+
+
+def pattern_tile_entries(
+    pattern: str, seq_len: int, *, causal: bool = False, block: int = FLEX_BLOCK, **params: Any
+) -> int:
+    """(query, key) pairs a block-sparse kernel computes for ``pattern``: every ``block x block``
+    tile of the grid in which the pattern keeps at least one entry, counted whole (edge tiles at
+    their real size). With the default tile it is what FlexAttention computes for the exported
+    layer on CUDA, where a BigBird block of 64 computes 2.4x the entries it keeps at L=8192, and a
+    sequence no longer than one tile is dense's cost whatever the pattern. Cached: counting costs
+    ``O(seq_len**2)``, as the density does."""
+    if block < 1:
+        raise ValueError(f"block={block} is invalid: it must be >= 1")
+    return _tile_entries(pattern, seq_len, causal, block, tuple(sorted(params.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile_entries(pattern: str, seq_len: int, causal: bool, block: int, params: tuple[tuple[str, Any], ...]) -> int:
+    rule = pattern_rule(pattern, seq_len, causal=causal, **dict(params))
+    n = math.ceil(seq_len / block)
+    width = torch.full((n,), block, dtype=torch.long)
+    width[-1] = seq_len - (n - 1) * block
+    computed = 0
+    needed = torch.zeros(n * block, dtype=torch.bool)
+    for a in range(n):
+        rows = _rows(rule, a * block, min((a + 1) * block, seq_len), seq_len)  # (<= block, L)
+        needed[:seq_len] = rows.any(0)  # the keys any query of this tile attends
+        touched = needed.view(n, block).any(1)  # (n,): the key tiles it needs
+        computed += rows.shape[0] * int(width[touched].sum())
+    return computed
+
+
 def keeps_everything(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> bool:
     """Whether the pattern's mask at ``seq_len`` is dense's (every entry, or every causal one):
     BigBird with 32-token blocks and 4 global blocks at L=256, a window of 128 at L=64. Every rule

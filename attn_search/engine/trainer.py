@@ -31,6 +31,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import (
     measure_latency,
     model_attention_flops,
+    model_attention_tile_flops,
     model_flops,
     peak_memory_mb,
     training_state_mb,
@@ -564,7 +565,8 @@ class Population:
         figures = {M.PARAMS: float(count_params(self.model))}
         if bud.target_len is None:
             figures.update({M.FLOPS: float(model_flops(config, seq_len=L, n_classes=self.task.n_classes)),
-                            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=L)), **self.pop_figures})  # fmt: skip
+                            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=L)),
+                            M.ATTN_TILE_FLOPS: float(model_attention_tile_flops(config, seq_len=L)), **self.pop_figures})  # fmt: skip
         else:  # each member alone at the user's length (its own pattern's cost); accuracy where it trains
             figures.update(measure_at_length(config, self.task, bud.target_len, device=self.dev,
                                              batch=target_batch(bud, L), kernel=self.kernel,
@@ -1012,7 +1014,7 @@ def measure_at_length(
     member_layout: str = "auto",
 ) -> dict[str, float]:
     """Compute figures of ``config`` at sequence length ``length`` (``Budget.target_len``):
-    analytic ``flops`` and ``attn_flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
+    analytic ``flops``, ``attn_flops`` and ``attn_tile_flops`` per sequence, and ``latency_ms`` and ``peak_mem_mb`` of one forward pass
     (no gradients) of ``batch`` sequences of random tokens, measured on ``device`` on the model a
     lone trial trains (:func:`model_for`: on the ``auto`` kernel, the plain model the export writes,
     so the latency counted is the deployed layer's). Memory: the weights and the pass's peak, no
@@ -1033,7 +1035,8 @@ def measure_at_length(
     _, peak = peak_memory_mb(forward, device=device)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {M.FLOPS: float(model_flops(config, seq_len=length, n_classes=task.n_classes)),
-            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=length)), M.LATENCY_MS: latency,
+            M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=length)),
+            M.ATTN_TILE_FLOPS: float(model_attention_tile_flops(config, seq_len=length)), M.LATENCY_MS: latency,
             M.LATENCY_SPREAD: spread, M.PEAK_MEM_MB: weights_mb + (0.0 if math.isnan(peak) else peak)}  # fmt: skip
 
 

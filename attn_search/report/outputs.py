@@ -29,7 +29,7 @@ from attn_search.search.pareto import knee_point, normalized_hypervolume, pareto
 from attn_search.search.rundir import RUN_FILE, RunRecord
 from attn_search.search.space import SearchSpace, parse_space
 
-METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.ATTN_FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
+METRIC_COLUMNS = [M.ACCURACY, M.FLOPS, M.ATTN_FLOPS, M.ATTN_TILE_FLOPS, M.PARAMS, M.LATENCY_MS, M.PEAK_MEM_MB, M.TRAIN_SECONDS, M.EVAL_SECONDS,
                   M.WALL_SECONDS, M.STEPS, M.FINAL_LOSS, M.LATENCY_SPREAD]  # fmt: skip
 CONFIG_COLUMNS = [f.name for f in dataclasses.fields(AttentionConfig)]
 SELECTIONS = ("knee", "max-accuracy", "min-compute")
@@ -47,7 +47,7 @@ savings (a window at 0.67 chosen over BigBird at 0.91-1.00 for 14-20% more FLOPs
 
 def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
     """``knee`` (``knee=F``: accuracy floor F of the best, default :data:`KNEE_MIN_ACCURACY`),
-    ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|attn_flops|latency|memory|params>=N``."""
+    ``max-accuracy``, ``min-compute`` or ``max-accuracy-under-<flops|attn_flops|attn_tile_flops|latency|memory|params>=N``."""
     if rule in SELECTIONS:
         return rule, None, KNEE_MIN_ACCURACY if rule == "knee" else None
     if rule.startswith("knee="):
@@ -67,7 +67,7 @@ def parse_selection(rule: str) -> tuple[str, str | None, float | None]:
                 pass
     raise ValueError(
         f"--select {rule!r} is unknown: use knee (or knee=F, F in [0, 1]), max-accuracy, min-compute or "
-        "max-accuracy-under-flops=N (also -attn_flops=, -latency=, -memory=, -params=)"
+        "max-accuracy-under-flops=N (also -attn_flops=, -attn_tile_flops=, -latency=, -memory=, -params=)"
     )
 
 
@@ -338,7 +338,7 @@ class RunOutputs:
         return self._dims
 
     def dense_share(self, config: AttentionConfig, value: float, metric: str = M.FLOPS) -> tuple[float, int] | None:
-        """``value`` of ``metric`` (``flops`` or ``attn_flops``) as a fraction of dense attention's
+        """``value`` of ``metric`` (an analytic one: ``flops``, ``attn_flops``, ``attn_tile_flops``) as a fraction of dense attention's
         (``config`` with the dense pattern) at the length compute is counted (the target length,
         else the task's), and that length."""
         from attn_search.engine.cost import analytic_compute
@@ -748,7 +748,7 @@ framework overhead {overhead}.{_latency_note(df)}</p>
 <h2>Chosen configuration</h2>{best_html}{_img(run_dir / "pattern.png")}{_attention_section(run_dir, best)}
 <h2>Accuracy versus {html.escape(compute)}</h2>{_img(run_dir / "pareto.png")}
 <p><a href="pareto.html">Interactive plot</a> (hover a point for its configuration).</p>
-<h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.ATTN_FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
+<h2>Pareto front</h2>{_confirm_note(front)}{_table(front, ["trial", M.ACCURACY, "accuracy_sd", "seeds", "within_noise_of", "accuracy_search", M.FLOPS, M.ATTN_FLOPS, M.ATTN_TILE_FLOPS, M.LATENCY_MS, M.PEAK_MEM_MB, M.PARAMS, "pattern", "n_heads", "window", "dilation", "stride", "block_size", "n_global", "n_random", "lr", "dropout"])}
 {_scale_section(run_dir)}
 <h2>Hypervolume over the search</h2>{_img(run_dir / "hypervolume.png")}
 <p>{html.escape(HYPERVOLUME_DEFINITION)} {html.escape(_bounds_text(space, outputs.bounds))}</p>
@@ -773,9 +773,10 @@ def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series) -
     if share is None:
         return ""
     fraction, length = share
-    what = "attention FLOPs" if compute == M.ATTN_FLOPS else "FLOPs"
-    subject = "Its attention" if compute == M.ATTN_FLOPS else "It"
-    note = f"{subject} costs {100 * fraction:.0f}% of dense attention's FLOPs at L={length}. "
+    what = {M.ATTN_FLOPS: "attention FLOPs", M.ATTN_TILE_FLOPS: "attention FLOPs over 128-tiles"}.get(compute, "FLOPs")
+    subject = "It" if compute == M.FLOPS else "Its attention"
+    counted = "FLOPs over 128-tiles" if compute == M.ATTN_TILE_FLOPS else "FLOPs"
+    note = f"{subject} costs {100 * fraction:.0f}% of dense attention's {counted} at L={length}. "
     if fraction > DENSE_SHARE_WANTED:
         note += (f"<b>No configuration within the selection's accuracy floor costs {100 * DENSE_SHARE_WANTED:.0f}% "
                  f"of dense's {what} or less at L={length}</b>: the cheaper ones on the front lose more accuracy than "

@@ -23,7 +23,7 @@ import pandas as pd
 
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
-from attn_search.engine.cost import analytic_compute, model_attention_flops
+from attn_search.engine.cost import analytic_compute, model_attention_flops, model_attention_tile_flops
 from attn_search.engine.tasks import make_task
 from attn_search.engine.trainer import PRESETS, evaluate
 from attn_search.search.space import SearchSpace
@@ -103,7 +103,7 @@ class TrainingEvaluator:
 
     def bounds(self, space: SearchSpace, metric: str, grids: list[list[Any]]) -> tuple[float, float]:
         if metric not in (*M.ANALYTIC, M.PARAMS):
-            raise ValueError(f"the training evaluator knows bounds for flops, attn_flops and params only, not {metric}")
+            raise ValueError(f"the training evaluator knows bounds for analytic compute and params only, not {metric}")
         task = make_task(self.task, **self.task_kwargs)
         length = self.target_len or task.seq_len  # compute is reported at the target length
         rng = np.random.default_rng(0)
@@ -133,13 +133,15 @@ class TableEvaluator:
         self.path = Path(path)
         frame = pd.read_csv(self.path, comment="#")
         frame = frame[frame["state"] == M.COMPLETE].copy()
-        if M.ATTN_FLOPS not in frame and not frame.empty:
-            # a table recorded before attn_flops was a column: counted from each row's configuration
-            # at the length the table was recorded at (its header's task; else the space's task's),
+        for metric, count in ((M.ATTN_FLOPS, model_attention_flops), (M.ATTN_TILE_FLOPS, model_attention_tile_flops)):
+            if metric in frame or frame.empty:
+                continue
+            # a table recorded before the metric was a column: counted from each row's configuration
+            # at the length the table counted compute at (its header's; else the space's task's),
             # analytic, so the same figure a trial there reports
             seq_len = recorded_compute_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
-            frame[M.ATTN_FLOPS] = [
-                float(model_attention_flops(space.make_config(_row_values(space, row)), seq_len=int(seq_len)))
+            frame[metric] = [
+                float(count(space.make_config(_row_values(space, row)), seq_len=int(seq_len)))
                 for _, row in frame.iterrows()
             ]
         self.frame = frame

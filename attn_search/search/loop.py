@@ -154,6 +154,7 @@ def _run_locked(plan: RunPlan, stream: TextIO) -> SearchSummary:
 
 
 _COMPUTE_WORDS = {M.FLOPS: "the whole model's analytic forward FLOPs", M.ATTN_FLOPS: "the attention's analytic FLOPs",
+                  M.ATTN_TILE_FLOPS: "the attention's analytic FLOPs over the 128-tiles FlexAttention computes",
                   M.LATENCY_MS: "measured forward latency", M.PEAK_MEM_MB: "measured peak memory",
                   M.PARAMS: "parameters"}  # fmt: skip
 
@@ -165,6 +166,15 @@ def compute_line(space: SearchSpace, task_len: int | None) -> str:
     where = (f"at L={space.target_len}, the target length; accuracy trains at the task's L={task_len}"
              if space.target_len and space.target_len != task_len else f"at the task's length L={task_len}")  # fmt: skip
     return f"compute: {metric} ({_COMPUTE_WORDS.get(metric, metric)}) {where} (--compute, --target-len change it)"
+
+
+def tile_hint(space: SearchSpace, device_kind: str) -> str | None:
+    """Where trials train on CUDA and compute counts kept entries (``flops``, ``attn_flops``): the
+    metric that counts what the exported layer computes there (``attn_tile_flops``)."""
+    if device_kind != "cuda" or len(space.metrics) < 2 or space.metrics[1] not in M.ENTRY_COUNTED:
+        return None
+    return ("(on CUDA the exported layer computes whole 128-tiles, which a pattern's kept entries do not count: "
+            "--compute attn_tile_flops counts them)")  # fmt: skip
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -300,6 +310,9 @@ class SearchLoop:
                                "--population 1 trains one at a time)")  # fmt: skip
         if len(space.metrics) > 1:
             self.progress.note("  " + compute_line(space, self.outputs.task_len()))
+            hint = tile_hint(space, self.backend.device_kind() if self.runner.evaluator == "training" else "cpu")
+            if hint:
+                self.progress.note("  " + hint)
         if self.confirm > 0:
             self.progress.note(f"  then the front is confirmed: each point trained again with {self.confirm} more "
                                "seed(s), its accuracy the mean (--confirm 0 skips this)")  # fmt: skip

@@ -61,7 +61,7 @@ def check_strategy(
             raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
         if not evaluator.startswith("table:") and space.metrics[1] not in M.ANALYTIC:  # (a table's is looked up)
             raise ValueError(
-                f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops or attn_flops"
+                f"--strategy {name} weighs candidates by analytic FLOPs: it needs --compute flops, attn_flops or attn_tile_flops"
             )
         agent = options.get("agent")
         if agent and agent != "none" and not Path(agent).is_file():

@@ -119,7 +119,8 @@ def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tupl
     for path, info in shipped_agents(name):
         trained = info.get("compute", M.FLOPS)
         same = trained == compute or (
-            fixed_size and {M.COMPUTE_OBJECTIVES.get(trained), M.COMPUTE_OBJECTIVES.get(compute)} <= set(M.ANALYTIC)
+            fixed_size
+            and {M.COMPUTE_OBJECTIVES.get(trained), M.COMPUTE_OBJECTIVES.get(compute)} <= set(M.ENTRY_COUNTED)
         )
         if grid_for(space, info) is not None and same:
             return path, info
