@@ -19,6 +19,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import attn_search  # noqa: F401  (registers the env id)
 from attn_search.engine.cost import model_flops
+from attn_search.engine.metrics import ENTRY_COUNTED
 from attn_search.engine.tasks import make_task
 from attn_search.record import grid_configs, parse_grid, record
 from attn_search.report.outputs import row_config
@@ -332,13 +333,15 @@ def test_the_shipped_agent_proposes_valid_configurations_of_every_space_it_fits(
     sparse = load_space("sparse")
     assert shipped_agent("ppo-grid", sparse, "attn_flops") == shipped_agent("ppo-grid", sparse, "flops")
     assert shipped_agent("ppo-grid", sparse, "latency") is None
+    assert shipped_agent("ppo-grid", sparse, "attn_tile_flops") is None  # (tiles rank configurations otherwise)
     for name in [n for n, ok in fits.items() if ok]:
         space = load_space(name)
         path, info = shipped_agent("ppo-grid", space)  # type: ignore[misc]
         assert path.stat().st_size < 5e6 and info["tables"] and info["steps"] > 0
         out = tmp_path / name
+        compute = None if space.metrics[1] in ENTRY_COUNTED else "attn_flops"  # (what the agent serves)
         opts = SearchOptions(space=name, strategy="ppo-grid", trials=3, steps=2, pruner="none", confirm=0, out=str(out),
-                             quiet=True)  # fmt: skip
+                             compute=compute, quiet=True)  # fmt: skip
         assert run_search(opts).n_finished == 3
         grid = dict(zip([p.name for p in space.params], grid_for(space, info), strict=True))  # type: ignore[arg-type]
         study = load_run(out)[0]
@@ -368,10 +371,15 @@ def test_the_shipped_agent_is_announced_and_none_trains_from_scratch(
     from attn_search.search.loop import SearchOptions, run_search
 
     base = SearchOptions(space="sparse", strategy="ppo-grid", trials=2, steps=2, pruner="none", confirm=0,
-                         out=str(tmp_path / "a"))  # fmt: skip
+                         out=str(tmp_path / "a"), compute="attn_flops")  # fmt: skip
     run_search(base)
     said = capsys.readouterr().out
     assert "the shipped agent sparse-ppo.zip, meta-trained on" in said and "searching its grid: n_heads 2/4/8" in said
+    # the sparse space's own compute, tiles, is not what it was trained against: it says so and how
+    run_search(dataclasses.replace(base, compute=None, out=str(tmp_path / "tiles")))
+    said = capsys.readouterr().out
+    assert "meta-trained against flops, another compute objective than this search's attn_tile_flops" in said
+    assert "(--compute attn_flops uses it)" in said and "the shipped agent sparse-ppo.zip" not in said
     run_search(dataclasses.replace(base, agent="none", out=str(tmp_path / "b")))
     said = capsys.readouterr().out
     assert "ppo-grid: a new agent (0 environment steps so far)" in said and "shipped agent" not in said

@@ -52,7 +52,7 @@ def tasks() -> list[TableTask]:
 
 def test_the_first_pick_is_the_configuration_that_covers_the_tables_fronts_best(tasks: list[TableTask]) -> None:
     # checked against the benchmark's own hypervolume (replay.Table), not the head's arithmetic
-    space = load_space("sparse")
+    space = load_space("sparse").with_compute("flops")  # as the heads and benchmarks count it
     tables = [Table(p, space) for p in TABLES]
     keys = [k for k in tables[0].keys if all(k in t.lookup.rows for t in tables[1:])]
     score = [np.mean([t.hypervolume([t.point(k)]) / t.best_hv for t in tables]) for k in keys]
@@ -66,7 +66,7 @@ def test_a_head_at_one_length_is_the_portfolio_baselines_first_configurations() 
     """learn_head at the task's length picks what replay.portfolio (the benchmark's baseline, its
     own hypervolume code) picks, all five in order: portfolio+gp's head and ppo's are the same list."""
     paths = [*TABLES, ROOT / "tables" / "delay-64.csv"]
-    space = load_space("sparse")
+    space = load_space("sparse").with_compute("flops")
     tables = [Table(p, space) for p in paths]
     head = learn_head([TableTask(p) for p in paths], 5, ("task",))
     assert [head_values(tables[0].space, c) for c in head] == portfolio(tables, 5)

@@ -750,11 +750,17 @@ def test_a_search_training_on_cuda_with_entry_counted_compute_is_told_about_tile
     from attn_search.search.loop import tile_hint
 
     sparse = load_space("sparse")
-    assert sparse.metrics[1] == "attn_flops"
-    assert "--compute attn_tile_flops" in str(tile_hint(sparse, "cuda"))
-    assert tile_hint(sparse, "cpu") is None
-    assert tile_hint(sparse.with_compute("attn_tile_flops"), "cuda") is None
-    assert tile_hint(sparse.with_compute(None), "cuda") is None  # accuracy alone
+    assert sparse.metrics[1] == "attn_tile_flops"  # its own: no hint
+    assert tile_hint(sparse, "cuda", 256) is None
+    entries = sparse.with_compute("attn_flops")
+    assert "--compute attn_tile_flops" in str(tile_hint(entries, "cuda", 256))
+    assert "--compute attn_tile_flops" in str(tile_hint(sparse.with_compute("flops"), "cuda", 256))
+    assert tile_hint(entries, "cpu", 256) is None
+    assert tile_hint(sparse.with_compute(None), "cuda", 256) is None  # accuracy alone
+    # tiles counted at one tile's length or less (a table of L=64 searched as recorded): flat, it says so
+    at_64 = dataclasses.replace(sparse, target_len=None)
+    assert "every pattern computes the same single 128-tile" in str(tile_hint(at_64, "cpu", 64))
+    assert tile_hint(at_64, "cpu", 256) is None
 
 
 def test_target_length_errors(tmp_path: Path) -> None:
@@ -928,30 +934,32 @@ def test_the_run_record_is_written_and_read_through_one_type(tmp_path: Path) -> 
 
 
 @pytest.mark.slow  # two real searches of the sparse space (14 s)
-def test_the_sparse_space_counts_attention_flops_and_a_resume_keeps_the_runs_compute(tmp_path: Path) -> None:
-    """With no --compute the sparse space's own objective, attention FLOPs, is searched and counted at
-    the target length; run.json records the choice, so a run started with --compute flops resumes
-    with flops when the flag is not given again (and the space's fingerprint still matches)."""
+def test_the_sparse_space_counts_attention_tile_flops_and_a_resume_keeps_the_runs_compute(tmp_path: Path) -> None:
+    """With no --compute the sparse space's own objective, the attention's FLOPs over the tiles a GPU
+    kernel computes, is searched and counted at the target length; run.json records the choice, so a
+    run started with --compute flops resumes with flops when the flag is not given again (and the
+    space's fingerprint still matches)."""
     import optuna
 
-    from attn_search.engine.cost import model_attention_flops
+    from attn_search.engine.cost import model_attention_flops, model_attention_tile_flops
 
     space = load_space("sparse")
     out = tmp_path / "attn"
     console = io.StringIO()
     run_search(SearchOptions(space="sparse", strategy="random", trials=2, steps=2, pruner="none", confirm=0,
                              target_len=1024, out=str(out), attention_picture=False), stream=console)  # fmt: skip
-    assert ("compute: attn_flops (the attention's analytic FLOPs) at L=1024, the target length; accuracy trains at "
-            "the task's L=256") in console.getvalue()  # fmt: skip
+    assert ("compute: attn_tile_flops (the attention's analytic FLOPs over the 128-tiles FlexAttention computes) at "
+            "L=1024, the target length; accuracy trains at the task's L=256") in console.getvalue()  # fmt: skip
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
-    assert study.metric_names == ["accuracy", "attn_flops"]
-    assert json.loads((out / "run.json").read_text())["options"]["compute"] == "attn_flops"
+    assert study.metric_names == ["accuracy", "attn_tile_flops"]
+    assert json.loads((out / "run.json").read_text())["options"]["compute"] == "attn_tile_flops"
     trials = pd.read_csv(out / "trials.csv")
     for _, t in trials.iterrows():
         values = {p.name: t[p.name] for p in space.params if not pd.isna(t[p.name])}
         config = space.make_config(values)
         assert t["attn_flops"] == model_attention_flops(config, seq_len=1024) < t["flops"]
-    assert "Its attention costs" in (out / "report.html").read_text()  # of dense's attention FLOPs at L=1024
+        assert t["attn_tile_flops"] == model_attention_tile_flops(config, seq_len=1024) >= t["attn_flops"]
+    assert "of dense attention's FLOPs over 128-tiles at L=1024" in (out / "report.html").read_text()
 
     whole = tmp_path / "whole"
     options = dict(space="sparse", strategy="random", steps=2, pruner="none", confirm=0, target_len=1024,
@@ -986,7 +994,8 @@ def test_the_spaces_own_compute_is_its_first_and_a_table_search_counts_at_its_ta
     record = json.loads((out / "run.json").read_text())
     assert record["task"] == "ngram" and record["task_params"]["seq_len"] == 64
     assert "at the task's length L=64" in console.getvalue()
-    assert "of dense attention's FLOPs at L=64" in (out / "report.html").read_text()
+    assert "at L=64 every pattern computes the same single 128-tile" in console.getvalue()  # (tiles: flat there)
+    assert "of dense attention's FLOPs over 128-tiles at L=64" in (out / "report.html").read_text()
 
     latency = load_space("sparse").with_compute("latency")
     with pytest.raises(ValueError, match="needs --compute flops, attn_flops or attn_tile_flops"):

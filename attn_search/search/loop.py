@@ -47,6 +47,7 @@ from attn_search.backends import (
 from attn_search.backends.base import CUT_SHORT, Event
 from attn_search.engine import metrics as M
 from attn_search.engine.config import AttentionConfig
+from attn_search.engine.patterns import FLEX_BLOCK
 from attn_search.errors import SearchAborted, UsageError
 from attn_search.report.outputs import RunOutputs, SearchSummary
 from attn_search.report.progress import Progress
@@ -168,13 +169,20 @@ def compute_line(space: SearchSpace, task_len: int | None) -> str:
     return f"compute: {metric} ({_COMPUTE_WORDS.get(metric, metric)}) {where} (--compute, --target-len change it)"
 
 
-def tile_hint(space: SearchSpace, device_kind: str) -> str | None:
-    """Where trials train on CUDA and compute counts kept entries (``flops``, ``attn_flops``): the
-    metric that counts what the exported layer computes there (``attn_tile_flops``)."""
-    if device_kind != "cuda" or len(space.metrics) < 2 or space.metrics[1] not in M.ENTRY_COUNTED:
+def tile_hint(space: SearchSpace, device_kind: str, task_len: int | None) -> str | None:
+    """What a search should know about tiles: where trials train on CUDA and compute counts kept
+    entries (``flops``, ``attn_flops``), the metric that counts what the exported layer computes
+    there; where compute counts tiles at a length of one tile or less, that it is flat."""
+    if len(space.metrics) < 2:
         return None
-    return ("(on CUDA the exported layer computes whole 128-tiles, which a pattern's kept entries do not count: "
-            "--compute attn_tile_flops counts them)")  # fmt: skip
+    metric, length = space.metrics[1], space.target_len or task_len
+    if metric == M.ATTN_TILE_FLOPS and length is not None and length <= FLEX_BLOCK:
+        return (f"(at L={length} every pattern computes the same single {FLEX_BLOCK}-tile, so compute does not "
+                "separate configurations: --compute attn_flops counts the entries each keeps)")  # fmt: skip
+    if device_kind == "cuda" and metric in M.ENTRY_COUNTED:
+        return ("(on CUDA the exported layer computes whole 128-tiles, which a pattern's kept entries do not count: "
+                "--compute attn_tile_flops counts them)")  # fmt: skip
+    return None
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -310,7 +318,8 @@ class SearchLoop:
                                "--population 1 trains one at a time)")  # fmt: skip
         if len(space.metrics) > 1:
             self.progress.note("  " + compute_line(space, self.outputs.task_len()))
-            hint = tile_hint(space, self.backend.device_kind() if self.runner.evaluator == "training" else "cpu")
+            device = self.backend.device_kind() if self.runner.evaluator == "training" else "cpu"
+            hint = tile_hint(space, device, self.outputs.task_len())
             if hint:
                 self.progress.note("  " + hint)
         if self.confirm > 0:

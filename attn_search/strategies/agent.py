@@ -308,10 +308,16 @@ class AgentStrategy:
             return None, None, "a new agent"  # a replay compares agents: the shipped one only on request
         shipped = shipped_agent(self.name, space, self.context.compute)
         if shipped is None:
+            fitting = [info for _, info in shipped_agents(self.name) if grid_for(space, info) is not None]
+            if fitting:
+                trained = fitting[0].get("compute", M.FLOPS)
+                serves = "attn_flops" if trained in M.ENTRY_COUNTED else trained
+                return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained against {trained}, "
+                                    f"another compute objective than this search's {self.context.compute}, so this "
+                                    f"one starts untrained (--compute {serves} uses it)")  # fmt: skip
             if shipped_agents(self.name):
                 return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained on other "
-                                    "parameters or another compute objective than this search's, so this one "
-                                    "starts untrained")  # fmt: skip
+                                    "parameters than this search's, so this one starts untrained")  # fmt: skip
             return None, None, "a new agent"
         path, info = shipped
         tables = ", ".join(info.get("tables", [])) or "recorded tables"
