@@ -74,3 +74,41 @@ def test_direction_errors() -> None:
         pareto_front([[1, 2]], ["up", "minimize"])
     with pytest.raises(ValueError, match="2 objectives but 1 directions"):
         pareto_front([[1, 2]], ["maximize"])
+
+
+def test_the_report_names_a_cheaper_point_within_the_knees_floor_instead_of_saying_there_is_none() -> None:
+    """The knee of two points within its accuracy floor is the more accurate one; where that costs more
+    than half of dense's and the other does not, the report names the other and the rule that picks it
+    (a default search counting tiles: BigBird(32, 4, 3) 1.000 at 57%, BigBird(32, 3, 2) 0.988 at 47%)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from attn_search import AttentionConfig
+    from attn_search.report.outputs import _dense_note, select_row
+    from attn_search.search.space import load_space
+
+    space = load_space("sparse")
+    compute = space.metrics[1]
+    front = pd.DataFrame({"trial": [11, 23, 18], "accuracy": [1.0, 0.988, 0.86],
+                          compute: [1.258e9, 1.036e9, 2.64e8], "state": "complete", "feasible": True})  # fmt: skip
+
+    @dataclasses.dataclass
+    class Outputs:
+        select: str
+
+        space = load_space("sparse")
+
+        def dense_share(self, config: AttentionConfig, value: float, metric: str) -> tuple[float, int]:
+            return value / 2.2e9, 4096
+
+    best = front.iloc[0]
+    note = _dense_note(Outputs("knee"), AttentionConfig(), best, front)  # type: ignore[arg-type]
+    assert "costs 57% of dense attention's FLOPs over 128-tiles at L=4096" in note
+    rule = "max-accuracy-under-attn_tile_flops=1036000000"
+    assert "Trial 23, within the selection's accuracy floor (accuracy 0.988), costs 47%" in note and rule in note
+    assert "No configuration within" not in note
+    assert int(select_row(front, space, rule)["trial"]) == 23  # type: ignore[index]
+    # with the floor above 0.988 nothing cheaper qualifies, and it says so
+    strict = _dense_note(Outputs("knee=0.99"), AttentionConfig(), best, front)  # type: ignore[arg-type]
+    assert "No configuration within the selection's accuracy floor costs 50%" in strict and "Trial 23" not in strict

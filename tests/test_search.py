@@ -856,7 +856,10 @@ def test_a_proposal_whose_mask_is_dense_s_is_one_trial_with_dense_and_is_named_d
     assert yaml.safe_load((alone / "best_config.yaml").read_text())["equivalent"] == named
     report = (alone / "report.html").read_text()
     assert html.escape(named) in report
-    assert "costs 100% of dense attention's FLOPs at L=256" in report and "No configuration within" in report
+    assert (
+        "costs 100% of dense attention's FLOPs over 128-tiles at L=256" in report
+        and "No configuration within" in report
+    )
     exported = export_run(alone, fmt="python").read_text()
     assert (
         named in exported

@@ -723,7 +723,7 @@ def write_report(run_dir: Path, study: optuna.Study, df: pd.DataFrame, outputs: 
                 if (same := outputs.equivalent(cfg))
                 else ""
             )
-            + _dense_note(outputs, cfg, best)
+            + _dense_note(outputs, cfg, best, front)
             + (
                 f"<b>Caveat: {html.escape(unmeasured)}.</b> "
                 if (unmeasured := outputs.unmeasured_at_target(cfg, int(best["trial"])))
@@ -763,9 +763,11 @@ DENSE_SHARE_WANTED = 0.5
 compute; the report says so where none within the selection's accuracy floor does."""
 
 
-def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series) -> str:
+def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series, front: pd.DataFrame) -> str:
     """What the pick costs against dense attention at the length compute is counted ('' where the
-    compute objective is not analytic FLOPs)."""
+    compute objective is not analytic FLOPs), and, where that is more than
+    :data:`DENSE_SHARE_WANTED` under the knee rule, whether a front point within its accuracy floor
+    costs less (the knee of two points is the more accurate one)."""
     compute = outputs.space.metrics[1] if len(outputs.space.metrics) > 1 else None
     if compute not in M.ANALYTIC or pd.isna(best.get(compute)):
         return ""
@@ -777,11 +779,22 @@ def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series) -
     subject = "It" if compute == M.FLOPS else "Its attention"
     counted = "FLOPs over 128-tiles" if compute == M.ATTN_TILE_FLOPS else "FLOPs"
     note = f"{subject} costs {100 * fraction:.0f}% of dense attention's {counted} at L={length}. "
-    if fraction > DENSE_SHARE_WANTED:
-        note += (f"<b>No configuration within the selection's accuracy floor costs {100 * DENSE_SHARE_WANTED:.0f}% "
-                 f"of dense's {what} or less at L={length}</b>: the cheaper ones on the front lose more accuracy than "
-                 "the rule allows (see the front below). ")  # fmt: skip
-    return note
+    kind, _, floor = parse_selection(outputs.select)
+    if fraction <= DENSE_SHARE_WANTED or kind != "knee" or floor is None:
+        return note
+    dense = float(best[compute]) / fraction
+    within = front[
+        (front[M.ACCURACY] >= floor * front[M.ACCURACY].max()) & (front[compute] <= DENSE_SHARE_WANTED * dense)
+    ]
+    if within.empty:
+        return note + (f"<b>No configuration within the selection's accuracy floor costs "
+                       f"{100 * DENSE_SHARE_WANTED:.0f}% of dense's {what} or less at L={length}</b>: the cheaper ones "
+                       "on the front lose more accuracy than the rule allows (see the front below). ")  # fmt: skip
+    other = within.sort_values([M.ACCURACY, compute], ascending=[False, True]).iloc[0]
+    rule = f"max-accuracy-under-{M.compute_choice(compute)}={float(other[compute]):.10g}"
+    return note + (f"Trial {int(other['trial'])}, within the selection's accuracy floor (accuracy "
+                   f"{float(other[M.ACCURACY]):.3f}), costs {100 * float(other[compute]) / dense:.0f}% of dense's "
+                   f"{what}: <code>--select {rule}</code> picks it. ")  # fmt: skip
 
 
 def _scale_section(run_dir: Path) -> str:
