@@ -134,7 +134,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    "best accuracy; knee=F sets that floor): knee, max-accuracy, min-compute, "
                    "max-accuracy-under-flops=N (also -attn_flops=, -attn_tile_flops=, -latency=, -memory=, -params=)")  # fmt: skip
     p.add_argument("--compute", default=None, choices=(*COMPUTE_OBJECTIVES, "none"), metavar="NAME",
-                   help="compute objective (default: the space's; sparse: attn_flops): flops (the whole model's "
+                   help="compute objective (default: the space's; sparse: attn_tile_flops): flops (the whole model's "
                    "analytic forward FLOPs), attn_flops (the attention products' alone, what a pattern changes), "
                    "attn_tile_flops (those products over the 128-tiles FlexAttention computes on a GPU), "
                    "latency, memory, params, or none (accuracy only)")  # fmt: skip

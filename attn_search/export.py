@@ -191,7 +191,7 @@ def export_run(
             + ", ".join(
                 f"{k}={v:.4g}"
                 for k, v in data["metrics"].items()
-                if k in ("accuracy", "flops", "attn_flops", "latency_ms", "peak_mem_mb")
+                if k in ("accuracy", "flops", "attn_flops", "attn_tile_flops", "latency_ms", "peak_mem_mb")
             )
             + (f". It is {data['equivalent']}, so it runs as dense attention" if "equivalent" in data else "")
             + (f". Caveat: {data['caveat']}" if "caveat" in data else "")

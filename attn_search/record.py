@@ -94,10 +94,12 @@ def record(
     argv: Sequence[str] | None = None,
 ) -> Path:
     """Record the table (see module docstring); returns its path. Compute (``flops``,
-    ``attn_flops``) is counted at ``target_len``, by default the task's length whatever the space's
-    ``target_len``: what meta-training and the replays read a table's compute as (they count it at
-    a deployment length themselves, analytically), and what the shipped tables hold, so the command
-    in a shipped table's header records it again. The header says which length."""
+    ``attn_flops``, ``attn_tile_flops``) is counted at ``target_len``, by default the task's length
+    whatever the space's ``target_len`` (with the trial's own latency and memory, as without one):
+    what the candidate policy's meta-training reads a table's compute as (it counts a deployment
+    length itself, analytically; the grid agent's meta-training and the replays read the table's
+    columns as recorded), and what the shipped tables hold, so the command in a shipped table's
+    header records it again. The header says which length."""
     out = Path(out)
     loaded = load_space(space)
     configs = grid_configs(loaded, bins=bins, overrides=parse_grid(grid, loaded))

@@ -151,8 +151,9 @@ _TABLES: dict[str, Table] = {}
 
 def _table(path: str) -> Table:
     if path not in _TABLES:
-        # the whole model's FLOPs, as the recorded results count them (attn_flops, the sparse space's
-        # own objective, differs from it by a constant per table, which the normalised range removes)
+        # the whole model's FLOPs over kept entries, as the recorded results count them (attn_flops
+        # differs from it by a constant per table, which the normalised range removes; the sparse
+        # space's own attn_tile_flops is flat at a table's length of 64 or 128, one tile)
         _TABLES[path] = Table(path, load_space("sparse").with_compute("flops"))
     return _TABLES[path]
 

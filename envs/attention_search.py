@@ -50,7 +50,7 @@ An empty front, all-zero last action and metrics, full budget.
 ## Arguments
 ``space`` (name or YAML path), ``evaluator`` (``"training"``, ``"table:PATH"`` or an
 :class:`Evaluator`), ``budget`` (trials per episode), ``bins`` (values per numeric parameter),
-``compute`` (``flops``, ``attn_flops``, ``latency``, ``memory``, ``params``; default: the space's
+``compute`` (``flops``, ``attn_flops``, ``attn_tile_flops``, ``latency``, ``memory``, ``params``; default: the space's
 own compute objective, ``flops`` for a space of accuracy alone), ``preset`` (per-trial training
 budget of the ``training`` evaluator), ``device``, ``reward_scale``.
 """

@@ -744,6 +744,17 @@ def test_a_search_can_count_compute_as_the_tiles_flexattention_computes(tmp_path
         assert t["attn_tile_flops"] == model_attention_tile_flops(config, seq_len=1024)
         assert t["attn_flops"] == model_attention_flops(config, seq_len=1024) <= t["attn_tile_flops"]
     assert "attn_tile_flops" in (out / "report.html").read_text()
+    if strategy == "ppo":  # the candidate policy's compute feature is the tiles' cost
+        from attn_search.strategies import make_strategy
+        from attn_search.strategies.base import StrategyContext
+
+        searched = dataclasses.replace(space.with_compute("attn_tile_flops"), target_len=1024)
+        context = StrategyContext(space=searched, seed=0, trials=3, slots=1, run_dir=tmp_path, resume=False,
+                                  options={"head": "none"})  # fmt: skip
+        policy = make_strategy("ppo", context)
+        window = searched.make_config({"n_heads": 2, "pattern": "window", "window": 8, "lr": 0.003})
+        tiles = model_attention_tile_flops(window, seq_len=1024)
+        assert policy._cost(window) == tiles > model_attention_flops(window, seq_len=1024)  # type: ignore[attr-defined]
 
 
 def test_a_search_training_on_cuda_with_entry_counted_compute_is_told_about_tiles() -> None:
@@ -757,6 +768,8 @@ def test_a_search_training_on_cuda_with_entry_counted_compute_is_told_about_tile
     assert "--compute attn_tile_flops" in str(tile_hint(sparse.with_compute("flops"), "cuda", 256))
     assert tile_hint(entries, "cpu", 256) is None
     assert tile_hint(sparse.with_compute(None), "cuda", 256) is None  # accuracy alone
+    assert tile_hint(load_space("dense"), "cuda", 256) is None  # no pattern to choose
+    assert tile_hint(load_space("full"), "cuda", 256) is None  # flops there count width and depth too
     # tiles counted at one tile's length or less (a table of L=64 searched as recorded): flat, it says so
     at_64 = dataclasses.replace(sparse, target_len=None)
     assert "every pattern computes the same single 128-tile" in str(tile_hint(at_64, "cpu", 64))
@@ -997,8 +1010,16 @@ def test_the_spaces_own_compute_is_its_first_and_a_table_search_counts_at_its_ta
     record = json.loads((out / "run.json").read_text())
     assert record["task"] == "ngram" and record["task_params"]["seq_len"] == 64
     assert "at the task's length L=64" in console.getvalue()
-    assert "at L=64 every pattern computes the same single 128-tile" in console.getvalue()  # (tiles: flat there)
-    assert "of dense attention's FLOPs over 128-tiles at L=64" in (out / "report.html").read_text()
+    # the space's own tiles are flat at L=64 (one tile): the search counts kept entries and says why
+    assert "compute: attn_flops" in console.getvalue() and record["options"]["compute"] == "attn_flops"
+    assert "but at the table's L=64 every pattern computes the same single 128-tile" in console.getvalue()
+    assert "of dense attention's FLOPs at L=64" in (out / "report.html").read_text()
+    asked = tmp_path / "tiles"
+    console = io.StringIO()
+    run_search(SearchOptions(space="sparse", evaluator=f"table:{table}", strategy="random", trials=2, out=str(asked),
+                             compute="attn_tile_flops"), stream=console)  # fmt: skip
+    assert "compute: attn_tile_flops" in console.getvalue()  # asked for: counted, and said to be flat
+    assert "(at L=64 every pattern computes the same single 128-tile" in console.getvalue()
 
     latency = load_space("sparse").with_compute("latency")
     with pytest.raises(ValueError, match="needs --compute flops, attn_flops or attn_tile_flops"):

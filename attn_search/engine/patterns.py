@@ -319,7 +319,8 @@ def pattern_tile_entries(
 ) -> int:
     """(query, key) pairs a block-sparse kernel computes for ``pattern``: every ``block x block``
     tile of the grid in which the pattern keeps at least one entry, counted whole (edge tiles at
-    their real size). With the default tile it is what FlexAttention computes for the exported
+    their real size, which FlexAttention pads: exact at lengths that are multiples of 128, as
+    deployment lengths are). With the default tile it is what FlexAttention computes for the exported
     layer on CUDA, where a BigBird block of 64 computes 2.4x the entries it keeps at L=8192, and a
     sequence no longer than one tile is dense's cost whatever the pattern. Cached: counting costs
     ``O(seq_len**2)``, as the density does."""

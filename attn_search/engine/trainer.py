@@ -402,6 +402,7 @@ class Training:
 
     def __init__(self, members: Sequence[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device, *,
                  kernel: str = "auto", heads: tuple[int, int] | None = None, member_layout: str = "auto") -> None:  # fmt: skip
+        bud = at_own_length(bud, task)
         self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
         self.heads, self.member_layout = heads, member_layout
         self.waiting = list(members)
@@ -467,6 +468,7 @@ class Population:
                kernel: str, deadline: float | None, heads: tuple[int, int] | None, member_layout: str) -> None:  # fmt: skip
         self.start = time.perf_counter()
         self.deadline = deadline
+        bud = at_own_length(bud, task)
         self.task, self.bud, self.dev, self.kernel, self.member_layout = task, bud, dev, kernel, member_layout
         cfgs = [c for _, c in members]
         self.key = shape_key(cfgs[0])
@@ -1038,6 +1040,13 @@ def measure_at_length(
             M.ATTN_FLOPS: float(model_attention_flops(config, seq_len=length)),
             M.ATTN_TILE_FLOPS: float(model_attention_tile_flops(config, seq_len=length)), M.LATENCY_MS: latency,
             M.LATENCY_SPREAD: spread, M.PEAK_MEM_MB: weights_mb + (0.0 if math.isnan(peak) else peak)}  # fmt: skip
+
+
+def at_own_length(bud: Budget, task: Task) -> Budget:
+    """``bud`` without a ``target_len`` where it is the task's own length: the figures at the task's
+    length are the trial's own (population latency, training-step memory), as without a target
+    length, not a fresh model's forward pass (what ``attn-search record`` asks for by default)."""
+    return dataclasses.replace(bud, target_len=None) if bud.target_len == task.seq_len else bud
 
 
 def target_batch(bud: Budget, seq_len: int) -> int:

@@ -791,7 +791,7 @@ def _dense_note(outputs: RunOutputs, config: AttentionConfig, best: pd.Series, f
                        f"{100 * DENSE_SHARE_WANTED:.0f}% of dense's {what} or less at L={length}</b>: the cheaper ones "
                        "on the front lose more accuracy than the rule allows (see the front below). ")  # fmt: skip
     other = within.sort_values([M.ACCURACY, compute], ascending=[False, True]).iloc[0]
-    rule = f"max-accuracy-under-{M.compute_choice(compute)}={float(other[compute]):.10g}"
+    rule = f"max-accuracy-under-{M.compute_choice(compute)}={float(other[compute])!r}"  # (exact: it must pick it)
     return note + (f"Trial {int(other['trial'])}, within the selection's accuracy floor (accuracy "
                    f"{float(other[M.ACCURACY]):.3f}), costs {100 * float(other[compute]) / dense:.0f}% of dense's "
                    f"{what}: <code>--select {rule}</code> picks it. ")  # fmt: skip

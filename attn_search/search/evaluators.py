@@ -213,7 +213,7 @@ def recorded_task_length(path: str | Path) -> int | None:
 
 
 def recorded_compute_length(path: str | Path) -> int | None:
-    """The sequence length a table's compute columns (``flops``, ``attn_flops``) count at: its
+    """The sequence length a table's compute columns (``flops``, ``attn_flops``, ``attn_tile_flops``) count at: its
     header's ``compute at L=N`` (:mod:`attn_search.record` writes it), else its task's length
     (tables recorded before the header said so were recorded at their task's length), else
     ``None``."""

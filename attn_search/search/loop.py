@@ -170,16 +170,19 @@ def compute_line(space: SearchSpace, task_len: int | None) -> str:
 
 
 def tile_hint(space: SearchSpace, device_kind: str, task_len: int | None) -> str | None:
-    """What a search should know about tiles: where trials train on CUDA and compute counts kept
-    entries (``flops``, ``attn_flops``), the metric that counts what the exported layer computes
-    there; where compute counts tiles at a length of one tile or less, that it is flat."""
+    """What a search should know about tiles: where trials train on CUDA, the space searches the
+    pattern and compute counts kept entries (``attn_flops``; ``flops`` where width and depth are
+    fixed), the metric that counts what the exported layer computes there; where compute counts
+    tiles at a length of one tile or less, that it is flat."""
     if len(space.metrics) < 2:
         return None
     metric, length = space.metrics[1], space.target_len or task_len
     if metric == M.ATTN_TILE_FLOPS and length is not None and length <= FLEX_BLOCK:
         return (f"(at L={length} every pattern computes the same single {FLEX_BLOCK}-tile, so compute does not "
                 "separate configurations: --compute attn_flops counts the entries each keeps)")  # fmt: skip
-    if device_kind == "cuda" and metric in M.ENTRY_COUNTED:
+    names = {p.name for p in space.params}
+    fixed_size = not ({"d_model", "n_layers"} & names)  # (else flops also count width and depth: keep them)
+    if device_kind == "cuda" and "pattern" in names and (metric == M.ATTN_FLOPS or (metric == M.FLOPS and fixed_size)):
         return ("(on CUDA the exported layer computes whole 128-tiles, which a pattern's kept entries do not count: "
                 "--compute attn_tile_flops counts them)")  # fmt: skip
     return None
@@ -318,6 +321,8 @@ class SearchLoop:
                                "--population 1 trains one at a time)")  # fmt: skip
         if len(space.metrics) > 1:
             self.progress.note("  " + compute_line(space, self.outputs.task_len()))
+            if self.plan.compute_note:
+                self.progress.note("  " + self.plan.compute_note)
             device = self.backend.device_kind() if self.runner.evaluator == "training" else "cpu"
             hint = tile_hint(space, device, self.outputs.task_len())
             if hint:

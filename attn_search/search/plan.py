@@ -24,11 +24,12 @@ import optuna
 
 from attn_search.backends import BackendOptions, check_backend
 from attn_search.engine import metrics as M
+from attn_search.engine.patterns import FLEX_BLOCK
 from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, resolve_device
 from attn_search.errors import UsageError
 from attn_search.report.outputs import parse_selection
-from attn_search.search.evaluators import recorded_task, restrict_to_evaluator
+from attn_search.search.evaluators import recorded_task, recorded_task_length, restrict_to_evaluator
 from attn_search.search.failures import describe
 from attn_search.search.rundir import RUN_FILE, RunRecord
 from attn_search.search.space import SearchSpace, load_space
@@ -94,7 +95,7 @@ class SearchOptions:
     select: str = "knee"
     compute: str | None = None
     """``--compute``: a :data:`~attn_search.engine.metrics.COMPUTE_OBJECTIVES` choice or ``none``;
-    ``None``: the space's own compute objective (the sparse space's is ``attn_flops``)."""
+    ``None``: the space's own compute objective (the sparse space's is ``attn_tile_flops``)."""
     max_flops: float | None = None
     max_latency_ms: float | None = None
     pruner: str | None = None
@@ -163,6 +164,8 @@ class RunPlan:
     max_latency_ms: float | None
     compute: str
     quiet: bool
+    compute_note: str | None = None
+    """Why the search counts another compute than its space's own, where it does (the console says it)."""
 
 
 def make_plan(opts: SearchOptions) -> RunPlan:
@@ -170,6 +173,7 @@ def make_plan(opts: SearchOptions) -> RunPlan:
     before the run dir exists)."""
     opts = _resumed_defaults(opts)
     space, preset = _check(opts)
+    space, compute_note = _flat_tiles(space, opts)
     # the compute objective searched, recorded as a --compute choice (run.json, a resume)
     compute = space.own_compute() or "none"
     opts = dataclasses.replace(opts, compute=compute)
@@ -196,7 +200,26 @@ def make_plan(opts: SearchOptions) -> RunPlan:
         device=opts.device, resume=opts.resume, enqueue=tuple(opts.enqueue or ()),
         attention_picture=opts.attention_picture, backend=opts.backend, backend_options=_backend_options(opts),
         max_flops=opts.max_flops, max_latency_ms=opts.max_latency_ms, compute=compute, quiet=opts.quiet,
+        compute_note=compute_note,
     )  # fmt: skip
+
+
+def _flat_tiles(space: SearchSpace, opts: SearchOptions) -> tuple[SearchSpace, str | None]:
+    """A table search whose space counts tiles (the sparse space) at a length of one tile or less
+    (every shipped table: L=64 or 128) counts kept entries instead, unless ``--compute`` asked for
+    tiles: there every pattern computes the same single tile, and a flat compute axis would leave a
+    front of one point."""
+    if opts.compute is not None or len(space.metrics) < 2 or space.metrics[1] != M.ATTN_TILE_FLOPS:
+        return space, None
+    if not opts.evaluator.startswith("table:"):
+        return space, None
+    length = space.target_len or recorded_task_length(opts.evaluator[len("table:") :])
+    if length is None or length > FLEX_BLOCK:
+        return space, None
+    note = (f"(the space counts {M.ATTN_TILE_FLOPS}, but at the table's L={length} every pattern computes the same "
+            f"single {FLEX_BLOCK}-tile: this search counts kept entries, attn_flops; --compute {M.ATTN_TILE_FLOPS} "
+            "counts the tiles anyway)")  # fmt: skip
+    return space.with_compute("attn_flops"), note
 
 
 def _check(opts: SearchOptions) -> tuple[SearchSpace, SearchPreset]:

@@ -85,7 +85,9 @@ def check_strategy(
         if constrained:
             raise ValueError(f"--strategy {name} cannot honour --max-flops/--max-latency-ms: use tpe, nsga2 or gp")
         if not options.get("pretrain") and evaluator == "training" and space.metrics[1] not in (*M.ANALYTIC, M.PARAMS):
-            raise ValueError(f"--strategy {name} needs --compute flops, attn_flops or params (or --pretrain TABLE)")
+            raise ValueError(
+                f"--strategy {name} needs --compute flops, attn_flops, attn_tile_flops or params (or --pretrain TABLE)"
+            )
         return
     sampler = "gp" if name == HEAD_GP_STRATEGY else name
     make_sampler(sampler, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)

@@ -311,7 +311,8 @@ class AgentStrategy:
             fitting = [info for _, info in shipped_agents(self.name) if grid_for(space, info) is not None]
             if fitting:
                 trained = fitting[0].get("compute", M.FLOPS)
-                serves = "attn_flops" if trained in M.ENTRY_COUNTED else trained
+                fixed_size = not ({"d_model", "n_layers"} & {p.name for p in space.params})
+                serves = "attn_flops" if trained in M.ENTRY_COUNTED and fixed_size else trained
                 return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained against {trained}, "
                                     f"another compute objective than this search's {self.context.compute}, so this "
                                     f"one starts untrained (--compute {serves} uses it)")  # fmt: skip

@@ -588,7 +588,8 @@ class CandidateStrategy:
         return out
 
     def _cost(self, config: AttentionConfig) -> float:
-        """The search's compute objective (``flops`` or ``attn_flops``) at the length it is counted at."""
+        """The search's compute objective (analytic: ``flops``, ``attn_flops``, ``attn_tile_flops``) at the
+        length it is counted at."""
         return analytic_compute(self.metric, config, seq_len=self.count_len, n_classes=self.n_classes)
 
     @staticmethod
