@@ -51,7 +51,8 @@ An empty front, all-zero last action and metrics, full budget.
 ``space`` (name or YAML path), ``evaluator`` (``"training"``, ``"table:PATH"`` or an
 :class:`Evaluator`), ``budget`` (trials per episode), ``bins`` (values per numeric parameter),
 ``compute`` (``flops``, ``attn_flops``, ``attn_tile_flops``, ``latency``, ``memory``, ``params``; default: the space's
-own compute objective, ``flops`` for a space of accuracy alone), ``preset`` (per-trial training
+own compute objective, ``flops`` for a space of accuracy alone; ``attn_flops`` for the sparse space's tiles on a
+table whose rows all compute the same tiles, as the shipped tables' do), ``preset`` (per-trial training
 budget of the ``training`` evaluator), ``device``, ``reward_scale``.
 """
 
@@ -62,7 +63,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from attn_search.search.evaluators import Evaluator, decode, make_evaluator
+from attn_search.search.evaluators import Evaluator, decode, make_evaluator, tiles_flat_at
 from attn_search.search.pareto import normalized_hypervolume
 from attn_search.search.space import SearchSpace, load_space
 
@@ -89,6 +90,8 @@ class AttentionSearchEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"budget={budget} is invalid: an episode needs at least one trial")
         base = space if isinstance(space, SearchSpace) else load_space(space)
         self.space = base.with_compute(compute or base.own_compute() or "flops")
+        if compute is None and tiles_flat_at(self.space, evaluator) is not None:
+            self.space = base.with_compute("attn_flops")  # (a table whose rows all compute the same tiles, as a search)
         kwargs = {"preset": preset, "device": device} if evaluator == "training" else {}
         self.evaluator = make_evaluator(evaluator, self.space, **kwargs)
         self.grids = self.evaluator.grids(self.space, bins)

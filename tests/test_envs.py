@@ -100,6 +100,19 @@ def test_a_table_counts_compute_at_its_tasks_length_unless_told_and_a_search_of_
     assert recorded_compute_length(old) == 32 and restrict_to_evaluator(space, f"table:{old}").target_len is None
 
 
+def test_the_env_on_a_table_whose_rows_compute_the_same_tiles_counts_kept_entries() -> None:
+    """The sparse space counts tiles; on the shipped tables (L=64, 128: one tile; sparse-smoke at
+    L=256: the three causal tiles) every row computes the same tiles, so the env's compute range would
+    be empty: it counts kept entries there, as a search does, and tiles where asked."""
+    root = Path(__file__).resolve().parents[1] / "tables"
+    for name in ("mqar-64", "selective_copy-128", "sparse-smoke"):
+        env = AttentionSearchEnv("sparse", f"table:{root / name}.csv", budget=3)
+        assert env.space.metrics == ["accuracy", "attn_flops"] and env.upper[1] > 2 * env.lower[1], name
+    asked = AttentionSearchEnv("sparse", f"table:{root / 'mqar-64.csv'}", budget=3, compute="attn_tile_flops")
+    assert asked.space.metrics == ["accuracy", "attn_tile_flops"] and asked.lower[1] == asked.upper[1]
+    assert AttentionSearchEnv(TINY, "table:" + str(root / "sparse-smoke.csv"), budget=3).space.metrics[1] == "flops"
+
+
 def test_env_checkers_pass_without_warnings(table: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1012,7 +1012,7 @@ def test_the_spaces_own_compute_is_its_first_and_a_table_search_counts_at_its_ta
     assert "at the task's length L=64" in console.getvalue()
     # the space's own tiles are flat at L=64 (one tile): the search counts kept entries and says why
     assert "compute: attn_flops" in console.getvalue() and record["options"]["compute"] == "attn_flops"
-    assert "but at the table's L=64 every pattern computes the same single 128-tile" in console.getvalue()
+    assert "but at the table's L=64 every configuration computes the same 128-tiles" in console.getvalue()
     assert "of dense attention's FLOPs at L=64" in (out / "report.html").read_text()
     asked = tmp_path / "tiles"
     console = io.StringIO()

@@ -237,6 +237,23 @@ def _counted_at(spec: str | Evaluator) -> int | None:
     return counted if counted != recorded_task_length(path) else None
 
 
+def tiles_flat_at(space: SearchSpace, spec: str | Evaluator) -> int | None:
+    """The length at which ``space``'s tile compute (``attn_tile_flops``) does not separate the
+    configurations of a recorded table (``spec``): every row computes the same tiles there (every
+    shipped table: one 128-tile at L=64 or 128, and the three causal tiles of L=256 for
+    ``sparse-smoke.csv``); ``None`` where it separates them, or for another compute or evaluator."""
+    if len(space.metrics) < 2 or space.metrics[1] != M.ATTN_TILE_FLOPS:
+        return None
+    if isinstance(spec, str) and spec.startswith("table:"):
+        try:
+            spec = TableEvaluator(spec[len("table:") :], space)
+        except (OSError, ValueError):
+            return None  # (a missing or empty table is refused where the search loads it)
+    if not isinstance(spec, TableEvaluator) or spec.frame[M.ATTN_TILE_FLOPS].nunique() > 1:
+        return None
+    return recorded_compute_length(spec.path) or make_task(space.task, **dict(space.task_params)).seq_len
+
+
 def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:
     """The space with every parameter categorical over the values the evaluator knows (a recorded
     table's values), so that every proposal is one it can score, and the ``target_len`` the

@@ -29,7 +29,7 @@ from attn_search.engine.tasks import check_task, make_task
 from attn_search.engine.trainer import PRESETS, Budget, resolve_device
 from attn_search.errors import UsageError
 from attn_search.report.outputs import parse_selection
-from attn_search.search.evaluators import recorded_task, recorded_task_length, restrict_to_evaluator
+from attn_search.search.evaluators import recorded_task, restrict_to_evaluator, tiles_flat_at
 from attn_search.search.failures import describe
 from attn_search.search.rundir import RUN_FILE, RunRecord
 from attn_search.search.space import SearchSpace, load_space
@@ -205,19 +205,15 @@ def make_plan(opts: SearchOptions) -> RunPlan:
 
 
 def _flat_tiles(space: SearchSpace, opts: SearchOptions) -> tuple[SearchSpace, str | None]:
-    """A table search whose space counts tiles (the sparse space) at a length of one tile or less
-    (every shipped table: L=64 or 128) counts kept entries instead, unless ``--compute`` asked for
-    tiles: there every pattern computes the same single tile, and a flat compute axis would leave a
-    front of one point."""
-    if opts.compute is not None or len(space.metrics) < 2 or space.metrics[1] != M.ATTN_TILE_FLOPS:
+    """A table search whose space counts tiles (the sparse space) where the table's rows all compute
+    the same tiles (:func:`~attn_search.search.evaluators.tiles_flat_at`: every shipped table)
+    counts kept entries instead, unless ``--compute`` asked for tiles: a flat compute axis would
+    leave a front of one point."""
+    length = None if opts.compute is not None else tiles_flat_at(space, opts.evaluator)
+    if length is None:
         return space, None
-    if not opts.evaluator.startswith("table:"):
-        return space, None
-    length = space.target_len or recorded_task_length(opts.evaluator[len("table:") :])
-    if length is None or length > FLEX_BLOCK:
-        return space, None
-    note = (f"(the space counts {M.ATTN_TILE_FLOPS}, but at the table's L={length} every pattern computes the same "
-            f"single {FLEX_BLOCK}-tile: this search counts kept entries, attn_flops; --compute {M.ATTN_TILE_FLOPS} "
+    note = (f"(the space counts {M.ATTN_TILE_FLOPS}, but at the table's L={length} every configuration computes the "
+            f"same {FLEX_BLOCK}-tiles: this search counts kept entries, attn_flops; --compute {M.ATTN_TILE_FLOPS} "
             "counts the tiles anyway)")  # fmt: skip
     return space.with_compute("attn_flops"), note
 
