@@ -75,21 +75,25 @@ BASELINES = ("random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, ACQUISITION)
 GP_MAX = 20
 
 
-def deploy_table(path: Path, length: int, folder: Path) -> Path:
-    """A copy of the table whose ``flops`` are analytic FLOPs at ``length`` (the deployment length)."""
+def deploy_table(path: Path, length: int, folder: Path, metric: str = M.FLOPS) -> Path:
+    """A copy of the table whose ``flops`` column holds analytic ``metric`` at ``length`` (the
+    deployment length): the whole model's FLOPs, or with ``--deploy-compute attn_tile_flops`` the
+    attention's over 128-tiles (the sparse space's own objective)."""
     import pandas as pd
 
-    out = folder / f"{path.stem}@{length}.csv"
+    out = folder / f"{path.stem}@{length}{'' if metric == M.FLOPS else '-' + metric}.csv"
     if out.is_file() and out.stat().st_mtime >= path.stat().st_mtime:
         return out
-    task = TableTask(path, deploy_len=length)
+    task = TableTask(path, deploy_len=length, deploy_metric=metric)
     lines = path.read_text().splitlines(keepends=True)
     header = "".join(line for line in lines if line.startswith("#"))
     frame = pd.read_csv(path, comment="#")
     complete = frame["state"] == "complete"
     frame.loc[complete, M.FLOPS] = task.costs["deploy"]
     folder.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + f"# flops: analytic at L={length} (benchmarks/family_out.py)\n" + frame.to_csv(index=False))
+    out.write_text(
+        header + f"# flops: analytic {metric} at L={length} (benchmarks/family_out.py)\n" + frame.to_csv(index=False)
+    )
     return out
 
 
@@ -195,6 +199,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4096, help="meta-training environment steps per agent")
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--deploy-len", type=int, default=4096)
+    parser.add_argument("--deploy-compute", default=M.FLOPS, choices=(M.FLOPS, M.ATTN_TILE_FLOPS),
+                        help="compute at --deploy-len: the whole model's FLOPs over kept entries (default, as agents are "
+                        "meta-trained), or the attention's over 128-tiles (the sparse space's own objective)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=["random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, "ppo"],
                         help=f"default: every baseline but {ACQUISITION} (the untrained ablation), and ppo")  # fmt: skip
@@ -215,7 +222,7 @@ def main() -> None:
     print_correlations(corr, {p.stem: family[str(p)] for p in paths})
     work = Path(args.agents_dir) / "tables"  # derived tables and the cache live beside the agents (git-ignored)
     by_length = {"task": {str(p): str(p) for p in paths},
-                 "deploy": {str(p): str(deploy_table(p, args.deploy_len, work)) for p in paths}}  # fmt: skip
+                 "deploy": {str(p): str(deploy_table(p, args.deploy_len, work, args.deploy_compute)) for p in paths}}  # fmt: skip
     agents_dir = Path(args.agents_dir)
     agents_dir.mkdir(parents=True, exist_ok=True)
     pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -234,7 +241,7 @@ def main() -> None:
     # shipped policy's but from the other families' tables only
     heads: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if "ppo" in args.strategies:
-        tasks = {str(p): TableTask(p, deploy_len=args.deploy_len) for p in paths}
+        tasks = {str(p): TableTask(p, deploy_len=args.deploy_len, deploy_metric=args.deploy_compute) for p in paths}
         heads = {(f, n): learn_head([t for p, t in tasks.items() if family[p] != f], args.head_size, (n,))
                  for f in held for n in by_length}  # fmt: skip
         if args.no_head:

@@ -253,3 +253,21 @@ def test_the_policy_sees_the_same_costs_under_either_flops_where_width_and_depth
     whole, widths = costs("full", "flops")
     attention, _ = costs("full", "attn_flops")
     assert len(set(widths)) > 1 and not np.allclose(whole, attention, atol=0.05)
+
+
+def test_a_table_counts_its_deployment_cost_in_tiles_where_asked() -> None:
+    """``benchmarks/family_out.py --deploy-compute attn_tile_flops`` scores the sparse space's own
+    objective at L=4096: a table's deployment costs are then its rows' 128-tiles, where every stride
+    touches all of dense's tiles though it keeps a fraction of its entries."""
+    from attn_search.engine.cost import model_attention_tile_flops
+
+    path = ROOT / "tables" / "mqar-64.csv"
+    entries = C.TableTask(path, deploy_len=4096)
+    tiles = C.TableTask(path, deploy_len=4096, deploy_metric="attn_tile_flops")
+    assert [model_attention_tile_flops(c, seq_len=4096) for c in tiles.configs] == list(tiles.costs["deploy"])
+    dense = [i for i, c in enumerate(tiles.configs) if c.pattern == "dense"]
+    strided = [i for i, c in enumerate(tiles.configs) if c.pattern == "strided"]
+    assert dense and strided
+    assert all(tiles.costs["deploy"][i] == tiles.costs["deploy"][dense[0]] for i in strided)
+    assert all(entries.costs["deploy"][i] < entries.costs["deploy"][dense[0]] for i in strided)
+    assert np.array_equal(tiles.costs["task"], entries.costs["task"])  # (the task's length: as recorded)

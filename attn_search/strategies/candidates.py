@@ -276,9 +276,11 @@ def choose(policy: Any, features: np.ndarray, rng: np.random.Generator | None = 
 # -- tables as candidate sets -------------------------------------------------------------------------
 class TableTask:
     """A recorded table seen as a candidate set: every row's descriptor, accuracy and compute (at
-    the task's length, and analytic FLOPs at ``deploy_len``), and its best hypervolume."""
+    the task's length, and at ``deploy_len`` analytic ``deploy_metric``: the whole model's FLOPs
+    over kept entries, as meta-training counts them, or another analytic metric such as
+    ``attn_tile_flops``), and its best hypervolume."""
 
-    def __init__(self, path: str | Path, *, deploy_len: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, deploy_len: int | None = None, deploy_metric: str = M.FLOPS) -> None:
         import pandas as pd
 
         from attn_search.engine.tasks import make_task
@@ -299,7 +301,7 @@ class TableTask:
             self.costs["task"] = np.array([model_flops(c, seq_len=self.seq_len, n_classes=n_classes)
                                            for c in self.configs], dtype=float)  # fmt: skip
         if deploy_len:
-            self.costs["deploy"] = np.array([model_flops(c, seq_len=deploy_len, n_classes=n_classes)
+            self.costs["deploy"] = np.array([analytic_compute(deploy_metric, c, seq_len=deploy_len, n_classes=n_classes)
                                              for c in self.configs], dtype=float)  # fmt: skip
         self.keys = [json.dumps(c.to_dict(), sort_keys=True) for c in self.configs]
 
