@@ -289,18 +289,10 @@ def pattern_mask(
 
 
 def pattern_density(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> float:
-    """Exact fraction of ``True`` entries of :func:`pattern_mask`, counted in row chunks so memory
+    """Exact fraction of ``True`` entries of :func:`pattern_mask`, counted by query tile so memory
     stays ``O(seq_len)`` per chunk even for long sequences. Cached: counting costs ``O(seq_len**2)``
     (seconds at 16K, where a search's FLOPs ranges and every trial's FLOPs ask for it)."""
-    return _density(pattern, seq_len, causal, tuple(sorted(params.items())))
-
-
-@functools.lru_cache(maxsize=4096)
-def _density(pattern: str, seq_len: int, causal: bool, params: tuple[tuple[str, Any], ...]) -> float:
-    rule = pattern_rule(pattern, seq_len, causal=causal, **dict(params))
-    chunk = max(1, (1 << 22) // seq_len)
-    kept = sum(int(_rows(rule, s, min(s + chunk, seq_len), seq_len).sum()) for s in range(0, seq_len, chunk))
-    return kept / (seq_len * seq_len)
+    return _counts(pattern, seq_len, causal, tuple(sorted(params.items())))[0] / (seq_len * seq_len)
 
 
 def pattern_entries(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> int:
@@ -314,35 +306,34 @@ layer's CUDA path builds its ``BlockMask``; 64 does not compile with torch 2.11'
 (``benchmarks/results/gpu_h200_2026-12-04.txt``)."""
 
 
-def pattern_tile_entries(
-    pattern: str, seq_len: int, *, causal: bool = False, block: int = FLEX_BLOCK, **params: Any
-) -> int:
-    """(query, key) pairs a block-sparse kernel computes for ``pattern``: every ``block x block``
+def pattern_tile_entries(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> int:
+    """(query, key) pairs a block-sparse kernel computes for ``pattern``: every ``FLEX_BLOCK x FLEX_BLOCK``
     tile of the grid in which the pattern keeps at least one entry, counted whole (edge tiles at
     their real size, which FlexAttention pads: exact at lengths that are multiples of 128, as
-    deployment lengths are). With the default tile it is what FlexAttention computes for the exported
-    layer on CUDA, where a BigBird block of 64 computes 2.4x the entries it keeps at L=8192, and a
-    sequence no longer than one tile is dense's cost whatever the pattern. Cached: counting costs
-    ``O(seq_len**2)``, as the density does."""
-    if block < 1:
-        raise ValueError(f"block={block} is invalid: it must be >= 1")
-    return _tile_entries(pattern, seq_len, causal, block, tuple(sorted(params.items())))
+    deployment lengths are): what FlexAttention computes for the exported layer on CUDA, where a BigBird block of 64 computes 2.4x the entries it keeps at L=8192, and a
+    sequence no longer than one tile is dense's cost whatever the pattern. Cached with the density
+    (one pass counts both)."""
+    return _counts(pattern, seq_len, causal, tuple(sorted(params.items())))[1]
 
 
 @functools.lru_cache(maxsize=4096)
-def _tile_entries(pattern: str, seq_len: int, causal: bool, block: int, params: tuple[tuple[str, Any], ...]) -> int:
+def _counts(pattern: str, seq_len: int, causal: bool, params: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
+    """(entries the pattern keeps, entries of the ``FLEX_BLOCK`` tiles holding one), counted in one
+    pass over query tiles, so memory stays ``O(seq_len)`` per tile even for long sequences."""
+    block = FLEX_BLOCK
     rule = pattern_rule(pattern, seq_len, causal=causal, **dict(params))
     n = math.ceil(seq_len / block)
     width = torch.full((n,), block, dtype=torch.long)
     width[-1] = seq_len - (n - 1) * block
-    computed = 0
+    kept = computed = 0
     needed = torch.zeros(n * block, dtype=torch.bool)
     for a in range(n):
         rows = _rows(rule, a * block, min((a + 1) * block, seq_len), seq_len)  # (<= block, L)
+        kept += int(rows.sum())
         needed[:seq_len] = rows.any(0)  # the keys any query of this tile attends
         touched = needed.view(n, block).any(1)  # (n,): the key tiles it needs
         computed += rows.shape[0] * int(width[touched].sum())
-    return computed
+    return kept, computed
 
 
 def keeps_everything(pattern: str, seq_len: int, *, causal: bool = False, **params: Any) -> bool:

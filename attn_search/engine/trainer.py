@@ -402,7 +402,6 @@ class Training:
 
     def __init__(self, members: Sequence[tuple[int, AttentionConfig]], task: Task, bud: Budget, dev: torch.device, *,
                  kernel: str = "auto", heads: tuple[int, int] | None = None, member_layout: str = "auto") -> None:  # fmt: skip
-        bud = at_own_length(bud, task)
         self.task, self.bud, self.dev, self.kernel = task, bud, dev, kernel
         self.heads, self.member_layout = heads, member_layout
         self.waiting = list(members)

@@ -180,9 +180,12 @@ def tile_hint(space: SearchSpace, device_kind: str, task_len: int | None) -> str
     if metric == M.ATTN_TILE_FLOPS and length is not None and length <= FLEX_BLOCK:
         return (f"(at L={length} every pattern computes the same single {FLEX_BLOCK}-tile, so compute does not "
                 "separate configurations: --compute attn_flops counts the entries each keeps)")  # fmt: skip
-    names = {p.name for p in space.params}
-    fixed_size = not ({"d_model", "n_layers"} & names)  # (else flops also count width and depth: keep them)
-    if device_kind == "cuda" and "pattern" in names and (metric == M.ATTN_FLOPS or (metric == M.FLOPS and fixed_size)):
+    searched = {p.name for p in space.params}  # (where width or depth vary, flops count them too: keep flops)
+    if (
+        device_kind == "cuda"
+        and "pattern" in searched
+        and (metric == M.ATTN_FLOPS or (metric == M.FLOPS and space.fixed_size))
+    ):
         return ("(on CUDA the exported layer computes whole 128-tiles, which a pattern's kept entries do not count: "
                 "--compute attn_tile_flops counts them)")  # fmt: skip
     return None

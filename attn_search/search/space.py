@@ -106,6 +106,12 @@ class SearchSpace:
     def metrics(self) -> list[str]:
         return [m for m, _ in self.objectives]
 
+    @property
+    def fixed_size(self) -> bool:
+        """Whether width and depth are fixed (no ``d_model`` or ``n_layers`` parameter): whole-model
+        FLOPs then differ from the attention's by one constant for every configuration."""
+        return not ({"d_model", "n_layers"} & {p.name for p in self.params})
+
     def own_compute(self) -> str | None:
         """The ``--compute`` choice of the space's first compute objective (``None``: accuracy only):
         what a search counts when ``--compute`` is not given."""

@@ -115,11 +115,10 @@ def shipped_agent(name: str, space: SearchSpace, compute: str = M.FLOPS) -> tupl
     trained against the ``compute`` objective, if any. ``flops`` and ``attn_flops`` serve each
     other where the space fixes width and depth: they differ there by a constant, which the
     hypervolume's normalised range removes, so the agent sees the same observations and rewards."""
-    fixed_size = not ({"d_model", "n_layers"} & {p.name for p in space.params})
     for path, info in shipped_agents(name):
         trained = info.get("compute", M.FLOPS)
         same = trained == compute or (
-            fixed_size
+            space.fixed_size
             and {M.COMPUTE_OBJECTIVES.get(trained), M.COMPUTE_OBJECTIVES.get(compute)} <= set(M.ENTRY_COUNTED)
         )
         if grid_for(space, info) is not None and same:
@@ -311,8 +310,7 @@ class AgentStrategy:
             fitting = [info for _, info in shipped_agents(self.name) if grid_for(space, info) is not None]
             if fitting:
                 trained = fitting[0].get("compute", M.FLOPS)
-                fixed_size = not ({"d_model", "n_layers"} & {p.name for p in space.params})
-                serves = "attn_flops" if trained in M.ENTRY_COUNTED and fixed_size else trained
+                serves = "attn_flops" if trained in M.ENTRY_COUNTED and space.fixed_size else trained
                 return None, None, (f"a new agent: the shipped {self.name} agent was meta-trained against {trained}, "
                                     f"another compute objective than this search's {self.context.compute}, so this "
                                     f"one starts untrained (--compute {serves} uses it)")  # fmt: skip
