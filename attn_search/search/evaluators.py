@@ -131,6 +131,10 @@ class TableEvaluator:
 
     def __init__(self, path: str | Path, space: SearchSpace) -> None:
         self.path = Path(path)
+        self.compute_len = (
+            recorded_compute_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
+        )
+        """The length the table's compute counts at (its header's; else the space's task's)."""
         frame = pd.read_csv(self.path, comment="#")
         frame = frame[frame["state"] == M.COMPLETE].copy()
         for metric, count in ((M.ATTN_FLOPS, model_attention_flops), (M.ATTN_TILE_FLOPS, model_attention_tile_flops)):
@@ -139,9 +143,8 @@ class TableEvaluator:
             # a table recorded before the metric was a column: counted from each row's configuration
             # at the length the table counted compute at (its header's; else the space's task's),
             # analytic, so the same figure a trial there reports
-            seq_len = recorded_compute_length(self.path) or make_task(space.task, **dict(space.task_params)).seq_len
             frame[metric] = [
-                float(count(space.make_config(_row_values(space, row)), seq_len=int(seq_len)))
+                float(count(space.make_config(_row_values(space, row)), seq_len=self.compute_len))
                 for _, row in frame.iterrows()
             ]
         self.frame = frame
@@ -225,12 +228,16 @@ def recorded_compute_length(path: str | Path) -> int | None:
     return int(found.group(1)) if found else recorded_task_length(path)
 
 
+def _table_path(spec: str | Evaluator) -> str | Path | None:
+    """The recorded table an evaluator spec (``table:PATH``, a :class:`TableEvaluator`) reads, if any."""
+    if isinstance(spec, TableEvaluator):
+        return spec.path
+    return spec[len("table:") :] if isinstance(spec, str) and spec.startswith("table:") else None
+
+
 def _counted_at(spec: str | Evaluator) -> int | None:
     """A table's compute length where it is not its task's (``None``: the task's, or no table)."""
-    if isinstance(spec, TableEvaluator):
-        path: str | Path | None = spec.path
-    else:
-        path = spec[len("table:") :] if isinstance(spec, str) and spec.startswith("table:") else None
+    path = _table_path(spec)
     if path is None:
         return None
     counted = recorded_compute_length(path)
@@ -242,16 +249,14 @@ def tiles_flat_at(space: SearchSpace, spec: str | Evaluator) -> int | None:
     configurations of a recorded table (``spec``): every row computes the same tiles there (every
     shipped table: one 128-tile at L=64 or 128, and the three causal tiles of L=256 for
     ``sparse-smoke.csv``); ``None`` where it separates them, or for another compute or evaluator."""
-    if len(space.metrics) < 2 or space.metrics[1] != M.ATTN_TILE_FLOPS:
+    path = _table_path(spec)
+    if path is None or len(space.metrics) < 2 or space.metrics[1] != M.ATTN_TILE_FLOPS:
         return None
-    if isinstance(spec, str) and spec.startswith("table:"):
-        try:
-            spec = TableEvaluator(spec[len("table:") :], space)
-        except (OSError, ValueError):
-            return None  # (a missing or empty table is refused where the search loads it)
-    if not isinstance(spec, TableEvaluator) or spec.frame[M.ATTN_TILE_FLOPS].nunique() > 1:
-        return None
-    return recorded_compute_length(spec.path) or make_task(space.task, **dict(space.task_params)).seq_len
+    try:
+        table = spec if isinstance(spec, TableEvaluator) else TableEvaluator(path, space)
+    except (OSError, ValueError):
+        return None  # (a missing or empty table is refused where the search loads it)
+    return table.compute_len if table.frame[M.ATTN_TILE_FLOPS].nunique() == 1 else None
 
 
 def restrict_to_evaluator(space: SearchSpace, spec: str | Evaluator) -> SearchSpace:
