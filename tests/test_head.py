@@ -74,13 +74,19 @@ def test_a_head_at_one_length_is_the_portfolio_baselines_first_configurations() 
         learn_head([TableTask(p) for p in paths], 5, ("deploy",))  # (no deployment costs given)
 
 
-def test_a_search_takes_the_head_of_the_length_nearest_where_it_counts_compute() -> None:
-    info = {"heads": {"task": [{"n": 1}], "deploy": [{"n": 2}]}, "deploy_len": 4096}
-    space = load_space("sparse")
-    for target, want in ((None, 1), (64, 1), (128, 1), (1024, 2), (4096, 2), (16384, 2)):
-        assert stored_head(info, dataclasses.replace(space, target_len=target), 64) == [{"n": want}], target
-    assert stored_head({"head": [{"n": 3}]}, space, 64) == [{"n": 3}]  # a sidecar from before the per-length heads
-    assert stored_head(None, space, 64) == []
+def test_a_search_takes_the_head_of_the_length_nearest_where_it_counts_compute_and_of_its_measure() -> None:
+    """Near the deployment length a search counting 128-tiles (the sparse space's own objective)
+    takes the tile head, one counting kept entries the kept-entry head."""
+    info = {"heads": {"task": [{"n": 1}], "deploy": [{"n": 2}], "tiles": [{"n": 4}]}, "deploy_len": 4096}
+    tiles = load_space("sparse")
+    assert tiles.metrics[1] == "attn_tile_flops"
+    for space, far in ((tiles, 4), (tiles.with_compute("attn_flops"), 2), (tiles.with_compute("flops"), 2)):
+        for target, want in ((None, 1), (64, 1), (128, 1), (1024, far), (4096, far), (16384, far)):
+            assert stored_head(info, dataclasses.replace(space, target_len=target), 64) == [{"n": want}], target
+    older = {"heads": {"task": [{"n": 1}], "deploy": [{"n": 2}]}, "deploy_len": 4096}  # (before the tile head)
+    assert stored_head(older, tiles, 64) == [{"n": 2}]
+    assert stored_head({"head": [{"n": 3}]}, tiles, 64) == [{"n": 3}]  # a sidecar from before the per-length heads
+    assert stored_head(None, tiles, 64) == []
 
 
 def test_the_head_is_proposed_first_then_the_inner_strategy_and_it_is_told_everything(
@@ -122,21 +128,26 @@ def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build
 
 
 def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_told_none(tmp_path: Path) -> None:
-    """The sidecar holds a head per length, each the greedy cover of the policy's tables' fronts
-    with compute at that length; a search counting compute at a target length (the sparse space's
-    4096) starts with the deployment length's, one at the task's length with the task's."""
+    """The sidecar holds a head per length and measure, each the greedy cover of the policy's
+    tables' fronts with compute counted so; a search counting compute at a target length (the
+    sparse space's 4096) starts with the deployment length's, in 128-tiles as the sparse space counts
+    it or over kept entries with ``--compute attn_flops``; one at the task's length with the task's."""
     info = provenance(SHIPPED)
-    assert info is not None and sorted(info["heads"]) == ["deploy", "task"], "make agent writes the heads"
+    assert info is not None and sorted(info["heads"]) == ["deploy", "task", "tiles"], "make agent writes the heads"
     assert "head" not in info  # (the one list for both lengths is gone)
     assert set(info["head_tables"]) == set(info["tables"])  # learned from what the policy saw
     tables = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"]) for t in info["head_tables"]]
     for n in ("task", "deploy"):
         assert info["heads"][n] == learn_head(tables, lengths=(n,))
-    assert info["heads"]["task"] != info["heads"]["deploy"]
+    tiles = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"], deploy_metric="attn_tile_flops")
+             for t in info["head_tables"]]  # fmt: skip
+    assert info["heads"]["tiles"] == learn_head(tiles, lengths=("deploy",))
+    assert len({json.dumps(info["heads"][n], sort_keys=True) for n in ("task", "deploy", "tiles")}) == 3
     space = load_space("sparse")
     assert space.target_len == info["deploy_len"]
-    for target, length in ((space.target_len, "deploy"), (None, "task")):
-        searched = dataclasses.replace(space, target_len=target)
+    entries = space.with_compute("attn_flops")
+    plain_len = dataclasses.replace(space, target_len=None)
+    for searched, length in ((space, "tiles"), (entries, "deploy"), (plain_len, "task")):
         context = StrategyContext(space=searched, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False)
         shipped = make_strategy("ppo", context)
         assert isinstance(shipped, HeadFirst) and isinstance(shipped.inner, CandidateStrategy)
@@ -156,7 +167,7 @@ def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Pa
     context = StrategyContext(space=space, seed=0, trials=8, slots=1, run_dir=tmp_path, resume=False)
     strategy = make_strategy("portfolio+gp", context)
     assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio+gp"
-    head = [head_values(space, c) for c in info["heads"]["deploy"]]  # (the sparse space counts at L=4096)
+    head = [head_values(space, c) for c in info["heads"]["tiles"]]  # (the sparse space counts 128-tiles at L=4096)
     assert len(head) == 5 and strategy.queue == head
     line = strategy.start([]) or ""
     assert "portfolio+gp: 5 learned first configurations, then Optuna's GP sampler" in line

@@ -103,8 +103,8 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
 
         policy = CandidateStrategy(context)
         # the learned first configurations: given (the benchmark passes the held-out family's), or
-        # the ones stored beside the policy for the length the search counts compute at; "none"
-        # or an agent without any: the policy alone
+        # the ones stored beside the policy for the length and measure the search counts compute
+        # in (head.head_length); "none" or an agent without any: the policy alone
         head = context.options.get("head")
         if head is None:
             head = stored_head(policy.info, context.space, policy.seq_len)
@@ -113,7 +113,8 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         from attn_search.strategies.candidates import SHIPPED, provenance, searched_task
         from attn_search.strategies.head import HeadFirst, stored_head
 
-        # learned on the shipped tables (make agent), for the length the search counts compute at
+        # learned on the shipped tables (make agent), for the length and measure the search counts
+        # compute in
         head = stored_head(provenance(SHIPPED), context.space, searched_task(context).seq_len)
         gp = SamplerStrategy("gp", context, constrained=constrained)
         return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")

@@ -7,9 +7,10 @@ never saw it spent its first proposals badly (``benchmarks/family_out.py``: behi
 10 trials on MQAR and selective copy). A meta-learned initial design is the field's answer to that
 cold start (Feurer et al., AAAI 2015; Wistuba et al., "Learning hyperparameter optimization
 initializations", DSAA 2015): :func:`learn_head` picks, greedily, the configurations that together
-cover the recorded tables' fronts best, one list with compute counted at the task's length and one
-at the deployment length (:func:`add_head`); a search starts with the list of the length its
-compute is counted at (:func:`stored_head`). The policy sees their results like any other trial's.
+cover the recorded tables' fronts best, one list with compute counted at the task's length, one
+at the deployment length over kept entries and one there over 128-tiles (:func:`add_head`); a
+search starts with the list of the length and measure its compute is counted at
+(:func:`stored_head`). The policy sees their results like any other trial's.
 
 The head is kept as configurations (:class:`~attn_search.engine.config.AttentionConfig` fields),
 not as one space's values, so any space may use it: :class:`HeadFirst` proposes only those entries
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from attn_search.engine import metrics as M
 from attn_search.search.space import SearchSpace
 from attn_search.strategies.base import FirstThese, Outcome, Strategy
 from attn_search.strategies.candidates import TableTask, _hv
@@ -38,9 +40,12 @@ before, was not the baseline's; the per-length lists moved the family-out counts
 with mixed effects elsewhere: ``benchmarks/results/family_out_variants.txt``, 11.)"""
 
 
-LENGTHS = ("task", "deploy")
-"""The lengths a head is learned for: compute counted at the task's length, and at the deployment
-length."""
+LENGTHS = ("task", "deploy", "tiles")
+"""The heads :func:`add_head` learns: compute counted at the task's length (``task``); at the
+deployment length as the whole model's FLOPs over kept entries (``deploy``, as meta-training counts
+it); and there as the attention's FLOPs over 128-tiles (``tiles``: ``attn_tile_flops``, the
+sparse space's objective, whose front differs: a stride touches every tile). ``tiles`` is what
+``benchmarks/family_out.py --deploy-compute attn_tile_flops`` scores ``ppo`` with."""
 
 
 def _config_key(config: Mapping[str, Any]) -> str:
@@ -92,7 +97,9 @@ def add_head(
     info = json.loads(side.read_text())
     deploy_len = deploy_len or int(info.get("deploy_len", 4096))
     tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
-    heads = {n: learn_head(tasks, lengths=(n,)) for n in LENGTHS}
+    heads = {n: learn_head(tasks, lengths=(n,)) for n in ("task", "deploy")}
+    tiles = [TableTask(t, deploy_len=deploy_len, deploy_metric=M.ATTN_TILE_FLOPS) for t in tables]
+    heads["tiles"] = learn_head(tiles, lengths=("deploy",))
     info.pop("head", None)  # (one list for both lengths, as sidecars before the per-length heads kept it)
     info["heads"] = heads
     info["head_tables"] = sorted(Path(t).stem for t in tables)
@@ -101,13 +108,14 @@ def add_head(
 
 
 def head_length(space: SearchSpace, task_len: int, deploy_len: int) -> str:
-    """The length whose head a search of ``space`` on a task of length ``task_len`` starts with:
-    ``deploy`` where the space counts compute at a target length nearer (on a log scale) the heads'
-    deployment length ``deploy_len`` than the task's, else ``task``."""
+    """The head (:data:`LENGTHS`) a search of ``space`` on a task of length ``task_len`` starts
+    with: where the space counts compute at a target length nearer (on a log scale) the heads'
+    deployment length ``deploy_len`` than the task's, ``tiles`` if its compute is
+    ``attn_tile_flops``, else ``deploy``; otherwise ``task``."""
     target = space.target_len
-    if not target or target == task_len:
+    if not target or target == task_len or abs(math.log(target / deploy_len)) >= abs(math.log(target / task_len)):
         return "task"
-    return "deploy" if abs(math.log(target / deploy_len)) < abs(math.log(target / task_len)) else "task"
+    return "tiles" if len(space.metrics) > 1 and space.metrics[1] == M.ATTN_TILE_FLOPS else "deploy"
 
 
 def stored_head(info: Mapping[str, Any] | None, space: SearchSpace, task_len: int) -> list[dict[str, Any]]:
@@ -118,7 +126,10 @@ def stored_head(info: Mapping[str, Any] | None, space: SearchSpace, task_len: in
     heads = info.get("heads")
     if not heads:
         return list(info.get("head", []))
-    return list(heads.get(head_length(space, task_len, int(info.get("deploy_len", 4096))), []))
+    length = head_length(space, task_len, int(info.get("deploy_len", 4096)))
+    if length == "tiles" and "tiles" not in heads:  # (a sidecar from before the tile head)
+        length = "deploy"
+    return list(heads.get(length, []))
 
 
 def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any] | None:
