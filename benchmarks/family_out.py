@@ -12,10 +12,11 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
   the strategies' own ask/tell, duplicates answered, no early stopping) at 10, 20 and 50 trials,
   with compute counted at the table's task length and at ``--deploy-len`` (analytic FLOPs, a
   derived copy of the table), seeds paired across strategies;
-* baselines: ``random``, ``tpe``, ``gp`` (up to 20 trials: Optuna's GP costs seconds a trial),
-  ``portfolio`` (the zero-shot list greedily covering the other families' fronts),
-  ``portfolio+gp`` (its first 5 configurations, then GP) and ``acquisition`` (the same candidate
-  proposer untrained, ``--agent none``: what meta-training adds);
+* baselines: ``random``, ``tpe``, ``gp`` (up to 20 trials: on a table a 50-trial search takes
+  5-12 s, 3-7x a 20-trial one), ``portfolio`` (the zero-shot list greedily covering the other
+  families' fronts), ``portfolio+gp`` (its first 5 configurations, then GP) and ``acquisition``
+  (the same candidate proposer untrained, ``--agent none``: what meta-training adds), on the same
+  seeds as ``ppo`` (``--gp-seeds`` fewer for the two GP strategies);
 * ``ppo`` is the shipped recipe: the first configurations learned from the other families'
   tables (:func:`attn_search.strategies.head.learn_head`, 5 of them), then the policy
   (``--no-head``: the policy alone); agent ``i`` runs search seeds ``i, i + A, ...``, so its
@@ -194,8 +195,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", help="held-out families to score (default: every one)")
     parser.add_argument("--agents", type=int, default=5, help="meta-training seeds per held-out family")
     parser.add_argument("--seeds", type=int, default=10, help="searches per table and strategy")
-    parser.add_argument("--gp-seeds", type=int, default=5,
-                        help="searches per table of gp and portfolio+gp (seconds a trial; paired on these seeds)")  # fmt: skip
+    parser.add_argument("--gp-seeds", type=int,
+                        help="searches per table of gp and portfolio+gp (default: --seeds; fewer pair ppo with them on "
+                        "fewer seeds, and with 5 no two-sided paired test can reach p < 0.05)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=4096, help="meta-training environment steps per agent")
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--deploy-len", type=int, default=4096)
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
     start = time.perf_counter()
     paths = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)
     family = {str(p): recorded_task(p)[0] for p in paths}
@@ -351,6 +354,7 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
                     signs[s] = {"agents_better": wins, "agents_worse": losses,
                                 "p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0}  # fmt: skip
                 report["agents"][key] = {"medians": medians, "sign_tests": signs}
+    report["beaten"] = beaten(regret)
     for length in ("task", "deploy"):
         for b in budgets:
             rows = [report["cells"][k] for k in report["cells"] if k.split("/")[1:] == [length, str(b)]]
@@ -363,6 +367,32 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
                 ranks.append([float((med < m).sum() + ((med == m).sum() + 1) / 2) for m in med])
             report["ranks"][f"{length}/{b}"] = dict(zip(names, np.mean(ranks, axis=0).round(2).tolist(), strict=True))
     return report
+
+
+def beaten(regret: dict, alpha: float = 0.05) -> dict[str, dict[str, list[str]]]:
+    """For every strategy, the ``family/length/budget`` cells where another strategy's regrets are
+    significantly lower (paired Wilcoxon over the tables and seeds both ran, p < ``alpha``), and
+    which: the issue's test of ``ppo`` applied to every strategy alike, so a reader sees how often
+    the others lose too (with 5 pairs no two-sided test reaches p < 0.05, so all run the same seeds)."""
+    from scipy.stats import wilcoxon
+
+    out: dict[str, dict[str, list[str]]] = {}
+    for f, lengths in regret.items():
+        for length, cells in lengths.items():
+            for b, by in cells.items():
+                for s, mine in by.items():
+                    winners = []
+                    for o, theirs in by.items():
+                        pairs = sorted(set(mine) & set(theirs))
+                        if o == s or len(pairs) < 2:
+                            continue
+                        a, c = np.array([mine[k] for k in pairs]), np.array([theirs[k] for k in pairs])
+                        if (a - c).mean() > 0 and not np.allclose(a, c) and wilcoxon(a, c).pvalue < alpha:
+                            winners.append(o)
+                    out.setdefault(s, {})
+                    if winners:
+                        out[s][f"{f}/{length}/{b}"] = sorted(winners)
+    return out
 
 
 def print_report(report: dict[str, Any], budgets: Sequence[int]) -> None:
@@ -378,6 +408,13 @@ def print_report(report: dict[str, Any], budgets: Sequence[int]) -> None:
             print(f"{'':<28} ppo per agent: " + " ".join(f"{m:.3f}" for m in agents["medians"].values()))
     for key, ranks in report["ranks"].items():
         print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+    ran = {s: {k.split("/")[2] for k, c in report["cells"].items() if s in c} for s in report.get("beaten", {})}
+    counts = {s: [sum(k.split("/")[2] == str(b) for k in cells) if str(b) in ran[s] else None for b in budgets]
+              for s, cells in report.get("beaten", {}).items()}  # fmt: skip
+    print("cells (family x length) where another strategy is significantly better (p < 0.05), at "
+          + " / ".join(map(str, budgets)) + " trials: " + ", ".join(
+              f"{s} " + " / ".join("-" if n is None else str(n) for n in c)
+              for s, c in sorted(counts.items(), key=lambda x: sum(n or 0 for n in x[1][:2]))))  # fmt: skip
 
 
 if __name__ == "__main__":

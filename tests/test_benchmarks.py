@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from attn_search import PATTERNS
@@ -66,3 +67,28 @@ def test_benchmark_timings_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> 
     assert set(times) == {"a", "b"}
     timed = log[2:]  # (after one warm-up call each)
     assert timed == ["sync", "a", "sync", "sync", "b", "sync"] * 3, timed
+
+
+def test_family_out_tallies_where_each_strategy_is_beaten_with_the_same_test_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``benchmarks/family_out.py`` applies the issue's test of ``ppo`` (a paired Wilcoxon, p < 0.05)
+    to every strategy: a strategy worse on every pair of a cell is beaten there, by each strategy
+    better than it, and no other strategy is. With 5 pairs no two-sided test reaches p < 0.05 (the
+    smallest is 0.0625), which is why the GP baselines now run the same 10 seeds as the rest."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from family_out import beaten
+
+    rng = np.random.default_rng(0)
+
+    def cell(n: int) -> dict[str, dict[str, float]]:
+        base = rng.uniform(0.0, 0.1, n)
+        return {
+            "good": {f"t#{i}": float(v) for i, v in enumerate(base)},
+            "same": {f"t#{i}": float(v) for i, v in enumerate(base)},
+            "worse": {f"t#{i}": float(v + 0.01 + 0.01 * rng.random()) for i, v in enumerate(base)},
+        }
+
+    tally = beaten({"fam": {"task": {"10": cell(10)}, "deploy": {"10": cell(5)}}})
+    assert tally["worse"] == {"fam/task/10": ["good", "same"]}  # 10 pairs: beaten; 5 pairs: not
+    assert tally["good"] == {} and tally["same"] == {}
