@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from attn_search.replay import Table, portfolio
-from attn_search.search.space import load_space
+from attn_search.search.space import load_space, parse_space
 from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import Outcome, ask_new
 from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
@@ -83,6 +83,12 @@ def test_a_search_takes_the_head_of_the_length_nearest_where_it_counts_compute_a
     for space, far in ((tiles, 4), (tiles.with_compute("attn_flops"), 2), (tiles.with_compute("flops"), 2)):
         for target, want in ((None, 1), (64, 1), (128, 1), (1024, far), (4096, far), (16384, far)):
             assert stored_head(info, dataclasses.replace(space, target_len=target), 64) == [{"n": want}], target
+    # a YAML may list compute before accuracy: the space still reads accuracy first, so the head is its compute's
+    listed = parse_space({"name": "s", "objectives": {"attn_tile_flops": "minimize", "accuracy": "maximize"},
+                          "target_len": 4096, "params": {"window": {"type": "int", "low": 4, "high": 64}},
+                          "fixed": {"pattern": "window"}})  # fmt: skip
+    assert listed.metrics == ["accuracy", "attn_tile_flops"]
+    assert stored_head(info, listed, 64) == [{"n": 4}]
     older = {"heads": {"task": [{"n": 1}], "deploy": [{"n": 2}]}, "deploy_len": 4096}  # (before the tile head)
     assert stored_head(older, tiles, 64) == [{"n": 2}]
     assert stored_head({"head": [{"n": 3}]}, tiles, 64) == [{"n": 3}]  # a sidecar from before the per-length heads

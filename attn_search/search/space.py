@@ -283,6 +283,10 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
         raise fail("objectives", "must include accuracy")
     if len(objectives) > 3:
         raise fail("objectives", "at most 3 objectives are supported (exact hypervolume)")
+    # accuracy first, the rest in the order given: the search, its reports and its strategies read
+    # metrics[0] as accuracy and metrics[1] as the compute it counts (a YAML listing compute first
+    # once made ppo's head and the policy's costs read the wrong objective)
+    objectives.sort(key=lambda o: o[0] != M.ACCURACY)
 
     # fixed
     fixed = data.get("fixed") or {}

@@ -24,10 +24,11 @@ AGENT_STRATEGIES = ("ppo-grid", "a2c")
 POLICY_STRATEGY = "ppo"
 """The meta-trained candidate policy (:mod:`~attn_search.strategies.candidates`): any space."""
 HEAD_GP_STRATEGY = "portfolio+gp"
-"""The shipped policy's learned first configurations for the length the search counts compute at
-(:mod:`~attn_search.strategies.head`), then
-Optuna's GP sampler: the family-out benchmark's ``portfolio+gp``, its best recipe at L=4096 for
-10-20 trials (README, "Which strategy should I use?")."""
+"""The shipped policy's learned first configurations for the length and measure the search counts
+compute in (:mod:`~attn_search.strategies.head`), then Optuna's GP sampler: the family-out
+benchmark's ``portfolio+gp`` (README, "Which strategy should I use?": with compute in 128-tiles at
+L=4096, as the sparse space counts it, the best mean rank at 10 trials of the strategies a search
+can run)."""
 STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, *AGENT_STRATEGIES)
 
 __all__ = [

@@ -89,8 +89,9 @@ def learn_head(
 def add_head(
     agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Learn a head per length (``task``; ``deploy``, compute at ``deploy_len``, by default the
-    length the policy was meta-trained at) from ``tables`` and store them in the saved policy's
+    """Learn a head per length and measure (:data:`LENGTHS`: ``task``; ``deploy`` and ``tiles``,
+    compute at ``deploy_len``, by default the length the policy was meta-trained at, over kept
+    entries and over 128-tiles) from ``tables`` and store them in the saved policy's
     sidecar (``"heads"``), where ``--strategy ppo`` and ``portfolio+gp`` find them; the sidecar's
     other provenance stays as meta-training wrote it."""
     side = Path(agent).with_suffix(".json")
@@ -115,7 +116,7 @@ def head_length(space: SearchSpace, task_len: int, deploy_len: int) -> str:
     target = space.target_len
     if not target or target == task_len or abs(math.log(target / deploy_len)) >= abs(math.log(target / task_len)):
         return "task"
-    return "tiles" if len(space.metrics) > 1 and space.metrics[1] == M.ATTN_TILE_FLOPS else "deploy"
+    return "tiles" if space.own_compute() == M.ATTN_TILE_FLOPS else "deploy"
 
 
 def stored_head(info: Mapping[str, Any] | None, space: SearchSpace, task_len: int) -> list[dict[str, Any]]:
