@@ -129,6 +129,14 @@ def test_a_resumed_search_does_not_repeat_the_head_and_a_space_that_cannot_build
     assert isinstance(ran["window"], float) and isinstance(first["window"], int)
     again.start([(ran, Outcome("complete", {"accuracy": 0.5}, (0.5, 1e7)))])
     assert again.queue == [head_values(space, head[1])]
+    # a search resumed past its first proposals, started with another head, does not go back to this one
+    other = [(dict(v, lr=0.001), Outcome("complete", {"accuracy": 0.5}, (0.5, 1e7))) for v in (first, first)]
+    midway = HeadFirst(Recorder(space), head, space)
+    midway.start(other[:1])
+    assert midway.queue == [head_values(space, head[0])]  # one trial in: one of the two head places left
+    past = HeadFirst(Recorder(space), head, space)
+    past.start(other)
+    assert past.queue == []
     dense = load_space("dense")  # no sparsity pattern to choose: none of the head fits
     assert HeadFirst(Recorder(dense), head, dense).queue == []
 

@@ -167,10 +167,14 @@ class HeadFirst(FirstThese):
         fits = [head_values(space, c) for c in head]
         super().__init__(inner, [v for v in fits if v is not None], name=name, label=f"{inner.name}-head")
         self.skipped = len(head) - len(self.queue)
+        self.size = len(self.queue)
         self.then = then
 
     def start(self, history: Sequence[tuple[dict[str, Any], Outcome]]) -> str | None:
         line = super().start(history)
+        # the head is a search's first proposals: a resumed search already past them (started with
+        # another head, say before the tile head existed) does not go back to it midway
+        self.queue = self.queue[: max(0, self.size - len(history))]
         note = f"  {self.name}: {len(self.queue)} learned first configurations, then {self.then}"
         if self.skipped:
             note += f" ({self.skipped} of the head are outside this space)"
