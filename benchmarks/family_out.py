@@ -335,12 +335,11 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
                     continue
                 tests = {}
                 for s, v in by.items():
-                    pairs = sorted(set(v) & set(by["ppo"]))  # the same tables and seeds
-                    if s == "ppo" or len(pairs) < 2:
+                    a, b2 = _paired(by["ppo"], v)
+                    if s == "ppo" or len(a) < 2:
                         continue
-                    a, b2 = np.array([by["ppo"][k] for k in pairs]), np.array([v[k] for k in pairs])
                     p = 1.0 if np.allclose(a, b2) else float(wilcoxon(a, b2).pvalue)
-                    tests[s] = {"mean_diff": float((a - b2).mean()), "p": p, "n": len(pairs)}
+                    tests[s] = {"mean_diff": float((a - b2).mean()), "p": p, "n": len(a)}
                 report["tests"][key] = tests
                 agents = per_agent.get(f, {}).get(length, {}).get(b, {})
                 medians = {a: float(np.median(v)) for a, v in agents.items()}
@@ -369,6 +368,12 @@ def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) 
     return report
 
 
+def _paired(x: dict[str, float], y: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Two strategies' regrets on the searches (``table#seed``) both ran, in the same order."""
+    keys = sorted(set(x) & set(y))
+    return np.array([x[k] for k in keys]), np.array([y[k] for k in keys])
+
+
 def beaten(regret: dict, alpha: float = 0.05) -> dict[str, dict[str, list[str]]]:
     """For every strategy, the ``family/length/budget`` cells where another strategy's regrets are
     significantly lower (paired Wilcoxon over the tables and seeds both ran, p < ``alpha``), and
@@ -383,10 +388,9 @@ def beaten(regret: dict, alpha: float = 0.05) -> dict[str, dict[str, list[str]]]
                 for s, mine in by.items():
                     winners = []
                     for o, theirs in by.items():
-                        pairs = sorted(set(mine) & set(theirs))
-                        if o == s or len(pairs) < 2:
+                        a, c = _paired(mine, theirs)
+                        if o == s or len(a) < 2:
                             continue
-                        a, c = np.array([mine[k] for k in pairs]), np.array([theirs[k] for k in pairs])
                         # two-sided at alpha, the direction from the signed ranks (not the mean)
                         if not np.allclose(a, c) and wilcoxon(a, c, alternative="greater").pvalue < alpha / 2:
                             winners.append(o)
