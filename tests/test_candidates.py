@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -153,10 +154,16 @@ def test_the_candidate_env_passes_the_checker_and_is_deterministic(tmp_path: Pat
     assert rows[0] == rows[1] and len(set(rows[0])) == 5  # no row proposed twice
 
 
-def test_provenance_records_the_training_and_refuses_a_changed_file(tmp_path: Path) -> None:
+def test_provenance_records_the_training_and_refuses_a_changed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tables = [small_table(tmp_path, "delay", "delay-64"), small_table(tmp_path, "ngram", "ngram-64")]
     out = tmp_path / "agent.zip"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     C.meta_train(tables, steps=128, seed=3, deploy_len=128, out=out, n_envs=2)
+    assert not list(temp.glob("SB3-*"))  # (SB3's default logger leaves an empty SB3-<date> folder per run)
     info = C.provenance(out)
     assert info is not None
     assert info["tables"] == ["delay", "ngram"] and info["families"] == ["delay", "ngram"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -206,12 +207,18 @@ def test_grid_overrides_are_checked() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ppo-grid", "a2c"])
-def test_rl_strategy_searches_with_real_training(tmp_path: Path, strategy: str) -> None:
+def test_rl_strategy_searches_with_real_training(
+    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from attn_search.search.loop import SearchOptions, run_search
 
     out = tmp_path / "run"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     summary = run_search(SearchOptions(space=TINY, strategy=strategy, trials=5, steps=4, out=str(out), quiet=True))
     assert summary.n_finished == 5
+    assert not list(temp.glob("SB3-*"))  # the agent learned without leaving SB3's default log folder
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials[trials["state"] != "interrupted"]) == 5
     for name in ("pareto.csv", "best_config.yaml", "report.html", "agent.zip"):

@@ -55,7 +55,7 @@ from attn_search.search.evaluators import (
 )
 from attn_search.search.pareto import normalized_hypervolume
 from attn_search.search.space import SearchSpace
-from attn_search.strategies.base import Outcome, StrategyContext, match_key
+from attn_search.strategies.base import Outcome, StrategyContext, match_key, quiet
 
 AGENTS = ("ppo-grid", "a2c")
 EPISODE = 10
@@ -159,8 +159,8 @@ def make_agent(
         rollout: dict[str, Any] = {"n_steps": episode}
         if cls is PPO:
             rollout["batch_size"] = max(2, episode * env.num_envs)
-        return cls.load(str(path), env=env, device="cpu", custom_objects=rollout)
-    return cls("MlpPolicy", env, **agent_kwargs(name, episode=episode, seed=seed))
+        return quiet(cls.load(str(path), env=env, device="cpu", custom_objects=rollout))
+    return quiet(cls("MlpPolicy", env, **agent_kwargs(name, episode=episode, seed=seed)))
 
 
 class _Handed:
@@ -480,7 +480,7 @@ def meta_train(
     kwargs = meta_kwargs(seed)
     buffer = kwargs["n_steps"] * len(factories)  # mini-batches that divide the rollout: none truncated
     kwargs["batch_size"] = max(d for d in range(1, kwargs["batch_size"] + 1) if buffer % d == 0)
-    agent = PPO("MlpPolicy", DummyVecEnv(factories), **kwargs)
+    agent = quiet(PPO("MlpPolicy", DummyVecEnv(factories), **kwargs))
     start = time.perf_counter()
     agent.learn(total_timesteps=steps)
     if out is not None:

@@ -135,6 +135,17 @@ class FirstThese:
         self.inner.close()
 
 
+def quiet(agent: Any) -> Any:
+    """``agent`` (stable-baselines3) with a logger that writes nowhere. Without a logger of its own,
+    every ``learn()`` makes an empty ``SB3-<date>`` folder in the temp directory (SB3's
+    ``logger.configure`` with no folder does), one per meta-training and per RL search: a
+    family-out run left over a thousand."""
+    from stable_baselines3.common.logger import Logger
+
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    return agent
+
+
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
     """``complete``, ``pruned`` or ``failed``: a finished study trial's state in our words."""
     return {optuna.trial.TrialState.COMPLETE: M.COMPLETE, optuna.trial.TrialState.PRUNED: M.PRUNED}.get(

@@ -56,7 +56,7 @@ from attn_search.engine.config import AttentionConfig
 from attn_search.engine.cost import analytic_compute, model_flops
 from attn_search.engine.patterns import pattern_mask
 from attn_search.search.evaluators import recorded_compute_length, recorded_task
-from attn_search.strategies.base import Outcome, StrategyContext
+from attn_search.strategies.base import Outcome, StrategyContext, quiet
 
 N_CANDIDATES = 128
 """Candidates the policy chooses among at each step. (It was 32: a recorded table holds 312
@@ -428,7 +428,7 @@ def meta_train(tables: Sequence[str | Path], *, steps: int, seed: int = 0, deplo
     envs.seed(seed)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    agent = PPO(_policy_class(), envs, **meta_kwargs(seed))
+    agent = quiet(PPO(_policy_class(), envs, **meta_kwargs(seed)))
     agent.learn(total_timesteps=steps)
     if out is not None:
         out = Path(out).with_suffix(".zip")
