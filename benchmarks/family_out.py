@@ -4,7 +4,8 @@ Leave-one-family-out over the recorded tables (``tables/*.csv``; a family is the
 recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
 
 * for each held-out family, ``--agents`` candidate policies (``--strategy ppo``) are meta-trained
-  with different seeds on the tables of every *other* family
+  with different seeds (from ``--first-agent-seed``, 0: another value scores another set of
+  agents) on the tables of every *other* family
   (:func:`attn_search.strategies.candidates.meta_train`), cached in ``--agents-dir`` and reused
   only when their sidecar's provenance matches (tables, steps, seed, code version, sha256); the
   script refuses to score an agent whose sidecar lists a table of the held-out family;
@@ -33,6 +34,7 @@ Usage::
 
     python benchmarks/family_out.py                          # every family, 5 agents, 10 seeds
     python benchmarks/family_out.py --families delay ngram --agents 2 --seeds 4 --steps 2048
+    python benchmarks/family_out.py --strategies ppo --first-agent-seed 5 --out DIR   # agents 5-9
 """
 
 from __future__ import annotations
@@ -194,6 +196,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", help="held-out families to score (default: every one)")
     parser.add_argument("--agents", type=int, default=5, help="meta-training seeds per held-out family")
+    parser.add_argument("--first-agent-seed", type=int, default=0,
+                        help="meta-training seeds are this one and the next --agents - 1 (another set of agents: how "
+                        "much the results depend on which agents were trained)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=10, help="searches per table and strategy")
     parser.add_argument("--gp-seeds", type=int,
                         help="searches per table of gp and portfolio+gp (default: --seeds; fewer pair ppo with them on "
@@ -234,7 +239,7 @@ def main() -> None:
     # and refuses one that saw the held-out family); the env counts compute at both lengths
     train: dict[tuple[str, int], Path] = {}
     if "ppo" in args.strategies:
-        todo = [(f, s) for f in held for s in range(args.agents)]
+        todo = [(f, s) for f in held for s in range(args.first_agent_seed, args.first_agent_seed + args.agents)]
         print(f"meta-training (or reusing) {len(todo)} agents ({args.steps} steps each) ...", flush=True)
         made = pool.map(train_agent, *zip(*[([str(p) for p in paths], f, s, args.steps, str(agents_dir),
                                               args.deploy_len) for f, s in todo], strict=True))  # fmt: skip
@@ -267,7 +272,7 @@ def main() -> None:
                             options = {}
                             if strategy == "ppo":
                                 options = {
-                                    "agent": str(train[f, seed % args.agents]),
+                                    "agent": str(train[f, args.first_agent_seed + seed % args.agents]),
                                     "head": heads[f, length] or "none",
                                 }
                             jobs.append((files[p], strategy, seed, b, options, configs))
@@ -305,7 +310,7 @@ def main() -> None:
             cell.setdefault(strategy, {})[f"{table}#{seed}"] = value  # paired across strategies by table and seed
             if strategy == "ppo":
                 per_agent.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(
-                    seed % args.agents, []).append(value)  # fmt: skip
+                    args.first_agent_seed + seed % args.agents, []).append(value)  # fmt: skip
     report = summarise_family_out(regret, per_agent, args.budgets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,6 +418,12 @@ def print_report(report: dict[str, Any], budgets: Sequence[int]) -> None:
             print(f"{'':<28} ppo per agent: " + " ".join(f"{m:.3f}" for m in agents["medians"].values()))
     for key, ranks in report["ranks"].items():
         print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+    print_beaten(report, budgets)
+
+
+def print_beaten(report: dict[str, Any], budgets: Sequence[int]) -> None:
+    """The report's last line: per strategy and budget, the (family, length) cells where another
+    strategy is significantly better (:func:`beaten`)."""
     ran = {s: {k.split("/")[2] for k, c in report["cells"].items() if s in c} for s in report.get("beaten", {})}
     counts = {s: [sum(k.split("/")[2] == str(b) for k in cells) if str(b) in ran[s] else None for b in budgets]
               for s, cells in report.get("beaten", {}).items()}  # fmt: skip

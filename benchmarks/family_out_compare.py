@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     alone = all(set(cell) == {"ppo"} for f in b["regret"] for by_budget in b["regret"][f].values()
                 for cell in by_budget.values())  # fmt: skip
     baselines = a if alone else b
+    moved: dict[bool, list[str]] = {True: [], False: []}  # cells where the runs' ppo differ, at 10-20 trials or more
     print(
         f"family/length/budget: ppo median before -> after | best baseline's median ({'before' if alone else 'after'})"
     )
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                 ra, rb = a["regret"][f][length][budget], b["regret"][f][length][budget]
                 keys = sorted(ra["ppo"])
                 pa, pb = np.array([ra["ppo"][k] for k in keys]), np.array([rb["ppo"][k] for k in keys])
+                if np.any(pa != pb) and wilcoxon(pa, pb).pvalue < 0.05:
+                    moved[int(budget) <= 20].append(
+                        f"{f}/{length}/{budget} {'better' if pb.mean() < pa.mean() else 'worse'}"
+                    )
                 cell = baselines["regret"][f][length][budget]
                 base = {s: float(np.median(list(v.values()))) for s, v in cell.items() if s != "ppo"}
                 best = min(base, key=base.__getitem__)
@@ -52,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             p = wilcoxon(x, y).pvalue if np.any(x != y) else 1.0
             print(f"all families {length} {budget}: mean {x.mean():.3f} -> {y.mean():.3f}, paired Wilcoxon p={p:.3g}, "
                   f"n={len(x)}")  # fmt: skip
+    n = {small: sum((int(x) <= 20) == small for x in map(str, a["budgets"])) * 2 * len(b["regret"]) for small in moved}
+    for small, cells in moved.items():
+        if n[small]:
+            print(f"(family, length, budget) cells at {'20 trials or fewer' if small else 'more than 20 trials'} where "
+                  f"after's ppo differs from before's (paired Wilcoxon p < 0.05): {len(cells)} of {n[small]}"
+                  + (f": {', '.join(cells)}" if cells else ""))  # fmt: skip
     if alone and set(b["regret"]) == set(a["regret"]):
         against_baselines(a, b)
     return 0
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 def against_baselines(a: dict, b: dict) -> None:
     """``b``'s ppo in place of ``a``'s, scored against ``a``'s baselines (every family)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from family_out import summarise_family_out
+    from family_out import print_beaten, summarise_family_out
 
     regret = json.loads(json.dumps(a["regret"]))
     for f, lengths in b["regret"].items():
@@ -70,6 +81,7 @@ def against_baselines(a: dict, b: dict) -> None:
     report = summarise_family_out(regret, b["per_agent"], a["budgets"])
     for key, ranks in report["ranks"].items():
         print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+    print_beaten(report, a["budgets"])
     losses = [(key, s, t) for key, tests in sorted(report["tests"].items()) for s, t in tests.items()
               if t["p"] < 0.05 and t["mean_diff"] > 0]  # fmt: skip
     small = [x for x in losses if not x[0].endswith("/50")]

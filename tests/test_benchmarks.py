@@ -69,6 +69,64 @@ def test_benchmark_timings_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> 
     assert timed == ["sync", "a", "sync", "sync", "b", "sync"] * 3, timed
 
 
+@pytest.mark.slow  # (the benchmark's own run: a 64-step agent and four 10-trial searches)
+def test_family_out_scores_the_agents_of_the_seeds_it_is_given(tmp_path: Path) -> None:
+    """``--first-agent-seed K`` meta-trains and scores agents K.. (another set of trained agents, to
+    see how much a result owes to which agents were trained), and records each by its seed."""
+    args = ["--families", "delay", "--strategies", "ppo", "--agents", "1", "--first-agent-seed", "3", "--seeds", "2",
+            "--steps", "64", "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, "benchmarks/family_out.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "family_out.json").read_text())
+    agent = result["agents"]["delay/3"]
+    assert list(result["agents"]) == ["delay/3"]
+    assert agent["seed"] == 3 and agent["file"] == "family-out-delay-seed3.zip"
+    assert sorted(p.name for p in (tmp_path / "agents").glob("*.zip")) == ["family-out-delay-seed3.zip"]
+    for length in ("task", "deploy"):
+        assert list(result["per_agent"]["delay"][length]["10"]) == ["3"]
+        assert len(result["regret"]["delay"][length]["10"]["ppo"]) == 2  # one table, two seeds
+
+
+def test_family_out_compare_tests_each_cell_and_scores_a_ppo_only_run_against_the_first_runs_baselines(
+    tmp_path: Path,
+) -> None:
+    """``benchmarks/family_out_compare.py``: a cell where the second run's ``ppo`` is lower on every
+    pair is reported as differing (better), a cell where it is unchanged is not; and a second run of
+    ``ppo`` alone is scored against the first run's baselines (mean ranks, the tally of cells where
+    another strategy is significantly better, the baselines' wins)."""
+    rng = np.random.default_rng(0)
+    seeds = [f"t#{i}" for i in range(10)]
+
+    def run(ppo_task: np.ndarray, with_baseline: bool) -> dict[str, Any]:
+        regret: dict[str, Any] = {"fam": {}}
+        for length in ("task", "deploy"):
+            values = ppo_task if length == "task" else np.full(10, 0.2)
+            cells = {"ppo": dict(zip(seeds, values.tolist(), strict=True))}
+            if with_baseline:
+                cells["tpe"] = dict(zip(seeds, np.full(10, 0.1).tolist(), strict=True))  # better than 0.2
+            regret["fam"][length] = {"10": cells}
+        per_agent = {"fam": {length: {"10": {"0": list(regret["fam"][length]["10"]["ppo"].values())}}
+                             for length in ("task", "deploy")}}  # fmt: skip
+        return {"regret": regret, "per_agent": per_agent, "budgets": [10], "families": {"fam": ["t"]}}
+
+    before = rng.uniform(0.3, 0.4, 10)
+    (tmp_path / "a.json").write_text(json.dumps(run(before, True)))
+    (tmp_path / "b.json").write_text(json.dumps(run(before - 0.25, False)))  # task: better on every pair
+    done = subprocess.run([sys.executable, "benchmarks/family_out_compare.py", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    differ = [line for line in out if "where after's ppo differs from before's" in line]
+    assert differ == ["(family, length, budget) cells at 20 trials or fewer where after's ppo differs from before's "
+                      "(paired Wilcoxon p < 0.05): 1 of 2: fam/task/10 better"]  # fmt: skip
+    # against the first run's TPE (0.1): at the task's length ppo (0.05-0.15 after) is not beaten, at L=4096 (0.2) it is
+    assert "mean rank deploy/10: tpe 1.0, ppo 2.0" in out
+    assert out[-3].endswith("at 10 trials: tpe 0, ppo 1")
+    assert out[-2:] == ["baselines significantly better than ppo (p < 0.05): 1 (family, length, budget, baseline) cells "
+                        "at 10-20 trials, 0 at 50", "  fam/deploy/10                tpe (+0.100, p=0.00195)"]  # fmt: skip
+
+
 def test_family_out_tallies_where_each_strategy_is_beaten_with_the_same_test_for_all(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
