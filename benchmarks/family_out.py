@@ -32,9 +32,9 @@ Writes ``family_out.json`` to ``--out``; prints the tables and its wall time.
 
 Usage::
 
-    python benchmarks/family_out.py                          # every family, 5 agents, 10 seeds
+    python benchmarks/family_out.py                          # every family, 10 agents, 10 seeds
     python benchmarks/family_out.py --families delay ngram --agents 2 --seeds 4 --steps 2048
-    python benchmarks/family_out.py --strategies ppo --first-agent-seed 5 --out DIR   # agents 5-9
+    python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def print_correlations(corr: dict[str, dict[str, float]], family: dict[str, str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", help="held-out families to score (default: every one)")
-    parser.add_argument("--agents", type=int, default=5, help="meta-training seeds per held-out family")
+    parser.add_argument("--agents", type=int, default=10,
+                        help="meta-training seeds per held-out family (with --seeds 10, each search its own agent; "
+                        "five agents left the results depending on which five were trained)")  # fmt: skip
     parser.add_argument("--first-agent-seed", type=int, default=0,
                         help="meta-training seeds are this one and the next --agents - 1 (another set of agents: how "
                         "much the results depend on which agents were trained)")  # fmt: skip

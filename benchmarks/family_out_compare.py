@@ -8,7 +8,7 @@ and the cells where a baseline beats it significantly (paired Wilcoxon p < 0.05)
 
 Usage::
 
-    python benchmarks/family_out_compare.py benchmarks/results/family_out.json benchmarks/results/family_out_16k.json
+    python benchmarks/family_out_compare.py benchmarks/results/family_out_agents0-4.json benchmarks/results/family_out_agents5-9.json
 """
 
 from __future__ import annotations
