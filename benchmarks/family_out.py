@@ -20,8 +20,9 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
   seeds as ``ppo`` (``--gp-seeds`` fewer for the two GP strategies);
 * ``ppo`` is the shipped recipe: the first configurations learned from the other families'
   tables (:func:`attn_search.strategies.head.learn_head`, 5 of them), then the policy
-  (``--no-head``: the policy alone); agent ``i`` runs search seeds ``i, i + A, ...``, so its
-  ``--seeds`` searches pair with the baselines' by seed and spread over the trained agents;
+  (``--no-head``: the policy alone); agent ``K + i`` (``K``: ``--first-agent-seed``) runs search
+  seeds ``i, i + A, ...`` (``A``: ``--agents``), so its ``--seeds`` searches pair with the
+  baselines' by seed and spread over the trained agents;
 * score: normalised-hypervolume regret ``1 - HV / the table's best``; per family, length and
   budget the median and IQR over every (table, seed), mean ranks of the medians over families,
   and paired Wilcoxon tests of ``ppo`` against each baseline (over tables x seeds); per agent, its
@@ -418,9 +419,13 @@ def print_report(report: dict[str, Any], budgets: Sequence[int]) -> None:
         agents = report["agents"].get(key)
         if agents:
             print(f"{'':<28} ppo per agent: " + " ".join(f"{m:.3f}" for m in agents["medians"].values()))
+    print_ranks(report)
+    print_beaten(report, budgets)
+
+
+def print_ranks(report: dict[str, Any]) -> None:
     for key, ranks in report["ranks"].items():
         print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
-    print_beaten(report, budgets)
 
 
 def print_beaten(report: dict[str, Any], budgets: Sequence[int]) -> None:

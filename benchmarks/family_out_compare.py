@@ -1,6 +1,8 @@
 """``ppo``'s regrets in two family-out runs, paired (same tables and seeds): per family, length and
 budget the two medians beside the best baseline's (second run, or the first where the second ran
-``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two. For
+``ppo`` alone), and over the families both runs scored a paired Wilcoxon test of the two; then the
+(family, length, budget) cells where the two differ (paired Wilcoxon p < 0.05), at 20 trials or
+fewer and at more. For
 recipe changes of the proposer (``--steps``, features) whose searches keep the baselines' seeds.
 Where the second run scored ``ppo`` alone on every family, it is then scored as the first run's
 ``ppo`` was (``family_out.summarise_family_out`` against the first run's baselines): mean ranks,
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     alone = all(set(cell) == {"ppo"} for f in b["regret"] for by_budget in b["regret"][f].values()
                 for cell in by_budget.values())  # fmt: skip
     baselines = a if alone else b
-    moved: dict[bool, list[str]] = {True: [], False: []}  # cells where the runs' ppo differ, at 10-20 trials or more
+    # per cell, the paired test of the two runs' ppo: cells compared and those that differ, at <= 20 trials or more
+    compared: dict[bool, int] = {True: 0, False: 0}
+    moved: dict[bool, list[str]] = {True: [], False: []}
     print(
         f"family/length/budget: ppo median before -> after | best baseline's median ({'before' if alone else 'after'})"
     )
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                 ra, rb = a["regret"][f][length][budget], b["regret"][f][length][budget]
                 keys = sorted(ra["ppo"])
                 pa, pb = np.array([ra["ppo"][k] for k in keys]), np.array([rb["ppo"][k] for k in keys])
+                compared[int(budget) <= 20] += 1
                 if np.any(pa != pb) and wilcoxon(pa, pb).pvalue < 0.05:
                     moved[int(budget) <= 20].append(
                         f"{f}/{length}/{budget} {'better' if pb.mean() < pa.mean() else 'worse'}"
@@ -57,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             p = wilcoxon(x, y).pvalue if np.any(x != y) else 1.0
             print(f"all families {length} {budget}: mean {x.mean():.3f} -> {y.mean():.3f}, paired Wilcoxon p={p:.3g}, "
                   f"n={len(x)}")  # fmt: skip
-    n = {small: sum((int(x) <= 20) == small for x in map(str, a["budgets"])) * 2 * len(b["regret"]) for small in moved}
     for small, cells in moved.items():
-        if n[small]:
+        if compared[small]:
             print(f"(family, length, budget) cells at {'20 trials or fewer' if small else 'more than 20 trials'} where "
-                  f"after's ppo differs from before's (paired Wilcoxon p < 0.05): {len(cells)} of {n[small]}"
+                  f"after's ppo differs from before's (paired Wilcoxon p < 0.05): {len(cells)} of {compared[small]}"
                   + (f": {', '.join(cells)}" if cells else ""))  # fmt: skip
     if alone and set(b["regret"]) == set(a["regret"]):
         against_baselines(a, b)
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def against_baselines(a: dict, b: dict) -> None:
     """``b``'s ppo in place of ``a``'s, scored against ``a``'s baselines (every family)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from family_out import print_beaten, summarise_family_out
+    from family_out import print_beaten, print_ranks, summarise_family_out
 
     regret = json.loads(json.dumps(a["regret"]))
     for f, lengths in b["regret"].items():
@@ -79,8 +83,7 @@ def against_baselines(a: dict, b: dict) -> None:
             for budget, cell in cells.items():
                 regret[f][length][budget]["ppo"] = cell["ppo"]
     report = summarise_family_out(regret, b["per_agent"], a["budgets"])
-    for key, ranks in report["ranks"].items():
-        print(f"mean rank {key}: " + ", ".join(f"{s} {r}" for s, r in sorted(ranks.items(), key=lambda x: x[1])))
+    print_ranks(report)
     print_beaten(report, a["budgets"])
     losses = [(key, s, t) for key, tests in sorted(report["tests"].items()) for s, t in tests.items()
               if t["p"] < 0.05 and t["mean_diff"] > 0]  # fmt: skip
