@@ -241,8 +241,12 @@ def main() -> None:
     # -- agents: meta-trained on the other families' tables (family_out_agent checks provenance
     # and refuses one that saw the held-out family); the env counts compute at both lengths
     train: dict[tuple[str, int], Path] = {}
+
+    def agent_seed(search_seed: int) -> int:  # the meta-training seed of the agent a ppo search uses
+        return args.first_agent_seed + search_seed % args.agents
+
     if "ppo" in args.strategies:
-        todo = [(f, s) for f in held for s in range(args.first_agent_seed, args.first_agent_seed + args.agents)]
+        todo = [(f, s) for f in held for s in sorted({agent_seed(i) for i in range(args.agents)})]
         print(f"meta-training (or reusing) {len(todo)} agents ({args.steps} steps each) ...", flush=True)
         made = pool.map(train_agent, *zip(*[([str(p) for p in paths], f, s, args.steps, str(agents_dir),
                                               args.deploy_len) for f, s in todo], strict=True))  # fmt: skip
@@ -275,7 +279,7 @@ def main() -> None:
                             options = {}
                             if strategy == "ppo":
                                 options = {
-                                    "agent": str(train[f, args.first_agent_seed + seed % args.agents]),
+                                    "agent": str(train[f, agent_seed(seed)]),
                                     "head": heads[f, length] or "none",
                                 }
                             jobs.append((files[p], strategy, seed, b, options, configs))
@@ -313,7 +317,7 @@ def main() -> None:
             cell.setdefault(strategy, {})[f"{table}#{seed}"] = value  # paired across strategies by table and seed
             if strategy == "ppo":
                 per_agent.setdefault(f, {}).setdefault(length, {}).setdefault(budget, {}).setdefault(
-                    args.first_agent_seed + seed % args.agents, []).append(value)  # fmt: skip
+                    agent_seed(seed), []).append(value)  # fmt: skip
     report = summarise_family_out(regret, per_agent, args.budgets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
