@@ -2,12 +2,13 @@
 # Record the task-family tables of the strategy benchmark, one after another, resumably.
 # Usage: OMP_NUM_THREADS=1 tables/record_families.sh TASK [TASK...]   (from the repository root)
 #        PARAMS="width=6" ... passes --task-param width=6 to every recording (a task's variant)
+#        DIR=tables/sealed ... writes there instead of tables/ (families kept out of every training)
 # Each table is the sparse grid (312 configurations) at L=64, 120 steps, as mqar-64.csv is;
 # an interrupted recording continues from its work dir (tables/TASK-64.csv.run) when rerun.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 for task in "$@"; do
-    out=tables/$task-64.csv
+    out=${DIR:-tables}/$task-64.csv
     [ -f "$out" ] && { echo "$out exists"; continue; }
     resume=()
     [ -d "$out.run" ] && resume=(--resume)

@@ -39,6 +39,8 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "segment_header": {"seq_len": 9, "n_headers": 3, "n_body": 3, "min_seg": 3, "max_seg": 4},
         "grid": {"seq_len": 7, "width": 2, "vocab": 3},
         "local_count": {"seq_len": 16, "span": 3},
+        "prompt_lookup": {"seq_len": 12, "n_pairs": 2, "n_keys": 3, "n_values": 3},
+        "variable_lag": {"seq_len": 7, "lags": (1, 2), "n_symbols": 2},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -180,6 +182,29 @@ def test_local_count_labels_count_the_ones_of_the_last_span() -> None:
     assert make_task("local_count", span=6).n_classes == 7
 
 
+def test_prompt_lookup_labels_are_the_values_the_prompt_binds() -> None:
+    task = make_task("prompt_lookup", seq_len=30, n_pairs=3, n_keys=8, n_values=5)
+    assert (task.vocab_size, task.n_classes) == (13, 5)
+    x, y = task.data("eval", 40)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        keys, values = row[0:6:2], [v - 8 for v in row[1:6:2]]
+        assert len(set(keys)) == 3 and all(0 <= k < 8 for k in keys) and all(0 <= v < 5 for v in values)
+        assert target[:6] == [IGNORE] * 6
+        assert target[6:] == [values[keys.index(k)] for k in row[6:]]
+
+
+def test_variable_lag_labels_are_the_symbol_each_token_points_back_to() -> None:
+    task = make_task("variable_lag", seq_len=40, lags=[1, 3, 9], n_symbols=4)  # a list, as --task-param gives
+    assert task.lags == (1, 3, 9) and hash(task)
+    assert (task.vocab_size, task.n_classes) == (12, 4)
+    x, y = task.data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        symbol, lag = [v // 3 for v in row], [(1, 3, 9)[v % 3] for v in row]
+        assert target[:9] == [IGNORE] * 9
+        assert target[9:] == [symbol[t - lag[t]] for t in range(9, 40)]
+    assert {v % 3 for v in x.flatten().tolist()} == {0, 1, 2}
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -229,6 +254,9 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("no_such_module:fn", {}, "cannot be imported"),
         ("tests.custom_task:not_a_task", {}, "lacks the Task protocol"),
         ("mqar", {"seq_len": 20, "n_pairs": 10}, r"seq_len=20 is too short for n_pairs=10: need seq_len >= 40"),
+        ("prompt_lookup", {"seq_len": 8, "n_pairs": 4}, r"the prompt \(2 n_pairs\) must be shorter than seq_len"),
+        ("prompt_lookup", {"n_pairs": 20, "n_keys": 16}, r"n_pairs=20 must lie in \[1, n_keys=16\]"),
+        ("variable_lag", {"seq_len": 16, "lags": [2, 20]}, r"lags=\(2, 20\) must be non-empty and each lie in"),
     ],
 )
 def test_bad_task_specs(spec: str, kwargs: dict, match: str) -> None:

@@ -708,6 +708,102 @@ class LocalCount(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptLookup(GeneratedTask):
+    """A dictionary in the prompt: the first ``2 n_pairs`` positions hold key-value pairs, and every
+    later position holds a key and is labelled with that key's value.
+
+    Retrieval confined to the start of the sequence (a tool's schema, a glossary in a system
+    prompt): the reach a query needs is its distance to the prompt, not to a nearby pair as in
+    MQAR, so a window misses every query past it, one or two global tokens hold one pair, and a
+    global block as long as the prompt (BigBird) holds all of them at the cost of a short window.
+    The value token follows its key, so the model's token shift carries the key into the value's
+    position (what a query matches). Keys are distinct within a sequence; later positions draw keys
+    uniformly. Tokens: ``0..n_keys-1`` keys, then ``n_values`` values; classes: the values.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    n_pairs: int = 4
+    n_keys: int = 16
+    n_values: int = 16
+
+    name = "prompt_lookup"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.n_keys + self.n_values
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.n_values
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_pairs <= self.n_keys:
+            raise ValueError(f"n_pairs={self.n_pairs} must lie in [1, n_keys={self.n_keys}]")
+        if not 2 * self.n_pairs < self.seq_len:
+            raise ValueError(f"n_pairs={self.n_pairs}: the prompt (2 n_pairs) must be shorter than seq_len")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        P = self.n_pairs
+        keys = np.argsort(rng.random((n, self.n_keys)), axis=1)[:, :P]  # distinct keys per sequence
+        values = rng.integers(0, self.n_values, size=(n, P))
+        x = np.empty((n, self.seq_len), dtype=np.int64)
+        x[:, 0 : 2 * P : 2] = keys
+        x[:, 1 : 2 * P : 2] = self.n_keys + values
+        pick = rng.integers(0, P, size=(n, self.seq_len - 2 * P))
+        x[:, 2 * P :] = np.take_along_axis(keys, pick, axis=1)
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, 2 * P :] = np.take_along_axis(values, pick, axis=1)
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableLag(GeneratedTask):
+    """Each query names its own offset: a position holds a symbol and one of ``lags``, and is
+    labelled with the symbol that many positions back.
+
+    Relative references that vary by query ("as two lines above", a diff's hunk offset, a pointer
+    in a log): no single fixed reach serves, but offsets at several scales do. A dilation whose
+    reach covers the largest lag and divides every one (dilated(32, 2) for the default lags) reaches
+    all of them at a fraction of a window's cost; a short window or a dilation that skips a lag
+    loses that lag's share; heads can split the scales. Token ``s * len(lags) + i`` is symbol ``s``
+    with lag ``lags[i]``; classes: the symbols; positions from ``max(lags)`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    lags: tuple[int, ...] = (2, 4, 8, 16, 32)
+    n_symbols: int = 8
+
+    name = "variable_lag"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.n_symbols * len(self.lags)
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.n_symbols
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lags", tuple(int(v) for v in self.lags))  # hashable (a cache key) from a list
+        if not self.lags or not all(1 <= lag < self.seq_len for lag in self.lags):
+            raise ValueError(f"lags={self.lags} must be non-empty and each lie in [1, seq_len={self.seq_len})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        k = len(self.lags)
+        sym = rng.integers(0, self.n_symbols, size=(n, self.seq_len))
+        which = rng.integers(0, k, size=(n, self.seq_len))
+        x = sym * k + which
+        lag = np.asarray(self.lags)[which]
+        t = np.arange(self.seq_len)[None, :]
+        src = np.clip(t - lag, 0, None)
+        y = np.take_along_axis(sym, src, axis=1)
+        y[:, : max(self.lags)] = IGNORE
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -721,6 +817,8 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "segment_header": SegmentHeader,
     "grid": Grid,
     "local_count": LocalCount,
+    "prompt_lookup": PromptLookup,
+    "variable_lag": VariableLag,
 }
 """Built-in tasks by name."""
 
