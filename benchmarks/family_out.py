@@ -29,13 +29,20 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
   median regret (the spread over trained agents) and a sign test over agents against each
   baseline's median.
 
-Writes ``family_out.json`` to ``--out``; prints the tables and its wall time.
+With ``--sealed`` the held-out families are those of ``tables/sealed/``, recorded to test the recipe
+once after its last change and never used to choose anything: every agent, head and portfolio is
+learned from all the families of ``tables/`` (the shipped recipe, with ``--agents`` seeds), and the
+sealed tables are only scored.
+
+Writes ``family_out.json`` to ``--out`` (``benchmarks/results``, or ``benchmarks/results/sealed``
+with ``--sealed``); prints the tables and its wall time.
 
 Usage::
 
     python benchmarks/family_out.py                          # every family, 10 agents, 10 seeds
     python benchmarks/family_out.py --families delay ngram --agents 2 --seeds 4 --steps 2048
     python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
+    python benchmarks/family_out.py --sealed                 # the sealed families, once
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ ACQUISITION = "acquisition"
 """``--strategy ppo --agent none``: the candidate policy untrained (greedy optimistic front gain)."""
 BASELINES = ("random", "tpe", "gp", PORTFOLIO, PORTFOLIO_GP, ACQUISITION)
 GP_MAX = 20
+SEALED = ROOT / "tables" / "sealed"
+"""Families recorded to test the recipe once, after its last change: no agent, head, portfolio or
+variant was ever trained or chosen on them (``--sealed``; ``tables/README.md``)."""
 
 
 def deploy_table(path: Path, length: int, folder: Path, metric: str = M.FLOPS) -> Path:
@@ -101,7 +111,9 @@ def deploy_table(path: Path, length: int, folder: Path, metric: str = M.FLOPS) -
     return out
 
 
-def train_agent(paths: Sequence[str], held: str, seed: int, steps: int, folder: str, deploy_len: int) -> str:
+def train_agent(
+    paths: Sequence[str], held: str | Sequence[str], seed: int, steps: int, folder: str, deploy_len: int
+) -> str:
     return str(family_out_agent(paths, held, seed=seed, steps=steps, folder=folder, deploy_len=deploy_len))
 
 
@@ -220,15 +232,30 @@ def main() -> None:
     )
     parser.add_argument("--head-size", type=int, default=head_module.HEAD_SIZE,
                         help="ppo's learned first configurations (default: the shipped recipe's)")  # fmt: skip
+    parser.add_argument("--sealed", action="store_true",
+                        help=f"score the sealed families ({SEALED.relative_to(ROOT)}/) instead: every agent, head and "
+                        "portfolio learned from all the families above, as the shipped recipe is")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", help="folder of family_out.json (default: benchmarks/results, or its sealed/)")
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("sealed" if args.sealed else ""))
     start = time.perf_counter()
-    paths = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)
+    learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
+    sealed = sorted(SEALED.glob("*.csv")) if args.sealed else []
+    if args.sealed and not sealed:
+        raise SystemExit(f"--sealed: no table in {SEALED}")
+    paths = learnable + sealed
     family = {str(p): recorded_task(p)[0] for p in paths}
     families = sorted(set(family.values()))
-    held = args.families or families
+    held = args.families or sorted({family[str(p)] for p in (sealed or learnable)})
+
+    def learned_from(f: str) -> list[Path]:  # the tables a proposer scored on family f may learn from
+        return [p for p in learnable if family[str(p)] != f]
+
+    def agent_key(f: str) -> str | tuple[str, ...]:  # the sealed families share their agents (all trained alike)
+        return tuple(held) if args.sealed else f
+
     corr = correlations(paths)
     print_correlations(corr, {p.stem: family[str(p)] for p in paths})
     work = Path(args.agents_dir) / "tables"  # derived tables and the cache live beside the agents (git-ignored)
@@ -240,13 +267,15 @@ def main() -> None:
 
     # -- agents: meta-trained on the other families' tables (family_out_agent checks provenance
     # and refuses one that saw the held-out family); the env counts compute at both lengths
-    train: dict[tuple[str, int], Path] = {}
+    train: dict[tuple[str | tuple[str, ...], int], Path] = {}
 
     def agent_seed(search_seed: int) -> int:  # the meta-training seed of the agent a ppo search uses
         return args.first_agent_seed + search_seed % args.agents
 
     if "ppo" in args.strategies:
-        todo = [(f, s) for f in held for s in sorted({agent_seed(i) for i in range(args.agents)})]
+        todo = list(
+            dict.fromkeys((agent_key(f), s) for f in held for s in sorted({agent_seed(i) for i in range(args.agents)}))
+        )
         print(f"meta-training (or reusing) {len(todo)} agents ({args.steps} steps each) ...", flush=True)
         made = pool.map(train_agent, *zip(*[([str(p) for p in paths], f, s, args.steps, str(agents_dir),
                                               args.deploy_len) for f, s in todo], strict=True))  # fmt: skip
@@ -256,8 +285,8 @@ def main() -> None:
     # shipped policy's but from the other families' tables only
     heads: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if "ppo" in args.strategies:
-        tasks = {str(p): TableTask(p, deploy_len=args.deploy_len, deploy_metric=args.deploy_compute) for p in paths}
-        heads = {(f, n): learn_head([t for p, t in tasks.items() if family[p] != f], args.head_size, (n,))
+        tasks = {str(p): TableTask(p, deploy_len=args.deploy_len, deploy_metric=args.deploy_compute) for p in learnable}
+        heads = {(f, n): learn_head([tasks[str(p)] for p in learned_from(f)], args.head_size, (n,))
                  for f in held for n in by_length}  # fmt: skip
         if args.no_head:
             heads = {k: [] for k in heads}
@@ -267,7 +296,7 @@ def main() -> None:
     top = max(args.budgets)
     for f in held:
         for length, files in by_length.items():
-            others = [_table(files[p]) for p in map(str, paths) if family[p] != f]
+            others = [_table(files[str(p)]) for p in learned_from(f)]
             configs = portfolio(others, top) if {PORTFOLIO, PORTFOLIO_GP} & set(args.strategies) else []
             for p in (q for q in map(str, paths) if family[q] == f):
                 for strategy in args.strategies:
@@ -279,7 +308,7 @@ def main() -> None:
                             options = {}
                             if strategy == "ppo":
                                 options = {
-                                    "agent": str(train[f, agent_seed(seed)]),
+                                    "agent": str(train[agent_key(f), agent_seed(seed)]),
                                     "head": heads[f, length] or "none",
                                 }
                             jobs.append((files[p], strategy, seed, b, options, configs))
@@ -323,7 +352,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"regret": regret, "per_agent": per_agent, "report": report, "budgets": args.budgets,
               "families": {f: sorted(Path(p).stem for p in map(str, paths) if family[p] == f) for f in families},
-              "agents": {f"{f}/{s}": {**(provenance(p) or {}), "file": p.name} for (f, s), p in train.items()
+              "agents": {f"{'+'.join(f) if isinstance(f, tuple) else f}/{s}": {**(provenance(p) or {}), "file": p.name}
+                         for (f, s), p in train.items()
                          if "ppo" in args.strategies},
               "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     (out / "family_out.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

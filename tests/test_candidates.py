@@ -196,6 +196,10 @@ def test_a_family_out_agent_never_saw_its_family(tmp_path: Path) -> None:
     C.family_out_agent(tables, "delay", seed=0, steps=64, folder=folder, deploy_len=128)
     again = C.provenance(path)
     assert again is not None and again["tables"] == ["mqar", "ngram"]
+    # several families held out at once (the sealed ones): trained on none of them
+    both = C.family_out_agent(tables, ["ngram", "delay"], seed=0, steps=64, folder=folder, deploy_len=128)
+    info = C.provenance(both)
+    assert both.name == "family-out-delay+ngram-seed0.zip" and info is not None and info["tables"] == ["mqar"]
 
 
 @pytest.mark.parametrize(

@@ -456,17 +456,25 @@ def provenance(path: str | Path) -> dict[str, Any] | None:
 
 
 def family_out_agent(
-    tables: Sequence[str | Path], held_out: str, *, seed: int, steps: int, folder: str | Path, deploy_len: int = 4096
+    tables: Sequence[str | Path],
+    held_out: str | Sequence[str],
+    *,
+    seed: int,
+    steps: int,
+    folder: str | Path,
+    deploy_len: int = 4096,
 ) -> Path:
-    """The agent of the leave-one-family-out protocol for family ``held_out``: meta-trained with
-    ``seed`` on every table of ``tables`` recorded on another task, cached in ``folder``. A cached
-    file is reused only when its provenance (:func:`provenance`) names exactly those tables, steps,
-    seed, deployment length and this code; otherwise it is trained again. Raises if the agent's
-    sidecar lists a table of ``held_out`` (so no scored agent ever saw its table)."""
-    seen = sorted(str(t) for t in tables if recorded_task(t)[0] != held_out)
+    """The agent of the leave-one-family-out protocol for family ``held_out`` (or for several held
+    out together: the sealed families): meta-trained with ``seed`` on every table of ``tables``
+    recorded on another task, cached in ``folder``. A cached file is reused only when its
+    provenance (:func:`provenance`) names exactly those tables, steps, seed, deployment length and
+    this code; otherwise it is trained again. Raises if the agent's sidecar lists a table of a
+    held-out family (so no scored agent ever saw its table)."""
+    held = {held_out} if isinstance(held_out, str) else set(held_out)
+    seen = sorted(str(t) for t in tables if recorded_task(t)[0] not in held)
     if not seen:
-        raise ValueError(f"no table outside family {held_out!r} to meta-train on")
-    path = Path(folder) / f"family-out-{held_out}-seed{seed}.zip"
+        raise ValueError(f"no table outside families {sorted(held)} to meta-train on")
+    path = Path(folder) / f"family-out-{'+'.join(sorted(held))}-seed{seed}.zip"
     info = provenance(path)
     wanted = {"tables": sorted(Path(t).stem for t in seen), "steps": steps, "seed": seed, "deploy_len": deploy_len}
     if info is None or any(info.get(k) != v for k, v in wanted.items()):
@@ -474,9 +482,9 @@ def family_out_agent(
         info = provenance(path)
     assert info is not None, f"{path}: no valid provenance after training"
     stems = {Path(t).stem: t for t in tables}
-    leaked = [t for t in info["tables"] if t in stems and recorded_task(stems[t])[0] == held_out]
+    leaked = [t for t in info["tables"] if t in stems and recorded_task(stems[t])[0] in held]
     if leaked:
-        raise RuntimeError(f"{path} was trained on {leaked}, of the held-out family {held_out}")
+        raise RuntimeError(f"{path} was trained on {leaked}, of the held-out families {sorted(held)}")
     return path
 
 
