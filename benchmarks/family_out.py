@@ -34,8 +34,9 @@ once after its last change and never used to choose anything: every agent, head 
 learned from all the families of ``tables/`` (the shipped recipe, with ``--agents`` seeds), and the
 sealed tables are only scored.
 
-Writes ``family_out.json`` to ``--out`` (``benchmarks/results``, or ``benchmarks/results/sealed``
-with ``--sealed``); prints the tables and its wall time.
+Writes ``family_out.json`` (``family_out_tiles.json`` with ``--deploy-compute attn_tile_flops``) to
+``--out`` (``benchmarks/results``, or ``benchmarks/results/sealed`` with ``--sealed``); prints the
+tables and its wall time.
 
 Usage::
 
@@ -236,7 +237,8 @@ def main() -> None:
                         help=f"score the sealed families ({SEALED.relative_to(ROOT)}/) instead: every agent, head and "
                         "portfolio learned from all the families above, as the shipped recipe is")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
-    parser.add_argument("--out", help="folder of family_out.json (default: benchmarks/results, or its sealed/)")
+    parser.add_argument("--out", help="folder of family_out.json, or family_out_tiles.json with tiles (default: "
+                        "benchmarks/results, or its sealed/)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
     args.out = args.out or str(ROOT / "benchmarks" / "results" / ("sealed" if args.sealed else ""))
@@ -356,9 +358,10 @@ def main() -> None:
                          for (f, s), p in train.items()
                          if "ppo" in args.strategies},
               "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-    (out / "family_out.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    written = out / ("family_out_tiles.json" if args.deploy_compute == M.ATTN_TILE_FLOPS else "family_out.json")
+    written.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print_report(report, args.budgets)
-    print(f"wall time {time.perf_counter() - start:.0f} s; wrote {out / 'family_out.json'}")
+    print(f"wall time {time.perf_counter() - start:.0f} s; wrote {written}")
 
 
 def summarise_family_out(regret: dict, per_agent: dict, budgets: Sequence[int]) -> dict[str, Any]:

@@ -72,13 +72,17 @@ def test_benchmark_timings_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.slow  # (the benchmark's own run: a 64-step agent and four 10-trial searches)
 def test_family_out_scores_the_agents_of_the_seeds_it_is_given(tmp_path: Path) -> None:
     """``--first-agent-seed K`` meta-trains and scores agents K.. (another set of trained agents, to
-    see how much a result owes to which agents were trained), and records each by its seed."""
+    see how much a result owes to which agents were trained), and records each by its seed. (With
+    compute in tiles the results go to their own file, beside the FLOPs run's, not over it.)"""
     args = ["--families", "delay", "--strategies", "ppo", "--agents", "1", "--first-agent-seed", "3", "--seeds", "2",
-            "--steps", "64", "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
+            "--steps", "64", "--budgets", "10", "--deploy-compute", "attn_tile_flops",
+            "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run([sys.executable, "benchmarks/family_out.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "family_out.json").read_text())
+    assert not (tmp_path / "family_out.json").exists()
+    result = json.loads((tmp_path / "family_out_tiles.json").read_text())
+    assert result["args"]["deploy_compute"] == "attn_tile_flops"
     agent = result["agents"]["delay/3"]
     assert list(result["agents"]) == ["delay/3"]
     assert agent["seed"] == 3 and agent["file"] == "family-out-delay-seed3.zip"
