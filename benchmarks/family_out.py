@@ -246,17 +246,25 @@ def main() -> None:
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
     sealed = sorted(SEALED.glob("*.csv")) if args.sealed else []
     if args.sealed and not sealed:
-        raise SystemExit(f"--sealed: no table in {SEALED}")
+        parser.error(f"--sealed: no table in {SEALED}")
     paths = learnable + sealed
     family = {str(p): recorded_task(p)[0] for p in paths}
     families = sorted(set(family.values()))
-    held = args.families or sorted({family[str(p)] for p in (sealed or learnable)})
+    scorable = sorted({family[str(p)] for p in (sealed or learnable)})
+    sealed_families = tuple(sorted({family[str(p)] for p in sealed}))
+    clash = set(sealed_families) & {family[str(p)] for p in learnable}  # a sealed family must be new,
+    clash |= {p.stem for p in sealed} & {p.stem for p in learnable}  # and its tables' names too
+    if clash:
+        parser.error(f"--sealed: {sorted(clash)} also in tables/: a sealed family must be one nothing learns from")
+    if set(args.families or []) - set(scorable):
+        parser.error(f"--families: {sorted(set(args.families) - set(scorable))} is not among {scorable}")
+    held = args.families or scorable
 
     def learned_from(f: str) -> list[Path]:  # the tables a proposer scored on family f may learn from
         return [p for p in learnable if family[str(p)] != f]
 
     def agent_key(f: str) -> str | tuple[str, ...]:  # the sealed families share their agents (all trained alike)
-        return tuple(held) if args.sealed else f
+        return sealed_families if args.sealed else f
 
     corr = correlations(paths)
     print_correlations(corr, {p.stem: family[str(p)] for p in paths})

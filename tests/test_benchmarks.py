@@ -92,28 +92,32 @@ def test_family_out_scores_the_agents_of_the_seeds_it_is_given(tmp_path: Path) -
         assert len(result["regret"]["delay"][length]["10"]["ppo"]) == 2  # one table, two seeds
 
 
-@pytest.mark.slow  # (the benchmark's own run: a 64-step agent and sixteen 10-trial searches)
+@pytest.mark.slow  # (the benchmark's own run: a 64-step agent and eight 10-trial searches)
 def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_other_table(tmp_path: Path) -> None:
-    """``--sealed`` scores only the families of ``tables/sealed/``, with one set of agents (and head
-    and portfolio) learned from every table of ``tables/`` in the protocol and from no sealed one."""
+    """``--sealed`` scores only families of ``tables/sealed/``, with one set of agents learned from
+    every table of ``tables/`` in the protocol and from no sealed table, even when it scores only
+    some of the sealed families; a family outside the sealed folder is refused."""
     sealed = sorted(p.stem for p in (ROOT / "tables" / "sealed").glob("*.csv"))
     pool = sorted(p.stem for p in (ROOT / "tables").glob("*.csv") if p.stem not in ("sparse-smoke", "majority-64"))
-    assert len(sealed) >= 2 and len(pool) >= 9
-    args = ["--sealed", "--strategies", "portfolio", "ppo", "--agents", "1", "--seeds", "2", "--steps", "64",
-            "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
-    done = subprocess.run([sys.executable, "benchmarks/family_out.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, check=False)  # fmt: skip
+    families = sorted({name.rsplit("-", 1)[0] for name in sealed})
+    assert len(families) >= 2 and len(pool) >= 9
+    common = ["--sealed", "--strategies", "portfolio", "ppo", "--agents", "1", "--seeds", "2", "--steps", "64",
+              "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
+    refused = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--families", "delay"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert refused.returncode == 2 and "--families: ['delay'] is not among" in refused.stderr
+    done = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--families", families[0]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "family_out.json").read_text())
-    families = sorted({name.rsplit("-", 1)[0] for name in sealed})
-    assert sorted(result["regret"]) == families  # only the sealed families are scored
+    assert list(result["regret"]) == [families[0]]  # only the family asked for is scored
     (key, agent), *others = result["agents"].items()
-    assert not others and key == "+".join(families) + "/0"
+    assert not others and key == "+".join(families) + "/0"  # every sealed family held out of its training
     assert agent["tables"] == pool and not set(agent["tables"]) & set(sealed)  # all of tables/, none sealed
-    for f in families:
-        for length in ("task", "deploy"):
-            cell = result["regret"][f][length]["10"]
-            assert len(cell["ppo"]) == len(cell["portfolio"]) == 2 * len([s for s in sealed if s.startswith(f)])
+    tables = [s for s in sealed if s.rsplit("-", 1)[0] == families[0]]
+    for length in ("task", "deploy"):
+        cell = result["regret"][families[0]][length]["10"]
+        assert len(cell["ppo"]) == len(cell["portfolio"]) == 2 * len(tables)
     assert set(result["correlations"]) == set(pool) | set(sealed)  # the matrix holds the sealed tables too
 
 
