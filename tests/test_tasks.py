@@ -41,6 +41,9 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "local_count": {"seq_len": 16, "span": 3},
         "prompt_lookup": {"seq_len": 12, "n_pairs": 2, "n_keys": 3, "n_values": 3},
         "variable_lag": {"seq_len": 7, "lags": (1, 2), "n_symbols": 2},
+        "column_majority": {"seq_len": 14, "width": 3, "rows": 3},
+        "novelty": {"seq_len": 6, "vocab": 5, "min_pos": 1},
+        "lag_match": {"seq_len": 14, "lag": 3},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -205,6 +208,27 @@ def test_variable_lag_labels_are_the_symbol_each_token_points_back_to() -> None:
     assert {v % 3 for v in x.flatten().tolist()} == {0, 1, 2}
 
 
+def test_column_majority_labels_are_the_majority_of_the_cells_above() -> None:
+    x, y = make_task("column_majority", seq_len=40, width=4, rows=3).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:12] == [IGNORE] * 12
+        assert target[12:] == [int(row[t - 4] + row[t - 8] + row[t - 12] >= 2) for t in range(12, 40)]
+
+
+def test_novelty_labels_say_whether_the_token_occurred_earlier() -> None:
+    x, y = make_task("novelty", seq_len=30, vocab=20, min_pos=3).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:3] == [IGNORE] * 3
+        assert target[3:] == [int(row[t] in row[:t]) for t in range(3, 30)]
+    assert 0.2 < float((y[:, 3:] == 1).float().mean()) < 0.8  # both answers common
+
+
+def test_lag_match_labels_compare_each_bit_with_the_one_lag_back() -> None:
+    x, y = make_task("lag_match", seq_len=30, lag=7).data("eval", 30)
+    assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], (x[:, 7:] == x[:, :-7]).long())
+    assert 0.3 < float(y[:, 7:].float().mean()) < 0.7  # fair bits: both answers common
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -257,6 +281,9 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("prompt_lookup", {"seq_len": 8, "n_pairs": 4}, r"the prompt \(2 n_pairs\) must be shorter than seq_len"),
         ("prompt_lookup", {"n_pairs": 20, "n_keys": 16}, r"n_pairs=20 must lie in \[1, n_keys=16\]"),
         ("variable_lag", {"seq_len": 16, "lags": [2, 20]}, r"lags=\(2, 20\) must be non-empty and each lie in"),
+        ("column_majority", {"seq_len": 16, "rows": 2}, r"need rows odd and rows \* width < seq_len"),
+        ("novelty", {"vocab": 1}, r"vocab=1, min_pos=8: need vocab >= 2"),
+        ("lag_match", {"seq_len": 16, "lag": 16}, r"lag=16 must lie in \[1, seq_len=16\)"),
     ],
 )
 def test_bad_task_specs(spec: str, kwargs: dict, match: str) -> None:

@@ -804,6 +804,114 @@ class VariableLag(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnMajority(GeneratedTask):
+    """A column summary of a raster-scanned grid of bits: the label at ``t`` says whether ones hold
+    the majority of the ``rows`` cells above it (``t - width``, ``t - 2 width``, ...).
+
+    Aggregation along the second dimension of flattened data (a column of a table or an image,
+    one field across the records of a fixed-width log): what the Sparse Transformer's strided
+    attention keeps, the keys a multiple of ``width`` back (Child et al. 2019). A window reaches
+    only the nearest rows, a dilation that divides ``width`` reaches them with cells of other
+    columns beside, which must be learnt away by position. ``rows`` is odd, so there are no ties;
+    positions from ``rows * width`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    width: int = 8
+    rows: int = 5
+
+    name = "column_majority"
+    vocab_size = 2
+    n_classes = 2
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.rows < 1 or self.rows % 2 == 0 or self.rows * self.width >= self.seq_len:
+            raise ValueError(f"width={self.width}, rows={self.rows}: need rows odd and rows * width < seq_len")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = (rng.random((n, self.seq_len)) < 0.5).astype(np.int64)
+        start = self.rows * self.width
+        above = np.zeros((n, self.seq_len - start), dtype=np.int64)
+        for k in range(1, self.rows + 1):
+            above += x[:, start - k * self.width : self.seq_len - k * self.width]
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, start:] = 2 * above > self.rows
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class Novelty(GeneratedTask):
+    """Has this token been seen before? The label at ``t`` says whether ``x[t]`` occurs anywhere in
+    ``x[0..t-1]``.
+
+    Membership over the whole prefix by content (deduplication, a copy detector, "have I read this
+    name before"): a query must match its own token against every earlier key, however far, and
+    needs no position at all; a window answers only for repeats within its reach. Tokens are uniform
+    over ``vocab``, so at ``seq_len ~ vocab`` about half the positions are repeats; positions from
+    ``min_pos`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 48
+    min_pos: int = 8
+
+    name = "novelty"
+    n_classes = 2
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if self.vocab < 2 or not 0 <= self.min_pos < self.seq_len:
+            raise ValueError(f"vocab={self.vocab}, min_pos={self.min_pos}: need vocab >= 2, 0 <= min_pos < seq_len")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len))
+        seen = np.zeros((n, self.vocab), dtype=bool)
+        y = np.empty((n, self.seq_len), dtype=np.int64)
+        rows = np.arange(n)
+        for t in range(self.seq_len):
+            y[:, t] = seen[rows, x[:, t]]
+            seen[rows, x[:, t]] = True
+        y[:, : self.min_pos] = IGNORE
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class LagMatch(GeneratedTask):
+    """Does the bit ``lag`` positions back equal this one? The label at ``t`` is ``x[t] == x[t - lag]``.
+
+    A comparison at one fixed, long offset (a change detector against the previous period, a
+    checksum of a fixed-width record): like ``delay`` it needs the one offset, but the answer is
+    a comparison, so a pattern that misses the offset is at chance, not merely worse. With the
+    model's token shift a key at ``lag - 1`` carries the bit too, so for the default 22
+    dilated(8, 3) reaches it and dilated(8, 4) does not. Bits are fair; positions from ``lag`` on
+    are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    lag: int = 22
+
+    name = "lag_match"
+    vocab_size = 2
+    n_classes = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lag < self.seq_len:
+            raise ValueError(f"lag={self.lag} must lie in [1, seq_len={self.seq_len})")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = (rng.random((n, self.seq_len)) < 0.5).astype(np.int64)
+        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
+        y[:, self.lag :] = x[:, self.lag :] == x[:, : -self.lag]
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -819,6 +927,9 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "local_count": LocalCount,
     "prompt_lookup": PromptLookup,
     "variable_lag": VariableLag,
+    "column_majority": ColumnMajority,
+    "novelty": Novelty,
+    "lag_match": LagMatch,
 }
 """Built-in tasks by name."""
 
