@@ -16,7 +16,7 @@ from attn_search.search.space import load_space, parse_space
 from attn_search.strategies import StrategyContext, make_strategy
 from attn_search.strategies.base import Outcome, ask_new
 from attn_search.strategies.candidates import SHIPPED, CandidateStrategy, TableTask, provenance
-from attn_search.strategies.head import HeadFirst, head_values, learn_head, stored_head
+from attn_search.strategies.head import HEAD_SIZE, PORTFOLIO_SIZE, HeadFirst, head_values, learn_head, stored_head
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = [ROOT / "tables" / "mqar-64.csv", ROOT / "tables" / "ngram-64.csv"]
@@ -152,10 +152,12 @@ def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_tol
     assert set(info["head_tables"]) == set(info["tables"])  # learned from what the policy saw
     tables = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"]) for t in info["head_tables"]]
     for n in ("task", "deploy"):
-        assert info["heads"][n] == learn_head(tables, lengths=(n,))
+        assert info["heads"][n][:HEAD_SIZE] == learn_head(tables, lengths=(n,))  # greedy: a list's first are a list
     tiles = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"], deploy_metric="attn_tile_flops")
              for t in info["head_tables"]]  # fmt: skip
-    assert info["heads"]["tiles"] == learn_head(tiles, lengths=("deploy",))
+    assert info["heads"]["tiles"][:HEAD_SIZE] == learn_head(tiles, lengths=("deploy",))
+    assert info["heads"]["task"] == learn_head(tables, PORTFOLIO_SIZE, lengths=("task",))  # (one whole list)
+    assert all(len(info["heads"][n]) == PORTFOLIO_SIZE for n in ("task", "deploy", "tiles"))
     assert len({json.dumps(info["heads"][n], sort_keys=True) for n in ("task", "deploy", "tiles")}) == 3
     space = load_space("sparse")
     assert space.target_len == info["deploy_len"]
@@ -165,7 +167,7 @@ def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_tol
         context = StrategyContext(space=searched, seed=0, trials=10, slots=1, run_dir=tmp_path, resume=False)
         shipped = make_strategy("ppo", context)
         assert isinstance(shipped, HeadFirst) and isinstance(shipped.inner, CandidateStrategy)
-        assert shipped.queue == [head_values(searched, c) for c in info["heads"][length]]
+        assert shipped.queue == [head_values(searched, c) for c in info["heads"][length][:HEAD_SIZE]]
         assert len(shipped.queue) == 5  # the sparse space builds every one of them
     plain = make_strategy("ppo", StrategyContext(space=space, seed=0, trials=10, slots=1, run_dir=tmp_path,
                                                  resume=False, options={"head": "none"}))  # fmt: skip
@@ -181,7 +183,7 @@ def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Pa
     context = StrategyContext(space=space, seed=0, trials=8, slots=1, run_dir=tmp_path, resume=False)
     strategy = make_strategy("portfolio+gp", context)
     assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio+gp"
-    head = [head_values(space, c) for c in info["heads"]["tiles"]]  # (the sparse space counts 128-tiles at L=4096)
+    head = [head_values(space, c) for c in info["heads"]["tiles"][:5]]  # (the sparse space counts tiles at L=4096)
     assert len(head) == 5 and strategy.queue == head
     line = strategy.start([]) or ""
     assert "portfolio+gp: 5 learned first configurations, then Optuna's GP sampler" in line
@@ -199,3 +201,32 @@ def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Pa
     assert [t.user_attrs["proposed_by"] for t in study.trials] == ["gp-head"] * 5 + ["gp"] * 2
     gp_study = strategy.inner.study  # type: ignore[attr-defined]
     assert len(gp_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 7  # told the head's too
+
+
+def test_portfolio_proposes_the_whole_shipped_list_then_tpe_and_says_so(tmp_path: Path) -> None:
+    """``--strategy portfolio``: every configuration of the shipped list for the length and measure
+    the search counts compute in (the family-out benchmark's ``portfolio``, whose first five are
+    ``portfolio+gp``'s and ``ppo``'s), then Optuna's TPE sampler, told the list's results too."""
+    info = provenance(SHIPPED)
+    assert info is not None
+    space = load_space("sparse")
+    for searched, length in ((space, "tiles"), (dataclasses.replace(space, target_len=None), "task")):
+        context = StrategyContext(space=searched, seed=0, trials=60, slots=1, run_dir=tmp_path, resume=False)
+        strategy = make_strategy("portfolio", context)
+        listed = [head_values(searched, c) for c in info["heads"][length]]
+        assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio"
+        assert len(listed) == PORTFOLIO_SIZE and strategy.queue == listed  # the sparse space builds all of them
+    line = strategy.start([]) or ""
+    assert f"portfolio: {PORTFOLIO_SIZE} learned first configurations, then Optuna's TPE sampler" in line
+    study = optuna.create_study(directions=space.directions)
+    for i in range(PORTFOLIO_SIZE + 2):
+        trial = ask_new(strategy, study, searched, {})
+        assert trial is not None
+        values = searched.active_values(dict(trial.params))
+        assert i >= PORTFOLIO_SIZE or values == listed[i]
+        acc = 0.3 + 0.001 * i
+        study.tell(trial, [acc, 1e7 * (1 + i)])
+        strategy.tell(values, Outcome("complete", {"accuracy": acc}, (acc, 1e7 * (1 + i))))
+    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["tpe-head"] * PORTFOLIO_SIZE + ["tpe"] * 2
+    tpe_study = strategy.inner.study  # type: ignore[attr-defined]
+    assert len(tpe_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == PORTFOLIO_SIZE + 2

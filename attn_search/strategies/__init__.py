@@ -29,13 +29,20 @@ compute in (:mod:`~attn_search.strategies.head`), then Optuna's GP sampler: the 
 benchmark's ``portfolio+gp`` (README, "Which strategy should I use?": with compute in 128-tiles at
 L=4096, as the sparse space counts it, the best mean rank at 10 trials of the strategies a search
 can run)."""
-STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, *AGENT_STRATEGIES)
+PORTFOLIO_STRATEGY = "portfolio"
+"""The shipped zero-shot portfolio: the :data:`~attn_search.strategies.head.PORTFOLIO_SIZE`
+configurations learned to cover the shipped tables' fronts together, for the length and measure the
+search counts compute in, then Optuna's TPE sampler (the default) once they are spent: the
+family-out benchmark's ``portfolio`` (README, "Which strategy should I use?": on the two sealed
+families, the best at 10-50 trials with compute at the task's length or in FLOPs at L=4096)."""
+STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, PORTFOLIO_STRATEGY, *AGENT_STRATEGIES)
 
 __all__ = [
     "AGENT_STRATEGIES",
     "HEAD_GP_STRATEGY",
     "OPTUNA_STRATEGIES",
     "POLICY_STRATEGY",
+    "PORTFOLIO_STRATEGY",
     "SINGLE_OBJECTIVE_ONLY",
     "STRATEGIES",
     "SamplerStrategy",
@@ -90,7 +97,7 @@ def check_strategy(
                 f"--strategy {name} needs --compute flops, attn_flops, attn_tile_flops or params (or --pretrain TABLE)"
             )
         return
-    sampler = "gp" if name == HEAD_GP_STRATEGY else name
+    sampler = {HEAD_GP_STRATEGY: "gp", PORTFOLIO_STRATEGY: "tpe"}.get(name, name)
     make_sampler(sampler, seed=0, n_objectives=len(space.objectives), n_trials=10, constrained=constrained)
 
 
@@ -110,15 +117,17 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         if head is None:
             head = stored_head(policy.info, context.space, policy.seq_len)
         return HeadFirst(policy, head, context.space) if head and head != "none" else policy
-    if name == HEAD_GP_STRATEGY:
+    if name in (HEAD_GP_STRATEGY, PORTFOLIO_STRATEGY):
         from attn_search.strategies.candidates import SHIPPED, provenance, searched_task
-        from attn_search.strategies.head import HeadFirst, stored_head
+        from attn_search.strategies.head import HEAD_SIZE, HeadFirst, stored_head
 
         # learned on the shipped tables (make agent), for the length and measure the search counts
-        # compute in
-        head = stored_head(provenance(SHIPPED), context.space, searched_task(context).seq_len)
-        gp = SamplerStrategy("gp", context, constrained=constrained)
-        return HeadFirst(gp, head, context.space, name=name, then="Optuna's GP sampler")
+        # compute in: its first few then GP, or all of it then TPE
+        gp = name == HEAD_GP_STRATEGY
+        head = stored_head(provenance(SHIPPED), context.space, searched_task(context).seq_len,
+                           size=HEAD_SIZE if gp else None)  # fmt: skip
+        inner = SamplerStrategy("gp" if gp else "tpe", context, constrained=constrained)
+        return HeadFirst(inner, head, context.space, name=name, then=f"Optuna's {'GP' if gp else 'TPE'} sampler")
     if name in AGENT_STRATEGIES:
         from attn_search.strategies.agent import AgentStrategy
 

@@ -12,6 +12,9 @@ at the deployment length over kept entries and one there over 128-tiles (:func:`
 search starts with the list of the length and measure its compute is counted at
 (:func:`stored_head`). The policy sees their results like any other trial's.
 
+The lists are :data:`PORTFOLIO_SIZE` long: ``--strategy portfolio`` proposes a whole one, then TPE
+(the zero-shot portfolio of the family-out benchmark, learned from every shipped table).
+
 The head is kept as configurations (:class:`~attn_search.engine.config.AttentionConfig` fields),
 not as one space's values, so any space may use it: :class:`HeadFirst` proposes only those entries
 the search's space can build exactly, and skips the rest.
@@ -38,6 +41,13 @@ HEAD_SIZE = 5
 so the two recipes differ only in what follows. (One list learned over both lengths at once, as
 before, was not the baseline's; the per-length lists moved the family-out counts toward the goal
 with mixed effects elsewhere: ``benchmarks/results/family_out_variants.txt``, 11.)"""
+
+
+PORTFOLIO_SIZE = 50
+"""Configurations each stored list holds (:func:`add_head`): ``--strategy portfolio`` proposes all of
+them before TPE, as the family-out benchmark's ``portfolio`` baseline proposes its list of 50;
+``ppo`` and ``portfolio+gp`` take the first :data:`HEAD_SIZE`. The cover is greedy, so a list's
+first ``k`` are the list of ``k`` (``tests/test_head.py``)."""
 
 
 LENGTHS = ("task", "deploy", "tiles")
@@ -89,18 +99,19 @@ def learn_head(
 def add_head(
     agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Learn a head per length and measure (:data:`LENGTHS`: ``task``; ``deploy`` and ``tiles``,
-    compute at ``deploy_len``, by default the length the policy was meta-trained at, over kept
-    entries and over 128-tiles) from ``tables`` and store them in the saved policy's
-    sidecar (``"heads"``), where ``--strategy ppo`` and ``portfolio+gp`` find them; the sidecar's
-    other provenance stays as meta-training wrote it."""
+    """Learn a list of :data:`PORTFOLIO_SIZE` per length and measure (:data:`LENGTHS`: ``task``;
+    ``deploy`` and ``tiles``, compute at ``deploy_len``, by default the length the policy was
+    meta-trained at, over kept entries and over 128-tiles) from ``tables`` and store them in the
+    saved policy's sidecar (``"heads"``), where ``--strategy portfolio`` finds them and ``ppo`` and
+    ``portfolio+gp`` their first :data:`HEAD_SIZE`; the sidecar's other provenance stays as
+    meta-training wrote it."""
     side = Path(agent).with_suffix(".json")
     info = json.loads(side.read_text())
     deploy_len = deploy_len or int(info.get("deploy_len", 4096))
     tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
-    heads = {n: learn_head(tasks, lengths=(n,)) for n in ("task", "deploy")}
+    heads = {n: learn_head(tasks, PORTFOLIO_SIZE, lengths=(n,)) for n in ("task", "deploy")}
     tiles = [TableTask(t, deploy_len=deploy_len, deploy_metric=M.ATTN_TILE_FLOPS) for t in tables]
-    heads["tiles"] = learn_head(tiles, lengths=("deploy",))
+    heads["tiles"] = learn_head(tiles, PORTFOLIO_SIZE, lengths=("deploy",))
     info.pop("head", None)  # (one list for both lengths, as sidecars before the per-length heads kept it)
     info["heads"] = heads
     info["head_tables"] = sorted(Path(t).stem for t in tables)
@@ -119,18 +130,21 @@ def head_length(space: SearchSpace, task_len: int, deploy_len: int) -> str:
     return "tiles" if space.own_compute() == M.ATTN_TILE_FLOPS else "deploy"
 
 
-def stored_head(info: Mapping[str, Any] | None, space: SearchSpace, task_len: int) -> list[dict[str, Any]]:
-    """The head a policy's sidecar holds for a search of ``space`` on a task of length ``task_len``
-    (:func:`head_length`); a sidecar written before the per-length heads holds one list for both."""
+def stored_head(
+    info: Mapping[str, Any] | None, space: SearchSpace, task_len: int, size: int | None = HEAD_SIZE
+) -> list[dict[str, Any]]:
+    """The first ``size`` (``None``: all) configurations of the list a policy's sidecar holds for a
+    search of ``space`` on a task of length ``task_len`` (:func:`head_length`); a sidecar written
+    before the per-length heads holds one list for both."""
     if not info:
         return []
     heads = info.get("heads")
     if not heads:
-        return list(info.get("head", []))
+        return list(info.get("head", []))[:size]
     length = head_length(space, task_len, int(info.get("deploy_len", 4096)))
     if length == "tiles" and "tiles" not in heads:  # (a sidecar from before the tile head)
         length = "deploy"
-    return list(heads.get(length, []))
+    return list(heads.get(length, []))[:size]
 
 
 def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any] | None:
