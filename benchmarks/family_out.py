@@ -29,14 +29,14 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
   median regret (the spread over trained agents) and a sign test over agents against each
   baseline's median.
 
-With ``--sealed`` the held-out families are those of ``tables/sealed/``, recorded to test the recipe
-once after its last change and never used to choose anything: every agent, head and portfolio is
-learned from all the families of ``tables/`` (the shipped recipe, with ``--agents`` seeds), and the
-sealed tables are only scored.
+With ``--sealed [DIR]`` the held-out families are those of ``DIR`` (``tables/sealed/``), recorded to
+test the recipe once after its last change and never used to choose anything: every agent, head
+and portfolio is learned from all the families of ``tables/`` (the shipped recipe, with ``--agents``
+seeds), and the sealed tables are only scored.
 
 Writes ``family_out.json`` (``family_out_tiles.json`` with ``--deploy-compute attn_tile_flops``) to
-``--out`` (``benchmarks/results``, or ``benchmarks/results/sealed`` with ``--sealed``); prints the
-tables and its wall time.
+``--out`` (``benchmarks/results``, or ``benchmarks/results/`` and DIR's name with ``--sealed``);
+prints the tables and its wall time.
 
 Usage::
 
@@ -44,6 +44,7 @@ Usage::
     python benchmarks/family_out.py --families delay ngram --agents 2 --seeds 4 --steps 2048
     python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
     python benchmarks/family_out.py --sealed                 # the sealed families, once
+    python benchmarks/family_out.py --sealed tables/sealed2  # another set of them
 """
 
 from __future__ import annotations
@@ -233,20 +234,20 @@ def main() -> None:
     )
     parser.add_argument("--head-size", type=int, default=head_module.HEAD_SIZE,
                         help="ppo's learned first configurations (default: the shipped recipe's)")  # fmt: skip
-    parser.add_argument("--sealed", action="store_true",
-                        help=f"score the sealed families ({SEALED.relative_to(ROOT)}/) instead: every agent, head and "
-                        "portfolio learned from all the families above, as the shipped recipe is")  # fmt: skip
+    parser.add_argument("--sealed", nargs="?", const=str(SEALED), metavar="DIR",
+                        help=f"score the sealed families of DIR (default {SEALED.relative_to(ROOT)}/) instead: every "
+                        "agent, head and portfolio learned from all the families of tables/, as the shipped recipe is")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", help="folder of family_out.json, or family_out_tiles.json with tiles (default: "
                         "benchmarks/results, or its sealed/)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("sealed" if args.sealed else ""))
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / (Path(args.sealed).name if args.sealed else ""))
     start = time.perf_counter()
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
-    sealed = sorted(SEALED.glob("*.csv")) if args.sealed else []
+    sealed = sorted(Path(args.sealed).glob("*.csv")) if args.sealed else []
     if args.sealed and not sealed:
-        parser.error(f"--sealed: no table in {SEALED}")
+        parser.error(f"--sealed: no table in {args.sealed}")
     paths = learnable + sealed
     family = {str(p): recorded_task(p)[0] for p in paths}
     families = sorted(set(family.values()))

@@ -94,9 +94,10 @@ def test_family_out_scores_the_agents_of_the_seeds_it_is_given(tmp_path: Path) -
 
 @pytest.mark.slow  # (the benchmark's own run: a 64-step agent and eight 10-trial searches)
 def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_other_table(tmp_path: Path) -> None:
-    """``--sealed`` scores only families of ``tables/sealed/``, with one set of agents learned from
-    every table of ``tables/`` in the protocol and from no sealed table, even when it scores only
-    some of the sealed families; a family outside the sealed folder is refused."""
+    """``--sealed`` scores only families of ``tables/sealed/`` (or of the folder it is given), with
+    one set of agents learned from every table of ``tables/`` in the protocol and from no sealed
+    table, even when it scores only some of the sealed families; a family outside the sealed folder,
+    or a folder without tables, is refused."""
     sealed = sorted(p.stem for p in (ROOT / "tables" / "sealed").glob("*.csv"))
     pool = sorted(p.stem for p in (ROOT / "tables").glob("*.csv") if p.stem not in ("sparse-smoke", "majority-64"))
     families = sorted({name.rsplit("-", 1)[0] for name in sealed})
@@ -106,6 +107,10 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
     refused = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--families", "delay"], cwd=ROOT,
                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert refused.returncode == 2 and "--families: ['delay'] is not among" in refused.stderr
+    (tmp_path / "empty").mkdir()
+    empty = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--sealed", str(tmp_path / "empty")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert empty.returncode == 2 and f"--sealed: no table in {tmp_path / 'empty'}" in empty.stderr
     done = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--families", families[0]], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
