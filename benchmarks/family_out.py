@@ -242,7 +242,9 @@ def main() -> None:
                         "benchmarks/results, or its sealed/)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / (Path(args.sealed).name if args.sealed else ""))
+    args.out = args.out or str(
+        ROOT / "benchmarks" / "results" / (Path(args.sealed).resolve().name if args.sealed else "")
+    )
     start = time.perf_counter()
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
     sealed = sorted(Path(args.sealed).glob("*.csv")) if args.sealed else []

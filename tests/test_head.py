@@ -62,6 +62,16 @@ def test_the_first_pick_is_the_configuration_that_covers_the_tables_fronts_best(
     assert len({json.dumps(c, sort_keys=True) for c in head}) == 3  # no configuration twice
 
 
+def test_a_list_learned_until_covered_ends_where_no_configuration_adds_anything(tasks: list[TableTask]) -> None:
+    """``until_covered``: the greedy list stops once it covers every table's front (a further pick
+    would add nothing, and come in row order), as ``--strategy portfolio``'s lists do."""
+    covered = learn_head(tasks, 400, ("task",), until_covered=True)
+    common = [k for k in tasks[0].keys if all(k in t.keys for t in tasks[1:])]
+    assert 0 < len(covered) < len(common)
+    assert learn_head(tasks, len(covered) + 5, ("task",))[: len(covered)] == covered  # the same greedy list
+    assert learn_head(tasks, len(covered) + 5, ("task",), until_covered=True) == covered  # nothing added after
+
+
 def test_a_head_at_one_length_is_the_portfolio_baselines_first_configurations() -> None:
     """learn_head at the task's length picks what replay.portfolio (the benchmark's baseline, its
     own hypervolume code) picks, all five in order: portfolio+gp's head and ppo's are the same list."""
@@ -156,8 +166,9 @@ def test_ppo_starts_with_the_head_of_the_length_its_compute_counts_at_unless_tol
     tiles = [TableTask(ROOT / "tables" / f"{t}.csv", deploy_len=info["deploy_len"], deploy_metric="attn_tile_flops")
              for t in info["head_tables"]]  # fmt: skip
     assert info["heads"]["tiles"][:HEAD_SIZE] == learn_head(tiles, lengths=("deploy",))
-    assert info["heads"]["task"] == learn_head(tables, PORTFOLIO_SIZE, lengths=("task",))  # (one whole list)
-    assert all(len(info["heads"][n]) == PORTFOLIO_SIZE for n in ("task", "deploy", "tiles"))
+    assert info["heads"]["task"] == learn_head(tables, PORTFOLIO_SIZE, lengths=("task",), until_covered=True)
+    assert info["heads"]["tiles"] == learn_head(tiles, PORTFOLIO_SIZE, lengths=("deploy",), until_covered=True)
+    assert len(info["heads"]["task"]) == PORTFOLIO_SIZE > len(info["heads"]["tiles"])  # tiles: every front covered
     assert len({json.dumps(info["heads"][n], sort_keys=True) for n in ("task", "deploy", "tiles")}) == 3
     space = load_space("sparse")
     assert space.target_len == info["deploy_len"]
@@ -215,7 +226,8 @@ def test_portfolio_proposes_the_whole_shipped_list_then_tpe_and_says_so(tmp_path
         strategy = make_strategy("portfolio", context)
         listed = [head_values(searched, c) for c in info["heads"][length]]
         assert isinstance(strategy, HeadFirst) and strategy.name == "portfolio"
-        assert len(listed) == PORTFOLIO_SIZE and strategy.queue == listed  # the sparse space builds all of them
+        assert None not in listed and strategy.queue == listed  # the sparse space builds all of them
+    assert len(listed) == PORTFOLIO_SIZE  # (the task's list: its fronts are never all covered)
     line = strategy.start([]) or ""
     assert f"portfolio: {PORTFOLIO_SIZE} learned first configurations, then Optuna's TPE sampler" in line
     study = optuna.create_study(directions=space.directions)

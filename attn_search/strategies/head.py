@@ -12,7 +12,7 @@ at the deployment length over kept entries and one there over 128-tiles (:func:`
 search starts with the list of the length and measure its compute is counted at
 (:func:`stored_head`). The policy sees their results like any other trial's.
 
-The lists are :data:`PORTFOLIO_SIZE` long: ``--strategy portfolio`` proposes a whole one, then TPE
+The lists hold up to :data:`PORTFOLIO_SIZE`: ``--strategy portfolio`` proposes a whole one, then TPE
 (the zero-shot portfolio of the family-out benchmark, learned from every shipped table).
 
 The head is kept as configurations (:class:`~attn_search.engine.config.AttentionConfig` fields),
@@ -44,10 +44,12 @@ with mixed effects elsewhere: ``benchmarks/results/family_out_variants.txt``, 11
 
 
 PORTFOLIO_SIZE = 50
-"""Configurations each stored list holds (:func:`add_head`): ``--strategy portfolio`` proposes all of
-them before TPE, as the family-out benchmark's ``portfolio`` baseline proposes its list of 50;
-``ppo`` and ``portfolio+gp`` take the first :data:`HEAD_SIZE`. The cover is greedy, so a list's
-first ``k`` are the list of ``k`` (``tests/test_head.py``)."""
+"""The most configurations a stored list holds (:func:`add_head`): a list ends sooner where it
+covers every table's front, since the greedy cover adds nothing after that (the shipped tile list
+after 9; the other two still gain at 50). ``--strategy portfolio`` proposes a whole list, then TPE (the family-out benchmark's
+``portfolio`` baseline goes on in table row order instead, up to 50); ``ppo`` and
+``portfolio+gp`` take the first :data:`HEAD_SIZE`. The cover is greedy, so a list's first ``k``
+are the list of ``k`` (``tests/test_head.py``)."""
 
 
 LENGTHS = ("task", "deploy", "tiles")
@@ -63,12 +65,18 @@ def _config_key(config: Mapping[str, Any]) -> str:
 
 
 def learn_head(
-    tables: Sequence[TableTask], size: int = HEAD_SIZE, lengths: Sequence[str] = LENGTHS
+    tables: Sequence[TableTask],
+    size: int = HEAD_SIZE,
+    lengths: Sequence[str] = LENGTHS,
+    *,
+    until_covered: bool = False,
 ) -> list[dict[str, Any]]:
     """Up to ``size`` configurations (``AttentionConfig.to_dict()`` without the seed) chosen greedily
     to maximise the mean, over every table and each of ``lengths`` (``task``, ``deploy`` where the
     tables count it), of the front's hypervolume as a fraction of the table's best. Only
-    configurations every table holds are candidates; ties keep the first table's row order."""
+    configurations every table holds are candidates; ties keep the first table's row order. Once
+    every table's front is covered no configuration adds anything: ``until_covered`` ends the list
+    there, instead of filling it up in the first table's row order (which learns nothing)."""
     if not tables:
         raise ValueError("a head needs at least one table to learn from")
     lengths = [n for n in lengths if all(n in t.costs for t in tables)]
@@ -83,6 +91,7 @@ def learn_head(
             pts = np.column_stack([t.accuracy[rows], t.normalised_cost(n)[rows]])
             points.append((pts, t.best_hv(n)))
     chosen: list[int] = []
+    reached = 0.0
     while len(chosen) < min(size, len(common)):
         best, best_score = -1, -1.0
         for j in range(len(common)):
@@ -91,7 +100,10 @@ def learn_head(
             score = float(np.mean([_hv(pts[[*chosen, j]]) / hv for pts, hv in points]))
             if score > best_score + 1e-12:
                 best, best_score = j, score
+        if until_covered and best_score <= reached + 1e-12:
+            break
         chosen.append(best)
+        reached = best_score
     configs = dict(zip(tables[0].keys, tables[0].configs, strict=True))
     return [{k: v for k, v in configs[common[j]].to_dict().items() if k != "seed"} for j in chosen]
 
@@ -109,9 +121,9 @@ def add_head(
     info = json.loads(side.read_text())
     deploy_len = deploy_len or int(info.get("deploy_len", 4096))
     tasks = [TableTask(t, deploy_len=deploy_len) for t in tables]
-    heads = {n: learn_head(tasks, PORTFOLIO_SIZE, lengths=(n,)) for n in ("task", "deploy")}
+    heads = {n: learn_head(tasks, PORTFOLIO_SIZE, lengths=(n,), until_covered=True) for n in ("task", "deploy")}
     tiles = [TableTask(t, deploy_len=deploy_len, deploy_metric=M.ATTN_TILE_FLOPS) for t in tables]
-    heads["tiles"] = learn_head(tiles, PORTFOLIO_SIZE, lengths=("deploy",))
+    heads["tiles"] = learn_head(tiles, PORTFOLIO_SIZE, lengths=("deploy",), until_covered=True)
     info.pop("head", None)  # (one list for both lengths, as sidecars before the per-length heads kept it)
     info["heads"] = heads
     info["head_tables"] = sorted(Path(t).stem for t in tables)
