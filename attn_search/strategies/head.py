@@ -46,10 +46,10 @@ with mixed effects elsewhere: ``benchmarks/results/family_out_variants.txt``, 11
 PORTFOLIO_SIZE = 50
 """The most configurations a stored list holds (:func:`add_head`): a list ends sooner where it
 covers every table's front, since the greedy cover adds nothing after that (the shipped tile list
-after 9; the other two still gain at 50). ``--strategy portfolio`` proposes a whole list, then TPE (the family-out benchmark's
-``portfolio`` baseline goes on in table row order instead, up to 50); ``ppo`` and
-``portfolio+gp`` take the first :data:`HEAD_SIZE`. The cover is greedy, so a list's first ``k``
-are the list of ``k`` (``tests/test_head.py``)."""
+after 9; the other two still gain at 50). ``--strategy portfolio`` proposes a whole list, then
+TPE (the family-out benchmark's ``portfolio`` baseline goes on in table row order instead, up to
+50); ``ppo`` and ``portfolio+gp`` take the first :data:`HEAD_SIZE`. The cover is greedy, so a
+list's first ``k`` are the list of ``k`` (``tests/test_head.py``)."""
 
 
 LENGTHS = ("task", "deploy", "tiles")
@@ -111,7 +111,7 @@ def learn_head(
 def add_head(
     agent: str | Path, tables: Sequence[str | Path], *, deploy_len: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Learn a list of :data:`PORTFOLIO_SIZE` per length and measure (:data:`LENGTHS`: ``task``;
+    """Learn a list of up to :data:`PORTFOLIO_SIZE` per length and measure (:data:`LENGTHS`: ``task``;
     ``deploy`` and ``tiles``, compute at ``deploy_len``, by default the length the policy was
     meta-trained at, over kept entries and over 128-tiles) from ``tables`` and store them in the
     saved policy's sidecar (``"heads"``), where ``--strategy portfolio`` finds them and ``ppo`` and
