@@ -44,6 +44,8 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "column_majority": {"seq_len": 14, "width": 3, "rows": 3},
         "novelty": {"seq_len": 6, "vocab": 5, "min_pos": 1},
         "lag_match": {"seq_len": 14, "lag": 3},
+        "repeat": {"seq_len": 12, "vocab": 3, "min_period": 2, "max_period": 8},
+        "local_novelty": {"seq_len": 7, "vocab": 4, "span": 2},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -229,6 +231,25 @@ def test_lag_match_labels_compare_each_bit_with_the_one_lag_back() -> None:
     assert 0.3 < float(y[:, 7:].float().mean()) < 0.7  # fair bits: both answers common
 
 
+def test_repeat_labels_continue_each_sequence_s_own_period() -> None:
+    x, y = make_task("repeat", seq_len=40, vocab=5, min_period=3, max_period=9).data("eval", 50)
+    periods = set()
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        period = next(p for p in range(3, 10) if all(row[t] == row[t - p] for t in range(p, 40)))
+        periods.add(period)
+        assert target[: period - 1] == [IGNORE] * (period - 1) and target[-1] == IGNORE
+        assert target[period - 1 : 39] == row[period:40]
+    assert len(periods) >= 5  # the period differs between sequences
+
+
+def test_local_novelty_labels_say_whether_the_token_occurred_in_the_span_before() -> None:
+    x, y = make_task("local_novelty", seq_len=30, vocab=16, span=8).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:8] == [IGNORE] * 8
+        assert target[8:] == [int(row[t] in row[t - 8 : t]) for t in range(8, 30)]
+    assert 0.25 < float((y[:, 8:] == 1).float().mean()) < 0.55  # about 40% repeat
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -284,6 +305,8 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("column_majority", {"seq_len": 16, "rows": 2}, r"need rows odd and rows \* width < seq_len"),
         ("novelty", {"vocab": 1}, r"vocab=1, min_pos=8: need vocab >= 2"),
         ("lag_match", {"seq_len": 16, "lag": 16}, r"lag=16 must lie in \[1, seq_len=16\)"),
+        ("repeat", {"seq_len": 16, "max_period": 16}, r"need 1 <= min_period <= max_period < seq_len=16"),
+        ("local_novelty", {"vocab": 1}, r"span=8, vocab=1: need 1 <= span < seq_len=256 and vocab >= 2"),
     ],
 )
 def test_bad_task_specs(spec: str, kwargs: dict, match: str) -> None:

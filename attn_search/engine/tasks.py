@@ -912,6 +912,93 @@ class LagMatch(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class Repeat(GeneratedTask):
+    """Continue a repeated pattern: each sequence tiles a random pattern whose period is drawn from
+    ``[min_period, max_period]``, and the label at ``t`` is the next token, ``x[t + 1]``, once one
+    period has been seen (``t >= period - 1``).
+
+    In-context copying, what induction heads do (Olsson et al. 2022, arXiv:2209.11895): the answer
+    sits one period back, and the period differs between sequences, so a pattern must reach every
+    offset up to ``max_period`` (found by content, not a fixed lag): a window as long as the longest
+    period wins, a short window or a sparse stride knows only some periods. Tokens and classes:
+    ``0..vocab-1``.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 8
+    min_period: int = 3
+    max_period: int = 24
+
+    name = "repeat"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_period <= self.max_period < self.seq_len or self.vocab < 2:
+            raise ValueError(f"min_period={self.min_period}, max_period={self.max_period}, vocab={self.vocab}: need "
+                             f"1 <= min_period <= max_period < seq_len={self.seq_len} and vocab >= 2")  # fmt: skip
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        L = self.seq_len
+        period = rng.integers(self.min_period, self.max_period + 1, size=n)
+        pattern = rng.integers(0, self.vocab, size=(n, self.max_period))
+        t = np.arange(L)
+        x = np.take_along_axis(pattern, t[None, :] % period[:, None], axis=1).astype(np.int64)
+        y = np.full((n, L), IGNORE, dtype=np.int64)
+        scored = (t[None, :] >= period[:, None] - 1) & (t[None, :] < L - 1)
+        nxt = np.concatenate([x[:, 1:], x[:, :1]], axis=1)
+        y[scored] = nxt[scored]
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalNovelty(GeneratedTask):
+    """Is this token new to the recent span? The label at ``t`` says whether ``x[t]`` occurs among
+    the ``span`` tokens before it.
+
+    A comparison against every recent token at once (a repetition or stutter detector in a local
+    context): unlike ``novelty`` (anywhere before), the span is short and fixed, so a window of the
+    span at least holds it all and a dilated pattern that skips offsets misses repeats there. With
+    the default 16 symbols and span 8 about 40% of positions repeat. Positions from ``span`` on
+    are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 16
+    span: int = 8
+
+    name = "local_novelty"
+    n_classes = 2
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.span < self.seq_len or self.vocab < 2:
+            raise ValueError(
+                f"span={self.span}, vocab={self.vocab}: need 1 <= span < seq_len={self.seq_len} and vocab >= 2"
+            )
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        seen = np.zeros(x.shape, dtype=bool)
+        for k in range(1, self.span + 1):
+            seen[:, k:] |= x[:, k:] == x[:, :-k]
+        y = np.full(x.shape, IGNORE, dtype=np.int64)
+        y[:, self.span :] = seen[:, self.span :]
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -930,6 +1017,8 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "column_majority": ColumnMajority,
     "novelty": Novelty,
     "lag_match": LagMatch,
+    "repeat": Repeat,
+    "local_novelty": LocalNovelty,
 }
 """Built-in tasks by name."""
 
