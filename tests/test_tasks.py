@@ -46,6 +46,7 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "lag_match": {"seq_len": 14, "lag": 3},
         "repeat": {"seq_len": 12, "vocab": 3, "min_period": 2, "max_period": 8},
         "local_novelty": {"seq_len": 7, "vocab": 4, "span": 2},
+        "halve": {"seq_len": 9, "vocab": 3},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -250,6 +251,12 @@ def test_local_novelty_labels_say_whether_the_token_occurred_in_the_span_before(
     assert 0.25 < float((y[:, 8:] == 1).float().mean()) < 0.55  # about 40% repeat
 
 
+def test_halve_labels_are_the_token_at_half_the_position() -> None:
+    x, y = make_task("halve", seq_len=30, vocab=4).data("eval", 20)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:8] == [IGNORE] * 8 and target[8:] == [row[t // 2] for t in range(8, 30)]
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -306,6 +313,7 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("novelty", {"vocab": 1}, r"vocab=1, min_pos=8: need vocab >= 2"),
         ("lag_match", {"seq_len": 16, "lag": 16}, r"lag=16 must lie in \[1, seq_len=16\)"),
         ("repeat", {"seq_len": 16, "max_period": 16}, r"need 1 <= min_period <= max_period < seq_len=16"),
+        ("halve", {"seq_len": 8}, r"seq_len=8, vocab=4: need seq_len > 8 and vocab >= 2"),
         ("local_novelty", {"vocab": 1}, r"span=8, vocab=1: need 1 <= span < seq_len=256 and vocab >= 2"),
     ],
 )

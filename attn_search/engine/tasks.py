@@ -999,6 +999,43 @@ class LocalNovelty(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class Halve(GeneratedTask):
+    """Read at half the position: the label at ``t`` is ``x[t // 2]``.
+
+    Addressing by position rather than by content or a fixed lag (a pointer into the sequence, a
+    downsampled copy, the second half of an alignment): the offset a query needs, ``t - t // 2``,
+    grows with its position, so a pattern reaches it only where its offsets cover that position's,
+    and every offset up to half the length is needed somewhere. Tokens and classes: ``0..vocab-1``;
+    positions from 8 on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 4
+
+    name = "halve"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 8 or self.vocab < 2:
+            raise ValueError(f"seq_len={self.seq_len}, vocab={self.vocab}: need seq_len > 8 and vocab >= 2")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        y = np.full(x.shape, IGNORE, dtype=np.int64)
+        t = np.arange(8, self.seq_len)
+        y[:, 8:] = x[:, t // 2]
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -1019,6 +1056,7 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "lag_match": LagMatch,
     "repeat": Repeat,
     "local_novelty": LocalNovelty,
+    "halve": Halve,
 }
 """Built-in tasks by name."""
 
