@@ -209,7 +209,7 @@ def test_portfolio_gp_proposes_the_shipped_head_then_gp_and_says_so(tmp_path: Pa
         strategy.tell(values, Outcome("complete", {"accuracy": acc}, (acc, 1e7 * (1 + i))))
         proposed.append(values)
     assert proposed[:5] == head
-    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["gp-head"] * 5 + ["gp"] * 2
+    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["portfolio"] * 5 + ["gp"] * 2
     gp_study = strategy.inner.study  # type: ignore[attr-defined]
     assert len(gp_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 7  # told the head's too
 
@@ -239,6 +239,6 @@ def test_portfolio_proposes_the_whole_shipped_list_then_tpe_and_says_so(tmp_path
         acc = 0.3 + 0.001 * i
         study.tell(trial, [acc, 1e7 * (1 + i)])
         strategy.tell(values, Outcome("complete", {"accuracy": acc}, (acc, 1e7 * (1 + i))))
-    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["tpe-head"] * PORTFOLIO_SIZE + ["tpe"] * 2
+    assert [t.user_attrs["proposed_by"] for t in study.trials] == ["portfolio"] * PORTFOLIO_SIZE + ["tpe"] * 2
     tpe_study = strategy.inner.study  # type: ignore[attr-defined]
     assert len(tpe_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == PORTFOLIO_SIZE + 2

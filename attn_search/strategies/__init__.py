@@ -128,7 +128,9 @@ def make_strategy(name: str, context: StrategyContext, *, constrained: bool = Fa
         head = stored_head(provenance(SHIPPED), context.space, searched_task(context).seq_len,
                            size=HEAD_SIZE if gp else None)  # fmt: skip
         inner = SamplerStrategy("gp" if gp else "tpe", context, constrained=constrained)
-        return HeadFirst(inner, head, context.space, name=name, then=f"Optuna's {'GP' if gp else 'TPE'} sampler")
+        # (their trials say they came from the learned list, then from the sampler: "portfolio", then "gp" or "tpe")
+        return HeadFirst(inner, head, context.space, name=name, then=f"Optuna's {'GP' if gp else 'TPE'} sampler",
+                         label=PORTFOLIO_STRATEGY)  # fmt: skip
     if name in AGENT_STRATEGIES:
         from attn_search.strategies.agent import AgentStrategy
 

@@ -184,14 +184,14 @@ def head_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any]
 
 class HeadFirst(FirstThese):
     """A :class:`~attn_search.strategies.base.Strategy` that proposes the head's configurations the
-    space can build, in order (``proposed_by``: ``NAME-head``), then asks ``inner`` (``then`` says
-    what it is); ``inner`` is told every trial, the head's too. ``name``: the strategy's (default:
-    ``inner``'s)."""
+    space can build, in order (``proposed_by``: ``label``, by default ``INNER-head``), then asks
+    ``inner`` (``then`` says what it is); ``inner`` is told every trial, the head's too. ``name``:
+    the strategy's (default: ``inner``'s)."""
 
     def __init__(self, inner: Strategy, head: Sequence[Mapping[str, Any]], space: SearchSpace, *,
-                 name: str | None = None, then: str = "the policy") -> None:  # fmt: skip
+                 name: str | None = None, then: str = "the policy", label: str | None = None) -> None:  # fmt: skip
         fits = [head_values(space, c) for c in head]
-        super().__init__(inner, [v for v in fits if v is not None], name=name, label=f"{inner.name}-head")
+        super().__init__(inner, [v for v in fits if v is not None], name=name, label=label or f"{inner.name}-head")
         self.skipped = len(head) - len(self.queue)
         self.size = len(self.queue)
         self.then = then
