@@ -915,8 +915,8 @@ class LagMatch(GeneratedTask):
 @dataclasses.dataclass(frozen=True)
 class Repeat(GeneratedTask):
     """Continue a repeated pattern: each sequence tiles a random pattern whose period is drawn from
-    ``[min_period, max_period]``, and the label at ``t`` is the next token, ``x[t + 1]``, once one
-    period has been seen (``t >= period - 1``).
+    ``[min_period, max_period]``, and the label at ``t`` is the next token, ``x[t + 1]``, once it
+    repeats an earlier one (``t >= period``: before, the period cannot be known from the input).
 
     In-context copying, what induction heads do (Olsson et al. 2022, arXiv:2209.11895): the answer
     sits one period back, and the period differs between sequences, so a pattern must reach every
@@ -953,7 +953,7 @@ class Repeat(GeneratedTask):
         t = np.arange(L)
         x = np.take_along_axis(pattern, t[None, :] % period[:, None], axis=1).astype(np.int64)
         y = np.full((n, L), IGNORE, dtype=np.int64)
-        scored = (t[None, :] >= period[:, None] - 1) & (t[None, :] < L - 1)
+        scored = (t[None, :] >= period[:, None]) & (t[None, :] < L - 1)
         nxt = np.concatenate([x[:, 1:], x[:, :1]], axis=1)
         y[scored] = nxt[scored]
         return x, y
