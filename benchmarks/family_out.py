@@ -239,7 +239,7 @@ def main() -> None:
                         "agent, head and portfolio learned from all the families of tables/, as the shipped recipe is")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", help="folder of family_out.json, or family_out_tiles.json with tiles (default: "
-                        "benchmarks/results, or its sealed/)")  # fmt: skip
+                        "benchmarks/results, or its folder named as the --sealed DIR)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
     args.out = args.out or str(

@@ -913,7 +913,7 @@ class LagMatch(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Repeat(GeneratedTask):
+class Repeat(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """Continue a repeated pattern: each sequence tiles a random pattern whose period is drawn from
     ``[min_period, max_period]``, and the label at ``t`` is the next token, ``x[t + 1]``, once it
     repeats an earlier one (``t >= period``: before, the period cannot be known from the input).
@@ -932,14 +932,6 @@ class Repeat(GeneratedTask):
     max_period: int = 24
 
     name = "repeat"
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.vocab
-
-    @property
-    def n_classes(self) -> int:  # type: ignore[override]
-        return self.vocab
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_period <= self.max_period < self.seq_len or self.vocab < 2:
@@ -1000,7 +992,7 @@ class LocalNovelty(GeneratedTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Halve(GeneratedTask):
+class Halve(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """Read at half the position: the label at ``t`` is ``x[t // 2]``.
 
     Addressing by position rather than by content or a fixed lag (a pointer into the sequence, a
@@ -1015,14 +1007,6 @@ class Halve(GeneratedTask):
     vocab: int = 4
 
     name = "halve"
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.vocab
-
-    @property
-    def n_classes(self) -> int:  # type: ignore[override]
-        return self.vocab
 
     def __post_init__(self) -> None:
         if self.seq_len <= 8 or self.vocab < 2:
