@@ -47,6 +47,7 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "repeat": {"seq_len": 12, "vocab": 3, "min_period": 2, "max_period": 8},
         "local_novelty": {"seq_len": 7, "vocab": 4, "span": 2},
         "halve": {"seq_len": 9, "vocab": 3},
+        "interleave": {"seq_len": 7, "vocab": 3, "order": 2},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -258,6 +259,30 @@ def test_halve_labels_are_the_token_at_half_the_position() -> None:
         assert target[:8] == [IGNORE] * 8 and target[8:] == [row[t // 2] for t in range(8, 30)]
 
 
+def test_interleave_labels_are_a_rule_of_the_tokens_own_stream() -> None:
+    task = make_task("interleave", seq_len=30, vocab=4, order=3)
+    x, y = task.data("eval", 200)
+    assert (y[:, :4] == IGNORE).all() and (y[:, 4:] != IGNORE).all()
+    # one rule: the same (x[t], x[t-2], x[t-4]) always gives the same label, and the label depends on each of them
+    seen: dict[tuple[int, ...], int] = {}
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        for t in range(4, 30):
+            key = (row[t], row[t - 2], row[t - 4])
+            assert seen.setdefault(key, target[t]) == target[t]
+    assert len(seen) == 4**3
+    for drop in range(3):  # no two of the three tokens decide it: each one matters
+        rest: dict[tuple[int, ...], set[int]] = {}
+        for key, label in seen.items():
+            rest.setdefault(key[:drop] + key[drop + 1 :], set()).add(label)
+        assert any(len(v) > 1 for v in rest.values())
+    # the other stream's tokens do not: x[t-1] and x[t-3] vary under the same label
+    odd: dict[tuple[int, ...], set[int]] = {}
+    for row in x.tolist():
+        for t in range(4, 30):
+            odd.setdefault((row[t], row[t - 2], row[t - 4]), set()).add(row[t - 1])
+    assert all(len(v) > 1 for v in odd.values())
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -315,6 +340,7 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("lag_match", {"seq_len": 16, "lag": 16}, r"lag=16 must lie in \[1, seq_len=16\)"),
         ("repeat", {"seq_len": 16, "max_period": 16}, r"need 1 <= min_period <= max_period < seq_len=16"),
         ("halve", {"seq_len": 8}, r"seq_len=8, vocab=4: need seq_len > 8 and vocab >= 2"),
+        ("interleave", {"seq_len": 6, "order": 4}, r"order=4, vocab=4: need 2 \(order - 1\) < seq_len=6"),
         ("local_novelty", {"vocab": 1}, r"span=8, vocab=1: need 1 <= span < seq_len=256 and vocab >= 2"),
     ],
 )

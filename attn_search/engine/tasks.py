@@ -1020,6 +1020,46 @@ class Halve(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class Interleave(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
+    """Two interleaved streams: the label at ``t`` is a fixed random function of the last ``order``
+    tokens of ``t``'s own stream, ``x[t], x[t - 2], ..., x[t - 2 (order - 1)]``.
+
+    Multiplexed sequences (two speakers' turns, stereo channels, a real and an imaginary part, a
+    key and a value alternating): the neighbour a query needs is every second token, so a dilation
+    of 2 holds exactly what matters, a window needs twice the reach and mixes in the other stream,
+    and dilations of 3 or 4 miss the stream. The table ``(vocab,) * order -> class`` is drawn from
+    ``table_seed`` (one rule across splits and task seeds). Positions from ``2 (order - 1)`` on are
+    scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 4
+    order: int = 4
+    table_seed: int = 0
+
+    name = "interleave"
+
+    def __post_init__(self) -> None:
+        if self.order < 1 or 2 * (self.order - 1) >= self.seq_len or self.vocab < 2 or self.vocab**self.order > 1 << 20:
+            raise ValueError(
+                f"order={self.order}, vocab={self.vocab}: need 2 (order - 1) < seq_len={self.seq_len}, vocab >= 2 "
+                "and vocab**order <= 2**20"
+            )
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        table = np.random.default_rng([self.table_seed, 11]).integers(0, self.vocab, size=self.vocab**self.order)
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        start = 2 * (self.order - 1)
+        idx = np.zeros((n, self.seq_len - start), dtype=np.int64)
+        for k in range(self.order):  # the stream's token k places back, most significant first
+            idx = idx * self.vocab + x[:, start - 2 * k : self.seq_len - 2 * k]
+        y = np.full(x.shape, IGNORE, dtype=np.int64)
+        y[:, start:] = table[idx]
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -1041,6 +1081,7 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "repeat": Repeat,
     "local_novelty": LocalNovelty,
     "halve": Halve,
+    "interleave": Interleave,
 }
 """Built-in tasks by name."""
 
