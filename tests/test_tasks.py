@@ -48,6 +48,7 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "local_novelty": {"seq_len": 7, "vocab": 4, "span": 2},
         "halve": {"seq_len": 9, "vocab": 3},
         "interleave": {"seq_len": 7, "vocab": 3, "order": 2},
+        "block_rank": {"seq_len": 6, "vocab": 4, "block": 3},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -283,6 +284,15 @@ def test_interleave_labels_are_a_rule_of_the_tokens_own_stream() -> None:
     assert all(len(v) > 1 for v in odd.values())
 
 
+def test_block_rank_labels_count_the_smaller_earlier_tokens_of_the_block() -> None:
+    x, y = make_task("block_rank", seq_len=30, vocab=8, block=8).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        for t in range(30):
+            start = 8 * (t // 8)  # blocks 0-7, 8-15, ...: never the previous block's tokens
+            assert target[t] == sum(v < row[t] for v in row[start:t])
+    assert set(y[:, ::8].flatten().tolist()) == {0} and len(set(y.flatten().tolist())) >= 6
+
+
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:
     x, y = make_task("delay", seq_len=40, lag=7).data("eval", 20)
     assert (y[:, :7] == IGNORE).all() and torch.equal(y[:, 7:], x[:, :-7])
@@ -340,6 +350,7 @@ def test_user_task_plugs_in_by_import_path() -> None:
         ("lag_match", {"seq_len": 16, "lag": 16}, r"lag=16 must lie in \[1, seq_len=16\)"),
         ("repeat", {"seq_len": 16, "max_period": 16}, r"need 1 <= min_period <= max_period < seq_len=16"),
         ("halve", {"seq_len": 8}, r"seq_len=8, vocab=4: need seq_len > 8 and vocab >= 2"),
+        ("block_rank", {"seq_len": 16, "block": 1}, r"block=1, vocab=8: need 2 <= block <= seq_len=16"),
         ("interleave", {"seq_len": 6, "order": 4}, r"order=4, vocab=4: need 2 \(order - 1\) < seq_len=6"),
         ("local_novelty", {"vocab": 1}, r"span=8, vocab=1: need 1 <= span < seq_len=256 and vocab >= 2"),
     ],

@@ -1060,6 +1060,49 @@ class Interleave(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockRank(GeneratedTask):
+    """Rank within a fixed block: the sequence is cut into blocks of ``block`` tokens, and the label
+    at ``t`` counts the earlier tokens of ``t``'s block that are smaller than ``x[t]``.
+
+    Work confined to aligned chunks (rows of a table, frames, packed fixed-size records, a sort
+    within each bucket): a query needs every earlier token of its own block and nothing outside it,
+    so a block-local pattern aligned with the blocks (BigBird's blocks of the same size) holds
+    exactly that, while a sliding window of the same size straddles two blocks and mixes in the
+    previous one. Tokens uniform over ``vocab``; classes ``0..block-1``; every position is scored
+    (a block's first token has label 0).
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 8
+    block: int = 8
+
+    name = "block_rank"
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.block
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.block <= self.seq_len or self.vocab < 2:
+            raise ValueError(
+                f"block={self.block}, vocab={self.vocab}: need 2 <= block <= seq_len={self.seq_len} and vocab >= 2"
+            )
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        y = np.zeros(x.shape, dtype=np.int64)
+        for t in range(self.seq_len):
+            start = t - t % self.block
+            y[:, t] = (x[:, start:t] < x[:, t : t + 1]).sum(axis=1)
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -1082,6 +1125,7 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "local_novelty": LocalNovelty,
     "halve": Halve,
     "interleave": Interleave,
+    "block_rank": BlockRank,
 }
 """Built-in tasks by name."""
 
