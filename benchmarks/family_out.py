@@ -34,6 +34,10 @@ test the recipe once after its last change and never used to choose anything: ev
 and portfolio is learned from all the families of ``tables/`` (the shipped recipe, with ``--agents``
 seeds), and the sealed tables are only scored.
 
+With ``--learn-from DIR...`` the families of each DIR (a sealed set once it has been scored) join
+those of ``tables/``: learned from, and held out in turn like them; with ``--sealed`` too, the
+sealed set's agents, heads and portfolio learn from both.
+
 Writes ``family_out.json`` (``family_out_tiles.json`` with ``--deploy-compute attn_tile_flops``) to
 ``--out`` (``benchmarks/results``, or ``benchmarks/results/`` and DIR's name with ``--sealed``);
 prints the tables and its wall time.
@@ -45,6 +49,7 @@ Usage::
     python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
     python benchmarks/family_out.py --sealed                 # the sealed families, once
     python benchmarks/family_out.py --sealed tables/sealed2  # another set of them
+    python benchmarks/family_out.py --learn-from tables/sealed tables/sealed2 tables/sealed3   # 15 families
 """
 
 from __future__ import annotations
@@ -237,6 +242,9 @@ def main() -> None:
     parser.add_argument("--sealed", nargs="?", const=str(SEALED), metavar="DIR",
                         help=f"score the sealed families of DIR (default {SEALED.relative_to(ROOT)}/) instead: every "
                         "agent, head and portfolio learned from all the families of tables/, as the shipped recipe is")  # fmt: skip
+    parser.add_argument("--learn-from", nargs="+", default=[], metavar="DIR",
+                        help="folders of tables whose families join tables/'s: learned from, and held out in turn "
+                        "(a spent sealed set, once scored, so that a recipe trained on more families can be judged)")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", help="folder of family_out.json, or family_out_tiles.json with tiles (default: "
                         "benchmarks/results, or its folder named as the --sealed DIR)")  # fmt: skip
@@ -247,6 +255,13 @@ def main() -> None:
     )
     start = time.perf_counter()
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
+    for folder in args.learn_from:
+        more = sorted(Path(folder).glob("*.csv"))
+        if not more:
+            parser.error(f"--learn-from: no table in {folder}")
+        if args.sealed and Path(folder).resolve() == Path(args.sealed).resolve():
+            parser.error(f"--learn-from {folder} is the --sealed set: a sealed family must be one nothing learns from")
+        learnable += more
     sealed = sorted(Path(args.sealed).glob("*.csv")) if args.sealed else []
     if args.sealed and not sealed:
         parser.error(f"--sealed: no table in {args.sealed}")

@@ -126,6 +126,32 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
     assert set(result["correlations"]) == set(pool) | set(sealed)  # the matrix holds the sealed tables too
 
 
+def test_family_out_refuses_a_learn_from_folder_without_tables_or_that_is_the_sealed_set(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for extra, said in ((["--learn-from", str(tmp_path / "empty")], f"--learn-from: no table in {tmp_path / 'empty'}"),
+                        (["--learn-from", "tables/sealed", "--sealed", "tables/sealed"], "is the --sealed set")):  # fmt: skip
+        done = subprocess.run([sys.executable, "benchmarks/family_out.py", *extra, "--agents-dir", str(tmp_path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow  # (the benchmark's own run: a 64-step agent and four 10-trial searches)
+def test_family_out_learn_from_adds_families_that_are_learned_from_and_held_out_in_turn(tmp_path: Path) -> None:
+    """``--learn-from DIR``: DIR's families join tables/'s; one of them held out is scored with an
+    agent trained on every other table, of tables/ and of DIR alike."""
+    extra = sorted(p.stem for p in (ROOT / "tables" / "sealed2").glob("*.csv"))
+    pool = sorted(p.stem for p in (ROOT / "tables").glob("*.csv") if p.stem not in ("sparse-smoke", "majority-64"))
+    held = extra[0].rsplit("-", 1)[0]
+    done = subprocess.run([sys.executable, "benchmarks/family_out.py", "--learn-from", "tables/sealed2", "--families",
+                           held, "--strategies", "ppo", "--agents", "1", "--seeds", "2", "--steps", "64", "--budgets",
+                           "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "family_out.json").read_text())
+    assert list(result["regret"]) == [held] and len(result["regret"][held]["task"]["10"]["ppo"]) == 2
+    assert result["agents"][f"{held}/0"]["tables"] == sorted(pool + extra[1:])  # the rest of DIR, not the held-out one
+
+
 def test_family_out_compare_tests_each_cell_and_scores_a_ppo_only_run_against_the_first_runs_baselines(
     tmp_path: Path,
 ) -> None:
