@@ -33,9 +33,9 @@ PORTFOLIO_STRATEGY = "portfolio"
 """The shipped zero-shot portfolio: the :data:`~attn_search.strategies.head.PORTFOLIO_SIZE`
 configurations learned to cover the shipped tables' fronts together, for the length and measure the
 search counts compute in, then Optuna's TPE sampler (the default) once they are spent: the
-family-out benchmark's ``portfolio`` (README, "Which strategy should I use?": on all three sealed
-sets the best with compute at the task's length; at L=4096 with FLOPs it led on the first and
-third sets and was among the worst on the second, where GP or TPE led)."""
+family-out benchmark's ``portfolio`` (README, "Which strategy should I use?": on all four sealed
+sets the best at 10 trials with compute at the task's length; at L=4096 with FLOPs it led on the
+first, third and fourth sets and was among the worst on the second, where GP or TPE led)."""
 STRATEGIES = (*OPTUNA_STRATEGIES, POLICY_STRATEGY, HEAD_GP_STRATEGY, PORTFOLIO_STRATEGY, *AGENT_STRATEGIES)
 
 __all__ = [
