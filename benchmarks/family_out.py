@@ -49,7 +49,7 @@ Usage::
     python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
     python benchmarks/family_out.py --sealed                 # the sealed families, once
     python benchmarks/family_out.py --sealed tables/sealed2  # another set of them
-    python benchmarks/family_out.py --learn-from tables/sealed tables/sealed2 tables/sealed3   # 15 families
+    python benchmarks/family_out.py --learn-from tables/sealed tables/sealed2 tables/sealed3 --out benchmarks/results/fifteen
 """
 
 from __future__ import annotations
@@ -255,12 +255,17 @@ def main() -> None:
     )
     start = time.perf_counter()
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
-    for folder in args.learn_from:
-        more = sorted(Path(folder).glob("*.csv"))
+    for folder in dict.fromkeys(Path(f).resolve() for f in args.learn_from):  # (a folder named twice counts once)
+        more = sorted(p for p in folder.glob("*.csv") if p.stem not in EXCLUDED)
         if not more:
             parser.error(f"--learn-from: no table in {folder}")
-        if args.sealed and Path(folder).resolve() == Path(args.sealed).resolve():
+        if folder == (ROOT / "tables").resolve():
+            parser.error("--learn-from tables/: its tables are learned from already")
+        if args.sealed and folder == Path(args.sealed).resolve():
             parser.error(f"--learn-from {folder} is the --sealed set: a sealed family must be one nothing learns from")
+        twice = sorted({p.stem for p in more} & {p.stem for p in learnable})
+        if twice:  # the leak check and the pairing go by table name
+            parser.error(f"--learn-from {folder}: {twice} already learned from under the same name")
         learnable += more
     sealed = sorted(Path(args.sealed).glob("*.csv")) if args.sealed else []
     if args.sealed and not sealed:

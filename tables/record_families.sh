@@ -2,7 +2,7 @@
 # Record the task-family tables of the strategy benchmark, one after another, resumably.
 # Usage: OMP_NUM_THREADS=1 tables/record_families.sh TASK [TASK...]   (from the repository root)
 #        PARAMS="width=6" ... passes --task-param width=6 to every recording (a task's variant)
-#        DIR=tables/sealed ... writes there instead of tables/ (families kept out of every training)
+#        DIR=tables/sealed ... writes there instead of tables/ (families kept out of training until scored)
 # Each table is the sparse grid (312 configurations) at L=64, 120 steps, as mqar-64.csv is;
 # an interrupted recording continues from its work dir (tables/TASK-64.csv.run) when rerun.
 set -euo pipefail

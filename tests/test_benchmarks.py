@@ -129,7 +129,8 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
 def test_family_out_refuses_a_learn_from_folder_without_tables_or_that_is_the_sealed_set(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for extra, said in ((["--learn-from", str(tmp_path / "empty")], f"--learn-from: no table in {tmp_path / 'empty'}"),
-                        (["--learn-from", "tables/sealed", "--sealed", "tables/sealed"], "is the --sealed set")):  # fmt: skip
+                        (["--learn-from", "tables/sealed", "--sealed", "tables/sealed"], "is the --sealed set"),
+                        (["--learn-from", "tables"], "--learn-from tables/: its tables are learned from already")):  # fmt: skip
         done = subprocess.run([sys.executable, "benchmarks/family_out.py", *extra, "--agents-dir", str(tmp_path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
         assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]

@@ -1044,8 +1044,8 @@ class Interleave(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override
     def __post_init__(self) -> None:
         if self.order < 1 or 2 * (self.order - 1) >= self.seq_len or self.vocab < 2 or self.vocab**self.order > 1 << 20:
             raise ValueError(
-                f"order={self.order}, vocab={self.vocab}: need 2 (order - 1) < seq_len={self.seq_len}, vocab >= 2 "
-                "and vocab**order <= 2**20"
+                f"order={self.order}, vocab={self.vocab}: need 1 <= order, 2 (order - 1) < seq_len={self.seq_len}, "
+                "vocab >= 2 and vocab**order <= 2**20"
             )
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
