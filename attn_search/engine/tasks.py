@@ -371,6 +371,20 @@ class _TokensAreLabels:
         return self.vocab
 
 
+def _rule_labels(x: np.ndarray, table: np.ndarray, order: int, vocab: int, step: int) -> np.ndarray:
+    """Labels ``table[...]`` of the ``order`` tokens ``x[t], x[t - step], ...`` (the query's own most
+    significant), ``IGNORE`` where they do not all exist: ``ngram``'s rule (``step=1``) and
+    ``interleave``'s (``step=2``, the query's own stream)."""
+    n, length = x.shape
+    start = step * (order - 1)
+    idx = np.zeros((n, length - start), dtype=np.int64)
+    for k in range(order):  # the token k places back in the rule, most significant first
+        idx = idx * vocab + x[:, start - step * k : length - step * k]
+    y = np.full((n, length), IGNORE, dtype=np.int64)
+    y[:, start:] = table[idx]
+    return y
+
+
 @dataclasses.dataclass(frozen=True)
 class NGram(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     """Local n-gram rule: the label at ``t`` is a fixed random function of the last ``order`` tokens.
@@ -403,12 +417,7 @@ class NGram(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override]
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         table = np.random.default_rng([self.table_seed, 7]).integers(0, self.vocab, size=self.vocab**self.order)
         x = rng.integers(0, self.vocab, size=(n, self.seq_len))
-        idx = np.zeros((n, self.seq_len - self.order + 1), dtype=np.int64)
-        for k in range(self.order):  # the token k places back, most significant first
-            idx = idx * self.vocab + x[:, self.order - 1 - k : self.seq_len - k]
-        y = np.full((n, self.seq_len), IGNORE, dtype=np.int64)
-        y[:, self.order - 1 :] = table[idx]
-        return x, y
+        return x, _rule_labels(x, table, self.order, self.vocab, step=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1051,13 +1060,7 @@ class Interleave(_TokensAreLabels, GeneratedTask):  # type: ignore[misc,override
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         table = np.random.default_rng([self.table_seed, 11]).integers(0, self.vocab, size=self.vocab**self.order)
         x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
-        start = 2 * (self.order - 1)
-        idx = np.zeros((n, self.seq_len - start), dtype=np.int64)
-        for k in range(self.order):  # the stream's token k places back, most significant first
-            idx = idx * self.vocab + x[:, start - 2 * k : self.seq_len - 2 * k]
-        y = np.full(x.shape, IGNORE, dtype=np.int64)
-        y[:, start:] = table[idx]
-        return x, y
+        return x, _rule_labels(x, table, self.order, self.vocab, step=2)
 
 
 @dataclasses.dataclass(frozen=True)
