@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,8 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "halve": {"seq_len": 9, "vocab": 3},
         "interleave": {"seq_len": 7, "vocab": 3, "order": 2},
         "block_rank": {"seq_len": 6, "vocab": 4, "block": 3},
+        "gap": {"seq_len": 7, "vocab": 4},
+        "token_count": {"seq_len": 7, "vocab": 4},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -291,6 +295,23 @@ def test_block_rank_labels_count_the_smaller_earlier_tokens_of_the_block() -> No
             start = 8 * (t // 8)  # blocks 0-7, 8-15, ...: never the previous block's tokens
             assert target[t] == sum(v < row[t] for v in row[start:t])
     assert set(y[:, ::8].flatten().tolist()) == {0} and len(set(y.flatten().tolist())) >= 6
+
+
+def test_gap_labels_are_the_octave_of_the_distance_to_the_token_s_last_occurrence() -> None:
+    x, y = make_task("gap", seq_len=40, vocab=8).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        for t in range(40):
+            before = [s for s in range(t) if row[s] == row[t]]
+            d = t - before[-1] if before else 0  # the latest occurrence, not the first
+            assert target[t] == (0 if d == 0 else 1 + int(math.log2(min(d, 16))))
+    assert set(y.flatten().tolist()) == set(range(6))
+
+
+def test_token_count_labels_count_the_earlier_occurrences_up_to_three() -> None:
+    x, y = make_task("token_count", seq_len=40, vocab=6).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target == [min(row[:t].count(row[t]), 3) for t in range(40)]
+    assert set(y.flatten().tolist()) == {0, 1, 2, 3}
 
 
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:

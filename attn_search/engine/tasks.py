@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -1106,6 +1107,80 @@ class BlockRank(GeneratedTask):
         return x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class _EarlierOccurrences(GeneratedTask):
+    """Base of the tasks that label each uniform token by its own earlier occurrences (``gap``,
+    ``token_count``): subclasses give :meth:`label` of the matches."""
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 8
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if self.vocab < 2 or self.seq_len < 2:
+            raise ValueError(f"vocab={self.vocab}, seq_len={self.seq_len}: need vocab >= 2 and seq_len >= 2")
+
+    def label(self, x: np.ndarray, matches: Iterator[tuple[int, np.ndarray]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        # (k, hit): hit[:, t] says x[t] == x[t - k], for k from seq_len - 1 down to 1 (the nearest last)
+        matches = ((k, np.pad(x[:, k:] == x[:, :-k], ((0, 0), (k, 0)))) for k in range(self.seq_len - 1, 0, -1))
+        return x, self.label(x, matches).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gap(_EarlierOccurrences):
+    """How far back was this token last seen? The label at ``t`` is the distance ``d`` to the
+    previous occurrence of ``x[t]`` in octaves: 0 if none, 1 for ``d = 1``, 2 for 2-3, 3 for 4-7,
+    4 for 8-15 and 5 for 16 or more.
+
+    Recency by content (a cache's reuse distance, how long ago a speaker or a variable last
+    appeared): a query must find its own symbol's latest occurrence and read where it is, so exact
+    relative positions count where they are close and only coarsely where they are far. A short
+    window sees the near octaves exactly, and a key it does not see says "8 or more"; a longer
+    reach mixes in older occurrences of the same symbol. With the default 8 symbols about 12% of
+    positions have none before, and every position is scored.
+    """
+
+    vocab: int = 8
+
+    name = "gap"
+    n_classes = 6
+
+    def label(self, x: np.ndarray, matches: Iterator[tuple[int, np.ndarray]]) -> np.ndarray:
+        d = np.zeros(x.shape, dtype=np.int64)
+        for k, hit in matches:  # nearest last, so the latest occurrence's distance stays
+            d[hit] = k
+        return np.where(d == 0, 0, np.searchsorted(np.array([1, 2, 4, 8, 16]), d, side="right"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCount(_EarlierOccurrences):
+    """How often has this token been seen? The label at ``t`` is how many times ``x[t]`` occurs in
+    ``x[0..t-1]``, 3 meaning 3 or more.
+
+    A count by content over the whole prefix (term frequency, how many times a user repeated a
+    request): unlike ``novelty`` (seen at all) or ``local_novelty`` (within a recent span), the
+    query must count matches anywhere before it, so every key may matter and an attention's
+    averaging has to turn into a count. With the default 16 symbols the four classes are about
+    equally frequent at L=64; every position is scored.
+    """
+
+    vocab: int = 16
+
+    name = "token_count"
+    n_classes = 4
+
+    def label(self, x: np.ndarray, matches: Iterator[tuple[int, np.ndarray]]) -> np.ndarray:
+        return np.minimum(sum(hit.astype(np.int64) for _, hit in matches), 3)
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -1129,6 +1204,8 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "halve": Halve,
     "interleave": Interleave,
     "block_rank": BlockRank,
+    "gap": Gap,
+    "token_count": TokenCount,
 }
 """Built-in tasks by name."""
 
