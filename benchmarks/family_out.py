@@ -32,7 +32,9 @@ recorded on, so ``mqar-128`` and ``mqar-64`` are left out together):
 With ``--sealed [DIR]`` the held-out families are those of ``DIR`` (``tables/sealed/``), recorded to
 test the recipe once after its last change and never used to choose anything: every agent, head
 and portfolio is learned from all the families of ``tables/`` (the shipped recipe, with ``--agents``
-seeds), and the sealed tables are only scored.
+seeds), and the sealed tables are only scored. With several DIRs (``--sealed DIR DIR...``) one set of
+agents, learned from ``tables/`` alone, scores the families of them all (a spent set so scored again
+tests the current recipe there, though it may have shaped it).
 
 With ``--learn-from DIR...`` the families of each DIR (a sealed set once it has been scored) join
 those of ``tables/``: learned from, and held out in turn like them; with ``--sealed`` too, the
@@ -49,16 +51,15 @@ Usage::
     python benchmarks/family_out.py --strategies ppo --agents 5 --first-agent-seed 5 --out DIR   # agents 5-9
     python benchmarks/family_out.py --sealed                 # the sealed families, once
     python benchmarks/family_out.py --sealed tables/sealed2  # another set of them
+    python benchmarks/family_out.py --sealed tables/sealed*  # every sealed set (out: benchmarks/results/sealed+sealed2+...)
     python benchmarks/family_out.py --learn-from tables/sealed tables/sealed2 tables/sealed3 --out benchmarks/results/fifteen
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import json
-import multiprocessing
 import time
 import warnings
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ from attn_search.strategies.candidates import (
     recorded_task,
 )
 from attn_search.strategies.head import learn_head
+from attn_search.workers import worker_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = ("sparse-smoke", "majority-64")
@@ -239,9 +241,10 @@ def main() -> None:
     )
     parser.add_argument("--head-size", type=int, default=head_module.HEAD_SIZE,
                         help="ppo's learned first configurations (default: the shipped recipe's)")  # fmt: skip
-    parser.add_argument("--sealed", nargs="?", const=str(SEALED), metavar="DIR",
-                        help=f"score the sealed families of DIR (default {SEALED.relative_to(ROOT)}/) instead: every "
-                        "agent, head and portfolio learned from all the families of tables/, as the shipped recipe is")  # fmt: skip
+    parser.add_argument("--sealed", nargs="*", metavar="DIR",
+                        help=f"score the sealed families of each DIR (default {SEALED.relative_to(ROOT)}/) instead: "
+                        "every agent, head and portfolio learned from all the families of tables/, as the shipped "
+                        "recipe is; with several DIRs one set of agents scores them all")  # fmt: skip
     parser.add_argument("--learn-from", nargs="+", default=[], metavar="DIR",
                         help="folders of tables whose families join tables/'s: learned from, and held out in turn "
                         "(a spent sealed set, once scored, so that a recipe trained on more families can be judged)")  # fmt: skip
@@ -250,9 +253,10 @@ def main() -> None:
                         "benchmarks/results, or its folder named as the --sealed DIR)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
-    args.out = args.out or str(
-        ROOT / "benchmarks" / "results" / (Path(args.sealed).resolve().name if args.sealed else "")
-    )
+    if args.sealed == []:  # --sealed alone
+        args.sealed = [str(SEALED)]
+    sealed_dirs = list(dict.fromkeys(Path(d).resolve() for d in args.sealed or []))
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "+".join(d.name for d in sealed_dirs))
     start = time.perf_counter()
     learnable = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in EXCLUDED)  # what is learned from
     for folder in dict.fromkeys(Path(f).resolve() for f in args.learn_from):  # (a folder named twice counts once)
@@ -261,15 +265,20 @@ def main() -> None:
             parser.error(f"--learn-from: no table in {folder}")
         if folder == (ROOT / "tables").resolve():
             parser.error("--learn-from tables/: its tables are learned from already")
-        if args.sealed and folder == Path(args.sealed).resolve():
+        if folder in sealed_dirs:
             parser.error(f"--learn-from {folder} is the --sealed set: a sealed family must be one nothing learns from")
         twice = sorted({p.stem for p in more} & {p.stem for p in learnable})
         if twice:  # the leak check and the pairing go by table name
             parser.error(f"--learn-from {folder}: {twice} already learned from under the same name")
         learnable += more
-    sealed = sorted(Path(args.sealed).glob("*.csv")) if args.sealed else []
-    if args.sealed and not sealed:
-        parser.error(f"--sealed: no table in {args.sealed}")
+    sealed: list[Path] = []
+    for given in args.sealed or []:
+        more = sorted(Path(given).glob("*.csv"))
+        if not more:
+            parser.error(f"--sealed: no table in {given}")
+        sealed += [p for p in more if p not in sealed]  # (a folder named twice counts once)
+    if len({p.stem for p in sealed}) < len(sealed):
+        parser.error("--sealed: two folders hold a table of the same name")
     paths = learnable + sealed
     family = {str(p): recorded_task(p)[0] for p in paths}
     families = sorted(set(family.values()))
@@ -296,7 +305,7 @@ def main() -> None:
                  "deploy": {str(p): str(deploy_table(p, args.deploy_len, work, args.deploy_compute)) for p in paths}}  # fmt: skip
     agents_dir = Path(args.agents_dir)
     agents_dir.mkdir(parents=True, exist_ok=True)
-    pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = worker_pool(args.jobs)
 
     # -- agents: meta-trained on the other families' tables (family_out_agent checks provenance
     # and refuses one that saw the held-out family); the env counts compute at both lengths

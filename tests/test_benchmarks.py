@@ -126,10 +126,12 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
     assert set(result["correlations"]) == set(pool) | set(sealed)  # the matrix holds the sealed tables too
 
 
-def test_family_out_refuses_a_learn_from_folder_without_tables_or_that_is_the_sealed_set(tmp_path: Path) -> None:
+def test_family_out_refuses_folders_without_tables_and_a_sealed_set_learned_from(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for extra, said in ((["--learn-from", str(tmp_path / "empty")], f"--learn-from: no table in {tmp_path / 'empty'}"),
-                        (["--learn-from", "tables/sealed", "--sealed", "tables/sealed"], "is the --sealed set"),
+                        (["--learn-from", "tables/sealed", "--sealed", "tables/sealed2", "tables/sealed"],
+                         "is the --sealed set"),
+                        (["--sealed", "tables/sealed", str(tmp_path / "empty")], f"--sealed: no table in {tmp_path / 'empty'}"),
                         (["--learn-from", "tables"], "--learn-from tables/: its tables are learned from already")):  # fmt: skip
         done = subprocess.run([sys.executable, "benchmarks/family_out.py", *extra, "--agents-dir", str(tmp_path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -215,3 +217,24 @@ def test_family_out_tallies_where_each_strategy_is_beaten_with_the_same_test_for
     tally = beaten({"fam": {"task": {"10": cell(10)}, "deploy": {"10": cell(5)}}})
     assert tally["worse"] == {"fam/task/10": ["good", "same"]}  # 10 pairs: beaten; 5 pairs: not
     assert tally["good"] == {} and tally["same"] == {}
+
+
+def test_family_out_pooled_pairs_families_by_their_common_searches(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from family_out_pooled import pooled
+
+    # ppo lower than random on every family; gp's one extra search (b#9) must not count, or gp's
+    # mean on f2 would be 0.5, not 0.2 (then above ppo's, not tied)
+    regret = {f"f{i}": {"task": {"10": {"ppo": {"a#0": 0.1, "a#1": 0.3}, "random": {"a#0": 0.4 + i, "a#1": 0.6},
+                                        "gp": {"a#0": 0.2, "a#1": 0.2, **({"b#9": 1.1} if i == 2 else {})}}}}
+              for i in range(6)}  # fmt: skip
+    lines = pooled(regret, sorted(regret), "ppo")
+    assert lines[0] == "task / 10 trials, 6 families"
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert "mean rank 1.50" in rows["ppo"] and "mean rank 1.50" in rows["gp"] and "mean rank 3.00" in rows["random"]
+    assert "ppo lower on 6, higher on 0, p = 0.0312" in rows["random"]  # the exact p of 6 of 6
+    assert "lower on 0, higher on 0, p = 1" in rows["gp"]
+    (tmp_path / "run.json").write_text(json.dumps({"regret": regret}))
+    done = subprocess.run([sys.executable, "benchmarks/family_out_pooled.py", str(tmp_path / "run.json"), "--families",
+                           "f0", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "--families ['nope'] not in" in done.stderr
