@@ -359,12 +359,12 @@ def run_protocol(
     todo = protocol_jobs(len(tables), strategies, budgets, seeds, early_stopping, max_budget)
     results: list[Replay] = []
     if jobs > 1:
-        import concurrent.futures
         import functools
-        import multiprocessing
+
+        from attn_search.workers import worker_pool
 
         run = functools.partial(_run_job, tables, portfolios, agents)
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(jobs) as pool:
             for i, r in enumerate(pool.map(run, todo, chunksize=1)):
                 results.append(r)
                 if progress:
@@ -423,12 +423,9 @@ def meta_train_loo(
         if not path.is_file():
             todo[i] = ([str(u.path) for j, u in enumerate(tables) if j != i], str(path))
     if jobs > 1 and len(todo) > 1:
-        import concurrent.futures
-        import multiprocessing
+        from attn_search.workers import worker_pool
 
-        with concurrent.futures.ProcessPoolExecutor(
-            min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
+        with worker_pool(min(jobs, len(todo))) as pool:
             list(pool.map(_meta_train_one, *zip(*[(paths, base, steps, o) for paths, o in todo.values()], strict=True)))
     else:
         for paths, o in todo.values():

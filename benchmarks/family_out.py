@@ -328,18 +328,32 @@ def main() -> None:
     heads: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if "ppo" in args.strategies:
         tasks = {str(p): TableTask(p, deploy_len=args.deploy_len, deploy_metric=args.deploy_compute) for p in learnable}
-        heads = {(f, n): learn_head([tasks[str(p)] for p in learned_from(f)], args.head_size, (n,))
-                 for f in held for n in by_length}  # fmt: skip
+        learned: dict[tuple[tuple[Path, ...], str], list[dict[str, Any]]] = {}  # (the sealed families share one)
+        for f in held:
+            for n in by_length:
+                key = (tuple(learned_from(f)), n)
+                if key not in learned:
+                    learned[key] = learn_head([tasks[str(p)] for p in key[0]], args.head_size, (n,))
+                heads[f, n] = learned[key]
         if args.no_head:
             heads = {k: [] for k in heads}
 
     # -- searches
     jobs, keys = [], []
     top = max(args.budgets)
+    folios: dict[
+        tuple[str, ...], list[dict[str, Any]]
+    ] = {}  # by the tables learned from (the sealed families share one)
     for f in held:
         for length, files in by_length.items():
-            others = [_table(files[str(p)]) for p in learned_from(f)]
-            configs = portfolio(others, top) if {PORTFOLIO, PORTFOLIO_GP} & set(args.strategies) else []
+            others = tuple(files[str(p)] for p in learned_from(f))
+            if others not in folios:
+                folios[others] = (
+                    portfolio([_table(t) for t in others], top)
+                    if {PORTFOLIO, PORTFOLIO_GP} & set(args.strategies)
+                    else []
+                )
+            configs = folios[others]
             for p in (q for q in map(str, paths) if family[q] == f):
                 for strategy in args.strategies:
                     for seed in range(args.gp_seeds if strategy in ("gp", PORTFOLIO_GP) else args.seeds):
