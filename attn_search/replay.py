@@ -22,6 +22,7 @@ cover other tables' fronts best, greedily, proposed in that order (:func:`portfo
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import tempfile
@@ -236,6 +237,27 @@ class _Silent(Progress):
         return None
 
 
+def _pin_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def worker_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool of ``jobs`` spawned worker processes whose torch shares this process's threads among
+    them (meta-training agents, replaying searches). Why not the executor alone: a spawned worker's
+    torch starts with one thread per core, so ``jobs`` workers run ``jobs`` times as many threads as
+    there are cores (``benchmarks/worker_threads.py`` measures what that costs)."""
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    return concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_pin_threads, initargs=(threads,)
+    )
+
+
 def rank_with_ties(values: Sequence[float]) -> list[float]:
     """Ranks from 1 (lowest value) with tied values sharing their mean rank."""
     arr = np.asarray(values, dtype=float)
@@ -361,8 +383,6 @@ def run_protocol(
     if jobs > 1:
         import functools
 
-        from attn_search.workers import worker_pool
-
         run = functools.partial(_run_job, tables, portfolios, agents)
         with worker_pool(jobs) as pool:
             for i, r in enumerate(pool.map(run, todo, chunksize=1)):
@@ -423,8 +443,6 @@ def meta_train_loo(
         if not path.is_file():
             todo[i] = ([str(u.path) for j, u in enumerate(tables) if j != i], str(path))
     if jobs > 1 and len(todo) > 1:
-        from attn_search.workers import worker_pool
-
         with worker_pool(min(jobs, len(todo))) as pool:
             list(pool.map(_meta_train_one, *zip(*[(paths, base, steps, o) for paths, o in todo.values()], strict=True)))
     else:

@@ -41,7 +41,7 @@ those of ``tables/``: learned from, and held out in turn like them; with ``--sea
 sealed set's agents, heads and portfolio learn from both.
 
 Writes ``family_out.json`` (``family_out_tiles.json`` with ``--deploy-compute attn_tile_flops``) to
-``--out`` (``benchmarks/results``, or ``benchmarks/results/`` and DIR's name with ``--sealed``);
+``--out`` (``benchmarks/results``, or with ``--sealed`` its folder named as the DIRs, joined by ``+``);
 prints the tables and its wall time.
 
 Usage::
@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from attn_search.engine import metrics as M
-from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay
+from attn_search.replay import PORTFOLIO, PORTFOLIO_GP, Table, portfolio, replay, worker_pool
 from attn_search.search.space import load_space
 from attn_search.strategies import head as head_module
 from attn_search.strategies.candidates import (
@@ -81,7 +81,6 @@ from attn_search.strategies.candidates import (
     recorded_task,
 )
 from attn_search.strategies.head import learn_head
-from attn_search.workers import worker_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = ("sparse-smoke", "majority-64")
@@ -250,7 +249,7 @@ def main() -> None:
                         "(a spent sealed set, once scored, so that a recipe trained on more families can be judged)")  # fmt: skip
     parser.add_argument("--agents-dir", default=str(ROOT / "benchmarks" / "results" / "agents"))
     parser.add_argument("--out", help="folder of family_out.json, or family_out_tiles.json with tiles (default: "
-                        "benchmarks/results, or its folder named as the --sealed DIR)")  # fmt: skip
+                        "benchmarks/results, or its folder named as the --sealed DIRs, joined by +)")  # fmt: skip
     args = parser.parse_args()
     args.gp_seeds = args.seeds if args.gp_seeds is None else args.gp_seeds
     if args.sealed == []:  # --sealed alone
@@ -273,12 +272,16 @@ def main() -> None:
         learnable += more
     sealed: list[Path] = []
     for given in args.sealed or []:
-        more = sorted(Path(given).glob("*.csv"))
+        folder = Path(given).resolve()
+        if folder in {p.parent for p in sealed}:  # (a folder named twice, in any spelling, counts once)
+            continue
+        more = sorted(folder.glob("*.csv"))
         if not more:
             parser.error(f"--sealed: no table in {given}")
-        sealed += [p for p in more if p not in sealed]  # (a folder named twice counts once)
-    if len({p.stem for p in sealed}) < len(sealed):
-        parser.error("--sealed: two folders hold a table of the same name")
+        same = sorted({p.stem for p in more} & {p.stem for p in sealed})
+        if same:  # the leak check and the pairing go by table name
+            parser.error(f"--sealed: {same} in {given} and in another --sealed folder")
+        sealed += more
     paths = learnable + sealed
     family = {str(p): recorded_task(p)[0] for p in paths}
     families = sorted(set(family.values()))

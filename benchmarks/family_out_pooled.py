@@ -7,8 +7,9 @@ mean regret over that family's searches (the table and seed pairs every strategy
 
 * each strategy's mean of those regrets and its mean rank (1 = the lowest regret);
 * for ``--strategy`` (default ``ppo``) against every other: on how many families it is lower /
-  higher, and the exact two-sided Wilcoxon signed-rank p over the families (ties dropped; with 10
-  families the smallest p possible is 0.002).
+  higher, and the exact two-sided Wilcoxon signed-rank p over the families (a family where the
+  two are equal is dropped, scipy's ``zero_method='wilcox'``; equal non-zero differences make the
+  exact p approximate; with 10 families the smallest p possible is 0.002).
 
 Usage::
 

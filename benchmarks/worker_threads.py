@@ -4,8 +4,9 @@ The family-out benchmark and ``attn-search replay`` meta-train agents in spawned
 A spawned worker's torch starts with one thread per core, so ``--jobs`` workers run ``jobs x cores``
 threads. :func:`attn_search.replay.worker_pool` gives each worker its share instead. This script
 meta-trains the same agents (the candidate policy, :func:`attn_search.strategies.candidates.meta_train`,
-on the shipped tables) both ways, one after the other, and prints each agent's seconds and the ratio
-of the two wall times. Run it with nothing else on the machine.
+on the shipped tables) both ways, in the order own, divided, divided, own (so that neither gains
+from going second), and prints each agent's seconds and the ratio of the two mean wall times. Run
+it with nothing else on the machine.
 
 Usage::
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from attn_search.workers import worker_pool
+from attn_search.replay import worker_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = [ROOT / "tables" / f"{t}.csv" for t in ("mqar-64", "listops-64", "ngram-64", "delay-64")]
@@ -54,14 +55,15 @@ def main() -> None:
     print(f"{args.agents} agents of {args.steps} steps on {args.jobs} workers; this process has "
           f"{torch.get_num_threads()} torch threads", flush=True)  # fmt: skip
     spawn = multiprocessing.get_context("spawn")
-    walls = {}
-    for name, pool in (("own threads", concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn)),
-                       ("divided", worker_pool(args.jobs))):  # fmt: skip
-        wall, made = run(pool, args.agents, args.steps)
-        walls[name] = wall
+    walls: dict[str, list[float]] = {"own threads": [], "divided": []}
+    for name in ("own threads", "divided", "divided", "own threads"):
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) if name == "own threads" else None
+        wall, made = run(pool or worker_pool(args.jobs), args.agents, args.steps)
+        walls[name].append(wall)
         each = " ".join(f"{s:.1f}" for _, s in made)
         print(f"{name:<12} threads per worker {made[0][0]}: wall {wall:.1f} s; per agent {each} s", flush=True)
-    print(f"wall time, own threads / divided: {walls['own threads'] / walls['divided']:.2f}x")
+    own, divided = (sum(w) / len(w) for w in walls.values())
+    print(f"mean wall time, own threads {own:.1f} s / divided {divided:.1f} s: {own / divided:.2f}x")
 
 
 if __name__ == "__main__":

@@ -94,16 +94,17 @@ def test_family_out_scores_the_agents_of_the_seeds_it_is_given(tmp_path: Path) -
 
 @pytest.mark.slow  # (the benchmark's own run: a 64-step agent and eight 10-trial searches)
 def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_other_table(tmp_path: Path) -> None:
-    """``--sealed`` scores only families of ``tables/sealed/`` (or of the folder it is given), with
-    one set of agents learned from every table of ``tables/`` in the protocol and from no sealed
-    table, even when it scores only some of the sealed families; a family outside the sealed folder,
-    or a folder without tables, is refused."""
-    sealed = sorted(p.stem for p in (ROOT / "tables" / "sealed").glob("*.csv"))
+    """``--sealed`` scores only families of the folders it is given (two here), with one set of
+    agents learned from every table of ``tables/`` in the protocol and from no sealed table, even
+    when it scores only some of the sealed families; a family outside the sealed folders, or a
+    folder without tables, is refused."""
+    sealed = sorted(p.stem for d in ("sealed", "sealed2") for p in (ROOT / "tables" / d).glob("*.csv"))
     pool = sorted(p.stem for p in (ROOT / "tables").glob("*.csv") if p.stem not in ("sparse-smoke", "majority-64"))
     families = sorted({name.rsplit("-", 1)[0] for name in sealed})
     assert len(families) >= 2 and len(pool) >= 9
-    common = ["--sealed", "--strategies", "portfolio", "ppo", "--agents", "1", "--seeds", "2", "--steps", "64",
-              "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out", str(tmp_path)]  # fmt: skip
+    common = ["--sealed", "tables/sealed", "tables/sealed2", "--strategies", "portfolio", "ppo", "--agents", "1",
+              "--seeds", "2", "--steps", "64", "--budgets", "10", "--agents-dir", str(tmp_path / "agents"),
+              "--out", str(tmp_path)]  # fmt: skip
     refused = subprocess.run([sys.executable, "benchmarks/family_out.py", *common, "--families", "delay"], cwd=ROOT,
                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert refused.returncode == 2 and "--families: ['delay'] is not among" in refused.stderr
@@ -117,7 +118,8 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
     result = json.loads((tmp_path / "family_out.json").read_text())
     assert list(result["regret"]) == [families[0]]  # only the family asked for is scored
     (key, agent), *others = result["agents"].items()
-    assert not others and key == "+".join(families) + "/0"  # every sealed family held out of its training
+    # every sealed family, of both folders, held out of its training
+    assert not others and key == "+".join(families) + "/0"
     assert agent["tables"] == pool and not set(agent["tables"]) & set(sealed)  # all of tables/, none sealed
     tables = [s for s in sealed if s.rsplit("-", 1)[0] == families[0]]
     for length in ("task", "deploy"):
@@ -128,10 +130,13 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
 
 def test_family_out_refuses_folders_without_tables_and_a_sealed_set_learned_from(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "copy").mkdir()  # a table of the same name as one in another sealed folder
+    (tmp_path / "copy" / "gap-64.csv").write_bytes((ROOT / "tables" / "sealed5" / "gap-64.csv").read_bytes())
     for extra, said in ((["--learn-from", str(tmp_path / "empty")], f"--learn-from: no table in {tmp_path / 'empty'}"),
                         (["--learn-from", "tables/sealed", "--sealed", "tables/sealed2", "tables/sealed"],
                          "is the --sealed set"),
                         (["--sealed", "tables/sealed", str(tmp_path / "empty")], f"--sealed: no table in {tmp_path / 'empty'}"),
+                        (["--sealed", "tables/sealed5", str(tmp_path / "copy")], "--sealed: ['gap-64'] in"),
                         (["--learn-from", "tables"], "--learn-from tables/: its tables are learned from already")):  # fmt: skip
         done = subprocess.run([sys.executable, "benchmarks/family_out.py", *extra, "--agents-dir", str(tmp_path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -223,16 +228,18 @@ def test_family_out_pooled_pairs_families_by_their_common_searches(tmp_path: Pat
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from family_out_pooled import pooled
 
-    # ppo lower than random on every family; gp's one extra search (b#9) must not count, or gp's
-    # mean on f2 would be 0.5, not 0.2 (then above ppo's, not tied)
-    regret = {f"f{i}": {"task": {"10": {"ppo": {"a#0": 0.1, "a#1": 0.3}, "random": {"a#0": 0.4 + i, "a#1": 0.6},
+    # ppo lower than random on six families and equal on f6; gp's one extra search (b#9) must not
+    # count, or gp's mean on f2 would be 0.5, not 0.2 (then above ppo's, not tied)
+    regret = {f"f{i}": {"task": {"10": {"ppo": {"a#0": 0.1, "a#1": 0.3},
+                                        "random": {"a#0": 0.4 + i, "a#1": 0.6} if i < 6 else {"a#0": 0.2, "a#1": 0.2},
                                         "gp": {"a#0": 0.2, "a#1": 0.2, **({"b#9": 1.1} if i == 2 else {})}}}}
-              for i in range(6)}  # fmt: skip
+              for i in range(7)}  # fmt: skip
     lines = pooled(regret, sorted(regret), "ppo")
-    assert lines[0] == "task / 10 trials, 6 families"
+    assert lines[0] == "task / 10 trials, 7 families"
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert "mean rank 1.50" in rows["ppo"] and "mean rank 1.50" in rows["gp"] and "mean rank 3.00" in rows["random"]
-    assert "ppo lower on 6, higher on 0, p = 0.0312" in rows["random"]  # the exact p of 6 of 6
+    # f6: all three tied at rank 2; elsewhere ppo and gp tied at 1.5, random 3
+    assert "mean rank 1.57" in rows["ppo"] and "mean rank 1.57" in rows["gp"] and "mean rank 2.86" in rows["random"]
+    assert "ppo lower on 6, higher on 0, p = 0.0312" in rows["random"]  # the equal family dropped: exact p of 6 of 6
     assert "lower on 0, higher on 0, p = 1" in rows["gp"]
     (tmp_path / "run.json").write_text(json.dumps({"regret": regret}))
     done = subprocess.run([sys.executable, "benchmarks/family_out_pooled.py", str(tmp_path / "run.json"), "--families",

@@ -1144,8 +1144,8 @@ class Gap(_EarlierOccurrences):
     appeared): a query must find its own symbol's latest occurrence and read where it is, so exact
     relative positions count where they are close and only coarsely where they are far. A short
     window sees the near octaves exactly, and a key it does not see says "8 or more"; a longer
-    reach mixes in older occurrences of the same symbol. With the default 8 symbols about 12% of
-    positions have none before, and every position is scored.
+    reach mixes in older occurrences of the same symbol. With the default 8 symbols at L=64 about 12%
+    of positions have none before (fewer at longer lengths); every position is scored.
     """
 
     vocab: int = 8
@@ -1168,8 +1168,8 @@ class TokenCount(_EarlierOccurrences):
     A count by content over the whole prefix (term frequency, how many times a user repeated a
     request): unlike ``novelty`` (seen at all) or ``local_novelty`` (within a recent span), the
     query must count matches anywhere before it, so every key may matter and an attention's
-    averaging has to turn into a count. With the default 16 symbols the four classes are about
-    equally frequent at L=64; every position is scored.
+    averaging has to turn into a count. With the default 16 symbols at L=64 the four classes
+    hold 25%, 23%, 19% and 33% of positions; every position is scored.
     """
 
     vocab: int = 16

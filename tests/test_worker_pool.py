@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_search.workers import worker_pool
+from attn_search.replay import worker_pool
 
 
 def test_worker_pool_shares_this_process_s_torch_threads_among_its_workers() -> None:
