@@ -53,6 +53,8 @@ def test_train_and_eval_are_disjoint(name: str) -> None:
         "block_rank": {"seq_len": 6, "vocab": 4, "block": 3},
         "gap": {"seq_len": 7, "vocab": 4},
         "token_count": {"seq_len": 7, "vocab": 4},
+        "stride_count": {"seq_len": 14, "step": 2, "taps": 3},
+        "first_match": {"seq_len": 7, "vocab": 4},
     }
     task = make_task(name, seed=0, **kwargs[name])
     x_eval, _ = task.data("eval", 4096)
@@ -312,6 +314,21 @@ def test_token_count_labels_count_the_earlier_occurrences_up_to_three() -> None:
     for row, target in zip(x.tolist(), y.tolist(), strict=True):
         assert target == [min(row[:t].count(row[t]), 3) for t in range(40)]
     assert set(y.flatten().tolist()) == {0, 1, 2, 3}
+
+
+def test_stride_count_labels_count_the_ones_at_every_step_back() -> None:
+    x, y = make_task("stride_count", seq_len=40, step=4, taps=5).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target[:16] == [IGNORE] * 16
+        assert target[16:] == [sum(row[t - 4 * k] for k in range(5)) for t in range(16, 40)]
+    assert len(set(y[:, 16:].flatten().tolist())) >= 5
+
+
+def test_first_match_labels_compare_each_token_with_the_first() -> None:
+    x, y = make_task("first_match", seq_len=30, vocab=4).data("eval", 30)
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        assert target == [IGNORE] + [int(v == row[0]) for v in row[1:]]
+    assert set(y[:, 1:].flatten().tolist()) == {0, 1}
 
 
 def test_delay_prefix_key_majority_and_segment_header_labels() -> None:

@@ -1181,6 +1181,80 @@ class TokenCount(_EarlierOccurrences):
         return np.minimum(sum(hit.astype(np.int64) for _, hit in matches), 3)
 
 
+@dataclasses.dataclass(frozen=True)
+class StrideCount(GeneratedTask):
+    """A count at a stride: the label at ``t`` is how many ones the ``taps`` bits ``x[t],
+    x[t - step], ..., x[t - step (taps - 1)]`` hold.
+
+    Aggregation over a regular lattice of offsets (a weekly total of daily data, one channel of an
+    interleaved stream summed over time, a column of a table summed down its rows): a dilation equal
+    to the step holds exactly the taps, a window or a dense pattern holds them among three times as
+    many other bits that do not count, and another dilation misses some. Bits uniform; classes
+    ``0..taps``; positions from ``step (taps - 1)`` on are scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    step: int = 4
+    taps: int = 8
+
+    name = "stride_count"
+    vocab_size = 2
+
+    @property
+    def n_classes(self) -> int:  # type: ignore[override]
+        return self.taps + 1
+
+    def __post_init__(self) -> None:
+        if self.step < 1 or self.taps < 1 or self.step * (self.taps - 1) >= self.seq_len:
+            raise ValueError(
+                f"step={self.step}, taps={self.taps}: need step, taps >= 1 and step (taps - 1) < seq_len={self.seq_len}"
+            )
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, 2, size=(n, self.seq_len)).astype(np.int64)
+        start = self.step * (self.taps - 1)
+        y = np.full(x.shape, IGNORE, dtype=np.int64)
+        acc = np.zeros((n, self.seq_len - start), dtype=np.int64)
+        for k in range(self.taps):
+            acc += x[:, start - self.step * k : self.seq_len - self.step * k]
+        y[:, start:] = acc
+        return x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstMatch(GeneratedTask):
+    """Does this token match the first one? The label at ``t`` says whether ``x[t] == x[0]``.
+
+    A comparison with a fixed anchor at the start (a query checked against the instruction, a
+    field against the record's key): every query needs the first token and its own, nothing between,
+    so a pattern with global tokens holds exactly that at a window's cost, while a window or a
+    dilation sees the first token only while the query is near it. Tokens uniform over ``vocab``;
+    every position but the first is scored.
+    """
+
+    seq_len: int = 256
+    seed: int = 0
+    vocab: int = 4
+
+    name = "first_match"
+    n_classes = 2
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.vocab
+
+    def __post_init__(self) -> None:
+        if self.vocab < 2 or self.seq_len < 2:
+            raise ValueError(f"vocab={self.vocab}, seq_len={self.seq_len}: need vocab >= 2 and seq_len >= 2")
+
+    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, self.vocab, size=(n, self.seq_len)).astype(np.int64)
+        y = (x == x[:, :1]).astype(np.int64)
+        y[:, 0] = IGNORE
+        return x, y
+
+
 TASKS: dict[str, type[GeneratedTask]] = {
     "mqar": MQAR,
     "listops": ListOps,
@@ -1206,6 +1280,8 @@ TASKS: dict[str, type[GeneratedTask]] = {
     "block_rank": BlockRank,
     "gap": Gap,
     "token_count": TokenCount,
+    "stride_count": StrideCount,
+    "first_match": FirstMatch,
 }
 """Built-in tasks by name."""
 
