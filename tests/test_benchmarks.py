@@ -245,3 +245,35 @@ def test_family_out_pooled_pairs_families_by_their_common_searches(tmp_path: Pat
     done = subprocess.run([sys.executable, "benchmarks/family_out_pooled.py", str(tmp_path / "run.json"), "--families",
                            "f0", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2 and "--families ['nope'] not in" in done.stderr
+
+
+def test_family_out_tables_limits_the_summary_to_the_families_asked_for(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from family_out_tables import tables
+
+    def cell(ppo: float, tpe: float) -> dict[str, dict[str, float]]:
+        return {
+            "ppo": {"median": ppo, "q1": ppo, "q3": ppo, "n": 2},
+            "tpe": {"median": tpe, "q1": tpe, "q3": tpe, "n": 2},
+        }
+
+    # ppo is lower on a and b, tpe on c, where tpe is also significantly better
+    meds = {"a": (0.1, 0.3), "b": (0.2, 0.4), "c": (0.5, 0.1)}
+    data = {"budgets": [10, 20], "args": {"deploy_len": 4096},
+            "report": {"cells": {f"{f}/{n}/{b}": cell(*m) for f, m in meds.items() for n in ("task", "deploy") for b in (10, 20)},
+                       "beaten": {"ppo": {f"c/{n}/{b}": ["tpe"] for n in ("task", "deploy") for b in (10, 20)}},
+                       "tests": {f"c/{n}/{b}": {"tpe": {"p": 0.01, "mean_diff": 0.4}} for n in ("task", "deploy") for b in (10, 20)}}}  # fmt: skip
+    every = tables(data).splitlines()
+    ppo_row = next(line for line in every if line.startswith("| ppo |"))
+    # median of 0.1, 0.2, 0.5; mean rank (1 + 1 + 2) / 3; lowest on 2 of 3; beaten on c alone
+    assert ppo_row == "| ppo | 0.200 | 0.200 | 1.33 | 1.33 | 2 / 2 of 3 | 1 / 1 |"
+    some = tables(data, ["a", "b"]).splitlines()
+    assert (
+        next(line for line in some if line.startswith("| ppo |"))
+        == "| ppo | 0.150 | 0.150 | 1.00 | 1.00 | 2 / 2 of 2 | 0 / 0 |"
+    )
+    assert not any(line.startswith("| c |") for line in some) and any(line.startswith("| c |") for line in every)
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, "benchmarks/family_out_tables.py", str(tmp_path / "run.json"), "--families",
+                           "a", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "--families ['nope'] not in" in done.stderr
