@@ -41,8 +41,9 @@ those of ``tables/``: learned from, and held out in turn like them; with ``--sea
 sealed set's agents, heads and portfolio learn from both.
 
 Writes ``family_out.json`` (``family_out_tiles.json`` with ``--deploy-compute attn_tile_flops``) to
-``--out`` (``benchmarks/results``, or with ``--sealed`` its folder named as the DIRs, joined by ``+``);
-prints the tables and its wall time.
+``--out`` (``benchmarks/results``, or with ``--sealed`` its folder named as the DIRs, joined by ``+``):
+every regret, the report, each agent's provenance, the tables each held-out family's proposers
+learned from (``learned_from``) and ``ppo``'s heads; prints the tables and its wall time.
 
 Usage::
 
@@ -414,6 +415,10 @@ def main() -> None:
               "agents": {f"{'+'.join(f) if isinstance(f, tuple) else f}/{s}": {**(provenance(p) or {}), "file": p.name}
                          for (f, s), p in train.items()
                          if "ppo" in args.strategies},
+              # what each held-out family's agents, head and portfolio were learned from, and ppo's heads
+              # (memoised by that set of tables: tests/test_benchmarks.py checks them against heads learned afresh)
+              "learned_from": {f: sorted(p.stem for p in learned_from(f)) for f in held},
+              "heads": {f: {n: heads[f, n] for n in by_length} for f in held if (f, "task") in heads},
               "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     written = out / ("family_out_tiles.json" if args.deploy_compute == M.ATTN_TILE_FLOPS else "family_out.json")
     written.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -128,6 +128,36 @@ def test_family_out_scores_the_sealed_families_with_agents_trained_on_every_othe
     assert set(result["correlations"]) == set(pool) | set(sealed)  # the matrix holds the sealed tables too
 
 
+@pytest.mark.slow  # (the benchmark's own run: two 64-step agents and four 10-trial searches)
+def test_family_out_learns_each_held_out_familys_head_from_the_other_families_only(tmp_path: Path) -> None:
+    """Heads are learned once per set of tables learned from: each held-out family's must be the one
+    learned afresh from every table but its own, not another family's reused (a memo keyed by length
+    alone would hand ``ngram`` the head learned with ``ngram``'s table); the result records that set."""
+    from attn_search.strategies.candidates import TableTask, recorded_task
+    from attn_search.strategies.head import HEAD_SIZE, learn_head
+
+    held = ["delay", "ngram"]
+    done = subprocess.run([sys.executable, "benchmarks/family_out.py", "--families", *held, "--strategies", "ppo",
+                           "--agents", "1", "--seeds", "1", "--steps", "64", "--budgets", "10", "--agents-dir",
+                           str(tmp_path / "agents"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "family_out.json").read_text())
+    pool = sorted(p for p in (ROOT / "tables").glob("*.csv") if p.stem not in ("sparse-smoke", "majority-64"))
+    tasks = {p: TableTask(p, deploy_len=4096) for p in pool}
+    learned = {}
+    for f in held:
+        others = [p for p in pool if recorded_task(p)[0] != f]
+        assert result["learned_from"][f] == sorted(p.stem for p in others)
+        assert f"{f}-64" not in result["learned_from"][f] and len(others) == len(pool) - 1
+        assert result["agents"][f"{f}/0"]["tables"] == result["learned_from"][f]  # the agent learned from the same
+        for n in ("task", "deploy"):
+            learned[f, n] = learn_head([tasks[p] for p in others], HEAD_SIZE, (n,))
+            assert result["heads"][f][n] == learned[f, n], (f, n)
+    # the two families' heads differ somewhere, so a head reused across them would fail above
+    assert any(learned["delay", n] != learned["ngram", n] for n in ("task", "deploy"))
+
+
 def test_family_out_refuses_folders_without_tables_and_a_sealed_set_learned_from(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "copy").mkdir()  # a table of the same name as one in another sealed folder
