@@ -417,7 +417,8 @@ def main() -> None:
                          if "ppo" in args.strategies},
               # what each held-out family's agents, head and portfolio were learned from, and ppo's heads
               # (memoised by that set of tables: tests/test_benchmarks.py checks them against heads learned afresh)
-              "learned_from": {f: sorted(p.stem for p in learned_from(f)) for f in held},
+              "learned_from": {f: sorted(p.stem for p in learned_from(f)) for f in held
+                               if {"ppo", PORTFOLIO, PORTFOLIO_GP} & set(args.strategies)},
               "heads": {f: {n: heads[f, n] for n in by_length} for f in held if (f, "task") in heads},
               "correlations": corr, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     written = out / ("family_out_tiles.json" if args.deploy_compute == M.ATTN_TILE_FLOPS else "family_out.json")

@@ -148,14 +148,14 @@ def test_family_out_learns_each_held_out_familys_head_from_the_other_families_on
     learned = {}
     for f in held:
         others = [p for p in pool if recorded_task(p)[0] != f]
-        assert result["learned_from"][f] == sorted(p.stem for p in others)
-        assert f"{f}-64" not in result["learned_from"][f] and len(others) == len(pool) - 1
+        assert others and result["learned_from"][f] == sorted(p.stem for p in others)
         assert result["agents"][f"{f}/0"]["tables"] == result["learned_from"][f]  # the agent learned from the same
         for n in ("task", "deploy"):
             learned[f, n] = learn_head([tasks[p] for p in others], HEAD_SIZE, (n,))
             assert result["heads"][f][n] == learned[f, n], (f, n)
-    # the two families' heads differ somewhere, so a head reused across them would fail above
+    # the heads differ between the families and between the lengths, so a head reused across either would fail above
     assert any(learned["delay", n] != learned["ngram", n] for n in ("task", "deploy"))
+    assert any(learned[f, "task"] != learned[f, "deploy"] for f in held)
 
 
 def test_family_out_refuses_folders_without_tables_and_a_sealed_set_learned_from(tmp_path: Path) -> None:
