@@ -158,6 +158,17 @@ def test_family_out_learns_each_held_out_familys_head_from_the_other_families_on
     assert any(learned[f, "task"] != learned[f, "deploy"] for f in held)
 
 
+@pytest.mark.slow  # (the benchmark's own run: two 10-trial random searches)
+def test_family_out_records_no_learned_from_or_heads_when_no_strategy_learns(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "benchmarks/family_out.py", "--families", "delay", "--strategies", "random",
+                           "--seeds", "1", "--budgets", "10", "--agents-dir", str(tmp_path / "agents"), "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "family_out.json").read_text())
+    assert len(result["regret"]["delay"]["task"]["10"]["random"]) == 1  # it ran, and learned nothing
+    assert result["learned_from"] == {} and result["heads"] == {} and result["agents"] == {}
+
+
 def test_family_out_refuses_folders_without_tables_and_a_sealed_set_learned_from(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "copy").mkdir()  # a table of the same name as one in another sealed folder
